@@ -1,0 +1,57 @@
+"""Shared test set-up: one torch thread, offline, fp32, tiny configs composed from the real YAML."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import vlhub.train  # noqa: E402,F401  (registers the run-folder resolvers)
+
+torch.set_num_threads(1)
+
+# A fast version of the default run: small batches, few eval images, no background workers.
+FAST = [
+    "trainer.batch_size=8",
+    "trainer.max_steps=3",
+    "trainer.log_every_n_steps=1",
+    "data.workers=0",
+    "eval.synthetic.num_samples=60",
+    "eval.batch_size=64",
+    "optim.warmup_steps=1",
+    "logger.tensorboard=false",
+]
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [])
+
+
+def run_train(overrides: list[str], run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")] if any(
+        o.startswith("eval=") for o in overrides) else FAST
+    cfg = compose_train(fast + overrides)
+    return vlhub.train.train(cfg, run_dir, choices or {"model": "tiny", "objective": "clip"})
+
+
+def micro_model():
+    """The tiny default model, built directly (no Hydra)."""
+    from vlhub.models import build_open_clip_model
+
+    cfg = compose_train()
+    return build_open_clip_model(config=dict(cfg.model.config))
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return micro_model()

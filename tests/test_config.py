@@ -1,0 +1,114 @@
+"""Config tests: compose the real YAML, instantiate every option, fail on bad keys and values."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class, get_method, instantiate
+
+from tests.conftest import compose_train
+from vlhub import registry
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+
+
+def test_groups_offer_the_options_the_spec_names():
+    assert set(options("model")) >= {"tiny", "rn50", "vit_b32", "vit_b16", "vit_l14", "convnext_tiny", "timm"}
+    assert set(options("objective")) >= {"clip", "lit"}
+    assert set(options("data")) >= {"synthetic", "csv", "imagefolder"}
+    assert set(options("augment")) >= {"clip", "none"}
+    assert set(options("optim")) >= {"adamw", "sgd"}
+    assert set(options("eval")) >= {"none", "synthetic", "imagefolder"}
+    assert set(options("hydra/launcher")) >= {"local", "slurm"}
+
+
+def test_defaults_compose_to_the_cpu_default():
+    cfg = compose_train()
+    assert cfg.trainer.precision == "fp32"
+    assert cfg.model.config.vision_cfg.image_size == 32
+    assert cfg.logger.tensorboard is True and cfg.logger.wandb.enabled is False
+
+
+@pytest.mark.parametrize("objective", options("objective"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_composes_with_every_objective(model, objective):
+    cfg = compose_train([f"model={model}", f"objective={objective}"])
+    assert get_method(cfg.model._target_) is registry.MODELS.get("open_clip")
+    assert get_class(cfg.objective._target_) in dict(registry.OBJECTIVES.items()).values()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_option_instantiates(model):
+    cfg = compose_train([f"model={model}"])
+    built = instantiate(cfg.model)
+    images = torch.zeros(1, 3, built.image_stats.size, built.image_stats.size)
+    tokens = built.tokenize(["a red circle"])
+    with torch.no_grad():
+        assert built.encode_image(images).shape == (1, built.embed_dim)
+        assert built.encode_text(tokens).shape == (1, built.embed_dim)
+
+
+@pytest.mark.parametrize("group", ["objective", "augment", "optim"])
+def test_every_other_group_option_instantiates(group, tiny_model):
+    for option in options(group):
+        cfg = compose_train([f"{group}={option}"])
+        built = instantiate(cfg[group])
+        if group == "augment":
+            built = built(tiny_model.image_stats)
+            assert built.train is not None and built.eval is not None
+        assert built is not None
+
+
+def test_every_data_and_eval_option_instantiates(tmp_path):
+    from vlhub.data import SyntheticShapes
+
+    csv_path = SyntheticShapes(num_samples=4, split="val").write_csv(tmp_path / "csv")
+    folder = SyntheticShapes(num_samples=4, split="val").write_imagefolder(tmp_path / "folder")
+    roots = {"synthetic": None, "csv": csv_path, "imagefolder": folder}
+    for option in options("data"):
+        extra = [f"data.root={roots[option]}"] if roots[option] else []
+        source = instantiate(compose_train([f"data={option}", *extra]).data)
+        assert len(source) == 4 or option == "synthetic"
+        assert source.load(0).caption
+    for option in options("eval"):
+        extra = [f"eval.imagefolder.root={folder}"] if option == "imagefolder" else []
+        evaluator = instantiate(compose_train([f"eval={option}", *extra]).eval)
+        assert set(evaluator.tasks) == ({option} if option != "none" else set())
+
+
+def test_registered_components_each_have_a_config():
+    targets = set()
+    for path in CONFIG_ROOT.rglob("*.yaml"):
+        targets |= {line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if "_target_:" in line}
+    for table in (registry.OBJECTIVES, registry.DATASETS, registry.EVAL_TASKS):
+        for name, component in table.items():
+            assert any(t.endswith("." + component.__name__) for t in targets), f"{table.kind} {name} has no YAML"
+
+
+def test_a_mistyped_key_fails_at_launch_naming_it():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train(["trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match="modle"):
+        compose_train(["modle=tiny"])
+
+
+def test_an_unknown_option_fails_listing_the_options():
+    with pytest.raises(ConfigCompositionException, match="vit_b32"):
+        compose_train(["model=vit_b99"])
+
+
+def test_bad_values_fail_naming_the_key(tmp_path):
+    from tests.conftest import run_train
+
+    with pytest.raises(ValueError, match="trainer.precision='fp64'"):
+        run_train(["trainer.precision=fp64"], tmp_path)
+    with pytest.raises(Exception, match="Did you mean 'cosine'"):
+        run_train(["optim.scheduler=cosin"], tmp_path)
+    with pytest.raises(Exception, match="trainer.batch_size must be > 0"):
+        run_train(["trainer.batch_size=0"], tmp_path)

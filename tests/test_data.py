@@ -1,0 +1,124 @@
+"""Data sources and the step-indexed loader: determinism, layouts, bad input."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vlhub.data import BadSampleMonitor, CsvPairs, ImageFolderPairs, SyntheticShapes, build_train_loader
+from vlhub.data.synthetic import class_names
+
+
+def _to_tensor(image):
+    return torch.tensor(list(image.getdata()), dtype=torch.float32).view(image.height, image.width, 3).permute(2, 0, 1)
+
+
+def test_synthetic_is_deterministic_and_varied():
+    a, b = SyntheticShapes(seed=3), SyntheticShapes(seed=3)
+    assert a.load(5).caption == b.load(5).caption
+    assert list(a.load(5).image.getdata()) == list(b.load(5).image.getdata())
+    captions = {a.load(i).caption for i in range(200)}
+    assert len(captions) > 100  # sizes, positions, backgrounds and wordings vary
+    assert SyntheticShapes(seed=4).load(5).caption != a.load(5).caption or list(
+        SyntheticShapes(seed=4).load(5).image.getdata()) != list(a.load(5).image.getdata())
+
+
+def test_synthetic_caption_names_the_labelled_class():
+    source = SyntheticShapes(num_samples=300)
+    for index in range(300):
+        sample = source.load(index)
+        colour, shape = source.class_names[sample.label].split(" ")
+        assert colour in sample.caption and shape in sample.caption
+
+
+def test_held_out_split_is_class_balanced_with_at_least_24_pairs():
+    held_out = SyntheticShapes(num_samples=len(class_names()) * 4, split="val")
+    labels = [held_out.load(i).label for i in range(len(held_out))]
+    assert len(set(labels)) == len(class_names()) >= 24
+    assert all(labels.count(c) == 4 for c in set(labels))
+    train = SyntheticShapes(num_samples=50)
+    assert train.load(0).caption != held_out.load(0).caption or train.load(1).caption != held_out.load(1).caption
+
+
+def test_csv_round_trip_with_another_separator(tmp_path):
+    source = SyntheticShapes(num_samples=6, split="val")
+    path = source.write_csv(tmp_path, separator="\t")
+    pairs = CsvPairs(str(path), separator="\t", label_key="label")
+    assert len(pairs) == 6
+    for i in range(6):
+        assert pairs.load(i).caption == source.load(i).caption
+        assert pairs.load(i).label == source.load(i).label
+        assert torch.equal(_to_tensor(pairs.load(i).image), _to_tensor(source.load(i).image))
+
+
+def test_csv_without_the_named_column_fails_naming_it(tmp_path):
+    path = SyntheticShapes(num_samples=2).write_csv(tmp_path)
+    with pytest.raises(ValueError, match="data.caption_key='caption'.*columns found"):
+        CsvPairs(str(path), caption_key="caption")
+    with pytest.raises(FileNotFoundError, match="data.root=.*nope.csv"):
+        CsvPairs(str(tmp_path / "nope.csv"))
+
+
+def test_imagefolder_labels_follow_sorted_folders(tmp_path):
+    SyntheticShapes(num_samples=len(class_names()) * 2, split="val").write_imagefolder(tmp_path)
+    folder = ImageFolderPairs(str(tmp_path))
+    assert folder.class_names == sorted(class_names())
+    assert len(folder) == 2 * len(class_names())
+    sample = folder.load(0)
+    assert sample.label == 0 and sample.caption == f"a photo of a {sorted(class_names())[0]}."
+
+
+def _identity_transform(image):
+    return _to_tensor(image) / 255.0
+
+
+def _loader(source, batch_size, start_step=0, rank=0, world_size=1, seed=0):
+    return iter(build_train_loader(source, _identity_transform, None, batch_size, seed, start_step, 1, rank, world_size))
+
+
+def test_loader_resumes_at_a_step_with_identical_batches():
+    source = SyntheticShapes(num_samples=20)
+    from_start = _loader(source, 4)
+    batches = [next(from_start).batch for _ in range(8)]  # crosses an epoch boundary (20 samples)
+    resumed = _loader(source, 4, start_step=5)
+    for expected in batches[5:]:
+        got = next(resumed).batch
+        assert got["text_raw"] == expected["text_raw"]
+        assert torch.equal(got["image"], expected["image"])
+    assert sorted(sum((b["text_raw"] for b in batches[:5]), [])) == sorted(
+        source.load(i).caption for i in range(20))  # one epoch is a permutation
+
+
+def test_ranks_split_the_same_global_batch():
+    source = SyntheticShapes(num_samples=64)
+    single = next(_loader(source, 8)).batch
+    halves = [next(_loader(source, 4, rank=r, world_size=2)).batch for r in (0, 1)]
+    assert halves[0]["text_raw"] + halves[1]["text_raw"] == single["text_raw"]
+
+
+def test_a_missing_image_is_skipped_and_counted(tmp_path):
+    path = SyntheticShapes(num_samples=10).write_csv(tmp_path)
+    (tmp_path / "images" / "000003.png").unlink()
+    (tmp_path / "images" / "000007.png").write_bytes(b"not a png")
+    loader = _loader(CsvPairs(str(path)), 10)
+    loaded = next(loader)
+    assert loaded.samples_read == 10 and loaded.bad_samples == 2
+    assert len(loaded.batch["text_raw"]) == 8
+    assert any("000003.png" in r for r in loaded.bad_reasons)
+    monitor = BadSampleMonitor(0.25)
+    monitor.update(loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
+    assert (monitor.read, monitor.bad) == (10, 2)
+
+
+def test_too_many_bad_samples_stop_the_run_with_a_clear_error():
+    monitor = BadSampleMonitor(0.1)
+    monitor.update(100, 10, [])
+    with pytest.raises(RuntimeError, match="11 of 101 samples read were bad.*max_bad_fraction=0.1"):
+        monitor.update(1, 1, ["x.png: unreadable"])
+
+
+def test_an_empty_caption_is_a_bad_sample(tmp_path):
+    path = tmp_path / "pairs.csv"
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path.write_text("filepath,title\na.png,\na.png,a caption\n")
+    loaded = next(_loader(CsvPairs(str(path)), 2))
+    assert loaded.bad_samples == 1 and loaded.batch["text_raw"] == ["a caption"]

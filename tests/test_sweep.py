@@ -1,0 +1,43 @@
+"""Sweeps: each job of a multirun gets its own run folder and results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _multirun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vlhub.train", "-m", "optim.lr=1e-3,3e-4", *FAST,
+               "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_jobs(tmp_path: Path) -> None:
+    for job, lr in (("0", 1e-3), ("1", 3e-4)):
+        record = json.loads((tmp_path / job / "results.jsonl").read_text().splitlines()[-1])
+        assert record["step"] == 2 and "synthetic-zeroshot-top1" in record
+        config = (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        assert f"optim.lr={lr:g}".replace("0.001", "1e-3") in config or str(lr) in config
+        assert (tmp_path / job / "checkpoints" / "latest.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_two_job_sweep_with_the_basic_launcher(tmp_path):
+    result = _multirun(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_jobs(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path):
+    result = _multirun(tmp_path, "hydra/launcher=local")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_jobs(tmp_path)

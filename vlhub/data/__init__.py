@@ -1,0 +1,18 @@
+from vlhub.data.batch import BadSample, Batch, RawSample
+from vlhub.data.files import CsvPairs, ImageFolderPairs
+from vlhub.data.loader import BadSampleMonitor, LoadedBatch, build_train_loader
+from vlhub.data.sources import PairSource
+from vlhub.data.synthetic import SyntheticShapes
+
+__all__ = [
+    "BadSample",
+    "BadSampleMonitor",
+    "Batch",
+    "CsvPairs",
+    "ImageFolderPairs",
+    "LoadedBatch",
+    "PairSource",
+    "RawSample",
+    "SyntheticShapes",
+    "build_train_loader",
+]

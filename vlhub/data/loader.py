@@ -1,0 +1,136 @@
+"""The training stream: a step-indexed, resumable loader over any PairSource.
+
+Samples are laid out on one global line of *slots*: slot s is sample ``perm_e[s % N]`` of
+epoch ``e = s // N``, where ``perm_e`` is a permutation seeded by (seed, e). Step t on rank r
+takes slots ``[(t*W + r)*B, (t*W + r + 1)*B)``. Augmentation randomness is seeded by the
+slot. So the data a step sees depends only on (seed, step, rank), never on when a loader
+was created: resuming at step t gives bit-identical batches, and W ranks at batch B see the
+same samples as one process at batch W*B.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vlhub.data.batch import BadSample, Batch
+from vlhub.data.sources import PairSource
+
+log = logging.getLogger(__name__)
+ImageTransform = Callable[[object], torch.Tensor]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class LoadedBatch:
+    batch: Batch
+    samples_read: int
+    bad_samples: int
+    bad_reasons: list[str] = field(default_factory=list)
+    epoch: int = 0
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields, for step = start_step, start_step + 1, ..., this rank's slots."""
+
+    def __init__(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size, self.start_step = batch_size, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+            step += 1
+
+
+class _SlotDataset(Dataset):
+    """Maps a slot to (epoch, index), decodes and transforms with slot-seeded randomness."""
+
+    def __init__(self, source: PairSource, seed: int, image_transform: ImageTransform, image_views: int) -> None:
+        self.source, self.seed = source, seed
+        self.image_transform, self.image_views = image_transform, image_views
+        self._permutation: tuple[int, torch.Tensor] | None = None
+
+    def position(self, slot: int) -> tuple[int, int]:
+        epoch, offset = divmod(slot, len(self.source))
+        if self._permutation is None or self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutation = (epoch, torch.randperm(len(self.source), generator=generator))
+        return epoch, int(self._permutation[1][offset])
+
+    def __getitem__(self, slot: int) -> dict | BadSample:
+        epoch, index = self.position(slot)
+        try:
+            raw = self.source.load(index)
+        except BadSample as bad:
+            return bad
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 7_919 + slot)
+            views = [self.image_transform(raw.image) for _ in range(self.image_views)]
+        return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch}
+
+
+class _Collate:
+    def __init__(self, tokenizer: Tokenizer | None, image_views: int) -> None:
+        self.tokenizer, self.image_views = tokenizer, image_views
+
+    def __call__(self, items: list) -> LoadedBatch:
+        good = [item for item in items if not isinstance(item, BadSample)]
+        reasons = [str(item) for item in items if isinstance(item, BadSample)]
+        batch: Batch = {}
+        if good:
+            batch["image"] = torch.stack([item["views"][0] for item in good])
+            if self.image_views > 1:
+                batch["image_view2"] = torch.stack([item["views"][1] for item in good])
+            batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
+            batch["text_raw"] = [item["caption"] for item in good]
+            if self.tokenizer is not None:
+                batch["text"] = self.tokenizer(batch["text_raw"])
+        epoch = max((item["epoch"] for item in good), default=0)
+        return LoadedBatch(batch, len(items), len(reasons), reasons, epoch)
+
+
+class BadSampleMonitor:
+    """Cumulative count of skipped samples; stops the run past ``max_fraction`` of those read."""
+
+    def __init__(self, max_fraction: float, read: int = 0, bad: int = 0) -> None:
+        self.max_fraction, self.read, self.bad = max_fraction, read, bad
+
+    def update(self, read: int, bad: int, reasons: list[str]) -> None:
+        self.read += read
+        self.bad += bad
+        for reason in reasons[:3]:
+            log.warning("skipped a bad sample: %s", reason)
+        if self.read and self.bad / self.read > self.max_fraction:
+            raise RuntimeError(
+                f"{self.bad} of {self.read} samples read were bad ({self.bad / self.read:.1%}), more than "
+                f"data.max_bad_fraction={self.max_fraction}; last: {reasons[-1] if reasons else 'n/a'}"
+            )
+
+
+def build_train_loader(
+    source: PairSource,
+    image_transform: ImageTransform,
+    tokenizer: Tokenizer | None,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    image_views: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """An endless loader of :class:`LoadedBatch`, starting at ``start_step``."""
+    return DataLoader(
+        _SlotDataset(source, seed, image_transform, image_views),
+        batch_sampler=StepBatchSampler(batch_size, start_step, rank, world_size),
+        collate_fn=_Collate(tokenizer, image_views),
+        num_workers=source.workers,
+        persistent_workers=False,
+        prefetch_factor=4 if source.workers > 0 else None,
+    )

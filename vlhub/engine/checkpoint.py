@@ -1,0 +1,113 @@
+"""Atomic, ``weights_only``-loadable checkpoints and finding the newest complete one.
+
+Layout of a checkpoint (all plain containers and tensors):
+``state_dict`` (model weights under open_clip's names), ``objective``, ``optimizer``,
+``scaler``, ``scheduler``, ``step``, ``epoch``, ``data`` (position and bad-sample counts),
+``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": torch.tensor(state, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _link_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # filesystems without hard links: copy instead
+        save_atomic(torch.load(source, weights_only=True), target)
+        return
+    os.replace(tmp, target)
+
+
+class Checkpointer:
+    """Writes ``step_<N>.pt`` and ``latest.pt`` under ``<run dir>/checkpoints``, keeps ``keep``."""
+
+    def __init__(self, folder: Path, every_n_steps: int, keep: int, resume: str | None) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        if resume not in (None, "auto") and not Path(resume).is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: no such file (use 'auto' or a path)")
+        self.folder, self.every_n_steps, self.keep, self.resume = folder, every_n_steps, keep, resume
+
+    def due(self, step: int) -> bool:
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0
+
+    def step_files(self) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := STEP_FILE.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def save(self, payload: dict[str, Any]) -> Path:
+        path = self.folder / f"step_{payload['step']}.pt"
+        save_atomic(payload, path)
+        _link_atomic(path, self.folder / "latest.pt")
+        for _, old in self.step_files()[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_for_resume(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from: the newest complete one for ``auto``, or the named file."""
+        if self.resume is None:
+            return None
+        candidates = [Path(self.resume)] if self.resume != "auto" else [p for _, p in self.step_files()]
+        for path in candidates:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # a file from an older, killed writer: try the next
+                log.warning("skipping unreadable checkpoint %s: %s", path, error)
+        return None

@@ -1,0 +1,62 @@
+"""Metric sinks: TensorBoard (default), wandb (when enabled), and ``results.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricLogger:
+    """Scalars to TensorBoard and wandb; evaluation records to ``results.jsonl``.
+
+    Built on rank 0 only (the trainer routes rank-0 effects through one helper).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        wandb_enabled: bool = False,
+        wandb_project: str = "vlhub",
+        wandb_mode: str = "online",
+        run_name: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.results_path = run_dir / "results.jsonl"
+        self._tensorboard = None
+        self._wandb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb_enabled:
+            if wandb_mode not in ("online", "offline", "disabled"):
+                raise ValueError(f"logger.wandb.mode must be online, offline or disabled, got {wandb_mode!r}")
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_project, name=run_name, mode=wandb_mode, dir=str(run_dir),
+                config=config, resume="allow", id=(run_name or run_dir.name).replace("/", "-"),
+            )
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def log_results(self, record: dict[str, Any]) -> None:
+        """One flat JSON object per evaluation (SPEC section 6)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.results_path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()

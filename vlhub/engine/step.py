@@ -1,0 +1,62 @@
+"""One optimizer step, in order: gradients, unscale, clip, step, schedule, zero.
+
+How gradients are computed is a strategy (:class:`PlainGradients`; the gradient cache is
+another), so the step itself reads the same for every objective and batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from vlhub.data.batch import Batch
+from vlhub.engine.precision import Precision
+from vlhub.objectives.base import Objective
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model behind a DDP wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class GradientStrategy(Protocol):
+    def __call__(
+        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+    ) -> dict[str, torch.Tensor]:
+        """Accumulate d(loss)/d(params) into ``.grad``; return the detached loss parts."""
+
+
+class PlainGradients:
+    """The whole batch in one forward and one backward."""
+
+    def __call__(
+        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+    ) -> dict[str, torch.Tensor]:
+        with precision.autocast():
+            reps = objective.represent(model, batch)
+            parts = objective.loss(reps, unwrap(model))
+        precision.scale(parts["loss"]).backward()
+        return {name: value.detach() for name, value in parts.items()}
+
+
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    gradients: GradientStrategy,
+    grad_clip_norm: float | None,
+) -> dict[str, torch.Tensor]:
+    parts = gradients(model, objective, batch, precision)
+    precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
+    if grad_clip_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    precision.step(optimizer)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts

@@ -1,0 +1,178 @@
+"""The trainer: restore, then loop over steps; log, evaluate and checkpoint around each."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vlhub.data.batch import move_batch
+from vlhub.data.loader import BadSampleMonitor, build_train_loader
+from vlhub.data.sources import PairSource
+from vlhub.distributed import DistInfo
+from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from vlhub.engine.loggers import MetricLogger
+from vlhub.engine.precision import Precision
+from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
+from vlhub.objectives.base import Objective
+from vlhub.optim import OptimRecipe
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        source: PairSource,
+        transforms: Any,
+        optim: OptimRecipe,
+        evaluator: Any,
+        checkpointer: Checkpointer,
+        metric_logger: MetricLogger | None,
+        dist_info: DistInfo,
+        *,
+        max_steps: int,
+        batch_size: int,
+        precision: str,
+        grad_clip_norm: float | None,
+        seed: int,
+        log_every_n_steps: int,
+        run_info: dict[str, str],
+        config: dict[str, Any],
+        gradients: GradientStrategy | None = None,
+    ) -> None:
+        for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("log_every_n_steps", log_every_n_steps)):
+            if value <= 0:
+                raise ValueError(f"trainer.{name} must be > 0, got {value}")
+        self.dist = dist_info
+        self.precision = Precision(precision, dist_info.device)
+        self.model = model.to(dist_info.device, dtype=self.precision.param_dtype)
+        self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
+        self.source, self.transforms, self.evaluator = source, transforms, evaluator
+        self.checkpointer, self.metric_logger = checkpointer, metric_logger
+        self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
+        self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
+        self.run_info, self.config = run_info, config
+        self.gradients = gradients or PlainGradients()
+        self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
+        self.bad_samples = BadSampleMonitor(source.max_bad_fraction)
+        self.step, self.epoch = 0, 0
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        self.restore()
+        start_step, metrics = self.step, {}
+        loader = iter(build_train_loader(
+            self.source, self.transforms.train, self.model.tokenizer if self.objective.needs_text else None,
+            self.batch_size, self.seed, start_step, self.objective.image_views, self.dist.rank, self.dist.world_size,
+        ))
+        progress = tqdm(total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train")
+        self.model.train()
+        tick = time.perf_counter()
+        while self.step < self.max_steps:
+            loaded = next(loader)
+            data_time = time.perf_counter() - tick
+            self.bad_samples.update(loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
+            if not loaded.batch:
+                continue  # every sample of this batch was bad: counted, nothing to train on
+            batch = move_batch(loaded.batch, self.dist.device, self.precision.param_dtype)
+            parts = train_step(self.model, self.objective, batch, self.optimizer, self.scheduler,
+                               self.precision, self.gradients, self.grad_clip_norm)
+            self.step, self.epoch = self.step + 1, loaded.epoch
+            step_time = time.perf_counter() - tick
+            self.after_step(parts, len(loaded.batch["image"]), data_time, step_time, progress)
+            if self.evaluator.due(self.step):
+                metrics = self.evaluate()
+            if self.checkpointer.due(self.step):
+                self.save()
+            tick = time.perf_counter()
+        progress.close()
+        if self.step > start_step:  # the run did something: final evaluation and checkpoint
+            metrics = self.evaluate() if not self.evaluator.due(self.step) else metrics
+            if not self.checkpointer.due(self.step):
+                self.save()
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        return metrics
+
+    def after_step(self, parts: dict[str, torch.Tensor], samples: int, data_time: float,
+                   step_time: float, progress: tqdm) -> None:
+        progress.update(1)
+        if self.step % self.log_every_n_steps and self.step != self.max_steps:
+            return
+        scalars = {f"train/{name}": float(value) for name, value in parts.items()}
+        scalars.update({
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/logit_scale": float(self.model.temperature_scale().detach()),
+            "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
+            "train/data_time": data_time,
+            "data/bad_samples": self.bad_samples.bad,
+        })
+        progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
+                             sps=f"{scalars['train/samples_per_second']:.0f}")
+        if self.metric_logger is not None:
+            self.metric_logger.log_scalars(scalars, self.step)
+
+    # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if not self.dist.is_main or not self.evaluator.tasks:
+            return {}
+        metrics = self.evaluator.run(self.model, self.transforms.eval, self.dist.device)
+        record = {"step": self.step, "epoch": self.epoch, **self.run_info,
+                  "data/bad_samples": self.bad_samples.bad, **metrics}
+        if self.metric_logger is not None:
+            self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+            self.metric_logger.log_results(record)
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        layout = self.model.open_clip_layout
+        return {
+            "state_dict": self.model.open_clip_state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
+            "step": self.step,
+            "epoch": self.epoch,
+            "data": {"samples_read": self.bad_samples.read, "bad_samples": self.bad_samples.bad,
+                     "next_step": self.step, "world_size": self.dist.world_size, "batch_size": self.batch_size},
+            "rng": capture_rng_state(),
+            "run_info": dict(self.run_info),
+            "open_clip_arch": layout.arch if layout else None,
+            "open_clip_model_cfg": layout.model_cfg if layout else {},
+        }
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = self.checkpointer.save({**self.state(), "config": self.config})
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def restore(self) -> None:
+        checkpoint = self.checkpointer.load_for_resume()
+        if checkpoint is None:
+            return
+        self.model.load_open_clip_state_dict(checkpoint["state_dict"])
+        self.objective.load_state_dict(checkpoint["objective"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        # A resumed run may raise max_steps: recompute the lr from this run's schedule.
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        if self.precision.scaler is not None and checkpoint["scaler"]:
+            self.precision.scaler.load_state_dict(checkpoint["scaler"])
+        self.step, self.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
+        self.bad_samples.read = int(checkpoint["data"]["samples_read"])
+        self.bad_samples.bad = int(checkpoint["data"]["bad_samples"])
+        restore_rng_state(checkpoint["rng"])
+        log.info("resumed from step %d", self.step)

@@ -1,0 +1,78 @@
+"""Zero-shot classification through ``encode_image`` / ``encode_text`` only."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlhub.data.batch import BadSample
+from vlhub.data.sources import PairSource
+from vlhub.eval.metrics import classification_metrics
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(
+    model, class_names: list[str], templates: list[str], device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """[D, C]: per class, the mean of the normalised template embeddings, renormalised."""
+    texts = [template.format(name) for name in class_names for template in templates]
+    embeddings = []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(texts[start : start + batch_size]).to(device)
+        embeddings.append(model.encode_text(tokens, normalize=True).float())
+    per_template = torch.cat(embeddings).view(len(class_names), len(templates), -1)
+    return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1).T
+
+
+class _LabelledImages(Dataset):
+    def __init__(self, source: PairSource, transform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            sample = self.source.load(index)
+        except BadSample:
+            return None
+        return self.transform(sample.image), sample.label
+
+
+def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    good = [item for item in items if item is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
+    images, labels = zip(*good, strict=True)
+    return torch.stack(images), torch.tensor(labels), len(items) - len(good)
+
+
+@torch.no_grad()
+def compute_image_logits(
+    model, classifier: torch.Tensor, source: PairSource, transform, device: torch.device,
+    batch_size: int = 256, workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """100 x cosine logits [N, C], targets [N], and how many unreadable images were skipped."""
+    loader = DataLoader(_LabelledImages(source, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate)
+    logits, targets, skipped = [], [], 0
+    for images, labels, bad in loader:
+        skipped += bad
+        if len(labels) == 0:
+            continue
+        features = model.encode_image(images.to(device), normalize=True).float()
+        logits.append(100.0 * features @ classifier)
+        targets.append(labels)
+    return torch.cat(logits).cpu(), torch.cat(targets), skipped
+
+
+def zero_shot_metrics(
+    model, task_name: str, source: PairSource, class_names: list[str], templates: list[str],
+    transform, device: torch.device, batch_size: int = 256, workers: int = 0,
+) -> dict[str, float]:
+    classifier = build_zero_shot_classifier(model, class_names, templates, device, batch_size)
+    logits, targets, skipped = compute_image_logits(model, classifier, source, transform, device, batch_size, workers)
+    metrics = classification_metrics(logits, targets, f"{task_name}-zeroshot")
+    if skipped:
+        metrics[f"{task_name}-skipped_samples"] = float(skipped)
+    return metrics

@@ -1,0 +1,131 @@
+"""Vision-language models built from open_clip configs (any open_clip arch, or a config dict).
+
+Both towers come from open_clip (a timm trunk through open_clip's ``TimmModel`` when a
+timm backbone is named), so weights keep open_clip's names and a vlhub checkpoint loads with
+``open_clip.create_model(arch, pretrained=PATH)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+from vlhub.models.towers import OpenClipImageTower, OpenClipTextTower
+from vlhub.models.vision_language import ImageStats, OpenClipLayout, VisionLanguageModel
+from vlhub.registry import MODELS
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists from any mapping / sequence (open_clip's configs must be plain)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _resolve_config(arch: str | None, config: Mapping | None) -> dict:
+    if (arch is None) == (config is None):
+        raise ValueError("give exactly one of model.arch (an open_clip model name) or model.config")
+    if config is not None:
+        return _plain(config)
+    resolved = open_clip.get_model_config(arch)
+    if resolved is None:
+        raise ValueError(
+            f"unknown open_clip architecture {arch!r}; open_clip knows: "
+            f"{', '.join(open_clip.list_models()[:40])}, ..."
+        )
+    return resolved
+
+
+def _build_tokenizer(text_cfg: dict):
+    context_length = text_cfg.get("context_length", 77)
+    if "hf_tokenizer_name" in text_cfg:
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
+
+
+@MODELS.register("open_clip")
+def build_open_clip_model(
+    arch: str | None = None,
+    config: dict | None = None,
+    pretrained: str | None = None,
+    timm_backbone: str | None = None,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
+    init_logit_bias: float | None = None,
+    max_logit_scale: float = 100.0,
+) -> VisionLanguageModel:
+    """Build a two-tower model from an open_clip arch name or an open_clip config dict.
+
+    ``pretrained`` is an open_clip tag (downloaded when online) or a local checkpoint path.
+    ``timm_backbone`` swaps the image tower for any timm model (open_clip's TimmModel).
+    """
+    model_cfg = _resolve_config(arch, config)
+    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    if timm_backbone is not None:
+        keep = {"image_size": vision_cfg.get("image_size", 224)}
+        vision_cfg.clear()
+        vision_cfg.update(keep, timm_model_name=timm_backbone, timm_model_pretrained=False,
+                          timm_pool="avg", timm_proj="linear")
+    if image_size is not None:
+        vision_cfg["image_size"] = image_size
+    if context_length is not None:
+        text_cfg["context_length"] = context_length
+    # CLIP-class archs keep text weights at the top level in open_clip; others under "text.".
+    text_prefix = "text." if model_cfg.get("custom_text") or "hf_model_name" in text_cfg else ""
+    export_cfg = copy.deepcopy(model_cfg)
+    model_cfg.pop("custom_text", None)
+    model_cfg.pop("multimodal_cfg", None)  # captioning heads belong to the coca objective
+    clip = open_clip.CustomTextCLIP(
+        **model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias
+    )
+    if pretrained:
+        _load_pretrained(clip, arch, pretrained)
+
+    preprocess = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
+    size = vision_cfg.get("image_size", 224)
+    stats = ImageStats(
+        size=int(size[0] if isinstance(size, list | tuple) else size),
+        mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
+    embed_dim = int(model_cfg["embed_dim"])
+    model = VisionLanguageModel(
+        image_tower=OpenClipImageTower(clip.visual, embed_dim),
+        text_tower=OpenClipTextTower(clip.text, embed_dim),
+        tokenizer=_build_tokenizer(text_cfg),
+        image_stats=stats,
+        init_logit_scale=init_logit_scale,
+        init_logit_bias=init_logit_bias,
+        max_logit_scale=max_logit_scale,
+        open_clip_layout=OpenClipLayout(arch=arch, model_cfg=export_cfg, text_prefix=text_prefix),
+    )
+    with torch.no_grad():
+        model.logit_scale.copy_(clip.logit_scale.reshape(()))
+        if model.logit_bias is not None:
+            model.logit_bias.copy_(clip.logit_bias.reshape(()))
+    return model
+
+
+def _load_pretrained(clip: torch.nn.Module, arch: str | None, pretrained: str) -> None:
+    if os.path.isfile(pretrained):
+        open_clip.load_checkpoint(clip, pretrained, strict=True, weights_only=True)
+        return
+    if arch is None or open_clip.get_pretrained_cfg(arch, pretrained) == {}:
+        raise FileNotFoundError(
+            f"model.pretrained={pretrained!r} is neither a file nor an open_clip tag of "
+            f"{arch!r} (tags: {open_clip.list_pretrained_tags_by_model(arch) if arch else []})"
+        )
+    path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, pretrained))
+    open_clip.load_checkpoint(clip, path, strict=True, weights_only=True)

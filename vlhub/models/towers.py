@@ -1,0 +1,97 @@
+"""The Tower interface and its adapters for open_clip's image and text towers.
+
+A tower maps its input to pooled features [B, D] in the shared embedding space and, when
+asked, to token features [B, N, D'] with a padding mask (True where a token is real).
+Adapters keep the wrapped open_clip module under ``.module`` so that its state_dict keys
+are open_clip's own, behind a known prefix (see ``open_clip_prefix``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TowerOutput:
+    pooled: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+
+class Tower(nn.Module):
+    """Base of every tower. Subclasses set ``output_dim`` and implement ``forward``."""
+
+    output_dim: int
+
+    def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
+        raise NotImplementedError
+
+    def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
+        """Freeze all but the last ``unlocked_groups`` layer groups (LiT)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support locking")
+
+
+class OpenClipImageTower(Tower):
+    """open_clip's ``visual`` module: VisionTransformer, ModifiedResNet or TimmModel."""
+
+    def __init__(self, visual: nn.Module, output_dim: int) -> None:
+        super().__init__()
+        self.module = visual
+        self.output_dim = output_dim
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self.module, "image_size", 224)
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
+        if not output_tokens:
+            return TowerOutput(pooled=self.module(inputs))
+        if not hasattr(self.module, "output_tokens"):
+            raise NotImplementedError(
+                f"{type(self.module).__name__} does not expose token features; "
+                "token-wise objectives need a ViT image tower"
+            )
+        previous = self.module.output_tokens
+        self.module.output_tokens = True
+        try:
+            pooled, tokens = self.module(inputs)
+        finally:
+            self.module.output_tokens = previous
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
+
+    def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
+        # open_clip implements group-wise locking for ViT, ModifiedResNet and timm trunks.
+        self.module.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_norm_stats)
+
+
+class OpenClipTextTower(Tower):
+    """open_clip's ``TextTransformer`` (or HF text encoder) as built for CustomTextCLIP."""
+
+    def __init__(self, text: nn.Module, output_dim: int, pad_id: int = 0) -> None:
+        super().__init__()
+        self.module = text
+        self.output_dim = output_dim
+        self.pad_id = pad_id
+
+    @property
+    def context_length(self) -> int:
+        return int(self.module.context_length)
+
+    def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
+        if not output_tokens:
+            return TowerOutput(pooled=self.module(inputs))
+        previous = self.module.output_tokens
+        self.module.output_tokens = True
+        try:
+            pooled, tokens = self.module(inputs)
+        finally:
+            self.module.output_tokens = previous
+        return TowerOutput(pooled=pooled, tokens=tokens, token_mask=inputs != self.pad_id)
+
+    def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
+        self.module.lock(unlocked_layers=unlocked_groups, freeze_layer_norm=freeze_norm_stats)

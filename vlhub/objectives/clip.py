@@ -1,0 +1,96 @@
+"""CLIP: symmetric InfoNCE with a learnable, clamped temperature; LiT is CLIP with locks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlhub import distributed
+from vlhub.data.batch import Batch
+from vlhub.objectives.base import Objective
+from vlhub.registry import OBJECTIVES
+
+
+class ContrastiveObjective(Objective):
+    """Base of the image-text contrastive family: tower locking and the feature gather.
+
+    ``lock_image`` with ``unlocked_groups=n`` leaves the image tower's last n layer groups
+    trainable (LiT); ``freeze_bn_stats`` also freezes its BatchNorm statistics. The text
+    tower can be locked the same way with ``lock_text`` / ``text_unlocked_layers``.
+    ``local_loss`` and ``gather_with_grad`` mean what they mean in open_clip.
+    """
+
+    def __init__(
+        self,
+        lock_image: bool = False,
+        unlocked_groups: int = 0,
+        freeze_bn_stats: bool = False,
+        lock_text: bool = False,
+        text_unlocked_layers: int = 0,
+        text_freeze_layer_norm: bool = True,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("unlocked_groups", unlocked_groups), ("text_unlocked_layers", text_unlocked_layers)):
+            if value < 0:
+                raise ValueError(f"objective.{name} must be >= 0, got {value}")
+        self.lock_image = lock_image
+        self.unlocked_groups = unlocked_groups
+        self.freeze_bn_stats = freeze_bn_stats
+        self.lock_text = lock_text
+        self.text_unlocked_layers = text_unlocked_layers
+        self.text_freeze_layer_norm = text_freeze_layer_norm
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def apply_to_model(self, model: nn.Module) -> None:
+        if self.lock_image:
+            model.image_tower.apply_lock(self.unlocked_groups, self.freeze_bn_stats)
+        if self.lock_text:
+            if model.text_tower is None:
+                raise ValueError("objective.lock_text=true but the model has no text tower")
+            model.text_tower.apply_lock(self.text_unlocked_layers, self.text_freeze_layer_norm)
+
+    def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        out = model(image=batch["image"], text=batch["text"])
+        return {
+            "image_features": F.normalize(out["image_features"], dim=-1),
+            "text_features": F.normalize(out["text_features"], dim=-1),
+        }
+
+    def gather(self, features: torch.Tensor) -> torch.Tensor:
+        return distributed.gather_features(features, with_grad=self.gather_with_grad)
+
+
+@OBJECTIVES.register("clip")
+class ClipObjective(ContrastiveObjective):
+    """Symmetric InfoNCE: ``image_weight`` * CE(image->text) + ``text_weight`` * CE(text->image)."""
+
+    def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
+        super().__init__(**contrastive)
+        self.image_weight = image_weight
+        self.text_weight = text_weight
+
+    def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        image, text = reps["image_features"], reps["text_features"]
+        scale = model.temperature_scale()
+        all_image, all_text = self.gather(image), self.gather(text)
+        if self.local_loss:
+            # Local rows against global columns; labels offset by this rank's slice.
+            logits_per_image = scale * image @ all_text.T
+            logits_per_text = scale * text @ all_image.T
+            labels = torch.arange(image.shape[0], device=image.device) + distributed.rank() * image.shape[0]
+        else:
+            logits_per_image = scale * all_image @ all_text.T
+            logits_per_text = logits_per_image.T
+            labels = torch.arange(all_image.shape[0], device=image.device)
+        image_to_text = F.cross_entropy(logits_per_image, labels)
+        text_to_image = F.cross_entropy(logits_per_text, labels)
+        total = self.image_weight * image_to_text + self.text_weight * text_to_image
+        return {
+            "loss": total,
+            "image_to_text_loss": image_to_text.detach(),
+            "text_to_image_loss": text_to_image.detach(),
+        }

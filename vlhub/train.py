@@ -1,0 +1,82 @@
+"""``python -m vlhub.train``: compose the config groups, build each component once, fit.
+
+    python -m vlhub.train model=vit_b32 objective=lit data=csv data.root=/data/pairs.csv
+    python -m vlhub.train -m optim.lr=1e-3,3e-4
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlhub.distributed import get_dist_info
+from vlhub.engine import Checkpointer, MetricLogger, Trainer
+
+log = logging.getLogger("vlhub.train")
+
+
+def run_dir_for(name: str | None, stamp: str, kind: str = "run") -> str:
+    """``runs/<name>`` when named (stable across requeues), else a dated folder."""
+    if name:
+        return f"runs/{name}"
+    return f"runs/{stamp}" if kind == "run" else f"runs/multirun/{stamp}"
+
+
+OmegaConf.register_new_resolver("vlhub_run_dir", lambda name, stamp: run_dir_for(name, stamp), replace=True)
+OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, float]:
+    """Build every component from ``cfg`` and train; returns the last evaluation's metrics."""
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    dist_info = get_dist_info(settings.pop("device"))
+    seed_everything(cfg.trainer.seed)
+    model = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    objective.apply_to_model(model)
+    source = instantiate(cfg.data)
+    transforms = instantiate(cfg.augment)(model.image_stats)
+    optim = instantiate(cfg.optim)
+    evaluator = instantiate(cfg.eval)
+    checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    metric_logger = None
+    if dist_info.is_main:
+        metric_logger = MetricLogger(
+            run_dir, tensorboard=cfg.logger.tensorboard, wandb_enabled=cfg.logger.wandb.enabled,
+            wandb_project=cfg.logger.wandb.project, wandb_mode=cfg.logger.wandb.mode,
+            run_name=cfg.run.name, config=config,
+        )
+    trainer = Trainer(
+        model, objective, source, transforms, optim, evaluator, checkpointer, metric_logger, dist_info,
+        **settings, run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
+        config=config,
+    )
+    return trainer.fit()
+
+
+@hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    metrics = train(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices))
+    # The sweeper's return value: the first zero-shot top-1, when there is one.
+    return next((v for k, v in metrics.items() if k.endswith("zeroshot-top1")), None)
+
+
+if __name__ == "__main__":
+    main()
