@@ -7,7 +7,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accur
 
 from vlhub.data import SyntheticShapes
 from vlhub.eval import Evaluator, SyntheticZeroShot, classification_metrics
-from vlhub.eval.tasks import ImageFolderZeroShot
+from vlhub.eval.tasks import EvalContext, ImageFolderZeroShot
 
 
 def test_metrics_match_sklearn():
@@ -66,14 +66,15 @@ class ColourShapeOracle(torch.nn.Module):
 
 def test_a_perfect_encoder_scores_one_and_a_permuted_one_what_the_permutation_implies():
     task = SyntheticZeroShot(num_samples=120)
-    perfect = task.run(ColourShapeOracle(task), ColourShapeOracle._transform, torch.device("cpu"), 32)
+    context = EvalContext("synthetic", ColourShapeOracle._transform, torch.device("cpu"), 32)
+    perfect = task.run(ColourShapeOracle(task), context)
     assert perfect["synthetic-zeroshot-top1"] == 1.0
     assert perfect["synthetic-zeroshot-mean_per_class_recall"] == 1.0
     # Swap the first 6 classes in pairs: those 6 of 30 balanced classes are always wrong.
     permutation = list(range(30))
     for i in range(0, 6, 2):
         permutation[i], permutation[i + 1] = permutation[i + 1], permutation[i]
-    permuted = task.run(ColourShapeOracle(task, permutation), ColourShapeOracle._transform, torch.device("cpu"), 32)
+    permuted = task.run(ColourShapeOracle(task, permutation), context)
     assert permuted["synthetic-zeroshot-top1"] == pytest.approx(24 / 30)
     assert permuted["synthetic-zeroshot-top5"] == pytest.approx(24 / 30)
 
@@ -83,7 +84,7 @@ def test_imagefolder_task_with_a_class_name_file(tmp_path):
     names = sorted(p.name.replace("_", " ") for p in (tmp_path / "images").iterdir())
     (tmp_path / "names.txt").write_text("\n".join(names))
     task = ImageFolderZeroShot(str(tmp_path / "images"), class_names_file=str(tmp_path / "names.txt"))
-    result = task.run(ColourShapeOracle(task), ColourShapeOracle._transform, torch.device("cpu"), 16)
+    result = task.run(ColourShapeOracle(task), EvalContext("imagefolder", ColourShapeOracle._transform, torch.device("cpu")))
     assert result["imagefolder-zeroshot-top1"] == 1.0
     with pytest.raises(FileNotFoundError, match="eval.imagefolder.root|no such folder"):
         ImageFolderZeroShot(str(tmp_path / "missing"))

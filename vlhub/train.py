@@ -63,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
             run_name=cfg.run.name, config=config,
         )
     trainer = Trainer(
-        model, objective, source, transforms, optim, evaluator, checkpointer, metric_logger, dist_info,
+        model, objective, source, transforms, optim, evaluator, checkpointer, metric_logger, dist_info, run_dir,
         **settings, run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
         config=config,
     )

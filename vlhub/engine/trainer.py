@@ -37,6 +37,7 @@ class Trainer:
         checkpointer: Checkpointer,
         metric_logger: MetricLogger | None,
         dist_info: DistInfo,
+        run_dir: Path,
         *,
         max_steps: int,
         batch_size: int,
@@ -51,7 +52,7 @@ class Trainer:
         for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("log_every_n_steps", log_every_n_steps)):
             if value <= 0:
                 raise ValueError(f"trainer.{name} must be > 0, got {value}")
-        self.dist = dist_info
+        self.dist, self.run_dir = dist_info, run_dir
         self.precision = Precision(precision, dist_info.device)
         self.model = model.to(dist_info.device, dtype=self.precision.param_dtype)
         self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
@@ -124,7 +125,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.dist.is_main or not self.evaluator.tasks:
             return {}
-        metrics = self.evaluator.run(self.model, self.transforms.eval, self.dist.device)
+        metrics = self.evaluator.run(self.model, self.transforms.eval, self.dist.device, self.run_dir / "eval")
         record = {"step": self.step, "epoch": self.epoch, **self.run_info,
                   "data/bad_samples": self.bad_samples.bad, **metrics}
         if self.metric_logger is not None:

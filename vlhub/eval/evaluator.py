@@ -6,7 +6,9 @@ import logging
 
 import torch
 
-from vlhub.eval.tasks import ZeroShotTask
+from pathlib import Path
+
+from vlhub.eval.tasks import EvalContext, ZeroShotTask
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,15 @@ class Evaluator:
         return bool(self.tasks) and self.every_n_steps > 0 and step % self.every_n_steps == 0
 
     @torch.no_grad()
-    def run(self, model, transform, device: torch.device) -> dict[str, float]:
+    def run(self, model, transform, device: torch.device, output_dir: Path | None = None) -> dict[str, float]:
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
         try:
             for name, task in self.tasks.items():
-                task_metrics = task.run(model, transform, device, self.batch_size, self.workers, name=name)
+                context = EvalContext(name, transform, device, self.batch_size, self.workers,
+                                      output_dir / name if output_dir is not None else None)
+                task_metrics = task.run(model, context)
                 log.info("eval %s: %s", name, {k: round(v, 4) for k, v in task_metrics.items()})
                 metrics.update(task_metrics)
         finally:

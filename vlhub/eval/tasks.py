@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,18 @@ from vlhub.eval.zeroshot import zero_shot_metrics
 from vlhub.registry import EVAL_TASKS
 
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What a task is run with. ``name`` is the task's key (``eval.<name>``) and metric prefix."""
+
+    name: str
+    transform: object
+    device: torch.device
+    batch_size: int = 256
+    workers: int = 0
+    output_dir: Path | None = None  # <run dir>/eval/<name>, for tables and plots
 
 
 def read_templates(templates: list[str] | str | None, default: tuple[str, ...]) -> list[str]:
@@ -36,11 +49,10 @@ class ZeroShotTask:
     def __init__(self, name: str, source: PairSource, class_names: list[str], templates: list[str]) -> None:
         self.name, self.source, self.class_names, self.templates = name, source, class_names, templates
 
-    def run(self, model, transform, device: torch.device, batch_size: int, workers: int = 0,
-            name: str | None = None) -> dict[str, float]:
-        """Metrics keyed ``<name>-zeroshot-*``; ``name`` defaults to the task's own."""
-        return zero_shot_metrics(model, name or self.name, self.source, self.class_names, self.templates,
-                                 transform, device, batch_size, workers)
+    def run(self, model, context: EvalContext) -> dict[str, float]:
+        """Metrics keyed ``<context.name>-zeroshot-*``."""
+        return zero_shot_metrics(model, context.name, self.source, self.class_names, self.templates,
+                                 context.transform, context.device, context.batch_size, context.workers)
 
 
 @EVAL_TASKS.register("synthetic")
