@@ -36,7 +36,18 @@ def test_checkpoint_contents_load_weights_only_and_into_open_clip(tmp_path):
     run_train(["eval=none", "trainer.max_steps=2"], tmp_path)
     path = tmp_path / "checkpoints/latest.pt"
     checkpoint = torch.load(path, weights_only=True)
-    for key in ("state_dict", "objective", "optimizer", "scheduler", "scaler", "step", "epoch", "data", "rng", "config"):
+    for key in (
+        "state_dict",
+        "objective",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "step",
+        "epoch",
+        "data",
+        "rng",
+        "config",
+    ):
         assert key in checkpoint
     assert checkpoint["step"] == 2 and isinstance(checkpoint["config"], dict)
     assert all(not k.startswith(("image_tower", "text_tower")) for k in checkpoint["state_dict"])

@@ -19,7 +19,8 @@ def test_synthetic_is_deterministic_and_varied():
     captions = {a.load(i).caption for i in range(200)}
     assert len(captions) > 100  # sizes, positions, backgrounds and wordings vary
     assert SyntheticShapes(seed=4).load(5).caption != a.load(5).caption or list(
-        SyntheticShapes(seed=4).load(5).image.getdata()) != list(a.load(5).image.getdata())
+        SyntheticShapes(seed=4).load(5).image.getdata()
+    ) != list(a.load(5).image.getdata())
 
 
 def test_synthetic_caption_names_the_labelled_class():
@@ -72,7 +73,9 @@ def _identity_transform(image):
 
 
 def _loader(source, batch_size, start_step=0, rank=0, world_size=1, seed=0):
-    return iter(build_train_loader(source, _identity_transform, None, batch_size, seed, start_step, 1, rank, world_size))
+    return iter(
+        build_train_loader(source, _identity_transform, None, batch_size, seed, start_step, 1, rank, world_size)
+    )
 
 
 def test_loader_resumes_at_a_step_with_identical_batches():
@@ -85,7 +88,8 @@ def test_loader_resumes_at_a_step_with_identical_batches():
         assert got["text_raw"] == expected["text_raw"]
         assert torch.equal(got["image"], expected["image"])
     assert sorted(sum((b["text_raw"] for b in batches[:5]), [])) == sorted(
-        source.load(i).caption for i in range(20))  # one epoch is a permutation
+        source.load(i).caption for i in range(20)
+    )  # one epoch is a permutation
 
 
 def test_ranks_split_the_same_global_batch():

@@ -61,8 +61,11 @@ def test_text_locking_keeps_the_last_text_layers_trainable(tiny_model):
 def _timm_model():
     torch.manual_seed(0)
     return build_open_clip_model(
-        config={"embed_dim": 32, "vision_cfg": {"image_size": 32},
-                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
         timm_backbone="test_resnet",
     )
 

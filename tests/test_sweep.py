@@ -14,8 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _multirun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "vlhub.train", "-m", "optim.lr=1e-3,3e-4", *FAST,
-               "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "vlhub.train",
+        "-m",
+        "optim.lr=1e-3,3e-4",
+        *FAST,
+        "trainer.max_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 

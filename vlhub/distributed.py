@@ -1,13 +1,16 @@
-"""Everything distributed lives here: who am I, gather with gradient, rank-0 effects.
+"""Everything distributed lives here: who am I, start-up, gathers, reductions, rank-0 effects.
 
 Towers hold no collectives; objectives call :func:`gather_features`; the engine calls
-:func:`get_dist_info` once and routes rank-0-only effects through :func:`on_rank_zero`.
+:func:`get_dist_info` / :func:`init_distributed` once and routes rank-0-only effects through
+:func:`on_rank_zero`.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,6 +19,8 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (registers the autograd-aware all_gather)
 
 R = TypeVar("R")
+# The autograd-aware all_gather is deprecated in favour of a private API; it still works.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 @dataclass(frozen=True)
@@ -34,21 +39,42 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
+def _from_slurm() -> bool:
+    """A SLURM task (e.g. one submitit task of a multi-task job) that torchrun did not start."""
+    return "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def get_dist_info(device: str = "auto") -> DistInfo:
     """Rank, world size, local rank and device, from torchrun's or SLURM's environment."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if _from_slurm():
+        rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
+    else:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return DistInfo(rank, world_size, local_rank, torch.device(device))
+
+
+def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
+    """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank."""
+    if not info.distributed or is_initialized():
+        return
+    if _from_slurm():
+        import submitit
+
+        # Sets MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK from the SLURM job.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    dist.init_process_group(
+        backend="nccl" if info.device.type == "cuda" else "gloo",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
 
 
 def is_initialized() -> bool:
@@ -63,24 +89,83 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
-def gather_features(features: torch.Tensor, *, with_grad: bool = True) -> torch.Tensor:
-    """Concatenate ``features`` [B, ...] from every rank along dim 0, in rank order.
+def _all_sizes(local: int, device: torch.device) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([local], device=device))
+    return [int(s) for s in sizes]
 
-    With ``with_grad`` the local slice keeps its graph and the others are constants on this
-    rank; because every rank computes the same global loss from the same gathered matrix,
-    summing the per-rank gradients (DDP's all-reduce) gives the full gradient. Without it,
-    the local slice is put back in place so local gradients still flow (open_clip's
-    ``gather_with_grad=False`` semantics).
+
+def gather_features(features: torch.Tensor, *, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """Concatenate ``features`` [B_r, ...] from every rank along dim 0, in rank order.
+
+    Returns the gathered tensor and the offset of this rank's rows in it. Ranks may hold
+    different batch sizes (a skipped bad sample); rows are padded for the collective and
+    the padding is dropped. With ``with_grad`` the gather is differentiable: every rank
+    computes the same global loss, and the all-gather's backward sums each rank's share, so
+    DDP's averaged gradient equals the single-process gradient of that loss. Without it,
+    only this rank's slice carries gradient (open_clip's ``gather_with_grad=False``).
     """
     if not is_initialized() or world_size() == 1:
-        return features
+        return features, 0
+    sizes = _all_sizes(features.shape[0], features.device)
+    largest, me = max(sizes), rank()
+    padded = torch.nn.functional.pad(features, (0, 0) * (features.ndim - 1) + (0, largest - features.shape[0]))
     if with_grad:
-        gathered = torch.distributed.nn.functional.all_gather(features)
-        return torch.cat(list(gathered), dim=0)
-    gathered = [torch.zeros_like(features) for _ in range(world_size())]
-    dist.all_gather(gathered, features.detach())
-    gathered[rank()] = features
-    return torch.cat(gathered, dim=0)
+        parts = list(torch.distributed.nn.functional.all_gather(padded))
+    else:
+        parts = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.detach())
+        parts[me] = padded
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:me])
+
+
+def all_reduce_mean_(tensors: Iterable[torch.Tensor | None], bucket_elements: int = 16_000_000) -> None:
+    """Average tensors over ranks in place, in flat buckets (one collective per bucket)."""
+    if not is_initialized() or world_size() == 1:
+        return
+    bucket: list[torch.Tensor] = []
+    filled = 0
+    for tensor in (t for t in tensors if t is not None):
+        bucket.append(tensor)
+        filled += tensor.numel()
+        if filled >= bucket_elements:
+            _all_reduce_bucket(bucket)
+            bucket, filled = [], 0
+    if bucket:
+        _all_reduce_bucket(bucket)
+
+
+def _all_reduce_bucket(bucket: list[torch.Tensor]) -> None:
+    flat = torch.cat([t.reshape(-1).float() for t in bucket])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for tensor in bucket:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def broadcast_module_(module: torch.nn.Module, source: int = 0) -> None:
+    """Rank ``source``'s parameters and buffers on every rank (identical starting weights)."""
+    if not is_initialized() or world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=source)
+
+
+def broadcast_object(value: R, source: int = 0) -> R:
+    """Rank ``source``'s value on every rank (e.g. the run folder)."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
 
 
 def on_rank_zero(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:

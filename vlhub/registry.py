@@ -25,8 +25,7 @@ class Registry(Generic[T]):
         def decorate(component: T) -> T:
             if name in self._entries:
                 raise KeyError(
-                    f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
-                    "pick another name"
+                    f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); pick another name"
                 )
             self._entries[name] = component
             return component
@@ -39,9 +38,7 @@ class Registry(Generic[T]):
         except KeyError:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(
-                f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}"
-            ) from None
+            raise KeyError(f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}") from None
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)  # type: ignore[operator]

@@ -1,7 +1,7 @@
 """``python -m vlhub.train``: compose the config groups, build each component once, fit.
 
-    python -m vlhub.train model=vit_b32 objective=lit data=csv data.root=/data/pairs.csv
-    python -m vlhub.train -m optim.lr=1e-3,3e-4
+python -m vlhub.train model=vit_b32 objective=lit data=csv data.root=/data/pairs.csv
+python -m vlhub.train -m optim.lr=1e-3,3e-4
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.distributed import get_dist_info
+from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer
 
 log = logging.getLogger("vlhub.train")
@@ -32,6 +32,11 @@ def run_dir_for(name: str | None, stamp: str, kind: str = "run") -> str:
 
 
 OmegaConf.register_new_resolver("vlhub_run_dir", lambda name, stamp: run_dir_for(name, stamp), replace=True)
+OmegaConf.register_new_resolver(
+    "vlhub_rank_suffix",
+    lambda: "" if get_dist_info("cpu").rank == 0 else f"_rank{get_dist_info('cpu').rank}",
+    replace=True,
+)
 OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
 
 
@@ -45,26 +50,43 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     """Build every component from ``cfg`` and train; returns the last evaluation's metrics."""
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     dist_info = get_dist_info(settings.pop("device"))
-    seed_everything(cfg.trainer.seed)
+    init_distributed(dist_info)
+    run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
+    seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     objective.apply_to_model(model)
     source = instantiate(cfg.data)
     transforms = instantiate(cfg.augment)(model.image_stats)
     optim = instantiate(cfg.optim)
+    torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     evaluator = instantiate(cfg.eval)
     checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
     config = OmegaConf.to_container(cfg, resolve=True)
     metric_logger = None
     if dist_info.is_main:
         metric_logger = MetricLogger(
-            run_dir, tensorboard=cfg.logger.tensorboard, wandb_enabled=cfg.logger.wandb.enabled,
-            wandb_project=cfg.logger.wandb.project, wandb_mode=cfg.logger.wandb.mode,
-            run_name=cfg.run.name, config=config,
+            run_dir,
+            tensorboard=cfg.logger.tensorboard,
+            wandb_enabled=cfg.logger.wandb.enabled,
+            wandb_project=cfg.logger.wandb.project,
+            wandb_mode=cfg.logger.wandb.mode,
+            run_name=cfg.run.name,
+            config=config,
         )
     trainer = Trainer(
-        model, objective, source, transforms, optim, evaluator, checkpointer, metric_logger, dist_info, run_dir,
-        **settings, run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
+        model,
+        objective,
+        source,
+        transforms,
+        optim,
+        evaluator,
+        checkpointer,
+        metric_logger,
+        dist_info,
+        run_dir,
+        **settings,
+        run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
         config=config,
     )
     return trainer.fit()

@@ -27,8 +27,9 @@ def build_clip_transforms(stats: ImageStats, scale: tuple[float, float] = (0.9, 
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
     return Transforms(
-        train=image_transform(stats.size, is_train=True, mean=stats.mean, std=stats.std,
-                              aug_cfg=AugmentationCfg(scale=(lo, hi))),
+        train=image_transform(
+            stats.size, is_train=True, mean=stats.mean, std=stats.std, aug_cfg=AugmentationCfg(scale=(lo, hi))
+        ),
         eval=image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std),
     )
 

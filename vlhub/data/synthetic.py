@@ -32,8 +32,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 BACKGROUNDS: dict[str, tuple[int, int]] = {"dark": (15, 70), "grey": (95, 150), "light": (180, 240)}
-POSITIONS = {"on the left": (0.3, 0.5), "on the right": (0.7, 0.5), "at the top": (0.5, 0.3),
-             "at the bottom": (0.5, 0.7), "in the middle": (0.5, 0.5)}
+POSITIONS = {
+    "on the left": (0.3, 0.5),
+    "on the right": (0.7, 0.5),
+    "at the top": (0.5, 0.3),
+    "at the bottom": (0.5, 0.7),
+    "in the middle": (0.5, 0.5),
+}
 CAPTION_FORMS = (
     "a {size} {colour} {shape} on a {background} background",
     "a photo of {article} {colour} {shape}",
@@ -60,15 +65,28 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     if shape == "star":
         return [
-            (cx + (r if k % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + k * math.pi / 5),
-             cy + (r if k % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + k * math.pi / 5))
+            (
+                cx + (r if k % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                cy + (r if k % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
             for k in range(10)
         ]
     if shape == "cross":
         w = r * 0.38
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     raise ValueError(shape)
 
 
@@ -102,7 +120,11 @@ def render_shapes(seed: int, split: str, index: int, image_size: int, num_classe
     image = image.resize((image_size, image_size), Image.BILINEAR)
 
     caption = rng.choice(CAPTION_FORMS).format(
-        size=size_word, colour=colour, shape=shape, background=background, position=position,
+        size=size_word,
+        colour=colour,
+        shape=shape,
+        background=background,
+        position=position,
         article="an" if colour[0] in "aeiou" else "a",
     )
     return RawSample(image=image, caption=caption, label=label)

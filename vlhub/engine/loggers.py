@@ -38,8 +38,13 @@ class MetricLogger:
             import wandb
 
             self._wandb = wandb.init(
-                project=wandb_project, name=run_name, mode=wandb_mode, dir=str(run_dir),
-                config=config, resume="allow", id=(run_name or run_dir.name).replace("/", "-"),
+                project=wandb_project,
+                name=run_name,
+                mode=wandb_mode,
+                dir=str(run_dir),
+                config=config,
+                resume="allow",
+                id=(run_name or run_dir.name).replace("/", "-"),
             )
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:

@@ -11,14 +11,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.engine.precision import Precision
 from vlhub.objectives.base import Objective
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model behind a DDP wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class GradientStrategy(Protocol):
@@ -36,7 +32,7 @@ class PlainGradients:
     ) -> dict[str, torch.Tensor]:
         with precision.autocast():
             reps = objective.represent(model, batch)
-            parts = objective.loss(reps, unwrap(model))
+            parts = objective.loss(reps, model)
         precision.scale(parts["loss"]).backward()
         return {name: value.detach() for name, value in parts.items()}
 
@@ -52,6 +48,8 @@ def train_step(
     grad_clip_norm: float | None,
 ) -> dict[str, torch.Tensor]:
     parts = gradients(model, objective, batch, precision)
+    # Data parallel: average every gradient over ranks (a no-op on one process).
+    distributed.all_reduce_mean_(p.grad for group in optimizer.param_groups for p in group["params"])
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from vlhub.data.batch import move_batch
 from vlhub.data.loader import BadSampleMonitor, build_train_loader
 from vlhub.data.sources import PairSource
-from vlhub.distributed import DistInfo
+from vlhub.distributed import DistInfo, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
@@ -23,6 +24,18 @@ from vlhub.objectives.base import Objective
 from vlhub.optim import OptimRecipe
 
 log = logging.getLogger(__name__)
+
+
+def build_gradient_strategy(batch_size: int, enabled: bool, chunk_size: int | None) -> GradientStrategy:
+    """Plain backward, or the gradient cache when ``trainer.grad_cache.enabled``."""
+    if not enabled:
+        return PlainGradients()
+    if chunk_size is None or chunk_size <= 0 or batch_size % chunk_size:
+        raise ValueError(
+            f"trainer.grad_cache.chunk_size={chunk_size} must be a positive divisor of "
+            f"trainer.batch_size={batch_size} (both per rank)"
+        )
+    return GradCache(chunk_size)
 
 
 class Trainer:
@@ -45,23 +58,30 @@ class Trainer:
         grad_clip_norm: float | None,
         seed: int,
         log_every_n_steps: int,
+        grad_cache: dict[str, Any],
         run_info: dict[str, str],
         config: dict[str, Any],
-        gradients: GradientStrategy | None = None,
     ) -> None:
-        for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("log_every_n_steps", log_every_n_steps)):
+        for name, value in (
+            ("max_steps", max_steps),
+            ("batch_size", batch_size),
+            ("log_every_n_steps", log_every_n_steps),
+        ):
             if value <= 0:
                 raise ValueError(f"trainer.{name} must be > 0, got {value}")
         self.dist, self.run_dir = dist_info, run_dir
+        self.gradients = build_gradient_strategy(batch_size, **grad_cache)
         self.precision = Precision(precision, dist_info.device)
         self.model = model.to(dist_info.device, dtype=self.precision.param_dtype)
         self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
+        # Data parallel without a DDP wrapper: identical start, gradients averaged in train_step.
+        broadcast_module_(self.model)
+        broadcast_module_(self.objective)
         self.source, self.transforms, self.evaluator = source, transforms, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
         self.run_info, self.config = run_info, config
-        self.gradients = gradients or PlainGradients()
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
         self.bad_samples = BadSampleMonitor(source.max_bad_fraction)
         self.step, self.epoch = 0, 0
@@ -70,11 +90,22 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         self.restore()
         start_step, metrics = self.step, {}
-        loader = iter(build_train_loader(
-            self.source, self.transforms.train, self.model.tokenizer if self.objective.needs_text else None,
-            self.batch_size, self.seed, start_step, self.objective.image_views, self.dist.rank, self.dist.world_size,
-        ))
-        progress = tqdm(total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train")
+        loader = iter(
+            build_train_loader(
+                self.source,
+                self.transforms.train,
+                self.model.tokenizer if self.objective.needs_text else None,
+                self.batch_size,
+                self.seed,
+                start_step,
+                self.objective.image_views,
+                self.dist.rank,
+                self.dist.world_size,
+            )
+        )
+        progress = tqdm(
+            total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
+        )
         self.model.train()
         tick = time.perf_counter()
         while self.step < self.max_steps:
@@ -84,8 +115,16 @@ class Trainer:
             if not loaded.batch:
                 continue  # every sample of this batch was bad: counted, nothing to train on
             batch = move_batch(loaded.batch, self.dist.device, self.precision.param_dtype)
-            parts = train_step(self.model, self.objective, batch, self.optimizer, self.scheduler,
-                               self.precision, self.gradients, self.grad_clip_norm)
+            parts = train_step(
+                self.model,
+                self.objective,
+                batch,
+                self.optimizer,
+                self.scheduler,
+                self.precision,
+                self.gradients,
+                self.grad_clip_norm,
+            )
             self.step, self.epoch = self.step + 1, loaded.epoch
             step_time = time.perf_counter() - tick
             self.after_step(parts, len(loaded.batch["image"]), data_time, step_time, progress)
@@ -103,21 +142,27 @@ class Trainer:
             self.metric_logger.close()
         return metrics
 
-    def after_step(self, parts: dict[str, torch.Tensor], samples: int, data_time: float,
-                   step_time: float, progress: tqdm) -> None:
+    def after_step(
+        self, parts: dict[str, torch.Tensor], samples: int, data_time: float, step_time: float, progress: tqdm
+    ) -> None:
         progress.update(1)
         if self.step % self.log_every_n_steps and self.step != self.max_steps:
             return
         scalars = {f"train/{name}": float(value) for name, value in parts.items()}
-        scalars.update({
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/logit_scale": float(self.model.temperature_scale().detach()),
-            "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
-            "train/data_time": data_time,
-            "data/bad_samples": self.bad_samples.bad,
-        })
-        progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
-                             sps=f"{scalars['train/samples_per_second']:.0f}")
+        scalars.update(
+            {
+                "train/lr": self.optimizer.param_groups[0]["lr"],
+                "train/logit_scale": float(self.model.temperature_scale().detach()),
+                "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
+                "train/data_time": data_time,
+                "data/bad_samples": self.bad_samples.bad,
+            }
+        )
+        progress.set_postfix(
+            loss=f"{scalars['train/loss']:.3f}",
+            lr=f"{scalars['train/lr']:.2e}",
+            sps=f"{scalars['train/samples_per_second']:.0f}",
+        )
         if self.metric_logger is not None:
             self.metric_logger.log_scalars(scalars, self.step)
 
@@ -126,8 +171,13 @@ class Trainer:
         if not self.dist.is_main or not self.evaluator.tasks:
             return {}
         metrics = self.evaluator.run(self.model, self.transforms.eval, self.dist.device, self.run_dir / "eval")
-        record = {"step": self.step, "epoch": self.epoch, **self.run_info,
-                  "data/bad_samples": self.bad_samples.bad, **metrics}
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            **self.run_info,
+            "data/bad_samples": self.bad_samples.bad,
+            **metrics,
+        }
         if self.metric_logger is not None:
             self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
             self.metric_logger.log_results(record)
@@ -143,8 +193,13 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
             "step": self.step,
             "epoch": self.epoch,
-            "data": {"samples_read": self.bad_samples.read, "bad_samples": self.bad_samples.bad,
-                     "next_step": self.step, "world_size": self.dist.world_size, "batch_size": self.batch_size},
+            "data": {
+                "samples_read": self.bad_samples.read,
+                "bad_samples": self.bad_samples.bad,
+                "next_step": self.step,
+                "world_size": self.dist.world_size,
+                "batch_size": self.batch_size,
+            },
             "rng": capture_rng_state(),
             "run_info": dict(self.run_info),
             "open_clip_arch": layout.arch if layout else None,
@@ -167,8 +222,9 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         # A resumed run may raise max_steps: recompute the lr from this run's schedule.
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                       self.scheduler.lr_lambdas, strict=True):
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
             group["lr"] = base * factor(self.scheduler.last_epoch)
         if self.precision.scaler is not None and checkpoint["scaler"]:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
@@ -176,4 +232,6 @@ class Trainer:
         self.bad_samples.read = int(checkpoint["data"]["samples_read"])
         self.bad_samples.bad = int(checkpoint["data"]["bad_samples"])
         restore_rng_state(checkpoint["rng"])
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's stream; give the others their own
+            torch.manual_seed(self.seed + 1_000_003 * self.dist.rank + self.step)
         log.info("resumed from step %d", self.step)

@@ -41,8 +41,7 @@ def _resolve_config(arch: str | None, config: Mapping | None) -> dict:
     resolved = open_clip.get_model_config(arch)
     if resolved is None:
         raise ValueError(
-            f"unknown open_clip architecture {arch!r}; open_clip knows: "
-            f"{', '.join(open_clip.list_models()[:40])}, ..."
+            f"unknown open_clip architecture {arch!r}; open_clip knows: {', '.join(open_clip.list_models()[:40])}, ..."
         )
     return resolved
 
@@ -76,8 +75,9 @@ def build_open_clip_model(
     if timm_backbone is not None:
         keep = {"image_size": vision_cfg.get("image_size", 224)}
         vision_cfg.clear()
-        vision_cfg.update(keep, timm_model_name=timm_backbone, timm_model_pretrained=False,
-                          timm_pool="avg", timm_proj="linear")
+        vision_cfg.update(
+            keep, timm_model_name=timm_backbone, timm_model_pretrained=False, timm_pool="avg", timm_proj="linear"
+        )
     if image_size is not None:
         vision_cfg["image_size"] = image_size
     if context_length is not None:
@@ -87,9 +87,7 @@ def build_open_clip_model(
     export_cfg = copy.deepcopy(model_cfg)
     model_cfg.pop("custom_text", None)
     model_cfg.pop("multimodal_cfg", None)  # captioning heads belong to the coca objective
-    clip = open_clip.CustomTextCLIP(
-        **model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias
-    )
+    clip = open_clip.CustomTextCLIP(**model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
     if pretrained:
         _load_pretrained(clip, arch, pretrained)
 

@@ -59,9 +59,7 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_stats = image_stats
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = (
-            nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
-        )
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
         self.max_logit_scale = max_logit_scale
         self.open_clip_layout = open_clip_layout
 

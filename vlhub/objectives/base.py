@@ -9,8 +9,6 @@ in ``loss``. An objective never calls ``backward``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -30,19 +28,5 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        """``{"loss": total, <named parts>...}``. ``model`` is the bare (unwrapped) model."""
+        """``{"loss": total, <named parts>...}``; ``model`` gives the temperature and bias."""
         raise NotImplementedError
-
-    def loss_only_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        """Trainable parameters that ``loss`` uses and no tower forward touches.
-
-        The gradient cache gives them their gradient once, and under DDP they are all-reduced
-        by hand, since no DDP forward covers them.
-        """
-        for name in ("logit_scale", "logit_bias"):
-            param = getattr(model, name, None)
-            if isinstance(param, nn.Parameter) and param.requires_grad:
-                yield name, param
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                yield f"objective.{name}", param

@@ -60,7 +60,8 @@ class ContrastiveObjective(Objective):
             "text_features": F.normalize(out["text_features"], dim=-1),
         }
 
-    def gather(self, features: torch.Tensor) -> torch.Tensor:
+    def gather(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Features of every rank, and the offset of this rank's rows among them."""
         return distributed.gather_features(features, with_grad=self.gather_with_grad)
 
 
@@ -76,12 +77,12 @@ class ClipObjective(ContrastiveObjective):
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         image, text = reps["image_features"], reps["text_features"]
         scale = model.temperature_scale()
-        all_image, all_text = self.gather(image), self.gather(text)
+        (all_image, offset), (all_text, _) = self.gather(image), self.gather(text)
         if self.local_loss:
             # Local rows against global columns; labels offset by this rank's slice.
             logits_per_image = scale * image @ all_text.T
             logits_per_text = scale * text @ all_image.T
-            labels = torch.arange(image.shape[0], device=image.device) + distributed.rank() * image.shape[0]
+            labels = torch.arange(image.shape[0], device=image.device) + offset
         else:
             logits_per_image = scale * all_image @ all_text.T
             logits_per_text = logits_per_image.T

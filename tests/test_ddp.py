@@ -1,0 +1,87 @@
+"""DDP on CPU (gloo): two ranks at batch 16 train exactly like one process at batch 32."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import run_train
+
+COMMON = ["eval=none", "optim.scheduler=constant", "optim.lr=1e-3", "trainer.max_steps=3", "checkpoint.every_n_steps=0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], run_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    try:
+        run_train(overrides, Path(run_dir))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["state_dict"]
+
+
+def _relative(a, b) -> float:
+    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
+    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_cache", [False, True], ids=["plain", "grad_cache"])
+def test_two_ranks_at_16_match_one_process_at_32(tmp_path, grad_cache):
+    cache = ["trainer.grad_cache.enabled=true", "trainer.grad_cache.chunk_size=8"] if grad_cache else []
+    run_train([*COMMON, *cache, "trainer.batch_size=32"], tmp_path / "single")
+    mp.spawn(
+        _rank_main,
+        args=(2, _free_port(), [*COMMON, *cache, "trainer.batch_size=16"], str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+    )
+    single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    assert single.keys() == ddp.keys()
+    assert _relative(ddp, single) <= 1e-5
+    start = torch.load(tmp_path / "single/checkpoints/latest.pt", weights_only=True)
+    assert start["step"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_launches_two_cpu_ranks(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vlhub.train",
+        "model=tiny",
+        "trainer.batch_size=16",
+        "trainer.max_steps=2",
+        "data.workers=0",
+        "eval.synthetic.num_samples=60",
+        "logger.tensorboard=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints/latest.pt").is_file()
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # rank 0 alone evaluates
+    assert (tmp_path / "train_rank1.log").is_file()

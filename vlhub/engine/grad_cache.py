@@ -1,0 +1,100 @@
+"""Exact gradient caching (GradCache, Gao et al. 2021) as a gradient strategy.
+
+For a batch of B split into chunks of C:
+1. ``represent`` every chunk without gradients, recording the random state before each;
+2. ``loss`` once on the concatenated representations, backward to the representations
+   (and to the loss-only parameters: the temperature, heads that see the whole batch);
+3. per chunk, restore its random state, replay ``represent`` with gradients and backward the
+   cached representation gradients, accumulating into ``.grad``.
+Peak activation memory follows C, not B; the price is a second forward per chunk. Parameters
+used only in ``loss`` get their gradient once, in step 2. Under data parallelism the step
+averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
+
+BatchNorm: running statistics are snapshotted before the no-grad pass and restored after it,
+so they are updated once per chunk (by the replay), as with plain gradient accumulation.
+Batch statistics are per chunk, so BatchNorm towers do not reproduce a full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlhub.data.batch import Batch, batch_size_of, slice_batch
+from vlhub.engine.precision import Precision
+from vlhub.objectives.base import Objective
+
+
+class RandomState:
+    """CPU and current-CUDA-device generator states, captured and restored for replay."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _running_stats(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    return [
+        (module, {name: buf.clone() for name, buf in module.named_buffers(recurse=False) if buf is not None})
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    ]
+
+
+def _restore_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    for module, buffers in saved:
+        for name, value in buffers.items():
+            getattr(module, name).copy_(value)
+
+
+class GradCache:
+    """Gradient of one step at the whole batch, computed ``chunk_size`` samples at a time."""
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"trainer.grad_cache.chunk_size must be > 0, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def chunks(self, batch: Batch) -> list[Batch]:
+        size = batch_size_of(batch)
+        return [
+            slice_batch(batch, start, min(start + self.chunk_size, size)) for start in range(0, size, self.chunk_size)
+        ]
+
+    def __call__(
+        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+    ) -> dict[str, torch.Tensor]:
+        chunks = self.chunks(batch)
+        device = batch["image"].device
+        saved_stats = _running_stats(model)
+        states, cached = [], []
+        with torch.no_grad(), precision.autocast():
+            for chunk in chunks:
+                states.append(RandomState(device))
+                cached.append(objective.represent(model, chunk))
+        _restore_running_stats(saved_stats)
+
+        reps = {key: torch.cat([c[key] for c in cached]).detach().requires_grad_() for key in cached[0]}
+        with precision.autocast():
+            parts = objective.loss(reps, model)
+        precision.scale(parts["loss"]).backward()
+        after_loss = RandomState(device)
+
+        offsets = [0]
+        for chunk in chunks:
+            offsets.append(offsets[-1] + batch_size_of(chunk))
+        for index, chunk in enumerate(chunks):
+            states[index].restore()
+            with precision.autocast():
+                replay = objective.represent(model, chunk)
+            keys = [k for k in replay if reps[k].grad is not None and replay[k].requires_grad]
+            start, stop = offsets[index], offsets[index + 1]
+            torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])
+        after_loss.restore()  # the run's random stream continues as if each chunk ran once
+        return {name: value.detach() for name, value in parts.items()}
