@@ -84,7 +84,8 @@ def test_imagefolder_task_with_a_class_name_file(tmp_path):
     names = sorted(p.name.replace("_", " ") for p in (tmp_path / "images").iterdir())
     (tmp_path / "names.txt").write_text("\n".join(names))
     task = ImageFolderZeroShot(str(tmp_path / "images"), class_names_file=str(tmp_path / "names.txt"))
-    result = task.run(ColourShapeOracle(task), EvalContext("imagefolder", ColourShapeOracle._transform, torch.device("cpu")))
+    context = EvalContext("imagefolder", ColourShapeOracle._transform, torch.device("cpu"))
+    result = task.run(ColourShapeOracle(task), context)
     assert result["imagefolder-zeroshot-top1"] == 1.0
     with pytest.raises(FileNotFoundError, match="eval.imagefolder.root|no such folder"):
         ImageFolderZeroShot(str(tmp_path / "missing"))

@@ -1,13 +1,16 @@
-"""The evaluator: a set of tasks, when to run them, and one flat metrics dict."""
+"""The evaluator: a set of tasks, what they share, when to run them, and one flat metrics dict."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from pathlib import Path
-
+from vlhub.eval.prompts import TEMPLATE_SETS, ClassNameTransform, read_template_file
+from vlhub.eval.sources import RootNotSet
+from vlhub.eval.subsets import load_subset
 from vlhub.eval.tasks import EvalContext, ZeroShotTask
 
 log = logging.getLogger(__name__)
@@ -17,19 +20,58 @@ class Evaluator:
     """Runs every task (in name order) every ``every_n_steps`` steps and at the end of training.
 
     A task's name is its key (``eval.<name>``), and its metrics are keyed ``<name>-...``.
+    ``templates``, ``subset``, ``classnames`` and ``extended_metrics`` are shared by every task
+    and handed to each through a fresh :class:`EvalContext`.
+
+    A task may also be given as a zero-argument builder (Hydra's ``_partial_: true``), which the
+    evaluator calls here, still before training. With ``skip_tasks_without_root`` (the ``suite``
+    preset), a builder whose ``root`` is unset (:class:`RootNotSet`) is left out instead of
+    failing; any other error (a wrong folder) still fails.
     """
 
-    def __init__(self, every_n_steps: int = 0, batch_size: int = 256, workers: int = 0,
-                 **tasks: ZeroShotTask) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        batch_size: int = 256,
+        workers: int = 0,
+        templates: str = "openai",
+        subset: str | None = None,
+        extended_metrics: bool = False,
+        classnames: ClassNameTransform | None = None,
+        skip_tasks_without_root: bool = False,
+        **tasks: ZeroShotTask | Callable[[], ZeroShotTask],
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"eval.every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size <= 0:
             raise ValueError(f"eval.batch_size must be > 0, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"eval.workers must be >= 0, got {workers}")
+        if templates not in TEMPLATE_SETS:
+            read_template_file(templates)  # fail now, not at the first evaluation
         self.every_n_steps, self.batch_size, self.workers = every_n_steps, batch_size, workers
-        self.tasks = dict(sorted(tasks.items()))
+        self.templates, self.extended_metrics = templates, extended_metrics
+        self.subset = load_subset(subset)
+        self.classnames = classnames if classnames is not None else ClassNameTransform()
+        self.tasks = dict(sorted(_build_tasks(tasks, skip_tasks_without_root).items()))
 
     def due(self, step: int) -> bool:
         return bool(self.tasks) and self.every_n_steps > 0 and step % self.every_n_steps == 0
+
+    def context(self, name: str, transform, device: torch.device, output_dir: Path | None = None) -> EvalContext:
+        """The context task ``name`` runs with; a new one per task and per run."""
+        return EvalContext(
+            name,
+            transform,
+            device,
+            self.batch_size,
+            self.workers,
+            output_dir / name if output_dir is not None else None,
+            templates=self.templates,
+            subset=self.subset,
+            class_names=self.classnames,
+            extended_metrics=self.extended_metrics,
+        )
 
     @torch.no_grad()
     def run(self, model, transform, device: torch.device, output_dir: Path | None = None) -> dict[str, float]:
@@ -38,11 +80,26 @@ class Evaluator:
         metrics: dict[str, float] = {}
         try:
             for name, task in self.tasks.items():
-                context = EvalContext(name, transform, device, self.batch_size, self.workers,
-                                      output_dir / name if output_dir is not None else None)
-                task_metrics = task.run(model, context)
+                task_metrics = task.run(model, self.context(name, transform, device, output_dir))
                 log.info("eval %s: %s", name, {k: round(v, 4) for k, v in task_metrics.items()})
                 metrics.update(task_metrics)
         finally:
             model.train(was_training)
         return metrics
+
+
+def _build_tasks(tasks: dict, skip_tasks_without_root: bool) -> dict[str, ZeroShotTask]:
+    built: dict[str, ZeroShotTask] = {}
+    for name, task in tasks.items():
+        if hasattr(task, "run"):
+            built[name] = task
+            continue
+        if not callable(task):
+            raise TypeError(f"eval.{name} is neither a task nor a task builder: {task!r}")
+        try:
+            built[name] = task()
+        except RootNotSet:
+            if not skip_tasks_without_root:
+                raise
+            log.info("eval %s: left out (eval.%s.root is not set)", name, name)
+    return built

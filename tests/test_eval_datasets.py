@@ -1,0 +1,253 @@
+"""Eval datasets on generated folders in each real layout: loading, class counts, target mapping, errors.
+
+The builders here (``make_*``) are shared with the other ``test_eval_*`` files. Every image is
+an 8x8 PNG whose pixels encode (dataset, class, copy), so an oracle can recognise it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from vlhub.eval import (
+    AircraftZeroShot,
+    Food101ZeroShot,
+    ImageNetAZeroShot,
+    ImageNetRZeroShot,
+    ImageNetSketchZeroShot,
+    ImageNetV2ZeroShot,
+    ImageNetZeroShot,
+    INaturalist2021ZeroShot,
+    StanfordCarsZeroShot,
+)
+from vlhub.eval.prompts import imagenet_class_names, imagenet_wnids, read_index_list
+from vlhub.eval.sources import RootNotSet
+
+A_INDICES = read_index_list("imagenet_a_indices.txt")
+R_INDICES = read_index_list("imagenet_r_indices.txt")
+
+
+def write_image(path: Path, dataset: int, label: int, copy: int = 0) -> None:
+    """A unique flat 8x8 image; PNG bytes even under a .jpg name (PIL reads by content), so lossless."""
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = label % 256, label // 256 + 8 * copy, dataset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def make_class_folders(root: Path, folders: list[str], dataset: int, copies: int = 1) -> Path:
+    for label, folder in enumerate(folders):
+        for copy in range(copies):
+            write_image(root / folder / f"img{copy}.png", dataset, label, copy)
+    return root
+
+
+def make_imagenet_layouts(base: Path) -> dict[str, Path]:
+    """Roots for imagenet (2 images per class), imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r."""
+    wnids = list(imagenet_wnids())
+    return {
+        "imagenet": make_class_folders(base / "val", wnids, 1, copies=2),
+        "imagenet_v2": make_class_folders(base / "v2", [str(i) for i in range(1000)], 2),
+        "imagenet_sketch": make_class_folders(base / "sketch", wnids, 3),
+        "imagenet_a": make_class_folders(base / "a", [wnids[i] for i in A_INDICES], 4),
+        "imagenet_r": make_class_folders(base / "r", [wnids[i] for i in R_INDICES], 5),
+    }
+
+
+def make_food101(root: Path, num_classes: int = 101) -> Path:
+    classes = [f"dish_{i:03d}_pie" for i in range(num_classes)]
+    meta = {name: [f"{name}/{1000 + i}"] for i, name in enumerate(classes)}
+    (root / "food-101" / "meta").mkdir(parents=True)
+    (root / "food-101" / "meta" / "test.json").write_text(json.dumps(meta))
+    for label, name in enumerate(classes):
+        write_image(root / "food-101" / "images" / name / f"{1000 + label}.jpg", 6, label)
+    return root
+
+
+def make_aircraft(root: Path) -> Path:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    families = [f"Boeing {700 + i}" for i in range(70)]
+    data.mkdir(parents=True)
+    (data / "families.txt").write_text("\n".join(families) + "\n")
+    lines = []
+    for label, family in enumerate(families):
+        image_id = f"{1_000_000 + label}"
+        write_image(data / "images" / f"{image_id}.jpg", 7, label)
+        lines.append(f"{image_id} {family}")
+    (data / "images_family_test.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_cars(root: Path) -> Path:
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    names = np.array([f"Make{i} Model {2000 + i % 13}" for i in range(196)], dtype=object)
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names})
+    annotations = np.zeros(196, dtype=[("fname", object), ("class", object)])
+    for label in range(196):
+        annotations[label] = (f"{label + 1:05d}.jpg", label + 1)  # the .mat classes count from 1
+        write_image(base / "cars_test" / f"{label + 1:05d}.jpg", 8, label)
+    scipy.io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annotations})
+    return root
+
+
+INAT_SPECIES = ["Corvus corax", "Lithobius forficatus", "Quercus robur", "Amanita muscaria"]
+
+
+def make_inat(root: Path) -> Path:
+    taxa = [
+        "Animalia_Chordata_Aves_Passeriformes_Corvidae",
+        "Animalia_Arthropoda_Chilopoda_Lithobiomorpha_Lithobiidae",
+        "Plantae_Tracheophyta_Magnoliopsida_Fagales_Fagaceae",
+        "Fungi_Basidiomycota_Agaricomycetes_Agaricales_Amanitaceae",
+    ]
+    for label, (taxon, species) in enumerate(zip(taxa, INAT_SPECIES, strict=True)):
+        folder = root / "2021_valid" / f"{label:05d}_{taxon}_{species.replace(' ', '_')}"
+        for copy in range(2):
+            write_image(folder / f"{label}-{copy}.jpg", 9, label, copy)
+    return root
+
+
+def make_fine_grained_layouts(base: Path) -> dict[str, Path]:
+    return {
+        "food101": make_food101(base / "food"),
+        "aircraft": make_aircraft(base / "aircraft"),
+        "cars": make_cars(base / "cars"),
+        "inat2021": make_inat(base / "inat"),
+    }
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("eval_layouts")
+    return {**make_imagenet_layouts(base), **make_fine_grained_layouts(base)}
+
+
+def _pixel_label(task, index: int) -> int:
+    """The class a generated image was written for, read back from its pixels."""
+    pixels = np.asarray(task.source.load(index).image)
+    return int(pixels[0, 0, 0]) + 256 * (int(pixels[0, 0, 1]) % 8)
+
+
+def test_imagenet_val_and_sketch_load_1000_classes_in_sorted_wnid_order(roots):
+    names = imagenet_class_names()
+    for task in (ImageNetZeroShot(str(roots["imagenet"])), ImageNetSketchZeroShot(str(roots["imagenet_sketch"]))):
+        assert len(task.class_names) == 1000 and task.class_names == names
+        assert task.class_names[0] == "tench" and task.imagenet_indices == list(range(1000))
+        assert len(task.source) == (2000 if task.name == "imagenet" else 1000)
+        first = task.source.samples[0]
+        assert first[0].parent.name == "n01440764" and first[1] == 0
+        assert all(_pixel_label(task, i) == task.source.samples[i][1] for i in range(0, len(task.source), 97))
+
+
+def test_imagenet_v2_folders_are_class_indices_not_string_order(roots):
+    task = ImageNetV2ZeroShot(str(roots["imagenet_v2"]))
+    by_folder = {path.parent.name: label for path, label in task.source.samples}
+    assert by_folder["10"] == 10 and by_folder["2"] == 2 and by_folder["999"] == 999  # sorted strings: "10" < "2"
+    assert task.class_names[10] == imagenet_class_names()[10]
+    assert all(_pixel_label(task, i) == task.source.samples[i][1] for i in range(len(task.source)))
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "indices"),
+    [(ImageNetAZeroShot, "imagenet_a", A_INDICES), (ImageNetRZeroShot, "imagenet_r", R_INDICES)],
+)
+def test_imagenet_a_and_r_map_200_folders_to_their_imagenet_classes(roots, cls, key, indices):
+    task = cls(str(roots[key]))
+    wnids, names = imagenet_wnids(), imagenet_class_names()
+    assert len(task.class_names) == 200 and task.imagenet_indices == indices
+    assert task.class_names == [names[i] for i in indices]
+    for path, label in task.source.samples:
+        assert path.parent.name == wnids[indices[label]]
+    assert len(openai := task.templates) == 80 and "{}" in openai[0]
+
+
+def test_food101_aircraft_cars_inat_read_through_torchvision_with_readable_names(roots):
+    food = Food101ZeroShot(str(roots["food101"]))
+    assert len(food.class_names) == 101 and food.class_names[3] == "dish 003 pie"
+    assert food.templates == ["a photo of {}, a type of food."]
+    aircraft = AircraftZeroShot(str(roots["aircraft"]))
+    assert len(aircraft.class_names) == 70 and aircraft.class_names[5] == "Boeing 705"
+    assert aircraft.templates[0] == "a photo of a {}, a type of aircraft."
+    cars = StanfordCarsZeroShot(str(roots["cars"]))
+    assert len(cars.class_names) == 196 and cars.class_names[14] == "Make14 Model 2001" and len(cars.templates) == 8
+    inat = INaturalist2021ZeroShot(str(roots["inat2021"]))
+    assert inat.class_names == INAT_SPECIES and len(inat.source) == 8
+    for task in (food, aircraft, cars, inat):
+        assert task.imagenet_indices is None  # eval.subset never applies to them
+        assert all(_pixel_label(task, i) == label for i, (_, label) in enumerate(task.source.samples))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        ImageNetZeroShot,
+        ImageNetAZeroShot,
+        Food101ZeroShot,
+        AircraftZeroShot,
+        StanfordCarsZeroShot,
+        INaturalist2021ZeroShot,
+    ],
+)
+def test_missing_or_unset_roots_fail_naming_the_key(tmp_path, cls):
+    with pytest.raises(RootNotSet, match=r"eval\.\w+\.root is not set"):
+        cls(None)
+    with pytest.raises(FileNotFoundError, match=rf"eval\.\w+\.root={tmp_path / 'nope'}: no such folder \(expected"):
+        cls(str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()  # torchvision's INaturalist would have created it
+
+
+def test_malformed_imagenet_folders_fail_naming_what_is_missing_or_extra(tmp_path, roots):
+    wnids = list(imagenet_wnids())
+    make_class_folders(tmp_path / "short", wnids[:999], 1)
+    expected = r"eval\.imagenet\.root=.*short: expected .*1000 ImageNet-1k wnid.*missing 1 \(n15075141\)"
+    with pytest.raises(ValueError, match=expected):
+        ImageNetZeroShot(str(tmp_path / "short"))
+    (tmp_path / "short" / wnids[-1]).mkdir()
+    (tmp_path / "short" / "train").mkdir()
+    with pytest.raises(ValueError, match=r"unexpected 1 \(train\)"):
+        ImageNetSketchZeroShot(str(tmp_path / "short"))
+    with pytest.raises(ValueError, match=r"eval\.imagenet_v2\.root=.*folders named 0\.\.999.*missing 1000 \(0, 1, 2"):
+        ImageNetV2ZeroShot(str(roots["imagenet"]))
+    with pytest.raises(ValueError, match=r"eval\.imagenet_a\.root=.*200 wnid folders.*unexpected 800"):
+        ImageNetAZeroShot(str(roots["imagenet"]))
+
+
+def test_malformed_torchvision_layouts_fail_naming_the_file_or_count(tmp_path, roots):
+    with pytest.raises(FileNotFoundError, match=r"eval\.food101\.root=.*missing food-101/images, food-101/meta/test"):
+        Food101ZeroShot(str(tmp_path))
+    make_food101(tmp_path / "food100", num_classes=100)
+    with pytest.raises(ValueError, match=r"eval\.food101\.root=.*100 classes, expected 101"):
+        Food101ZeroShot(str(tmp_path / "food100"))
+    with pytest.raises(FileNotFoundError, match=r"eval\.aircraft\.root=.*families.txt"):
+        AircraftZeroShot(str(roots["food101"]))
+    with pytest.raises(FileNotFoundError, match=r"eval\.cars\.root=.*stanford_cars/devkit/cars_meta.mat"):
+        StanfordCarsZeroShot(str(roots["aircraft"]))
+    bad = tmp_path / "inat" / "2021_valid" / "00000_not_a_species"
+    bad.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"eval\.inat2021\.root=.*not a valid layout.*wrong number of pieces"):
+        INaturalist2021ZeroShot(str(tmp_path / "inat"))
+
+
+def test_a_subset_drops_images_outside_it_before_reading_any(roots):
+    from vlhub.eval.subsets import load_subset
+
+    task = ImageNetZeroShot(str(roots["imagenet"]))
+    subset = load_subset("in100")
+    view = task.view(_context(subset))
+    assert len(view.class_names) == 100 and len(view.source) == 200
+    assert view.class_names == [imagenet_class_names()[i] for i in subset.indices]
+    assert {label for _, label in view.source.samples} == set(range(100))
+    assert all(_pixel_label(view, i) == subset.indices[label] for i, (_, label) in enumerate(view.source.samples))
+
+
+def _context(subset=None):
+    from vlhub.eval import EvalContext
+
+    return EvalContext("imagenet", None, torch.device("cpu"), subset=subset)

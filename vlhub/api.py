@@ -1,0 +1,92 @@
+"""Load a trained model outside the CLI: ``model, preprocess, tokenizer = vlhub.load(path)``.
+
+    import vlhub, torch
+    model, preprocess, tokenizer = vlhub.load("runs/my_run/checkpoints/latest.pt")
+    with torch.no_grad():
+        image = model.encode_image(preprocess(pil_image)[None])       # normalised [1, D]
+        text = model.encode_text(tokenizer(["a photo of a dog"]))      # normalised [1, D]
+
+A vlhub checkpoint carries its training config, which says how to build the model. A plain
+open_clip checkpoint (a state dict, or open_clip's ``{"state_dict": ...}``) needs the model
+config too: ``vlhub.load(path, model={"_target_": "vlhub.models.build_open_clip_model", "arch": "ViT-B-32"})``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from hydra.utils import instantiate
+
+from vlhub.augment import build_plain_transforms
+from vlhub.models import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load` returns; unpacks as ``model, preprocess, tokenizer``."""
+
+    model: VisionLanguageModel
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W]: resize, centre crop, normalise
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint as plain containers (``weights_only``, on CPU); a missing file names the path."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint={path}: no such file")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stored_model_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``model`` group of a vlhub checkpoint's training config; None for other checkpoints."""
+    config = checkpoint.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping):
+        return dict(config["model"])
+    return None
+
+
+def build_model(
+    checkpoint_path: str | Path | None,
+    model: Mapping[str, Any] | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+) -> VisionLanguageModel:
+    """The model with the checkpoint's weights (or as ``model`` builds it when there is no checkpoint).
+
+    ``model`` is a model group config (a ``_target_`` node, as in ``configs/model/``); a vlhub
+    checkpoint's stored one is used when ``model`` is None. ``checkpoint`` is the already read file.
+    """
+    if checkpoint_path is None:
+        if model is None:
+            raise ValueError("give a checkpoint, a model config, or both")
+        return instantiate(model)
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint is None else checkpoint
+    stored = stored_model_config(checkpoint)
+    if stored is not None:
+        # A vlhub checkpoint: build as trained (never re-fetching its initial weights), then load
+        # its open_clip-named state_dict exactly.
+        built = instantiate(stored if model is None else model, pretrained=None)
+        built.load_open_clip_state_dict(checkpoint["state_dict"])
+        return built
+    if model is None:
+        raise ValueError(
+            f"checkpoint={checkpoint_path} is a plain open_clip checkpoint (no stored vlhub config): "
+            "say which architecture it is with model=... (e.g. model=vit_b32)"
+        )
+    # open_clip's own loader converts its older layouts ("module." prefixes, CLIP vs CustomTextCLIP).
+    return instantiate(model, pretrained=str(checkpoint_path))
+
+
+def eval_transform(model: VisionLanguageModel) -> Callable[[Any], torch.Tensor]:
+    """Resize, centre crop and normalise with the model's own image size and statistics."""
+    return build_plain_transforms(model.image_stats).eval
+
+
+def load(path: str | Path, model: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Model (in eval mode, on ``device``), its eval preprocessing and its tokenizer, from a checkpoint."""
+    built = build_model(path, model).to(device).eval()
+    return LoadedModel(built, eval_transform(built), built.tokenize)

@@ -1,0 +1,193 @@
+"""Linear probe and k-NN on frozen image features, so image-only models compare with contrastive ones.
+
+Features come from ``encode_image`` alone and are L2-normalised. The probe is scikit-learn's
+multinomial ``LogisticRegression`` (L-BFGS, L2 penalty with inverse strength ``C``) on the
+normalised features standardised with the train split's mean and variance, as in CLIP's
+linear-probe protocol. Given several ``C`` values, the probe picks the one with the best
+accuracy on a stratified ``val_fraction`` of the train split, then refits on all of it.
+k-NN is cosine similarity, majority vote of the ``k`` nearest train features (ties go to the
+smaller class index, as scikit-learn's ``KNeighborsClassifier`` does), computed in chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader, Dataset
+
+from vlhub.data.batch import BadSample
+from vlhub.data.sources import PairSource
+from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
+from vlhub.eval.tasks import EvalContext
+from vlhub.registry import EVAL_TASKS
+
+log = logging.getLogger(__name__)
+
+
+class _Labelled(Dataset):
+    def __init__(self, source: PairSource, transform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            sample = self.source.load(index)
+        except BadSample:
+            return None
+        return self.transform(sample.image), sample.label
+
+
+def _collate(items: list):
+    good = [item for item in items if item is not None]
+    if not good:
+        return None
+    images, labels = zip(*good)
+    return torch.stack(images), torch.tensor(labels)
+
+
+@torch.no_grad()
+def extract_features(
+    model, source: PairSource, transform, device: torch.device, batch_size: int = 256, workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped."""
+    loader = DataLoader(_Labelled(source, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        features.append(model.encode_image(batch[0].to(device), normalize=True).float().cpu())
+        labels.append(batch[1])
+    if not features:
+        raise ValueError("no readable images to extract features from")
+    labels_all = torch.cat(labels)
+    if (labels_all < 0).any():
+        raise ValueError("linear probe and k-NN need a labelled source (labels >= 0)")
+    return torch.cat(features), labels_all
+
+
+def _fit(
+    features: np.ndarray,
+    labels: np.ndarray,
+    C: float,
+    max_iter: int,
+) -> tuple[StandardScaler, LogisticRegression]:
+    scaler = StandardScaler().fit(features)
+    probe = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(features), labels)
+    return scaler, probe
+
+
+def _select_C(
+    features: np.ndarray, labels: np.ndarray, Cs: Sequence[float], val_fraction: float, max_iter: int, seed: int
+) -> float:
+    """The C with the best accuracy on a stratified held-out part of the train split."""
+    stratify = labels if np.bincount(labels).min(initial=0) >= 2 else None
+    fit_x, val_x, fit_y, val_y = train_test_split(
+        features, labels, test_size=val_fraction, random_state=seed, stratify=stratify
+    )
+    scores = []
+    for C in Cs:
+        scaler, probe = _fit(fit_x, fit_y, C, max_iter)
+        scores.append(probe.score(scaler.transform(val_x), val_y))
+    best = Cs[int(np.argmax(scores))]
+    log.info("linear probe: validation accuracy per C %s; using C=%s", dict(zip(Cs, scores)), best)
+    return best
+
+
+def linear_probe_logits(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    C: float | Sequence[float] = 1.0,
+    max_iter: int = 1000,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Log-probabilities [N_test, num_classes] of the fitted probe (-inf for classes absent from train)."""
+    x, y = train_features.numpy().astype(np.float64), train_labels.numpy()
+    Cs = [float(C)] if isinstance(C, int | float) else [float(c) for c in C]
+    if not Cs or min(Cs) <= 0:
+        raise ValueError(f"linear probe C must be > 0 (one value or a list), got {C}")
+    best = Cs[0] if len(Cs) == 1 else _select_C(x, y, Cs, val_fraction, max_iter, seed)
+    scaler, probe = _fit(x, y, best, max_iter)
+    log_proba = probe.predict_log_proba(scaler.transform(test_features.numpy().astype(np.float64)))
+    logits = torch.full((test_features.shape[0], num_classes), float("-inf"), dtype=torch.float64)
+    logits[:, torch.from_numpy(probe.classes_)] = torch.from_numpy(log_proba)
+    return logits
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Majority vote of the ``k`` most cosine-similar train features, per test feature [N_test]."""
+    k = min(k, train_features.shape[0])
+    train = torch.nn.functional.normalize(train_features.float(), dim=-1)
+    test = torch.nn.functional.normalize(test_features.float(), dim=-1)
+    predictions = []
+    for start in range(0, test.shape[0], chunk_size):
+        neighbours = (test[start : start + chunk_size] @ train.T).topk(k, dim=1).indices
+        votes = torch.nn.functional.one_hot(train_labels[neighbours], num_classes).sum(dim=1)
+        predictions.append(votes.argmax(dim=1))  # argmax returns the first maximum: the smaller class wins ties
+    return torch.cat(predictions)
+
+
+@EVAL_TASKS.register("linear_probe")
+class LinearProbeTask:
+    """Linear probe and k-NN on a labelled task: features of ``train`` fit, ``test`` scores.
+
+    Keys ``<task>-linear_probe-top1`` / ``-top5`` / ``-mean_per_class_recall`` and
+    ``<task>-knn-top1`` / ``-mean_per_class_recall``, where ``<task>`` is the task's key in ``eval``.
+    """
+
+    def __init__(
+        self,
+        train: PairSource,
+        test: PairSource,
+        C: float | list[float] = 1.0,
+        max_iter: int = 1000,
+        val_fraction: float = 0.2,
+        k: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if k <= 0:
+            raise ValueError(f"linear probe k (k-NN neighbours) must be > 0, got {k}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"linear probe val_fraction must be in (0, 1), got {val_fraction}")
+        self.train, self.test = train, test
+        self.C, self.max_iter, self.val_fraction, self.k, self.seed = C, max_iter, val_fraction, k, seed
+
+    def num_classes(self, train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
+        names = self.train.class_names or self.test.class_names
+        return max(len(names) if names else 0, int(max(train_labels.max(), test_labels.max())) + 1)
+
+    def run(self, model, context: EvalContext) -> dict[str, float]:
+        features = {
+            name: extract_features(
+                model, source, context.transform, context.device, context.batch_size, context.workers
+            )
+            for name, source in (("train", self.train), ("test", self.test))
+        }
+        (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
+        num_classes = self.num_classes(train_y, test_y)
+        logits = linear_probe_logits(
+            train_x, train_y, test_x, num_classes, self.C, self.max_iter, self.val_fraction, self.seed
+        )
+        metrics = classification_metrics(logits, test_y, f"{context.name}-linear_probe")
+        predicted = knn_predict(train_x, train_y, test_x, num_classes, self.k)
+        metrics[f"{context.name}-knn-top1"] = (predicted == test_y).float().mean().item()
+        metrics[f"{context.name}-knn-mean_per_class_recall"] = mean_per_class_recall(predicted, test_y)
+        return metrics

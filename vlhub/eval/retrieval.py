@@ -1,0 +1,273 @@
+"""Image-text retrieval: recall@k as CLIP_benchmark defines it, and open_clip's in-batch val metrics.
+
+Accepted retrieval set (``eval.retrieval.root``): a folder holding the images and one JSON
+file in Karpathy's split format (``dataset_coco.json`` / ``dataset_flickr30k.json``)::
+
+    {"images": [
+        {"filepath": "val2014",                 # optional sub-folder of root (COCO has it)
+         "filename": "COCO_val2014_000000391895.jpg",
+         "split": "test",                        # only entries of eval.retrieval.split are used
+         "sentences": [{"raw": "A man riding a bike."}, ...]},   # or plain strings
+        ...]}
+
+Every caption of a test image is a query, so COCO's 5,000 test images give about 25,000
+captions. Image ``i``'s path is ``root/filepath/filename``. The file is found as the only
+``*.json`` in root unless ``eval.retrieval.annotations`` names it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlhub.data.batch import BadSample
+from vlhub.data.files import read_image
+from vlhub.data.sources import PairSource
+from vlhub.eval.sources import RootNotSet
+from vlhub.eval.tasks import EvalContext
+from vlhub.registry import EVAL_TASKS
+
+RECALL_KS = (1, 5, 10)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+@torch.no_grad()
+def retrieval_recall(
+    text_features: torch.Tensor,
+    image_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """CLIP_benchmark's ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``.
+
+    ``image_retrieval``: each caption queries the images; a hit when its image is in the top k,
+    averaged over captions. ``text_retrieval``: each image queries the captions; a hit when any
+    of its captions is in the top k, averaged over images. Scores are dot products (pass
+    normalised features for cosine). Rows are scored ``chunk_size`` at a time, so memory is
+    ``chunk_size x max(#texts, #images)``, never the whole ``#texts x #images`` matrix.
+    """
+    text_to_image = text_to_image.to(torch.long).cpu()
+    max_k = max(ks)
+    # Per query, the owner of its top-max_k results: hits for every k come from one topk call.
+    image_hits = _topk_hits(
+        text_features, image_features, max_k, chunk_size, lambda rows, top: top == text_to_image[rows, None]
+    )
+    text_hits = _topk_hits(
+        image_features, text_features, max_k, chunk_size, lambda rows, top: text_to_image[top] == rows[:, None]
+    )
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = image_hits[:, :k].any(dim=1).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = text_hits[:, :k].any(dim=1).float().mean().item()
+    return metrics
+
+
+def _topk_hits(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int, is_hit) -> torch.Tensor:
+    """[#queries, k] bool: whether each query's j-th best key is a positive (k capped at #keys)."""
+    k = min(k, keys.shape[0])
+    hits = []
+    for start in range(0, queries.shape[0], chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, queries.shape[0]))
+        top = (queries[rows] @ keys.T).topk(k, dim=1).indices.cpu()
+        hits.append(is_hit(rows, top))
+    return torch.cat(hits)
+
+
+@torch.no_grad()
+def clip_val_metrics(
+    image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int = 1024
+) -> dict[str, float]:
+    """open_clip's ``get_clip_metrics`` on paired features (row i of each is a pair), chunked.
+
+    Keys ``image_to_text_mean_rank``, ``_median_rank``, ``_R@{1,5,10}`` and the same for
+    ``text_to_image``. A rank is 1 + the number of candidates scoring strictly higher than the
+    true pair (open_clip's argsort position, up to the order of exact ties).
+    """
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"paired features differ in length: {image_features.shape[0]} vs {text_features.shape[0]}")
+    metrics: dict[str, float] = {}
+    for name, queries, keys in (
+        ("image_to_text", image_features, text_features),
+        ("text_to_image", text_features, image_features),
+    ):
+        positions = []
+        for start in range(0, queries.shape[0], chunk_size):
+            scores = queries[start : start + chunk_size] @ keys.T
+            rows = torch.arange(scores.shape[0])
+            true_scores = scores[rows, rows + start]
+            positions.append((scores > true_scores[:, None]).sum(dim=1).cpu())
+        preds = torch.cat(positions).numpy()  # 0-based rank of the true pair
+        metrics[f"{name}_mean_rank"] = float(preds.mean() + 1)
+        metrics[f"{name}_median_rank"] = float(np.floor(np.median(preds)) + 1)
+        for k in RECALL_KS:
+            metrics[f"{name}_R@{k}"] = float(np.mean(preds < k))
+    return metrics
+
+
+# -- the retrieval set ----------------------------------------------------------------------------
+def _find_annotations(root: Path, annotations: str | None) -> Path:
+    if annotations is not None:
+        path = Path(annotations) if Path(annotations).is_absolute() else root / annotations
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.retrieval.annotations={annotations}: no such file (looked at {path})")
+        return path
+    found = sorted(root.glob("*.json"))
+    if len(found) != 1:
+        raise ValueError(
+            f"eval.retrieval.root={root}: expected exactly one Karpathy-format captions JSON "
+            f"(e.g. dataset_coco.json) in the folder, found {[p.name for p in found] or 'none'}; "
+            "name it with eval.retrieval.annotations"
+        )
+    return found[0]
+
+
+def _captions_of(entry: dict, where: str) -> list[str]:
+    sentences = entry.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"{where}: 'sentences' must be a non-empty list")
+    captions = [s["raw"] if isinstance(s, dict) and "raw" in s else s for s in sentences]
+    if not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ValueError(f"{where}: every sentence must be a non-empty string or a {{'raw': string}} object")
+    return captions
+
+
+def read_karpathy_split(
+    root: str | Path, annotations: str | None = None, split: str = "test"
+) -> tuple[list[Path], list[list[str]]]:
+    """Image paths and their captions for one split of a Karpathy-format JSON (see the module doc)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"eval.retrieval.root={root}: no such folder (expected the images plus a Karpathy-format captions JSON)"
+        )
+    path = _find_annotations(root, annotations)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a Karpathy-format captions JSON ({{'images': [...]}}): {error!r}") from error
+    images, captions = [], []
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("split") != split:
+            continue
+        where = f"{path} images[{number}]"
+        if not isinstance(entry.get("filename"), str):
+            raise ValueError(f"{where}: missing 'filename'")
+        images.append(root / entry.get("filepath", "") / entry["filename"])
+        captions.append(_captions_of(entry, where))
+    if not images:
+        raise ValueError(f"{path}: no images with split == {split!r} (eval.retrieval.split)")
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"eval.retrieval.root={root}: {len(missing)} of {len(images)} images listed in {path.name} "
+            f"are missing, e.g. {missing[:3]}"
+        )
+    return images, captions
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            return self.transform(read_image(self.paths[index]))
+        except BadSample as error:
+            # Dropping an image would silently change the benchmark: stop instead.
+            raise RuntimeError(f"retrieval set image cannot be read: {error}") from error
+
+
+@torch.no_grad()
+def encode_images(model, images: Dataset, device: torch.device, batch_size: int, workers: int = 0) -> torch.Tensor:
+    """Normalised ``encode_image`` features [N, D] (fp32, on CPU) of a dataset of image tensors."""
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
+    return torch.cat([model.encode_image(batch.to(device), normalize=True).float().cpu() for batch in loader])
+
+
+@torch.no_grad()
+def encode_texts(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
+    """Normalised ``encode_text`` features [N, D] (fp32, on CPU)."""
+    chunks = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+    return torch.cat([model.encode_text(model.tokenize(c).to(device), normalize=True).float().cpu() for c in chunks])
+
+
+@EVAL_TASKS.register("retrieval")
+class RetrievalTask:
+    """Zero-shot image-text retrieval on a Karpathy-split test set (COCO 5k, Flickr30k 1k)."""
+
+    def __init__(
+        self,
+        root: str | None,
+        annotations: str | None = None,
+        split: str = "test",
+        max_captions_per_image: int | None = None,
+        chunk_size: int = 1024,
+        name: str = "retrieval",
+    ) -> None:
+        if root is None:  # RootNotSet: the suite preset leaves the task out instead of failing
+            raise RootNotSet(
+                f"eval.{name}.root is not set: give the folder of images plus a Karpathy-format captions JSON"
+            )
+        if chunk_size <= 0 or (max_captions_per_image is not None and max_captions_per_image <= 0):
+            raise ValueError("eval.retrieval.chunk_size and max_captions_per_image must be > 0")
+        self.image_paths, captions = read_karpathy_split(root, annotations, split)
+        self.captions = [c[:max_captions_per_image] for c in captions]
+        self.chunk_size = chunk_size
+
+    def run(self, model, context: EvalContext) -> dict[str, float]:
+        """Metrics keyed ``<context.name>-image_retrieval_recall@k`` / ``-text_retrieval_recall@k``."""
+        images = encode_images(
+            model, _Images(self.image_paths, context.transform), context.device, context.batch_size, context.workers
+        )
+        texts = [caption for captions in self.captions for caption in captions]
+        owners = torch.tensor([i for i, captions in enumerate(self.captions) for _ in captions])
+        text_features = encode_texts(model, texts, context.device, context.batch_size)
+        metrics = retrieval_recall(text_features, images, owners, chunk_size=self.chunk_size)
+        return {f"{context.name}-{key}": value for key, value in metrics.items()}
+
+
+class _Pairs(Dataset):
+    def __init__(self, source: PairSource, transform, count: int) -> None:
+        self.source, self.transform, self.count = source, transform, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        sample = self.source.load(index)  # a BadSample stops the run: pairs must stay aligned
+        return self.transform(sample.image), sample.caption
+
+
+@EVAL_TASKS.register("val_pairs")
+class PairValidationTask:
+    """open_clip's validation metrics (ranks and R@k both ways) on held-out (image, caption) pairs."""
+
+    def __init__(self, source: PairSource, max_samples: int | None = None, chunk_size: int = 1024) -> None:
+        count = len(source) if max_samples is None else min(max_samples, len(source))
+        if count < 2:
+            raise ValueError(f"eval.val_pairs needs at least 2 pairs, got {count}")
+        self.source, self.count, self.chunk_size = source, count, chunk_size
+
+    @torch.no_grad()
+    def run(self, model, context: EvalContext) -> dict[str, float]:
+        """Metrics keyed ``<context.name>-image_to_text_R@1``, ``-text_to_image_mean_rank`` etc."""
+        loader = DataLoader(
+            _Pairs(self.source, context.transform, self.count),
+            batch_size=context.batch_size,
+            num_workers=context.workers,
+        )
+        images, texts = [], []
+        for batch_images, captions in loader:
+            images.append(model.encode_image(batch_images.to(context.device), normalize=True).float().cpu())
+            texts.append(encode_texts(model, list(captions), context.device, context.batch_size))
+        metrics = clip_val_metrics(torch.cat(images), torch.cat(texts), self.chunk_size)
+        return {f"{context.name}-{key}": value for key, value in metrics.items()}

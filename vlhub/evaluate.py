@@ -1,0 +1,118 @@
+"""``python -m vlhub.evaluate``: load a checkpoint, run the eval group's tasks, write results and a report.
+
+    python -m vlhub.evaluate checkpoint=runs/my_run/checkpoints/latest.pt eval=retrieval eval.retrieval.root=/data/coco
+    python -m vlhub.evaluate model=vit_b32 checkpoint=/ckpts/open_clip_epoch_32.pt eval=imagenet eval.imagenet.root=...
+
+A vlhub checkpoint's stored training config gives the model (``model=`` is accepted and ignored
+with a warning when it disagrees); a plain open_clip checkpoint needs ``model=``. Without a
+checkpoint, the model is evaluated as ``model=`` builds it (e.g. with ``model.pretrained=TAG``).
+Writes ``<run dir>/results.json`` (one flat object), ``<run dir>/report.md`` (every metric, links to
+the tables and plots tasks wrote under ``<run dir>/eval/<task>/``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlhub.api import build_model, eval_transform, read_checkpoint, stored_model_config
+
+log = logging.getLogger("vlhub.evaluate")
+PLOT_SUFFIXES = (".png", ".jpg", ".svg")
+TABLE_SUFFIXES = (".csv", ".json", ".md", ".txt")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, model_choice: str) -> dict | None:
+    """The model config to build from: the command line's unless a vlhub checkpoint stores one."""
+    given: dict = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    stored = stored_model_config(checkpoint) if checkpoint is not None else None
+    if stored is None:
+        return given if model_given or checkpoint is None else None
+    if model_given and {**given, "pretrained": None} != {**stored, "pretrained": None}:
+        log.warning(
+            "model=%s differs from the model stored in checkpoint=%s; using the stored one",
+            model_choice,
+            cfg.checkpoint,
+        )
+    return None
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_choice: str = "?") -> dict[str, Any]:
+    """Build the tasks (checking their data first), load the model, run every task; returns the record."""
+    evaluator = instantiate(cfg.eval)  # before the model: a missing dataset folder fails fast
+    checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    model = build_model(cfg.checkpoint, _model_config(cfg, checkpoint, model_given, model_choice), checkpoint)
+    device = resolve_device(cfg.device)
+    model = model.to(device).eval()
+    metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval")
+    run_info = (checkpoint or {}).get("run_info", {})
+    record = {
+        "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+        "step": (checkpoint or {}).get("step"),
+        "epoch": (checkpoint or {}).get("epoch"),
+        "objective": run_info.get("objective"),
+        "model": run_info.get("model", model_choice),
+        **metrics,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / "report.md").write_text(render_report(record, list(evaluator.tasks), run_dir))
+    log.info("wrote %s and %s", run_dir / "results.json", run_dir / "report.md")
+    return record
+
+
+def _format(value: float) -> str:
+    return f"{value:.4f}" if abs(value) <= 1 else f"{value:.2f}"
+
+
+def render_report(record: dict[str, Any], tasks: list[str], run_dir: Path) -> str:
+    """Markdown: what was evaluated, one table of metrics per task, then links to its files."""
+    header = {k: v for k, v in record.items() if not isinstance(v, float) or k in ("step", "epoch")}
+    lines = ["# Evaluation report", ""]
+    lines += [f"- **{key}**: `{value}`" for key, value in header.items()]
+    lines += [f"- **written**: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
+    metrics = {k: v for k, v in record.items() if k not in header}
+    # Longest task names first, so a task named "imagenet" does not claim "imagenet_v2-..." keys.
+    owners = sorted(tasks, key=len, reverse=True)
+    for task in tasks:
+        mine = {k: v for k, v in metrics.items() if next((t for t in owners if k.startswith(f"{t}-")), None) == task}
+        lines += [f"## {task}", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {key.removeprefix(task + '-')} | {_format(value)} |" for key, value in mine.items()]
+        lines += ["", *_file_links(run_dir, task)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _file_links(run_dir: Path, task: str) -> list[str]:
+    folder = run_dir / "eval" / task
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    links = [f"![{p.name}]({p.relative_to(run_dir).as_posix()})" for p in files if p.suffix in PLOT_SUFFIXES]
+    links += [f"- [{p.name}]({p.relative_to(run_dir).as_posix()})" for p in files if p.suffix in TABLE_SUFFIXES]
+    return [*links, ""] if links else []
+
+
+@hydra.main(config_path="pkg://vlhub.configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    given = any(o.lstrip("+~").split("=")[0].split(".")[0] == "model" for o in hydra_cfg.overrides.task)
+    evaluate(cfg, Path(hydra_cfg.runtime.output_dir), given, hydra_cfg.runtime.choices.get("model", "?"))
+
+
+if __name__ == "__main__":
+    main()
