@@ -65,3 +65,43 @@ def test_a_resumed_run_may_raise_max_steps(tmp_path):
     run_train(["eval=none", "trainer.max_steps=4"], tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["scheduler"]["last_epoch"] == 4
+
+
+def test_experiment_presets_compose_and_the_smoke_preset_trains(tmp_path):
+    heavy = compose_train(["+experiment=vit_b32_gradcache"])
+    assert heavy.model.arch == "ViT-B-32" and heavy.trainer.grad_cache.chunk_size == 256
+    assert {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"} <= set(heavy.eval)
+    from vlhub.train import train
+
+    cfg = compose_train(["+experiment=smoke", "trainer.max_steps=2", "data.workers=0", "logger.tensorboard=false"])
+    assert cfg.trainer.batch_size == 32
+    metrics = train(cfg, tmp_path, {"model": "tiny", "objective": "clip"})
+    assert set(metrics) >= {"synthetic-zeroshot-top1"}
+
+
+@pytest.mark.slow
+def test_configs_are_found_from_a_built_wheel(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
+                   check=True, env=env, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("vlhub-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, env=env, capture_output=True)
+    # The wheel's vlhub first on the path; its dependencies from this environment.
+    env["PYTHONPATH"] = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]])
+    probe = "import vlhub.configs, sys; print(vlhub.configs.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(str(target)), where.stderr
+    result = subprocess.run([sys.executable, "-m", "vlhub.train", "--cfg", "job", "model=vit_b32", "eval=imagenet"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout
