@@ -91,8 +91,12 @@ def test_configs_are_found_from_a_built_wheel(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("vlhub-*.whl"))
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, env=env, capture_output=True)
@@ -101,7 +105,12 @@ def test_configs_are_found_from_a_built_wheel(tmp_path):
     probe = "import vlhub.configs, sys; print(vlhub.configs.__file__)"
     where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.strip().startswith(str(target)), where.stderr
-    result = subprocess.run([sys.executable, "-m", "vlhub.train", "--cfg", "job", "model=vit_b32", "eval=imagenet"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlhub.train", "--cfg", "job", "model=vit_b32", "eval=imagenet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout

@@ -49,12 +49,18 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 @torch.no_grad()
 def compute_image_logits(
-    model, classifier: torch.Tensor, source: PairSource, transform, device: torch.device,
-    batch_size: int = 256, workers: int = 0,
+    model,
+    classifier: torch.Tensor,
+    source: PairSource,
+    transform,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """100 x cosine logits [N, C], targets [N], and how many unreadable images were skipped."""
-    loader = DataLoader(_LabelledImages(source, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate)
+    loader = DataLoader(
+        _LabelledImages(source, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+    )
     logits, targets, skipped = [], [], 0
     for images, labels, bad in loader:
         skipped += bad
@@ -67,8 +73,15 @@ def compute_image_logits(
 
 
 def zero_shot_metrics(
-    model, task_name: str, source: PairSource, class_names: list[str], templates: list[str],
-    transform, device: torch.device, batch_size: int = 256, workers: int = 0,
+    model,
+    task_name: str,
+    source: PairSource,
+    class_names: list[str],
+    templates: list[str],
+    transform,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
 ) -> dict[str, float]:
     classifier = build_zero_shot_classifier(model, class_names, templates, device, batch_size)
     logits, targets, skipped = compute_image_logits(model, classifier, source, transform, device, batch_size, workers)
