@@ -85,3 +85,34 @@ def test_torchrun_launches_two_cpu_ranks(tmp_path):
     assert (tmp_path / "checkpoints/latest.pt").is_file()
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # rank 0 alone evaluates
     assert (tmp_path / "train_rank1.log").is_file()
+
+
+@pytest.mark.slow
+def test_bad_samples_are_summed_over_ranks(tmp_path):
+    import json
+
+    from vlhub.data import SyntheticShapes
+
+    csv = SyntheticShapes(num_samples=32).write_csv(tmp_path / "data")
+    for index in (3, 20, 30):
+        (tmp_path / "data" / "images" / f"{index:06d}.png").unlink()
+    overrides = [
+        "data=csv",
+        f"data.root={csv}",
+        "data.workers=0",
+        "data.max_bad_fraction=0.5",
+        "eval=synthetic",
+        "eval.synthetic.num_samples=30",
+        "trainer.max_steps=2",
+        "checkpoint.every_n_steps=0",
+    ]
+    mp.spawn(
+        _rank_main,
+        args=(2, _free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+    )
+    record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
+    assert record["data/bad_samples"] == 3  # 32 rows read over 2 steps x 2 ranks x 8: all three missing files
+    checkpoint = torch.load(tmp_path / "ddp/checkpoints/latest.pt", weights_only=True)
+    assert checkpoint["data"]["samples_read"] == 32 and checkpoint["data"]["bad_samples"] == 3

@@ -145,6 +145,16 @@ def _all_reduce_bucket(bucket: list[torch.Tensor]) -> None:
         offset += tensor.numel()
 
 
+def all_reduce_sum(values: list[int]) -> list[int]:
+    """Element-wise sums of small integer counters over ranks (identical on every rank)."""
+    if not is_initialized() or world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return [int(v) for v in total.tolist()]
+
+
 def broadcast_module_(module: torch.nn.Module, source: int = 0) -> None:
     """Rank ``source``'s parameters and buffers on every rank (identical starting weights)."""
     if not is_initialized() or world_size() == 1:

@@ -7,6 +7,7 @@ python -m vlhub.train -m optim.lr=1e-3,3e-4
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
 
 
+def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) -> None:
+    """On CPU, leave a core to each data worker and each local rank: oversubscribed OpenMP
+    threads spin against the workers and make steps several times slower. OMP_NUM_THREADS wins."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - data_workers))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -57,6 +65,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     objective = instantiate(cfg.objective)
     objective.apply_to_model(model)
     source = instantiate(cfg.data)
+    limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
     transforms = instantiate(cfg.augment)(model.image_stats)
     optim = instantiate(cfg.optim)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams

@@ -25,6 +25,7 @@ class MetricLogger:
         config: dict | None = None,
     ) -> None:
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = run_dir / "results.jsonl"
         self._tensorboard = None
         self._wandb = None

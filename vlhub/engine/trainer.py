@@ -14,7 +14,7 @@ from tqdm import tqdm
 from vlhub.data.batch import move_batch
 from vlhub.data.loader import BadSampleMonitor, build_train_loader
 from vlhub.data.sources import PairSource
-from vlhub.distributed import DistInfo, broadcast_module_
+from vlhub.distributed import DistInfo, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
@@ -111,9 +111,12 @@ class Trainer:
         while self.step < self.max_steps:
             loaded = next(loader)
             data_time = time.perf_counter() - tick
-            self.bad_samples.update(loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
-            if not loaded.batch:
-                continue  # every sample of this batch was bad: counted, nothing to train on
+            # Counted over all ranks, so every rank sees the same totals and stops together.
+            read, bad, empty = all_reduce_sum([loaded.samples_read, loaded.bad_samples, int(not loaded.batch)])
+            self.bad_samples.update(read, bad, loaded.bad_reasons)
+            if empty:  # some rank has no good sample left in this batch: every rank skips the step
+                log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
+                continue
             batch = move_batch(loaded.batch, self.dist.device, self.precision.param_dtype)
             parts = train_step(
                 self.model,
