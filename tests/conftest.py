@@ -54,6 +54,21 @@ def micro_model():
     return build_open_clip_model(config=dict(cfg.model.config))
 
 
+def timm_bn_model():
+    """A two-tower model whose image tower is a tiny timm ResNet (BatchNorm, layer groups)."""
+    from vlhub.models import build_open_clip_model
+
+    torch.manual_seed(0)
+    return build_open_clip_model(
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        timm_backbone="test_resnet",
+    )
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

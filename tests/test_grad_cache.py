@@ -97,20 +97,9 @@ def test_amp_fp16_step_is_finite_and_close_to_fp32():
 
 
 def test_batchnorm_running_stats_update_once_per_chunk():
-    from vlhub.models import build_open_clip_model
+    from tests.conftest import timm_bn_model
 
-    def model_with_bn():
-        torch.manual_seed(0)
-        return build_open_clip_model(
-            config={
-                "embed_dim": 32,
-                "vision_cfg": {"image_size": 32},
-                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-            },
-            timm_backbone="test_resnet",
-        )
-
-    cached_model, reference = model_with_bn(), model_with_bn()
+    cached_model, reference = timm_bn_model(), timm_bn_model()
     batch = _batch(cached_model, size=16)
     _grads(cached_model, ClipObjective(), batch, GradCache(8))
     with torch.no_grad():  # gradient accumulation's statistics: one forward per chunk

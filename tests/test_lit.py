@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlhub.models import build_open_clip_model
+from tests.conftest import timm_bn_model
 from vlhub.objectives import ClipObjective
 
 
@@ -58,28 +58,16 @@ def test_text_locking_keeps_the_last_text_layers_trainable(tiny_model):
     assert any(n.startswith("image_tower.") for n in got)
 
 
-def _timm_model():
-    torch.manual_seed(0)
-    return build_open_clip_model(
-        config={
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-        },
-        timm_backbone="test_resnet",
-    )
-
-
 @pytest.mark.slow
 def test_lit_on_a_timm_tower_locks_groups_and_freezes_locked_batchnorm():
-    model = _timm_model()
+    model = timm_bn_model()
     ClipObjective(lock_image=True, unlocked_groups=0, freeze_bn_stats=True).apply_to_model(model)
     bn_types = {type(m).__name__ for m in model.image_tower.module.trunk.modules() if "BatchNorm" in type(m).__name__}
     assert bn_types == {"FrozenBatchNorm2d"}
     got = {n for n in _grads_after_one_backward(model, ClipObjective()) if n.startswith("image_tower.")}
     assert got and all(".head." in n for n in got)  # only open_clip's projection head stays trainable
 
-    model = _timm_model()
+    model = timm_bn_model()
     ClipObjective(lock_image=True, unlocked_groups=1, freeze_bn_stats=True).apply_to_model(model)
     trunk = model.image_tower.module.trunk
     live_bn = [n for n, m in trunk.named_modules() if type(m).__name__ == "BatchNorm2d"]

@@ -19,10 +19,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, Dataset
 
-from vlhub.data.batch import BadSample
 from vlhub.data.sources import PairSource
+from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
 from vlhub.eval.tasks import EvalContext
 from vlhub.registry import EVAL_TASKS
@@ -30,41 +29,17 @@ from vlhub.registry import EVAL_TASKS
 log = logging.getLogger(__name__)
 
 
-class _Labelled(Dataset):
-    def __init__(self, source: PairSource, transform) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int):
-        try:
-            sample = self.source.load(index)
-        except BadSample:
-            return None
-        return self.transform(sample.image), sample.label
-
-
-def _collate(items: list):
-    good = [item for item in items if item is not None]
-    if not good:
-        return None
-    images, labels = zip(*good)
-    return torch.stack(images), torch.tensor(labels)
-
-
 @torch.no_grad()
 def extract_features(
     model, source: PairSource, transform, device: torch.device, batch_size: int = 256, workers: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped."""
-    loader = DataLoader(_Labelled(source, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     features, labels = [], []
-    for batch in loader:
-        if batch is None:
+    for images, batch_labels, _ in iter_labelled_batches(source, transform, batch_size, workers):
+        if len(batch_labels) == 0:
             continue
-        features.append(model.encode_image(batch[0].to(device), normalize=True).float().cpu())
-        labels.append(batch[1])
+        features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+        labels.append(batch_labels)
     if not features:
         raise ValueError("no readable images to extract features from")
     labels_all = torch.cat(labels)

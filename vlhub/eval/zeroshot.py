@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from vlhub.data.batch import BadSample
 from vlhub.data.sources import PairSource
+from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics
 
 
@@ -24,29 +23,6 @@ def build_zero_shot_classifier(
     return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1).T
 
 
-class _LabelledImages(Dataset):
-    def __init__(self, source: PairSource, transform) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int):
-        try:
-            sample = self.source.load(index)
-        except BadSample:
-            return None
-        return self.transform(sample.image), sample.label
-
-
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    good = [item for item in items if item is not None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
-    images, labels = zip(*good, strict=True)
-    return torch.stack(images), torch.tensor(labels), len(items) - len(good)
-
-
 @torch.no_grad()
 def compute_image_logits(
     model,
@@ -58,11 +34,8 @@ def compute_image_logits(
     workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """100 x cosine logits [N, C], targets [N], and how many unreadable images were skipped."""
-    loader = DataLoader(
-        _LabelledImages(source, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
     logits, targets, skipped = [], [], 0
-    for images, labels, bad in loader:
+    for images, labels, bad in iter_labelled_batches(source, transform, batch_size, workers):
         skipped += bad
         if len(labels) == 0:
             continue
