@@ -21,6 +21,16 @@ class TowerOutput:
     token_mask: torch.Tensor | None = None
 
 
+def _pooled_and_tokens(module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call an open_clip tower with its ``output_tokens`` switch on, for this call only."""
+    previous = module.output_tokens
+    module.output_tokens = True
+    try:
+        return module(inputs)
+    finally:
+        module.output_tokens = previous
+
+
 class Tower(nn.Module):
     """Base of every tower. Subclasses set ``output_dim`` and implement ``forward``."""
 
@@ -55,12 +65,7 @@ class OpenClipImageTower(Tower):
                 f"{type(self.module).__name__} does not expose token features; "
                 "token-wise objectives need a ViT image tower"
             )
-        previous = self.module.output_tokens
-        self.module.output_tokens = True
-        try:
-            pooled, tokens = self.module(inputs)
-        finally:
-            self.module.output_tokens = previous
+        pooled, tokens = _pooled_and_tokens(self.module, inputs)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
 
@@ -85,12 +90,7 @@ class OpenClipTextTower(Tower):
     def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
         if not output_tokens:
             return TowerOutput(pooled=self.module(inputs))
-        previous = self.module.output_tokens
-        self.module.output_tokens = True
-        try:
-            pooled, tokens = self.module(inputs)
-        finally:
-            self.module.output_tokens = previous
+        pooled, tokens = _pooled_and_tokens(self.module, inputs)
         return TowerOutput(pooled=pooled, tokens=tokens, token_mask=inputs != self.pad_id)
 
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:

@@ -1,0 +1,50 @@
+"""The Tower and VisionLanguageModel interfaces on open_clip towers."""
+
+import pytest
+import torch
+
+from tests.conftest import micro_model
+from vlhub.models import build_open_clip_model
+
+
+def test_token_features_come_with_a_padding_mask(tiny_model):
+    tokens = tiny_model.tokenize(["a red star", "a small blue circle on a dark background"])
+    out = tiny_model(image=torch.randn(2, 3, 32, 32), text=tokens, output_tokens=True)
+    assert out["image_tokens"].shape[:2] == out["image_token_mask"].shape == (2, 16)  # 32 px / patch 8
+    assert out["image_token_mask"].all()
+    assert torch.equal(out["text_token_mask"], tokens != 0)
+    assert out["text_token_mask"][0].sum() < out["text_token_mask"][1].sum()  # the shorter caption pads more
+    assert out["image_features"].shape == out["text_features"].shape == (2, tiny_model.embed_dim)
+
+
+def test_encoders_return_unit_vectors_matching_the_raw_forward(tiny_model):
+    images = torch.randn(3, 3, 32, 32)
+    encoded = tiny_model.encode_image(images)
+    torch.testing.assert_close(encoded.norm(dim=-1), torch.ones(3))
+    raw = tiny_model(image=images)["image_features"]
+    torch.testing.assert_close(encoded, torch.nn.functional.normalize(raw, dim=-1))
+
+
+def test_open_clip_state_dict_round_trips(tiny_model):
+    exported = tiny_model.open_clip_state_dict()
+    assert "visual.conv1.weight" in exported and "token_embedding.weight" in exported  # CLIP-class layout
+    torch.manual_seed(1)
+    other = micro_model()
+    assert not torch.equal(other.open_clip_state_dict()["visual.conv1.weight"], exported["visual.conv1.weight"])
+    other.load_open_clip_state_dict(exported)
+    for key, value in other.open_clip_state_dict().items():
+        assert torch.equal(value, exported[key])
+    with pytest.raises(KeyError, match="missing"):
+        other.load_open_clip_state_dict({k: v for k, v in exported.items() if k != "logit_scale"})
+
+
+def test_a_resnet_image_tower_refuses_token_features_clearly():
+    model = build_open_clip_model(
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        }
+    )
+    with pytest.raises(NotImplementedError, match="ModifiedResNet does not expose token features"):
+        model(image=torch.randn(1, 3, 32, 32), output_tokens=True)
