@@ -116,3 +116,37 @@ def test_bad_samples_are_summed_over_ranks(tmp_path):
     assert record["data/bad_samples"] == 3  # 32 rows read over 2 steps x 2 ranks x 8: all three missing files
     checkpoint = torch.load(tmp_path / "ddp/checkpoints/latest.pt", weights_only=True)
     assert checkpoint["data"]["samples_read"] == 32 and checkpoint["data"]["bad_samples"] == 3
+
+
+def _slurm_task_main(task: int, port: int, overrides: list[str], run_dir: str) -> None:
+    # What SLURM gives each task of a 2-task, 1-node job (as submitit's tasks see it); no RANK.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_PROCID=str(task),
+        SLURM_LOCALID=str(task),
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        run_train(overrides, Path(run_dir))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_slurm_tasks_become_ranks(tmp_path):
+    run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
+    mp.spawn(
+        _slurm_task_main,
+        args=(_free_port(), [*COMMON, "trainer.batch_size=16"], str(tmp_path / "slurm")),
+        nprocs=2,
+        join=True,
+    )
+    assert _relative(_weights(tmp_path / "slurm"), _weights(tmp_path / "single")) <= 1e-5

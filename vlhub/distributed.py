@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,15 +59,22 @@ def get_dist_info(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch.device(device))
 
 
+def _export_slurm_rendezvous() -> None:
+    """MASTER_ADDR / MASTER_PORT for a SLURM job's tasks (srun or submitit): the job's first
+    node, and a port derived from the job id (the same on every task), unless already set."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()  # parses SLURM_JOB_NODELIST; works with or without submitit
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20_000, 60_000)))
+
+
 def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank."""
     if not info.distributed or is_initialized():
         return
     if _from_slurm():
-        import submitit
-
-        # Sets MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK from the SLURM job.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        _export_slurm_rendezvous()
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
     dist.init_process_group(

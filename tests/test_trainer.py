@@ -1,0 +1,67 @@
+"""The training step and loop: precision, clipping, evaluation cadence."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import micro_model, run_train
+from tests.test_grad_cache import _batch
+from vlhub.engine import PlainGradients, Precision, train_step
+from vlhub.objectives import ClipObjective
+from vlhub.optim import OptimRecipe
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "bf16", "amp_fp16"])
+def test_reduced_precisions_train_with_finite_losses(tmp_path, precision):
+    run_train([f"trainer.precision={precision}", "eval=none", "trainer.max_steps=2"], tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
+    weights = checkpoint["state_dict"]
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert weights["visual.conv1.weight"].dtype == expected
+    assert bool(checkpoint["scaler"]) == (precision == "amp_fp16")  # only fp16 autocast keeps a loss scaler
+
+
+def test_gradient_clipping_bounds_the_update():
+    torch.manual_seed(0)
+    model, objective = micro_model(), ClipObjective()
+    batch = _batch(model, size=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = OptimRecipe(torch.optim.SGD, lr=1.0, scheduler="constant")
+    optimizer, scheduler = recipe.build([model], max_steps=10)
+    parts = train_step(
+        model,
+        objective,
+        batch,
+        optimizer,
+        scheduler,
+        Precision("fp32", torch.device("cpu")),
+        PlainGradients(),
+        grad_clip_norm=1e-3,
+    )
+    assert parts["grad_norm"] > 1e-3  # the raw gradient was larger than the bound...
+    moved = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
+    assert moved.item() == pytest.approx(1e-3, rel=1e-3)  # ...and plain SGD moved exactly lr * bound
+
+
+def test_evaluation_runs_every_n_steps_and_once_at_the_end(tmp_path):
+    run_train(["eval.every_n_steps=2", "trainer.max_steps=5"], tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    assert all(r["objective"] == "clip" and r["model"] == "tiny" for r in records)
+    assert all(0.0 <= r["synthetic-zeroshot-top1"] <= 1.0 for r in records)
+
+
+def test_a_fixed_batch_is_fit_and_the_loss_drops():
+    torch.manual_seed(0)
+    model, objective = micro_model(), ClipObjective()
+    batch = _batch(model, size=16)
+    recipe = OptimRecipe(torch.optim.AdamW, lr=2e-3, scheduler="constant")
+    optimizer, scheduler = recipe.build([model, objective], max_steps=100)
+    precision = Precision("fp32", torch.device("cpu"))
+    losses = [
+        float(train_step(model, objective, batch, optimizer, scheduler, precision, PlainGradients(), None)["loss"])
+        for _ in range(30)
+    ]
+    assert losses[-1] < 0.5 * losses[0]
