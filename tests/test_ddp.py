@@ -55,7 +55,9 @@ def test_two_ranks_at_16_match_one_process_at_32(tmp_path, grad_cache):
     )
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
-    assert _relative(ddp, single) <= 1e-5
+    relative = _relative(ddp, single)
+    print(f"relative weight difference ddp vs single: {relative:.2e}")
+    assert relative <= 1e-5
     start = torch.load(tmp_path / "single/checkpoints/latest.pt", weights_only=True)
     assert start["step"] == 3
 
