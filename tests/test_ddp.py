@@ -21,16 +21,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], run_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _train_then_leave(overrides: list[str], run_dir: str) -> None:
     torch.set_num_threads(1)
     try:
         run_train(overrides, Path(run_dir))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], run_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    _train_then_leave(overrides, run_dir)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -134,12 +138,7 @@ def _slurm_task_main(task: int, port: int, overrides: list[str], run_dir: str) -
         SLURM_LOCALID=str(task),
         MASTER_PORT=str(port),
     )
-    torch.set_num_threads(1)
-    try:
-        run_train(overrides, Path(run_dir))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    _train_then_leave(overrides, run_dir)
 
 
 @pytest.mark.slow

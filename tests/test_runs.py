@@ -114,3 +114,16 @@ def test_configs_are_found_from_a_built_wheel(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout
+
+
+def test_bad_data_or_eval_folders_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    import vlhub.models.open_clip_models as builders
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the input was checked")
+
+    monkeypatch.setattr(builders.open_clip, "CustomTextCLIP", never)
+    with pytest.raises(Exception, match="data.root=.*no such CSV file"):
+        run_train(["data=csv", f"data.root={tmp_path / 'missing.csv'}"], tmp_path)
+    with pytest.raises(Exception, match="eval.imagefolder.root"):
+        run_train(["eval=imagefolder"], tmp_path)

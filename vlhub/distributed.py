@@ -1,8 +1,8 @@
 """Everything distributed lives here: who am I, start-up, gathers, reductions, rank-0 effects.
 
 Towers hold no collectives; objectives call :func:`gather_features`; the engine calls
-:func:`get_dist_info` / :func:`init_distributed` once and routes rank-0-only effects through
-:func:`on_rank_zero`.
+:func:`get_dist_info` / :func:`init_distributed` once; rank-0-only effects (logging, evaluation,
+checkpoint writing) are decided in one place, the trainer, by ``DistInfo.is_main``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import datetime
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -179,13 +179,3 @@ def broadcast_object(value: R, source: int = 0) -> R:
     box = [value]
     dist.broadcast_object_list(box, src=source)
     return box[0]
-
-
-def barrier() -> None:
-    if is_initialized() and world_size() > 1:
-        dist.barrier()
-
-
-def on_rank_zero(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
-    """Run ``fn`` on rank 0 only (logging, checkpoint writing, evaluation)."""
-    return fn(*args, **kwargs) if rank() == 0 else None

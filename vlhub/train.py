@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vlhub.data import build_train_loader
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer
 
@@ -60,17 +62,18 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     dist_info = get_dist_info(settings.pop("device"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
+    # Data, evaluation folders and the resume path are checked first: bad input fails in seconds.
+    source = instantiate(cfg.data)
+    evaluator = instantiate(cfg.eval)
+    checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
+    optim = instantiate(cfg.optim)
+    limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     objective.apply_to_model(model)
-    source = instantiate(cfg.data)
-    limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
     transforms = instantiate(cfg.augment)(model.image_stats)
-    optim = instantiate(cfg.optim)
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
-    evaluator = instantiate(cfg.eval)
-    checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
     config = OmegaConf.to_container(cfg, resolve=True)
     metric_logger = None
     if dist_info.is_main:
@@ -83,11 +86,23 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
             run_name=cfg.run.name,
             config=config,
         )
+    # This rank's batches from a given step on: what the trainer needs to know of the data.
+    make_loader = partial(
+        build_train_loader,
+        source,
+        transforms.train,
+        model.tokenizer if objective.needs_text else None,
+        settings["batch_size"],
+        settings["seed"],
+        image_views=objective.image_views,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
     trainer = Trainer(
         model,
         objective,
-        source,
-        transforms,
+        make_loader,
+        transforms.eval,
         optim,
         evaluator,
         checkpointer,
@@ -95,6 +110,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
         dist_info,
         run_dir,
         **settings,
+        max_bad_fraction=source.max_bad_fraction,
         run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
         config=config,
     )

@@ -1,6 +1,6 @@
-from vlhub.data.batch import BadSample, Batch, RawSample
+from vlhub.data.batch import BadSample, BadSampleMonitor, Batch, LoadedBatch, RawSample
 from vlhub.data.files import CsvPairs, ImageFolderPairs
-from vlhub.data.loader import BadSampleMonitor, LoadedBatch, build_train_loader
+from vlhub.data.loader import build_train_loader
 from vlhub.data.sources import PairSource
 from vlhub.data.synthetic import SyntheticShapes
 

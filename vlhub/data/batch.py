@@ -1,12 +1,15 @@
-"""The Batch every data source produces, and a sample before collation."""
+"""The Batch every data source produces, a sample before collation, and bad-sample accounting."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class Batch(TypedDict, total=False):
@@ -53,3 +56,30 @@ def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = N
                 value = value.to(dtype)
         moved[key] = value
     return moved  # type: ignore[return-value]
+
+
+@dataclass
+class LoadedBatch:
+    batch: Batch
+    samples_read: int
+    bad_samples: int
+    bad_reasons: list[str] = field(default_factory=list)
+    epoch: int = 0
+
+
+class BadSampleMonitor:
+    """Cumulative count of skipped samples; stops the run past ``max_fraction`` of those read."""
+
+    def __init__(self, max_fraction: float, read: int = 0, bad: int = 0) -> None:
+        self.max_fraction, self.read, self.bad = max_fraction, read, bad
+
+    def update(self, read: int, bad: int, reasons: list[str]) -> None:
+        self.read += read
+        self.bad += bad
+        for reason in reasons[:3]:
+            log.warning("skipped a bad sample: %s", reason)
+        if self.read and self.bad / self.read > self.max_fraction:
+            raise RuntimeError(
+                f"{self.bad} of {self.read} samples read were bad ({self.bad / self.read:.1%}), more than "
+                f"data.max_bad_fraction={self.max_fraction}; last: {reasons[-1] if reasons else 'n/a'}"
+            )

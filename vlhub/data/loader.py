@@ -10,28 +10,16 @@ same samples as one process at batch W*B.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlhub.data.batch import BadSample, Batch
+from vlhub.data.batch import BadSample, Batch, LoadedBatch
 from vlhub.data.sources import PairSource
 
-log = logging.getLogger(__name__)
 ImageTransform = Callable[[object], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
-
-
-@dataclass
-class LoadedBatch:
-    batch: Batch
-    samples_read: int
-    bad_samples: int
-    bad_reasons: list[str] = field(default_factory=list)
-    epoch: int = 0
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -94,24 +82,6 @@ class _Collate:
                 batch["text"] = self.tokenizer(batch["text_raw"])
         epoch = max((item["epoch"] for item in good), default=0)
         return LoadedBatch(batch, len(items), len(reasons), reasons, epoch)
-
-
-class BadSampleMonitor:
-    """Cumulative count of skipped samples; stops the run past ``max_fraction`` of those read."""
-
-    def __init__(self, max_fraction: float, read: int = 0, bad: int = 0) -> None:
-        self.max_fraction, self.read, self.bad = max_fraction, read, bad
-
-    def update(self, read: int, bad: int, reasons: list[str]) -> None:
-        self.read += read
-        self.bad += bad
-        for reason in reasons[:3]:
-            log.warning("skipped a bad sample: %s", reason)
-        if self.read and self.bad / self.read > self.max_fraction:
-            raise RuntimeError(
-                f"{self.bad} of {self.read} samples read were bad ({self.bad / self.read:.1%}), more than "
-                f"data.max_bad_fraction={self.max_fraction}; last: {reasons[-1] if reasons else 'n/a'}"
-            )
 
 
 def build_train_loader(

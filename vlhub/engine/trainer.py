@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vlhub.data.batch import move_batch
-from vlhub.data.loader import BadSampleMonitor, build_train_loader
-from vlhub.data.sources import PairSource
+from vlhub.data.batch import BadSampleMonitor, LoadedBatch, move_batch
 from vlhub.distributed import DistInfo, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
@@ -43,8 +42,8 @@ class Trainer:
         self,
         model: nn.Module,
         objective: Objective,
-        source: PairSource,
-        transforms: Any,
+        make_loader: Callable[[int], Iterable[LoadedBatch]],
+        eval_transform: Callable[[Any], torch.Tensor],
         optim: OptimRecipe,
         evaluator: Any,
         checkpointer: Checkpointer,
@@ -59,6 +58,7 @@ class Trainer:
         seed: int,
         log_every_n_steps: int,
         grad_cache: dict[str, Any],
+        max_bad_fraction: float,
         run_info: dict[str, str],
         config: dict[str, Any],
     ) -> None:
@@ -77,32 +77,20 @@ class Trainer:
         # Data parallel without a DDP wrapper: identical start, gradients averaged in train_step.
         broadcast_module_(self.model)
         broadcast_module_(self.objective)
-        self.source, self.transforms, self.evaluator = source, transforms, evaluator
+        self.make_loader, self.eval_transform, self.evaluator = make_loader, eval_transform, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
         self.run_info, self.config = run_info, config
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
-        self.bad_samples = BadSampleMonitor(source.max_bad_fraction)
+        self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self.step, self.epoch = 0, 0
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.restore()
         start_step, metrics = self.step, {}
-        loader = iter(
-            build_train_loader(
-                self.source,
-                self.transforms.train,
-                self.model.tokenizer if self.objective.needs_text else None,
-                self.batch_size,
-                self.seed,
-                start_step,
-                self.objective.image_views,
-                self.dist.rank,
-                self.dist.world_size,
-            )
-        )
+        loader = iter(self.make_loader(start_step))  # this rank's batches from start_step on
         progress = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
         )
@@ -173,7 +161,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.dist.is_main or not self.evaluator.tasks:
             return {}
-        metrics = self.evaluator.run(self.model, self.transforms.eval, self.dist.device, self.run_dir / "eval")
+        metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval")
         record = {
             "step": self.step,
             "epoch": self.epoch,
