@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One wandb run per run folder, stable across requeues: the folder's path, made id-safe.
+
+    Sweep jobs share ``run.name`` but not their folder (``runs/<name>/<job>``), so the folder,
+    not the name, identifies the run.
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(run_dir.resolve())).strip("-")[-64:]
 
 
 class MetricLogger:
@@ -40,12 +50,12 @@ class MetricLogger:
 
             self._wandb = wandb.init(
                 project=wandb_project,
-                name=run_name,
+                name=run_name or run_dir.name,
                 mode=wandb_mode,
                 dir=str(run_dir),
                 config=config,
                 resume="allow",
-                id=(run_name or run_dir.name).replace("/", "-"),
+                id=wandb_run_id(run_dir),
             )
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
