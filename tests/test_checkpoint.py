@@ -17,12 +17,14 @@ def _weights(path):
 
 
 @pytest.mark.slow
-def test_three_plus_three_steps_equal_six_bit_for_bit(tmp_path):
-    run_train([*RESUME, "trainer.max_steps=6"], tmp_path / "straight")
-    run_train([*RESUME, "trainer.max_steps=3"], tmp_path / "resumed")
+@pytest.mark.parametrize("stochastic", [False, True], ids=["deterministic", "patch_dropout"])
+def test_three_plus_three_steps_equal_six_bit_for_bit(tmp_path, stochastic):
+    extra = ["+model.config.vision_cfg.patch_dropout=0.5"] if stochastic else []
+    run_train([*RESUME, *extra, "trainer.max_steps=6"], tmp_path / "straight")
+    run_train([*RESUME, *extra, "trainer.max_steps=3"], tmp_path / "resumed")
     halfway = torch.load(tmp_path / "resumed/checkpoints/latest.pt", weights_only=True)
     assert halfway["step"] == 3
-    run_train([*RESUME, "trainer.max_steps=6"], tmp_path / "resumed")
+    run_train([*RESUME, *extra, "trainer.max_steps=6"], tmp_path / "resumed")
     final = torch.load(tmp_path / "resumed/checkpoints/latest.pt", weights_only=True)
     assert final["step"] == 6
     straight, resumed = _weights(tmp_path / "straight/checkpoints/latest.pt"), final["state_dict"]
@@ -102,6 +104,37 @@ def test_keep_prunes_old_checkpoints_and_resume_takes_the_newest_complete(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step_2.pt", "step_3.pt"]
     (tmp_path / "step_4.pt").write_bytes(b"torn file from a crashed writer")
     assert checkpointer.load_for_resume()["step"] == 3
+
+
+@pytest.mark.slow
+def test_resume_after_a_skipped_step_continues_the_data_stream(tmp_path):
+    from vlhub.data import SyntheticShapes
+
+    from vlhub.data import CsvPairs, build_train_loader
+
+    csv = SyntheticShapes(num_samples=64).write_csv(tmp_path / "data")
+    stream = build_train_loader(CsvPairs(str(csv)), None, None, batch_size=8, seed=0).dataset
+    for slot in range(8, 16):  # the whole second batch of 8 is unreadable: that step is skipped
+        index = stream.position(slot)[1]
+        (tmp_path / "data" / "images" / f"{index:06d}.png").write_bytes(b"broken")
+    data = ["data=csv", f"data.root={csv}", "data.workers=0", "data.max_bad_fraction=0.5"]
+    run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "straight")
+    run_train([*RESUME, *data, "trainer.max_steps=3"], tmp_path / "resumed")
+    halfway = torch.load(tmp_path / "resumed/checkpoints/latest.pt", weights_only=True)
+    assert halfway["data"]["samples_consumed"] == 4 * 8 and halfway["data"]["bad_samples"] == 8
+    run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "resumed")
+    straight, resumed = (
+        _weights(tmp_path / "straight/checkpoints/latest.pt"),
+        _weights(tmp_path / "resumed/checkpoints/latest.pt"),
+    )
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_an_unreadable_named_resume_file_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
+    checkpointer = Checkpointer(tmp_path, every_n_steps=1, keep=1, resume=str(tmp_path / "torn.pt"))
+    with pytest.raises(Exception):  # noqa: B017  (torch's unpickling error)
+        checkpointer.load_for_resume()
 
 
 def test_resume_auto_starts_fresh_without_checkpoints(tmp_path):

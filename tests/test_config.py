@@ -6,9 +6,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, get_method, instantiate
+from PIL import Image
 
 from tests.conftest import compose_train
 from vlhub import registry
+from vlhub.objectives import Objective
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,9 +62,13 @@ def test_every_other_group_option_instantiates(group, tiny_model):
         cfg = compose_train([f"{group}={option}"])
         built = instantiate(cfg[group])
         if group == "augment":
-            built = built(tiny_model.image_stats)
-            assert built.train is not None and built.eval is not None
-        assert built is not None
+            transforms = built(tiny_model.image_stats)
+            assert transforms.train(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+        elif group == "objective":
+            assert isinstance(built, Objective) and callable(built.loss)
+        else:
+            optimizer, _ = built.build([tiny_model], max_steps=10)
+            assert optimizer.param_groups[0]["lr"] > 0
 
 
 def test_every_data_and_eval_option_instantiates(tmp_path):

@@ -72,9 +72,9 @@ def _identity_transform(image):
     return _to_tensor(image) / 255.0
 
 
-def _loader(source, batch_size, start_step=0, rank=0, world_size=1, seed=0):
+def _loader(source, batch_size, start_sample=0, rank=0, world_size=1, seed=0):
     return iter(
-        build_train_loader(source, _identity_transform, None, batch_size, seed, start_step, 1, rank, world_size)
+        build_train_loader(source, _identity_transform, None, batch_size, seed, start_sample, 1, rank, world_size)
     )
 
 
@@ -82,7 +82,7 @@ def test_loader_resumes_at_a_step_with_identical_batches():
     source = SyntheticShapes(num_samples=20)
     from_start = _loader(source, 4)
     batches = [next(from_start).batch for _ in range(8)]  # crosses an epoch boundary (20 samples)
-    resumed = _loader(source, 4, start_step=5)
+    resumed = _loader(source, 4, start_sample=5 * 4)
     for expected in batches[5:]:
         got = next(resumed).batch
         assert got["text_raw"] == expected["text_raw"]

@@ -130,6 +130,7 @@ def _slurm_task_main(task: int, port: int, overrides: list[str], run_dir: str) -
         os.environ.pop(name, None)
     os.environ.update(
         SLURM_JOB_ID="4242",
+        SLURM_STEP_ID="0",
         SLURM_NTASKS="2",
         SLURM_JOB_NUM_NODES="1",
         SLURM_NODEID="0",

@@ -60,11 +60,22 @@ def test_a_chunk_size_that_does_not_divide_the_batch_fails_at_launch(tmp_path):
         run_train(["trainer.grad_cache.enabled=true", "trainer.grad_cache.chunk_size=3"], tmp_path)
 
 
-def test_a_resumed_run_may_raise_max_steps(tmp_path):
-    run_train(["eval=none", "trainer.max_steps=2"], tmp_path)
-    run_train(["eval=none", "trainer.max_steps=4"], tmp_path)
+def test_a_resumed_run_may_raise_max_steps_and_follows_the_new_schedule(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cosine = ["eval=none", "optim.warmup_steps=0", "logger.tensorboard=true", "checkpoint.every_n_steps=0"]
+    run_train([*cosine, "trainer.max_steps=2"], tmp_path)
+    run_train([*cosine, "trainer.max_steps=8"], tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
-    assert checkpoint["step"] == 4 and checkpoint["scheduler"]["last_epoch"] == 4
+    assert checkpoint["step"] == 8 and checkpoint["scheduler"]["last_epoch"] == 8
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr")}
+    # Step 3 (the first resumed step) already uses the 8-step cosine; lr is logged after the update.
+    import math
+
+    lr = compose_train().optim.lr
+    assert logged[3] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / 8)), rel=1e-5)
 
 
 def test_experiment_presets_compose_and_the_smoke_preset_trains(tmp_path):

@@ -13,8 +13,9 @@ from vlhub.optim import OptimRecipe
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "bf16", "amp_fp16"])
-def test_reduced_precisions_train_with_finite_losses(tmp_path, precision):
-    run_train([f"trainer.precision={precision}", "eval=none", "trainer.max_steps=2"], tmp_path)
+def test_reduced_precisions_train_and_evaluate(tmp_path, precision):
+    metrics = run_train([f"trainer.precision={precision}", "trainer.max_steps=2"], tmp_path)
+    assert 0.0 <= metrics["synthetic-zeroshot-top1"] <= 1.0
     checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
     weights = checkpoint["state_dict"]
     assert all(torch.isfinite(v.float()).all() for v in weights.values())

@@ -13,7 +13,7 @@ import random
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,10 @@ class DistInfo:
 
 
 def _from_slurm() -> bool:
-    """A SLURM task (e.g. one submitit task of a multi-task job) that torchrun did not start."""
-    return "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    """One of several tasks of a SLURM job step (srun, or submitit's tasks) that torchrun did not
+    start. A batch script itself is not a step: run there without srun, it is a single process."""
+    in_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+    return "RANK" not in os.environ and in_step and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def get_dist_info(device: str = "auto") -> DistInfo:
@@ -55,7 +57,9 @@ def get_dist_info(device: str = "auto") -> DistInfo:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per local rank
+        device = f"cuda:{local_rank}"
     return DistInfo(rank, world_size, local_rank, torch.device(device))
 
 
@@ -69,8 +73,12 @@ def _export_slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20_000, 60_000)))
 
 
-def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
-    """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank."""
+def init_distributed(info: DistInfo, timeout_minutes: int = 180) -> None:
+    """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank.
+
+    The timeout is long because rank 0 evaluates alone while the others wait in the next
+    collective: a large evaluation suite must not trip the watchdog.
+    """
     if not info.distributed or is_initialized():
         return
     if _from_slurm():
@@ -127,15 +135,21 @@ def gather_features(features: torch.Tensor, *, with_grad: bool = True) -> tuple[
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:me])
 
 
-def all_reduce_mean_(tensors: Iterable[torch.Tensor | None], bucket_elements: int = 16_000_000) -> None:
-    """Average tensors over ranks in place, in flat buckets (one collective per bucket)."""
+def all_reduce_grads_(params: Iterable[torch.nn.Parameter], bucket_elements: int = 16_000_000) -> None:
+    """Average the gradients of ``params`` over ranks in place, in flat buckets.
+
+    A parameter without a gradient on this rank gets zeros first, so that every rank reduces
+    the same buckets in the same order.
+    """
     if not is_initialized() or world_size() == 1:
         return
     bucket: list[torch.Tensor] = []
     filled = 0
-    for tensor in (t for t in tensors if t is not None):
-        bucket.append(tensor)
-        filled += tensor.numel()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        bucket.append(param.grad)
+        filled += param.numel()
         if filled >= bucket_elements:
             _all_reduce_bucket(bucket)
             bucket, filled = [], 0
@@ -170,6 +184,15 @@ def broadcast_module_(module: torch.nn.Module, source: int = 0) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=source)
+
+
+def all_gather_object(value: R) -> list[R]:
+    """Every rank's ``value``, in rank order (a list of one without a process group)."""
+    if not is_initialized() or world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def broadcast_object(value: R, source: int = 0) -> R:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlhub.data import build_train_loader
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
-from vlhub.engine import Checkpointer, MetricLogger, Trainer
+from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 
 log = logging.getLogger("vlhub.train")
 
@@ -60,6 +60,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     """Build every component from ``cfg`` and train; returns the last evaluation's metrics."""
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     dist_info = get_dist_info(settings.pop("device"))
+    gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
     # Data, evaluation folders and the resume path are checked first: bad input fails in seconds.
@@ -110,6 +111,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
         dist_info,
         run_dir,
         **settings,
+        gradients=gradients,
         max_bad_fraction=source.max_bad_fraction,
         run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
         config=config,

@@ -30,7 +30,7 @@ def read_image(path: Path) -> Image.Image:
 def _read_rows(path: Path, separator: str) -> tuple[list[str], list[list[str]]]:
     with path.open(newline="", encoding="utf-8") as handle:
         if len(separator) == 1:
-            rows = list(csv.reader(handle, delimiter=separator))
+            rows = [row for row in csv.reader(handle, delimiter=separator) if row]  # blank lines: none
         else:
             rows = [line.rstrip("\n").split(separator) for line in handle if line.strip()]
     if not rows:

@@ -1,11 +1,11 @@
-"""The training stream: a step-indexed, resumable loader over any PairSource.
+"""The training stream: a resumable loader over any PairSource, positioned by sample.
 
 Samples are laid out on one global line of *slots*: slot s is sample ``perm_e[s % N]`` of
-epoch ``e = s // N``, where ``perm_e`` is a permutation seeded by (seed, e). Step t on rank r
-takes slots ``[(t*W + r)*B, (t*W + r + 1)*B)``. Augmentation randomness is seeded by the
-slot. So the data a step sees depends only on (seed, step, rank), never on when a loader
-was created: resuming at step t gives bit-identical batches, and W ranks at batch B see the
-same samples as one process at batch W*B.
+epoch ``e = s // N``, where ``perm_e`` is a permutation seeded by (seed, e). Starting at slot
+S, the k-th batch of rank r takes slots ``S + [(k*W + r)*B, (k*W + r + 1)*B)``. Augmentation
+randomness is seeded by the slot. So what a batch holds depends only on (seed, position, rank),
+never on when a loader was created: resuming at the saved position gives bit-identical
+batches, and W ranks at batch B see the same samples as one process at batch W*B.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Yields, for step = start_step, start_step + 1, ..., this rank's slots."""
+    """Yields this rank's slots for each global batch, from global slot ``start_sample`` on."""
 
-    def __init__(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.batch_size, self.start_step = batch_size, start_step
+    def __init__(self, batch_size: int, start_sample: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size, self.start_sample = batch_size, start_sample
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
+        step = 0
         while True:
-            first = (step * self.world_size + self.rank) * self.batch_size
+            first = self.start_sample + (step * self.world_size + self.rank) * self.batch_size
             yield list(range(first, first + self.batch_size))
             step += 1
 
@@ -90,17 +90,20 @@ def build_train_loader(
     tokenizer: Tokenizer | None,
     batch_size: int,
     seed: int,
-    start_step: int = 0,
+    start_sample: int = 0,
     image_views: int = 1,
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """An endless loader of :class:`LoadedBatch`, starting at ``start_step``."""
+    """An endless loader of :class:`LoadedBatch`, from global slot ``start_sample`` on."""
     return DataLoader(
         _SlotDataset(source, seed, image_transform, image_views),
-        batch_sampler=StepBatchSampler(batch_size, start_step, rank, world_size),
+        batch_sampler=StepBatchSampler(batch_size, start_sample, rank, world_size),
         collate_fn=_Collate(tokenizer, image_views),
         num_workers=source.workers,
         persistent_workers=False,
-        prefetch_factor=4 if source.workers > 0 else None,
+        prefetch_factor=2 if source.workers > 0 else None,
+        # Its own generator: creating the iterator must not draw from the global random stream,
+        # or a resumed run's dropout would be shifted by one draw.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -25,7 +25,7 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 def capture_rng_state() -> dict[str, Any]:
     version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # ("MT19937", keys, pos, has_gauss, cached_gaussian)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -34,6 +34,7 @@ def capture_rng_state() -> dict[str, Any]:
         "python_gauss": gauss,
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
     }
 
 
@@ -42,7 +43,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached))
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -104,8 +106,9 @@ class Checkpointer:
         """The checkpoint to resume from: the newest complete one for ``auto``, or the named file."""
         if self.resume is None:
             return None
-        candidates = [Path(self.resume)] if self.resume != "auto" else [p for _, p in self.step_files()]
-        for path in candidates:
+        if self.resume != "auto":  # a named file must load: never fall back to a fresh run
+            return torch.load(self.resume, map_location="cpu", weights_only=True)
+        for _, path in self.step_files():
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # a file from an older, killed writer: try the next

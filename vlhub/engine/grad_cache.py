@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlhub.data.batch import Batch, batch_size_of, slice_batch
+from vlhub.data.batch import Batch, batch_size_of, move_batch, slice_batch
 from vlhub.engine.precision import Precision
 from vlhub.objectives.base import Objective
 
@@ -70,14 +70,14 @@ class GradCache:
     def __call__(
         self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
     ) -> dict[str, torch.Tensor]:
-        chunks = self.chunks(batch)
-        device = batch["image"].device
+        chunks = self.chunks(batch)  # kept where they are; each moves to the device when it runs
+        device = precision.device
         saved_stats = _running_stats(model)
         states, cached = [], []
         with torch.no_grad(), precision.autocast():
             for chunk in chunks:
                 states.append(RandomState(device))
-                cached.append(objective.represent(model, chunk))
+                cached.append(objective.represent(model, move_batch(chunk, device, precision.param_dtype)))
         _restore_running_stats(saved_stats)
 
         reps = {key: torch.cat([c[key] for c in cached]).detach().requires_grad_() for key in cached[0]}
@@ -92,7 +92,7 @@ class GradCache:
         for index, chunk in enumerate(chunks):
             states[index].restore()
             with precision.autocast():
-                replay = objective.represent(model, chunk)
+                replay = objective.represent(model, move_batch(chunk, device, precision.param_dtype))
             keys = [k for k in replay if reps[k].grad is not None and replay[k].requires_grad]
             start, stop = offsets[index], offsets[index + 1]
             torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])

@@ -21,7 +21,7 @@ def wandb_run_id(run_dir: Path) -> str:
 class MetricLogger:
     """Scalars to TensorBoard and wandb; evaluation records to ``results.jsonl``.
 
-    Built on rank 0 only (the trainer routes rank-0 effects through one helper).
+    Built on rank 0 only; the other ranks get none, so they log nothing.
     """
 
     def __init__(

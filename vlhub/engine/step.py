@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vlhub import distributed
-from vlhub.data.batch import Batch
+from vlhub.data.batch import Batch, move_batch
 from vlhub.engine.precision import Precision
 from vlhub.objectives.base import Objective
 
@@ -21,7 +21,11 @@ class GradientStrategy(Protocol):
     def __call__(
         self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
     ) -> dict[str, torch.Tensor]:
-        """Accumulate d(loss)/d(params) into ``.grad``; return the detached loss parts."""
+        """Accumulate d(loss)/d(params) into ``.grad``; return the detached loss parts.
+
+        ``batch`` may still be on the host: the strategy moves what it needs, when it needs it,
+        to ``precision.device``.
+        """
 
 
 class PlainGradients:
@@ -30,6 +34,7 @@ class PlainGradients:
     def __call__(
         self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
     ) -> dict[str, torch.Tensor]:
+        batch = move_batch(batch, precision.device, precision.param_dtype)
         with precision.autocast():
             reps = objective.represent(model, batch)
             parts = objective.loss(reps, model)
@@ -49,7 +54,7 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     parts = gradients(model, objective, batch, precision)
     # Data parallel: average every gradient over ranks (a no-op on one process).
-    distributed.all_reduce_mean_(p.grad for group in optimizer.param_groups for p in group["params"])
+    distributed.all_reduce_grads_(p for group in optimizer.param_groups for p in group["params"])
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vlhub.data.batch import BadSampleMonitor, LoadedBatch, move_batch
-from vlhub.distributed import DistInfo, all_reduce_sum, broadcast_module_
+from vlhub.data.batch import BadSampleMonitor, LoadedBatch
+from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
@@ -57,7 +57,7 @@ class Trainer:
         grad_clip_norm: float | None,
         seed: int,
         log_every_n_steps: int,
-        grad_cache: dict[str, Any],
+        gradients: GradientStrategy,
         max_bad_fraction: float,
         run_info: dict[str, str],
         config: dict[str, Any],
@@ -70,7 +70,7 @@ class Trainer:
             if value <= 0:
                 raise ValueError(f"trainer.{name} must be > 0, got {value}")
         self.dist, self.run_dir = dist_info, run_dir
-        self.gradients = build_gradient_strategy(batch_size, **grad_cache)
+        self.gradients = gradients
         self.precision = Precision(precision, dist_info.device)
         self.model = model.to(dist_info.device, dtype=self.precision.param_dtype)
         self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
@@ -84,13 +84,13 @@ class Trainer:
         self.run_info, self.config = run_info, config
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
-        self.step, self.epoch = 0, 0
+        self.step, self.epoch, self.samples_consumed = 0, 0, 0
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.restore()
         start_step, metrics = self.step, {}
-        loader = iter(self.make_loader(start_step))  # this rank's batches from start_step on
+        loader = iter(self.make_loader(self.samples_consumed))  # this rank's batches from there on
         progress = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
         )
@@ -98,6 +98,7 @@ class Trainer:
         tick = time.perf_counter()
         while self.step < self.max_steps:
             loaded = next(loader)
+            self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
             read, bad, empty = all_reduce_sum([loaded.samples_read, loaded.bad_samples, int(not loaded.batch)])
@@ -105,11 +106,10 @@ class Trainer:
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
-            batch = move_batch(loaded.batch, self.dist.device, self.precision.param_dtype)
             parts = train_step(
                 self.model,
                 self.objective,
-                batch,
+                loaded.batch,
                 self.optimizer,
                 self.scheduler,
                 self.precision,
@@ -125,10 +125,10 @@ class Trainer:
                 self.save()
             tick = time.perf_counter()
         progress.close()
-        if self.step > start_step:  # the run did something: final evaluation and checkpoint
-            metrics = self.evaluate() if not self.evaluator.due(self.step) else metrics
+        if self.step > start_step:  # the run did something: final checkpoint, then evaluation
             if not self.checkpointer.due(self.step):
                 self.save()
+            metrics = self.evaluate() if not self.evaluator.due(self.step) else metrics
         if self.metric_logger is not None:
             self.metric_logger.close()
         return metrics
@@ -174,7 +174,7 @@ class Trainer:
             self.metric_logger.log_results(record)
         return metrics
 
-    def state(self) -> dict[str, Any]:
+    def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         layout = self.model.open_clip_layout
         return {
             "state_dict": self.model.open_clip_state_dict(),
@@ -187,20 +187,22 @@ class Trainer:
             "data": {
                 "samples_read": self.bad_samples.read,
                 "bad_samples": self.bad_samples.bad,
-                "next_step": self.step,
+                "samples_consumed": self.samples_consumed,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
             },
-            "rng": capture_rng_state(),
+            "rng": rng_states[0],
+            "rng_per_rank": rng_states,
             "run_info": dict(self.run_info),
             "open_clip_arch": layout.arch if layout else None,
             "open_clip_model_cfg": layout.model_cfg if layout else {},
         }
 
     def save(self) -> Path | None:
+        rng_states = all_gather_object(capture_rng_state())  # every rank's stream, for exact resume
         if not self.dist.is_main:
             return None
-        path = self.checkpointer.save({**self.state(), "config": self.config})
+        path = self.checkpointer.save({**self.state(rng_states), "config": self.config})
         log.info("saved checkpoint %s", path)
         return path
 
@@ -220,9 +222,14 @@ class Trainer:
         if self.precision.scaler is not None and checkpoint["scaler"]:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
         self.step, self.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
-        self.bad_samples.read = int(checkpoint["data"]["samples_read"])
-        self.bad_samples.bad = int(checkpoint["data"]["bad_samples"])
-        restore_rng_state(checkpoint["rng"])
-        if self.dist.rank > 0:  # the checkpoint holds rank 0's stream; give the others their own
-            torch.manual_seed(self.seed + 1_000_003 * self.dist.rank + self.step)
-        log.info("resumed from step %d", self.step)
+        data = checkpoint["data"]
+        self.bad_samples.read, self.bad_samples.bad = int(data["samples_read"]), int(data["bad_samples"])
+        self.samples_consumed = int(data["samples_consumed"])
+        per_rank = checkpoint["rng_per_rank"]
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank])
+        else:  # another number of ranks: rank 0 continues its stream, the others start their own
+            restore_rng_state(per_rank[0])
+            if self.dist.rank > 0:
+                torch.manual_seed(self.seed + 1_000_003 * self.dist.rank + self.step)
+        log.info("resumed from step %d (%d samples into the data stream)", self.step, self.samples_consumed)

@@ -59,6 +59,7 @@ def build_open_clip_model(
     config: dict | None = None,
     pretrained: str | None = None,
     timm_backbone: str | None = None,
+    timm_pretrained: bool = False,
     image_size: int | None = None,
     context_length: int | None = None,
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
@@ -68,7 +69,8 @@ def build_open_clip_model(
     """Build a two-tower model from an open_clip arch name or an open_clip config dict.
 
     ``pretrained`` is an open_clip tag (downloaded when online) or a local checkpoint path.
-    ``timm_backbone`` swaps the image tower for any timm model (open_clip's TimmModel).
+    ``timm_backbone`` swaps the image tower for any timm model (open_clip's TimmModel), with
+    timm's own pretrained weights when ``timm_pretrained`` (downloaded, or from timm's cache).
     """
     model_cfg = _resolve_config(arch, config)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
@@ -76,7 +78,11 @@ def build_open_clip_model(
         keep = {"image_size": vision_cfg.get("image_size", 224)}
         vision_cfg.clear()
         vision_cfg.update(
-            keep, timm_model_name=timm_backbone, timm_model_pretrained=False, timm_pool="avg", timm_proj="linear"
+            keep,
+            timm_model_name=timm_backbone,
+            timm_model_pretrained=timm_pretrained,
+            timm_pool="avg",
+            timm_proj="linear",
         )
     if image_size is not None:
         vision_cfg["image_size"] = image_size

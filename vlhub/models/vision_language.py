@@ -92,7 +92,9 @@ class VisionLanguageModel(nn.Module):
         return out
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.image_tower(images).pooled
+        # Inputs follow the tower's weights (a bf16 model gets bf16 images), so callers need not know.
+        dtype = next(self.image_tower.parameters()).dtype
+        features = self.image_tower(images.to(dtype) if images.is_floating_point() else images).pooled
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
