@@ -44,7 +44,9 @@ def _measure(args: argparse.Namespace, batch: int, chunk: int | None) -> dict:
         "image": torch.randn(batch, 3, size, size, generator=generator).to(device),
         "text": torch.randint(1, 49000, (batch, model.text_tower.context_length), generator=generator).to(device),
     }
-    optimizer, scheduler = OptimRecipe(torch.optim.AdamW, lr=1e-4, scheduler="constant").build([model], 10**6)
+    optimizer, scheduler = OptimRecipe(
+        torch.optim.AdamW, lr=1e-4, weight_decay=0.0, scheduler="constant", warmup_steps=0
+    ).build([model], 10**6)
     precision = Precision(args.precision, device)
     strategy = GradCache(chunk) if chunk else PlainGradients()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

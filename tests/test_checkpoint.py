@@ -108,9 +108,7 @@ def test_keep_prunes_old_checkpoints_and_resume_takes_the_newest_complete(tmp_pa
 
 @pytest.mark.slow
 def test_resume_after_a_skipped_step_continues_the_data_stream(tmp_path):
-    from vlhub.data import SyntheticShapes
-
-    from vlhub.data import CsvPairs, build_train_loader
+    from vlhub.data import CsvPairs, SyntheticShapes, build_train_loader
 
     csv = SyntheticShapes(num_samples=64).write_csv(tmp_path / "data")
     stream = build_train_loader(CsvPairs(str(csv)), None, None, batch_size=8, seed=0).dataset

@@ -29,7 +29,7 @@ def test_gradient_clipping_bounds_the_update():
     model, objective = micro_model(), ClipObjective()
     batch = _batch(model, size=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    recipe = OptimRecipe(torch.optim.SGD, lr=1.0, scheduler="constant")
+    recipe = OptimRecipe(torch.optim.SGD, lr=1.0, weight_decay=0.0, scheduler="constant", warmup_steps=0)
     optimizer, scheduler = recipe.build([model], max_steps=10)
     parts = train_step(
         model,
@@ -58,7 +58,7 @@ def test_a_fixed_batch_is_fit_and_the_loss_drops():
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
     batch = _batch(model, size=16)
-    recipe = OptimRecipe(torch.optim.AdamW, lr=2e-3, scheduler="constant")
+    recipe = OptimRecipe(torch.optim.AdamW, lr=2e-3, weight_decay=0.0, scheduler="constant", warmup_steps=0)
     optimizer, scheduler = recipe.build([model, objective], max_steps=100)
     precision = Precision("fp32", torch.device("cpu"))
     losses = [

@@ -139,7 +139,7 @@ class SyntheticShapes(PairSource):
         num_samples: int = 100_000,
         seed: int = 0,
         split: str = "train",
-        image_size: int = 64,
+        image_size: int = 32,
         workers: int = 0,
         max_bad_fraction: float = 0.1,
     ) -> None:

@@ -13,7 +13,7 @@ from vlhub.eval.prompts import ClassNameTransform
 from vlhub.eval.retrieval import PairValidationTask, RetrievalTask, clip_val_metrics, retrieval_recall
 from vlhub.eval.subsets import ClassSubset, load_subset, mask_logits, restrict_logits
 from vlhub.eval.tasks import EvalContext, ImageFolderZeroShot, SyntheticZeroShot, ZeroShotTask
-from vlhub.eval.zeroshot import build_zero_shot_classifier, zero_shot_metrics
+from vlhub.eval.zeroshot import build_zero_shot_classifier
 
 __all__ = [
     "AircraftZeroShot",
@@ -44,5 +44,4 @@ __all__ = [
     "restrict_logits",
     "retrieval_recall",
     "topk_accuracy",
-    "zero_shot_metrics",
 ]

@@ -133,7 +133,7 @@ class SyntheticZeroShot(ZeroShotTask):
     """The held-out split of the generated shapes: (colour, shape) classes, class-balanced."""
 
     def __init__(
-        self, num_samples: int = 1200, seed: int = 0, image_size: int = 64, templates: list[str] | str | None = None
+        self, num_samples: int = 1200, seed: int = 0, image_size: int = 32, templates: list[str] | str | None = None
     ) -> None:
         source = SyntheticShapes(num_samples=num_samples, seed=seed, split="val", image_size=image_size)
         super().__init__(

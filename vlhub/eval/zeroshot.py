@@ -6,7 +6,6 @@ import torch
 
 from vlhub.data.sources import PairSource
 from vlhub.eval.images import iter_labelled_batches
-from vlhub.eval.metrics import classification_metrics
 
 
 @torch.no_grad()
@@ -43,22 +42,3 @@ def compute_image_logits(
         logits.append(100.0 * features @ classifier)
         targets.append(labels)
     return torch.cat(logits).cpu(), torch.cat(targets), skipped
-
-
-def zero_shot_metrics(
-    model,
-    task_name: str,
-    source: PairSource,
-    class_names: list[str],
-    templates: list[str],
-    transform,
-    device: torch.device,
-    batch_size: int = 256,
-    workers: int = 0,
-) -> dict[str, float]:
-    classifier = build_zero_shot_classifier(model, class_names, templates, device, batch_size)
-    logits, targets, skipped = compute_image_logits(model, classifier, source, transform, device, batch_size, workers)
-    metrics = classification_metrics(logits, targets, f"{task_name}-zeroshot")
-    if skipped:
-        metrics[f"{task_name}-skipped_samples"] = float(skipped)
-    return metrics

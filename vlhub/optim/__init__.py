@@ -39,9 +39,9 @@ class OptimRecipe:
 
     optimizer: OptimizerFactory
     lr: float
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
+    weight_decay: float  # values live in configs/optim/*.yaml: no second default here
+    scheduler: str
+    warmup_steps: int
 
     def __post_init__(self) -> None:
         SCHEDULES.get(self.scheduler)  # an unknown name fails at launch, listing the known ones
