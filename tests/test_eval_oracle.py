@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_eval_configs import DATASET_TASKS
 from tests.test_eval_datasets import make_fine_grained_layouts, make_imagenet_layouts
 from vlhub.eval import Evaluator
 from vlhub.eval.prompts import resolve_templates
@@ -66,20 +67,7 @@ def evaluate(task, name, permutation=None, templates="simple", subset=None):
 IMAGENET_1K = ("imagenet", "imagenet_v2", "imagenet_sketch")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "imagenet",
-        "imagenet_v2",
-        "imagenet_sketch",
-        "imagenet_a",
-        "imagenet_r",
-        "food101",
-        "aircraft",
-        "cars",
-        "inat2021",
-    ],
-)
+@pytest.mark.parametrize("name", DATASET_TASKS)
 def test_a_perfect_encoder_scores_one_on_every_task(tasks, name):
     metrics = evaluate(tasks[name], name, templates="openai" if name in ("imagenet_a", "cars") else "simple")
     assert metrics[f"{name}-zeroshot-top5"] == 1.0
