@@ -146,3 +146,22 @@ def test_sweep_jobs_of_one_named_run_get_distinct_stable_wandb_ids(tmp_path):
     first, second = wandb_run_id(tmp_path / "runs/name/0"), wandb_run_id(tmp_path / "runs/name/1")
     assert first != second and first == wandb_run_id(tmp_path / "runs/name/0")
     assert len(first) <= 64 and "/" not in first
+
+
+def test_data_val_pairs_are_scored_with_in_batch_metrics(tmp_path):
+    import json
+
+    from vlhub.data import SyntheticShapes
+
+    train_csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "train")
+    val_csv = SyntheticShapes(num_samples=12, split="val").write_csv(tmp_path / "val")
+    val_node = f"data.val={{_target_:vlhub.data.CsvPairs,root:'{val_csv}'}}"
+    run_train(["data=csv", f"data.root={train_csv}", "data.workers=0", val_node], tmp_path / "run")
+    record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["val-image_to_text_R@1"] <= 1.0 and record["val-text_to_image_mean_rank"] >= 1.0
+    assert "synthetic-zeroshot-top1" in record  # the eval group's own tasks still run
+    with pytest.raises(Exception, match="no such CSV file"):
+        run_train(
+            ["data=csv", f"data.root={train_csv}", f"data.val={{_target_:vlhub.data.CsvPairs,root:/nope.csv}}"],
+            tmp_path / "bad",
+        )

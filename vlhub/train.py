@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlhub.data import build_train_loader
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
+from vlhub.eval.retrieval import PairValidationTask
 
 log = logging.getLogger("vlhub.train")
 
@@ -66,6 +67,8 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     # Data, evaluation folders and the resume path are checked first: bad input fails in seconds.
     source = instantiate(cfg.data)
     evaluator = instantiate(cfg.eval)
+    if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
+        evaluator.add_task("val", PairValidationTask(source.val))
     checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
     optim = instantiate(cfg.optim)
     limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)

@@ -51,8 +51,9 @@ class CsvPairs(PairSource):
         separator: str = ",",
         workers: int = 0,
         max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
     ) -> None:
-        super().__init__(workers, max_bad_fraction)
+        super().__init__(workers, max_bad_fraction, val)
         path = Path(root)
         if not path.is_file():
             raise FileNotFoundError(f"data.root={root}: no such CSV file")
@@ -116,8 +117,9 @@ class ImageFolderPairs(PairSource):
         class_names_file: str | None = None,
         workers: int = 0,
         max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
     ) -> None:
-        super().__init__(workers, max_bad_fraction)
+        super().__init__(workers, max_bad_fraction, val)
         folder = Path(root)
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root={root}: no such folder (expected one folder per class)")

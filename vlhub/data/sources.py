@@ -11,17 +11,20 @@ class PairSource(Dataset):
     """A finite, indexable set of (image, caption, label) samples.
 
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
-    ``workers`` and ``max_bad_fraction`` say how the training stream reads it.
+    ``workers`` and ``max_bad_fraction`` say how the training stream reads it; ``val`` is an
+    optional source of held-out pairs that travels with it (``data.val``), evaluated with
+    open_clip's in-batch validation metrics.
     """
 
     class_names: list[str] | None = None
 
-    def __init__(self, workers: int = 0, max_bad_fraction: float = 0.1) -> None:
+    def __init__(self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.workers = workers
+        self.val = val
         self.max_bad_fraction = max_bad_fraction
 
     def __len__(self) -> int:

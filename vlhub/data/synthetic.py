@@ -142,8 +142,9 @@ class SyntheticShapes(PairSource):
         image_size: int = 32,
         workers: int = 0,
         max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
     ) -> None:
-        super().__init__(workers, max_bad_fraction)
+        super().__init__(workers, max_bad_fraction, val)
         if split not in SPLIT_SALT:
             raise ValueError(f"synthetic split must be one of {sorted(SPLIT_SALT)}, got {split!r}")
         if num_samples <= 0:

@@ -55,6 +55,12 @@ class Evaluator:
         self.classnames = classnames if classnames is not None else ClassNameTransform()
         self.tasks = dict(sorted(_build_tasks(tasks, skip_tasks_without_root).items()))
 
+    def add_task(self, name: str, task) -> None:
+        """Evaluate ``task`` too, as ``eval.<name>`` (e.g. the data group's validation pairs)."""
+        if name in self.tasks:
+            raise KeyError(f"eval task {name!r} is already configured")
+        self.tasks = dict(sorted({**self.tasks, name: task}.items()))
+
     def due(self, step: int) -> bool:
         return bool(self.tasks) and self.every_n_steps > 0 and step % self.every_n_steps == 0
 
