@@ -162,6 +162,6 @@ def test_data_val_pairs_are_scored_with_in_batch_metrics(tmp_path):
     assert "synthetic-zeroshot-top1" in record  # the eval group's own tasks still run
     with pytest.raises(Exception, match="no such CSV file"):
         run_train(
-            ["data=csv", f"data.root={train_csv}", f"data.val={{_target_:vlhub.data.CsvPairs,root:/nope.csv}}"],
+            ["data=csv", f"data.root={train_csv}", "data.val={_target_:vlhub.data.CsvPairs,root:/nope.csv}"],
             tmp_path / "bad",
         )
