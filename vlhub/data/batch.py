@@ -35,9 +35,6 @@ class BadSample(Exception):
     """A sample that cannot be used (unreadable image, empty caption). It is skipped and counted."""
 
 
-BATCH_TENSOR_KEYS = ("image", "image_view2", "text", "label")
-
-
 def batch_size_of(batch: Batch) -> int:
     return int(batch["image"].shape[0])
 

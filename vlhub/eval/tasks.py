@@ -46,12 +46,6 @@ class EvalContext:
     extended_metrics: bool = False
 
 
-def read_templates(templates: list[str] | str | None, default: tuple[str, ...]) -> list[str]:
-    """A list as given, a file of one template per line, or the task's default."""
-    override = task_templates(templates)
-    return override if override is not None else list(default)
-
-
 def task_templates(templates: list[str] | str | None, key: str = "templates") -> list[str] | None:
     """A task's own ``templates`` (a list, or a file of one per line), which wins over ``eval.templates``."""
     if templates is None:
