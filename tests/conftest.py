@@ -73,3 +73,29 @@ def timm_bn_model():
 def tiny_model():
     torch.manual_seed(0)
     return micro_model()
+
+
+def objective_batch(model, objective, size: int = 8, seed: int = 0):
+    """A real training batch for ``objective`` (its views, text and labels) from the synthetic shapes."""
+    from vlhub.augment import build_clip_transforms
+    from vlhub.data import SyntheticShapes, build_train_loader
+
+    transforms = build_clip_transforms(model.image_stats)
+    tokenizer = model.tokenizer if objective.needs_text else None
+    loader = build_train_loader(
+        SyntheticShapes(num_samples=256), transforms.train, tokenizer, size, seed, image_views=objective.image_views
+    )
+    return next(iter(loader)).batch
+
+
+def prepared_objective(name: str, **kwargs):
+    """(micro model, objective ``name`` fitted to the synthetic data and that model), seeded."""
+    from vlhub.data import SyntheticShapes
+    from vlhub.registry import OBJECTIVES
+
+    torch.manual_seed(0)
+    model, objective = micro_model(), OBJECTIVES.build(name, **kwargs)
+    objective.apply_to_data(SyntheticShapes(num_samples=8))
+    objective.apply_to_model(model)
+    objective.apply_init(model)
+    return model, objective

@@ -22,17 +22,31 @@ import torch
 from hydra.utils import instantiate
 
 from vlhub.augment import build_plain_transforms
+from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.models import VisionLanguageModel
+from vlhub.objectives import Objective, build_objective
 
 log = logging.getLogger(__name__)
 
 
 class LoadedModel(NamedTuple):
-    """What :func:`load` returns; unpacks as ``model, preprocess, tokenizer``."""
+    """What :func:`load` returns; unpacks as ``model, preprocess, tokenizer``.
+
+    ``objective`` is the trained objective with its heads (None for a plain open_clip checkpoint
+    or one saved before objectives were stored); ``scoring`` is how it scores images at evaluation.
+    """
 
     model: VisionLanguageModel
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W]: resize, centre crop, normalise
     tokenizer: Callable[[list[str]], torch.Tensor]
+    objective: Objective | None = None
+
+    def __iter__(self):  # ``model, preprocess, tokenizer = vlhub.load(...)``
+        return iter((self.model, self.preprocess, self.tokenizer))
+
+    @property
+    def scoring(self) -> Scoring:
+        return self.objective.scoring(self.model) if self.objective is not None else default_scoring(self.model)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -81,6 +95,17 @@ def build_model(
     return instantiate(model, pretrained=str(checkpoint_path))
 
 
+def build_trained_objective(checkpoint: Mapping[str, Any], model: VisionLanguageModel) -> Objective | None:
+    """The checkpoint's objective, heads included, rebuilt through the registry (never from a stored
+    ``_target_``) for ``model``; None when the checkpoint stores none (a plain open_clip checkpoint)."""
+    spec = checkpoint.get("objective_spec")
+    if spec is None:
+        return None
+    objective = build_objective(spec, model)
+    objective.load_state_dict(checkpoint["objective"])
+    return objective.to(next(model.parameters()).device).eval()
+
+
 def eval_transform(model: VisionLanguageModel) -> Callable[[Any], torch.Tensor]:
     """Resize, centre crop and normalise with the model's own image size and statistics."""
     return build_plain_transforms(model.image_stats).eval
@@ -88,5 +113,6 @@ def eval_transform(model: VisionLanguageModel) -> Callable[[Any], torch.Tensor]:
 
 def load(path: str | Path, model: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Model (in eval mode, on ``device``), its eval preprocessing and its tokenizer, from a checkpoint."""
-    built = build_model(path, model).to(device).eval()
-    return LoadedModel(built, eval_transform(built), built.tokenize)
+    checkpoint = read_checkpoint(path)
+    built = build_model(path, model, checkpoint).to(device).eval()
+    return LoadedModel(built, eval_transform(built), built.tokenize, build_trained_objective(checkpoint, built))

@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.api import build_model, eval_transform, read_checkpoint, stored_model_config
+from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 
 log = logging.getLogger("vlhub.evaluate")
 PLOT_SUFFIXES = (".png", ".jpg", ".svg")
@@ -59,7 +59,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     model = build_model(cfg.checkpoint, _model_config(cfg, checkpoint, model_given, model_choice), checkpoint)
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval")
+    objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
+    scoring = objective.scoring(model) if objective is not None else None  # None: CLIP's
+    metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval", scoring)
     run_info = (checkpoint or {}).get("run_info", {})
     record = {
         "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,

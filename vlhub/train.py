@@ -24,6 +24,7 @@ from vlhub.data import build_train_loader
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.eval.retrieval import PairValidationTask
+from vlhub.objectives import IncompatibleObjective, Objective
 
 log = logging.getLogger("vlhub.train")
 
@@ -51,14 +52,40 @@ def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - data_workers))
 
 
+def config_of(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, float]:
-    """Build every component from ``cfg`` and train; returns the last evaluation's metrics."""
+def prepare_objective(objective: Objective, source, model, transforms, choices: dict[str, str]) -> None:
+    """Fit the objective to the data and model, or fail naming the config choices and why."""
+    try:
+        if objective.image_views > 1 and not transforms.random:
+            raise IncompatibleObjective(
+                "compares two augmented views of each image, and this augment makes them identical "
+                "(use augment=simclr or augment=clip)"
+            )
+        objective.apply_to_data(source)
+        objective.apply_to_model(model)
+    except IncompatibleObjective as error:
+        names = ", ".join(f"{group}={choices.get(group, '?')}" for group in ("model", "data", "augment"))
+        raise IncompatibleObjective(f"objective={choices.get('objective', '?')} with {names}: {error}") from None
+    objective.apply_init(model)  # a resumed run's checkpoint overwrites these
+
+
+def train(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str] | None = None
+) -> dict[str, float]:
+    """Build every component from ``cfg`` and train; returns the last evaluation's metrics.
+
+    ``choices`` are the config groups' chosen options and ``overrides`` the job's command-line
+    overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
+    """
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     dist_info = get_dist_info(settings.pop("device"))
     gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
@@ -75,8 +102,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
-    objective.apply_to_model(model)
     transforms = instantiate(cfg.augment)(model.image_stats)
+    prepare_objective(objective, source, model, transforms, choices)
+    objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     config = OmegaConf.to_container(cfg, resolve=True)
     metric_logger = None
@@ -116,7 +144,12 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
         **settings,
         gradients=gradients,
         max_bad_fraction=source.max_bad_fraction,
-        run_info={"objective": choices.get("objective", "?"), "model": choices.get("model", "?")},
+        run_info={
+            "objective": choices.get("objective", "?"),
+            "model": choices.get("model", "?"),
+            "overrides": list(overrides or []),
+        },
+        objective_spec=objective.spec(objective_kwargs),
         config=config,
     )
     return trainer.fit()
@@ -125,7 +158,9 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    metrics = train(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices))
+    metrics = train(
+        cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+    )
     # The sweeper's return value: the first zero-shot top-1, when there is one.
     return next((v for k, v in metrics.items() if k.endswith("zeroshot-top1")), None)
 

@@ -86,6 +86,10 @@ class CsvPairs(PairSource):
         if not self.image_paths:
             raise ValueError(f"{path} has a header but no rows")
 
+    @property
+    def num_classes(self) -> int | None:
+        return max(self.labels) + 1 if self.labels else None
+
     def __len__(self) -> int:
         return len(self.image_paths)
 

@@ -61,7 +61,7 @@ class _SlotDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 7_919 + slot)
             views = [self.image_transform(raw.image) for _ in range(self.image_views)]
-        return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch}
+        return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch, "slot": slot}
 
 
 class _Collate:
@@ -78,6 +78,7 @@ class _Collate:
                 batch["image_view2"] = torch.stack([item["views"][1] for item in good])
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["text_raw"] = [item["caption"] for item in good]
+            batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
             if self.tokenizer is not None:
                 batch["text"] = self.tokenizer(batch["text_raw"])
         epoch = max((item["epoch"] for item in good), default=0)

@@ -27,6 +27,11 @@ class PairSource(Dataset):
         self.val = val
         self.max_bad_fraction = max_bad_fraction
 
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the labels index; None when the source has no labels."""
+        return len(self.class_names) if self.class_names else None
+
     def __len__(self) -> int:
         raise NotImplementedError
 

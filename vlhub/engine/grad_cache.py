@@ -53,6 +53,12 @@ def _restore_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]
             getattr(module, name).copy_(value)
 
 
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """A representation the loss differentiates: float ones get a gradient, masks and ids do not."""
+    tensor = tensor.detach()
+    return tensor.requires_grad_() if tensor.is_floating_point() else tensor
+
+
 class GradCache:
     """Gradient of one step at the whole batch, computed ``chunk_size`` samples at a time."""
 
@@ -80,7 +86,7 @@ class GradCache:
                 cached.append(objective.represent(model, move_batch(chunk, device, precision.param_dtype)))
         _restore_running_stats(saved_stats)
 
-        reps = {key: torch.cat([c[key] for c in cached]).detach().requires_grad_() for key in cached[0]}
+        reps = {key: _leaf(torch.cat([c[key] for c in cached])) for key in cached[0]}
         with precision.autocast():
             parts = objective.loss(reps, model)
         precision.scale(parts["loss"]).backward()
@@ -93,7 +99,7 @@ class GradCache:
             states[index].restore()
             with precision.autocast():
                 replay = objective.represent(model, move_batch(chunk, device, precision.param_dtype))
-            keys = [k for k in replay if reps[k].grad is not None and replay[k].requires_grad]
+            keys = [k for k in replay if reps[k].requires_grad and reps[k].grad is not None and replay[k].requires_grad]
             start, stop = offsets[index], offsets[index + 1]
             torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])
         after_loss.restore()  # the run's random stream continues as if each chunk ran once

@@ -59,7 +59,8 @@ class Trainer:
         log_every_n_steps: int,
         gradients: GradientStrategy,
         max_bad_fraction: float,
-        run_info: dict[str, str],
+        run_info: dict[str, Any],
+        objective_spec: dict[str, Any],
         config: dict[str, Any],
     ) -> None:
         for name, value in (
@@ -81,7 +82,7 @@ class Trainer:
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
-        self.run_info, self.config = run_info, config
+        self.run_info, self.config, self.objective_spec = run_info, config, objective_spec
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
@@ -161,7 +162,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.dist.is_main or not self.evaluator.tasks:
             return {}
-        metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval")
+        scoring = self.objective.scoring(self.model)  # the objective decides how images are scored
+        metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring)
         record = {
             "step": self.step,
             "epoch": self.epoch,
@@ -179,6 +181,7 @@ class Trainer:
         return {
             "state_dict": self.model.open_clip_state_dict(),
             "objective": self.objective.state_dict(),
+            "objective_spec": self.objective_spec,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},

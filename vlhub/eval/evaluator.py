@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from vlhub.eval.context import EvalContext
 from vlhub.eval.prompts import TEMPLATE_SETS, ClassNameTransform, read_template_file
+from vlhub.eval.scoring import Scoring
 from vlhub.eval.sources import RootNotSet
 from vlhub.eval.subsets import load_subset
-from vlhub.eval.tasks import EvalContext, ZeroShotTask
+from vlhub.eval.tasks import ZeroShotTask
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,14 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return bool(self.tasks) and self.every_n_steps > 0 and step % self.every_n_steps == 0
 
-    def context(self, name: str, transform, device: torch.device, output_dir: Path | None = None) -> EvalContext:
+    def context(
+        self,
+        name: str,
+        transform,
+        device: torch.device,
+        output_dir: Path | None = None,
+        scoring: Scoring | None = None,
+    ) -> EvalContext:
         """The context task ``name`` runs with; a new one per task and per run."""
         return EvalContext(
             name,
@@ -77,16 +86,25 @@ class Evaluator:
             subset=self.subset,
             class_names=self.classnames,
             extended_metrics=self.extended_metrics,
+            scoring=scoring,
         )
 
     @torch.no_grad()
-    def run(self, model, transform, device: torch.device, output_dir: Path | None = None) -> dict[str, float]:
+    def run(
+        self,
+        model,
+        transform,
+        device: torch.device,
+        output_dir: Path | None = None,
+        scoring: Scoring | None = None,
+    ) -> dict[str, float]:
+        """Every task's metrics; ``scoring`` is how the objective scores images (None: CLIP's)."""
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
         try:
             for name, task in self.tasks.items():
-                task_metrics = task.run(model, self.context(name, transform, device, output_dir))
+                task_metrics = task.run(model, self.context(name, transform, device, output_dir, scoring))
                 log.info("eval %s: %s", name, {k: round(v, 4) for k, v in task_metrics.items()})
                 metrics.update(task_metrics)
         finally:

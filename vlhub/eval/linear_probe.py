@@ -21,9 +21,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from vlhub.data.sources import PairSource
+from vlhub.eval.context import EvalContext
 from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
-from vlhub.eval.tasks import EvalContext
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)
@@ -145,24 +145,33 @@ class LinearProbeTask:
         self.train, self.test = train, test
         self.C, self.max_iter, self.val_fraction, self.k, self.seed = C, max_iter, val_fraction, k, seed
 
-    def num_classes(self, train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
-        names = self.train.class_names or self.test.class_names
-        return max(len(names) if names else 0, int(max(train_labels.max(), test_labels.max())) + 1)
-
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        features = {
-            name: extract_features(
-                model, source, context.transform, context.device, context.batch_size, context.workers
-            )
-            for name, source in (("train", self.train), ("test", self.test))
-        }
-        (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
-        num_classes = self.num_classes(train_y, test_y)
-        logits = linear_probe_logits(
-            train_x, train_y, test_x, num_classes, self.C, self.max_iter, self.val_fraction, self.seed
-        )
-        metrics = classification_metrics(logits, test_y, f"{context.name}-linear_probe")
-        predicted = knn_predict(train_x, train_y, test_x, num_classes, self.k)
-        metrics[f"{context.name}-knn-top1"] = (predicted == test_y).float().mean().item()
-        metrics[f"{context.name}-knn-mean_per_class_recall"] = mean_per_class_recall(predicted, test_y)
-        return metrics
+        settings = (self.C, self.max_iter, self.val_fraction, self.k, self.seed)
+        return probe_metrics(model, self.train, self.test, context, context.name, *settings)
+
+
+def probe_metrics(
+    model,
+    train: PairSource,
+    test: PairSource,
+    context: EvalContext,
+    prefix: str,
+    C: float | Sequence[float] = 1.0,
+    max_iter: int = 1000,
+    val_fraction: float = 0.2,
+    k: int = 20,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``<prefix>-linear_probe-*`` and ``<prefix>-knn-*``: features of ``train`` fit, ``test`` scores."""
+    (train_x, train_y), (test_x, test_y) = (
+        extract_features(model, source, context.transform, context.device, context.batch_size, context.workers)
+        for source in (train, test)
+    )
+    names = train.class_names or test.class_names
+    num_classes = max(len(names) if names else 0, int(max(train_y.max(), test_y.max())) + 1)
+    logits = linear_probe_logits(train_x, train_y, test_x, num_classes, C, max_iter, val_fraction, seed)
+    metrics = classification_metrics(logits, test_y, f"{prefix}-linear_probe")
+    predicted = knn_predict(train_x, train_y, test_x, num_classes, k)
+    metrics[f"{prefix}-knn-top1"] = (predicted == test_y).float().mean().item()
+    metrics[f"{prefix}-knn-mean_per_class_recall"] = mean_per_class_recall(predicted, test_y)
+    return metrics

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
 from vlhub.data.sources import PairSource
+from vlhub.eval.context import EvalContext
 from vlhub.eval.sources import RootNotSet
-from vlhub.eval.tasks import EvalContext
 from vlhub.registry import EVAL_TASKS
 
 RECALL_KS = (1, 5, 10)

@@ -17,33 +17,20 @@ import torch
 from vlhub.data.files import ImageFolderPairs
 from vlhub.data.sources import PairSource
 from vlhub.data.synthetic import SyntheticShapes
+from vlhub.eval.context import EvalContext
+from vlhub.eval.linear_probe import probe_metrics
 from vlhub.eval.metrics import classification_metrics
-from vlhub.eval.prompts import ClassNameTransform, check_templates, read_template_file, resolve_templates
+from vlhub.eval.prompts import check_templates, read_template_file, resolve_templates
 from vlhub.eval.reports import write_classification_report
+from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.eval.sources import LabelledFiles, RootNotSet
-from vlhub.eval.subsets import ClassSubset, subset_classes
-from vlhub.eval.zeroshot import build_zero_shot_classifier, compute_image_logits
+from vlhub.eval.subsets import subset_classes
+from vlhub.eval.zeroshot import compute_image_logits
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)
 
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    """What a task is run with. ``name`` is the task's key (``eval.<name>``) and metric prefix."""
-
-    name: str
-    transform: object
-    device: torch.device
-    batch_size: int = 256
-    workers: int = 0
-    output_dir: Path | None = None  # <run dir>/eval/<name>, for tables and plots
-    templates: str = "openai"  # eval.templates: openai | simple | FILE
-    subset: ClassSubset | None = None  # eval.subset, resolved
-    class_names: ClassNameTransform = ClassNameTransform()  # eval.classnames
-    extended_metrics: bool = False
 
 
 def task_templates(templates: list[str] | str | None, key: str = "templates") -> list[str] | None:
@@ -70,7 +57,13 @@ class ZeroShotTask:
     ``templates`` is the dataset's own (published) set, used for ``eval.templates=openai``;
     ``override`` is the task's ``templates`` key, used whatever ``eval.templates`` says.
     ``imagenet_indices[c]`` is class ``c``'s ImageNet-1k index when it has one, so
-    ``eval.subset`` applies; tasks without it are evaluated whole.
+    ``eval.subset`` applies; tasks without it are evaluated whole. ``probe_train`` is a labelled
+    train split with the same classes, when the task has one: image-only objectives are scored
+    by linear probe and k-NN on it (``Scoring.probe``).
+
+    What is measured follows the objective's :class:`~vlhub.eval.scoring.Scoring`: zero-shot
+    (``-zeroshot-*``), its own classifier's logits (``-classifier-*``), a probe
+    (``-linear_probe-*``, ``-knn-*``); what it cannot score is skipped, never faked.
     """
 
     def __init__(
@@ -81,11 +74,13 @@ class ZeroShotTask:
         templates: list[str],
         imagenet_indices: list[int] | None = None,
         override: list[str] | None = None,
+        probe_train: PairSource | None = None,
     ) -> None:
         if imagenet_indices is not None and len(imagenet_indices) != len(class_names):
             raise ValueError(f"{name}: {len(imagenet_indices)} ImageNet indices for {len(class_names)} classes")
         self.name, self.source, self.class_names, self.templates = name, source, class_names, templates
         self.imagenet_indices, self.override = imagenet_indices, override
+        self.probe_train = probe_train
 
     def view(self, context: EvalContext) -> TaskView:
         subset = context.subset
@@ -101,17 +96,65 @@ class ZeroShotTask:
         )
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        """Metrics keyed ``<context.name>[-<subset>]-zeroshot-*``; tables and plots when asked."""
+        """Metrics keyed ``<context.name>[-<subset>]-<how>-*``; tables and plots when asked."""
         view = self.view(context)
         if len(view.source) == 0:
             raise ValueError(f"{view.prefix}: no images to evaluate")
+        scoring = context.scoring or default_scoring(model)
+        metrics: dict[str, float] = {}
+        if scoring.zero_shot is not None:
+            metrics.update(self._zero_shot(scoring, view, context))
+        if scoring.classifier is not None:
+            metrics.update(self._classifier(scoring, view, context))
+        if scoring.probe:
+            if self.probe_train is None:
+                log.info("eval %s: no train split to probe image features on; skipped", view.prefix)
+            else:
+                metrics.update(probe_metrics(model, self.probe_train, view.source, context, view.prefix))
+        return metrics
+
+    def _zero_shot(self, scoring: Scoring, view: TaskView, context: EvalContext) -> dict[str, float]:
         templates = self.override or resolve_templates(context.templates, self.templates)
         names = context.class_names.apply(view.class_names)
-        classifier = build_zero_shot_classifier(model, names, templates, context.device, context.batch_size)
+        scorer = scoring.zero_shot
+        classifier = scorer.build_classifier(names, templates, context.device, context.batch_size)
         logits, targets, skipped = compute_image_logits(
-            model, classifier, view.source, context.transform, context.device, context.batch_size, context.workers
+            lambda images: scorer.logits(images, classifier),
+            view.source,
+            context.transform,
+            context.device,
+            context.batch_size,
+            context.workers,
         )
-        metrics = classification_metrics(logits, targets, f"{view.prefix}-zeroshot")
+        return self._score(logits, targets, skipped, view, context, "zeroshot")
+
+    def _classifier(self, scoring: Scoring, view: TaskView, context: EvalContext) -> dict[str, float]:
+        """The objective's own classifier, on its columns for this task's classes (all must be known)."""
+        known = {name: column for column, name in enumerate(scoring.classifier.class_names)}
+        missing = [name for name in view.class_names if name not in known]
+        if missing:
+            log.info(
+                "eval %s: the classifier was not trained on %d of its classes (e.g. %r); skipped",
+                view.prefix,
+                len(missing),
+                missing[0],
+            )
+            return {}
+        columns = torch.tensor([known[name] for name in view.class_names])
+        logits, targets, skipped = compute_image_logits(
+            lambda images: scoring.classifier.logits(images)[:, columns.to(images.device)],
+            view.source,
+            context.transform,
+            context.device,
+            context.batch_size,
+            context.workers,
+        )
+        return self._score(logits, targets, skipped, view, context, "classifier")
+
+    def _score(
+        self, logits: torch.Tensor, targets: torch.Tensor, skipped: int, view: TaskView, context: EvalContext, how: str
+    ) -> dict[str, float]:
+        metrics = classification_metrics(logits, targets, f"{view.prefix}-{how}")
         if skipped:
             metrics[f"{view.prefix}-skipped_samples"] = float(skipped)
         if context.extended_metrics:
@@ -124,7 +167,9 @@ class ZeroShotTask:
 
 @EVAL_TASKS.register("synthetic")
 class SyntheticZeroShot(ZeroShotTask):
-    """The held-out split of the generated shapes: (colour, shape) classes, class-balanced."""
+    """The held-out split of the generated shapes: (colour, shape) classes, class-balanced.
+
+    Image-only objectives are probed with as many images of the train split."""
 
     def __init__(
         self, num_samples: int = 1200, seed: int = 0, image_size: int = 32, templates: list[str] | str | None = None
@@ -136,6 +181,8 @@ class SyntheticZeroShot(ZeroShotTask):
             source.class_names,
             list(source.templates),
             override=task_templates(templates, "eval.synthetic.templates"),
+            # The train split's first images: what image-only objectives are probed on.
+            probe_train=SyntheticShapes(num_samples=num_samples, seed=seed, split="train", image_size=image_size),
         )
 
 

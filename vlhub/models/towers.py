@@ -1,7 +1,9 @@
 """The Tower interface and its adapters for open_clip's image and text towers.
 
 A tower maps its input to pooled features [B, D] in the shared embedding space and, when
-asked, to token features [B, N, D'] with a padding mask (True where a token is real).
+asked, to token features [B, N, D'] with a padding mask (True where a token is real). Token
+features go through the same projection as the pooled path where the tower has one (open_clip
+ViT ``proj``, text ``text_projection``), so D' = D there; ``token_dim`` says which it is.
 Adapters keep the wrapped open_clip module under ``.module`` so that its state_dict keys
 are open_clip's own, behind a known prefix (see ``open_clip_prefix``).
 """
@@ -31,10 +33,25 @@ def _pooled_and_tokens(module: nn.Module, inputs: torch.Tensor) -> tuple[torch.T
         module.output_tokens = previous
 
 
+def _project(tokens: torch.Tensor, projection: nn.Module | torch.Tensor | None) -> torch.Tensor:
+    """Tokens through the tower's own pooled-path projection (a matrix or a Linear), if it has one."""
+    if projection is None:
+        return tokens
+    if isinstance(projection, nn.Module):
+        return projection(tokens)
+    return tokens @ projection
+
+
 class Tower(nn.Module):
-    """Base of every tower. Subclasses set ``output_dim`` and implement ``forward``."""
+    """Base of every tower. Subclasses set ``output_dim`` and implement ``forward``.
+
+    ``has_tokens`` says whether ``forward(..., output_tokens=True)`` works; ``token_dim`` is the
+    width of those tokens (``output_dim`` when they are projected like the pooled features).
+    """
 
     output_dim: int
+    has_tokens: bool = False
+    token_dim: int = 0
 
     def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
         raise NotImplementedError
@@ -51,6 +68,11 @@ class OpenClipImageTower(Tower):
         super().__init__()
         self.module = visual
         self.output_dim = output_dim
+        # ViTs expose tokens; ModifiedResNet and timm trunks (open_clip's TimmModel) do not.
+        self.has_tokens = hasattr(visual, "output_tokens")
+        if self.has_tokens:
+            projection = getattr(visual, "proj", None)
+            self.token_dim = output_dim if projection is not None else int(visual.transformer.width)
 
     @property
     def image_size(self) -> int:
@@ -66,6 +88,7 @@ class OpenClipImageTower(Tower):
                 "token-wise objectives need a ViT image tower"
             )
         pooled, tokens = _pooled_and_tokens(self.module, inputs)
+        tokens = _project(tokens, getattr(self.module, "proj", None))
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
 
@@ -82,6 +105,13 @@ class OpenClipTextTower(Tower):
         self.module = text
         self.output_dim = output_dim
         self.pad_id = pad_id
+        self.has_tokens = hasattr(text, "output_tokens")
+        projection = getattr(text, "text_projection", None)
+        self.token_dim = output_dim if projection is not None else int(getattr(text, "width", output_dim))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.module.vocab_size)
 
     @property
     def context_length(self) -> int:
@@ -91,6 +121,7 @@ class OpenClipTextTower(Tower):
         if not output_tokens:
             return TowerOutput(pooled=self.module(inputs))
         pooled, tokens = _pooled_and_tokens(self.module, inputs)
+        tokens = _project(tokens, getattr(self.module, "text_projection", None))
         return TowerOutput(pooled=pooled, tokens=tokens, token_mask=inputs != self.pad_id)
 
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:

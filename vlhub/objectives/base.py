@@ -5,14 +5,35 @@ chunk (without gradients, then replayed with them) and call ``loss`` once on the
 concatenated representations. ``represent`` returns only per-sample tensors (dim 0 = batch);
 everything that is not per-sample (the temperature, heads on whole-batch statistics) is read
 in ``loss``. An objective never calls ``backward``.
+
+Under data parallelism ``loss`` gathers every per-sample tensor it needs from all ranks
+(``distributed.gather_features``, with gradient) and computes the loss of the global batch, the
+same on every rank; averaging gradients over ranks then gives the single-process gradient at the
+global batch. Per-sample random draws (MLM masks) come from ``batch["sample_id"]``
+(:mod:`vlhub.objectives.draws`), so chunks, ranks and one process all draw the same numbers.
+
+Before training, ``apply_to_data`` sees the data source (``ce`` reads its classes) and
+``apply_to_model`` the model (heads sized from the towers, locks), and on a fresh run
+``apply_init`` sets initial values the objective prescribes. The first two raise
+:class:`IncompatibleObjective` with the reason when the pair cannot work; the launcher names the
+config choices. ``spec()`` is what a checkpoint stores to rebuild the objective through the
+registry; ``scoring(model)`` says how evaluation scores images for it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlhub.data.batch import Batch
+from vlhub.eval.scoring import EmbeddingScorer, Scoring
+from vlhub.registry import OBJECTIVES
+
+
+class IncompatibleObjective(ValueError):
+    """This objective cannot work with the chosen model, data or augmentation (the message says why)."""
 
 
 class Objective(nn.Module):
@@ -20,9 +41,23 @@ class Objective(nn.Module):
     needs_text: bool = True
     #: How many augmented views of each image the batches must carry (1 or 2).
     image_views: int = 1
+    #: Whether batches must carry class labels (``batch["label"]`` >= 0).
+    needs_labels: bool = False
+
+    def apply_to_data(self, source: Any) -> None:
+        """Check (and read what is needed from) the training source; default: labels if needed."""
+        if self.needs_labels and source.num_classes is None:
+            raise IncompatibleObjective(
+                f"needs class labels, and this {type(source).__name__} has none "
+                "(give data.label_key for a CSV, or use data=imagefolder)"
+            )
 
     def apply_to_model(self, model: nn.Module) -> None:
-        """Prepare the model for this objective in place (lock towers); default: nothing."""
+        """Prepare the model for this objective in place (lock towers, build heads); default: nothing."""
+
+    def apply_init(self, model: nn.Module) -> None:
+        """Set the initial values this objective starts from (SigLIP's temperature), on a fresh run
+        only: never on resume or when a trained checkpoint is loaded. Default: nothing."""
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -30,3 +65,27 @@ class Objective(nn.Module):
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """``{"loss": total, <named parts>...}``; ``model`` gives the temperature and bias."""
         raise NotImplementedError
+
+    def scoring(self, model: nn.Module) -> Scoring:
+        """How evaluation scores images: CLIP's zero-shot for text-bearing objectives, else a probe."""
+        if self.needs_text:
+            return Scoring(zero_shot=EmbeddingScorer(model))
+        return Scoring(zero_shot=None, probe=True)
+
+    def resolved_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments resolved from the data (``ce``'s classes), stored to rebuild it."""
+        return {}
+
+    def spec(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``{"name", "kwargs"}``: the registry name and constructor arguments that rebuild this objective."""
+        name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), None)
+        if name is None:
+            raise KeyError(f"{type(self).__name__} is not a registered objective")
+        return {"name": name, "kwargs": {**kwargs, **self.resolved_kwargs()}}
+
+
+def build_objective(spec: dict[str, Any], model: nn.Module) -> Objective:
+    """An objective rebuilt from a checkpoint's ``spec`` through the registry, heads sized for ``model``."""
+    objective = OBJECTIVES.build(spec["name"], **spec["kwargs"])
+    objective.apply_to_model(model)
+    return objective

@@ -8,7 +8,7 @@ from torch import nn
 
 from vlhub import distributed
 from vlhub.data.batch import Batch
-from vlhub.objectives.base import Objective
+from vlhub.objectives.base import IncompatibleObjective, Objective
 from vlhub.registry import OBJECTIVES
 
 
@@ -46,6 +46,8 @@ class ContrastiveObjective(Objective):
         self.gather_with_grad = gather_with_grad
 
     def apply_to_model(self, model: nn.Module) -> None:
+        if self.needs_text and model.text_tower is None:
+            raise IncompatibleObjective("needs a text tower, and this model has none")
         if self.lock_image:
             model.image_tower.apply_lock(self.unlocked_groups, self.freeze_bn_stats)
         if self.lock_text:
@@ -63,6 +65,35 @@ class ContrastiveObjective(Objective):
     def gather(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Features of every rank, and the offset of this rank's rows among them."""
         return distributed.gather_features(features, with_grad=self.gather_with_grad)
+
+    def gather_all(self, *features: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's rows from every rank (the global batch, in rank order)."""
+        return [self.gather(f)[0] for f in features]
+
+    def require_tokens(self, model: nn.Module) -> None:
+        """Token-level objectives need token features from both towers: say so now, not mid-forward."""
+        if model.text_tower is None:
+            raise IncompatibleObjective("needs a text tower, and this model has none")
+        for name, tower in (("image", model.image_tower), ("text", model.text_tower)):
+            if not tower.has_tokens:
+                raise IncompatibleObjective(
+                    f"needs token features, and this model's {name} tower "
+                    f"({type(tower.module).__name__}) has none: use a ViT image tower (e.g. model=vit_b32)"
+                )
+
+
+def symmetric_cross_entropy(
+    logits_per_image: torch.Tensor, image_weight: float, text_weight: float
+) -> dict[str, torch.Tensor]:
+    """CLIP's loss on a square [images, texts] logit matrix whose diagonal holds the pairs."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    image_to_text = F.cross_entropy(logits_per_image, labels)
+    text_to_image = F.cross_entropy(logits_per_image.T, labels)
+    return {
+        "loss": image_weight * image_to_text + text_weight * text_to_image,
+        "image_to_text_loss": image_to_text.detach(),
+        "text_to_image_loss": text_to_image.detach(),
+    }
 
 
 @OBJECTIVES.register("clip")

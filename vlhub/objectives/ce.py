@@ -1,0 +1,96 @@
+"""Cross-entropy: a classifier head over the image tower, trained on the data's class labels.
+
+The number of classes and their names come from the data (``apply_to_data``: ImageFolder
+folders, a CSV's integer label column, the synthetic shapes) unless given. A row may carry
+several classes as a multi-hot ``batch["labels"]`` [B, K]; its loss is then the mean over its
+classes of -log p(class). Evaluated on its own logits (``<task>-classifier-*``) on the tasks
+whose classes it was trained on; it has no zero-shot. The text tower, if any, is not used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlhub import distributed
+from vlhub.data.batch import Batch
+from vlhub.eval.scoring import Scoring
+from vlhub.objectives.base import IncompatibleObjective, Objective
+from vlhub.registry import OBJECTIVES
+
+
+class HeadClassifier:
+    """The objective's classifier as evaluation sees it: class names and logits of images."""
+
+    def __init__(self, model: nn.Module, objective: CrossEntropyObjective) -> None:
+        self.model, self.objective = model, objective
+        self.class_names = list(objective.class_names)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.objective.head(self.model.encode_image(images, normalize=False))
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[B]: -log p(label), or the mean over a multi-hot row's classes of -log p(class)."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    if "labels" in batch:
+        targets = batch["labels"].to(log_probs.dtype)
+        counts = targets.sum(dim=1)
+        if (counts == 0).any():
+            raise ValueError("objective=ce: a training sample has no class label")
+        return -(log_probs * targets).sum(dim=1) / counts
+    labels = batch["label"]
+    if (labels < 0).any():
+        raise ValueError("objective=ce: a training sample has no class label (label -1)")
+    return -log_probs.gather(1, labels[:, None]).squeeze(1)
+
+
+@OBJECTIVES.register("ce")
+class CrossEntropyObjective(Objective):
+    needs_text = False
+    needs_labels = True
+
+    def __init__(self, num_classes: int | None = None, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"objective.class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.num_classes = num_classes if num_classes is not None else (len(class_names) if class_names else None)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.head: nn.Linear | None = None
+
+    def apply_to_data(self, source: Any) -> None:
+        super().apply_to_data(source)
+        found = source.num_classes
+        if self.num_classes is None:
+            self.num_classes = found
+        elif self.num_classes < found:
+            raise IncompatibleObjective(f"objective.num_classes={self.num_classes}, but the data has {found} classes")
+        if self.class_names is None:
+            names = source.class_names or []
+            self.class_names = list(names) + [str(i) for i in range(len(names), self.num_classes)]
+
+    def apply_to_model(self, model: nn.Module) -> None:
+        if self.num_classes is None:
+            raise IncompatibleObjective("needs the number of classes: give objective.num_classes or labelled data")
+        if self.class_names is None:
+            self.class_names = [str(i) for i in range(self.num_classes)]
+        if self.head is None:
+            self.head = nn.Linear(model.image_tower.output_dim, self.num_classes)
+
+    def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = self.head(model(image=batch["image"])["image_features"])
+        return {"nll": per_sample_cross_entropy(logits, batch)}
+
+    def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        loss = distributed.gather_features(reps["nll"])[0].mean()
+        return {"loss": loss, "cross_entropy": loss.detach()}
+
+    def scoring(self, model: nn.Module) -> Scoring:
+        return Scoring(zero_shot=None, classifier=HeadClassifier(model, self))
+
+    def resolved_kwargs(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": list(self.class_names or [])}

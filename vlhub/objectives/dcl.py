@@ -1,0 +1,35 @@
+"""DCL: decoupled contrastive loss, the positive pair removed from the denominator (Yeh et al. 2022)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.registry import OBJECTIVES
+
+
+def decoupled_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -logit_ii + logsumexp_{j != i} logit_ij."""
+    positives = logits.diagonal()
+    negatives = logits.masked_fill(torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device), float("-inf"))
+    return (negatives.logsumexp(dim=1) - positives).mean()
+
+
+@OBJECTIVES.register("dcl")
+class DclObjective(ContrastiveObjective):
+    """CLIP's two directions, each with the decoupled loss; ``image_weight`` / ``text_weight`` as in clip."""
+
+    def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
+        super().__init__(**contrastive)
+        self.image_weight, self.text_weight = image_weight, text_weight
+
+    def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        image, text = self.gather_all(reps["image_features"], reps["text_features"])
+        logits_per_image = model.temperature_scale() * image @ text.T
+        image_to_text, text_to_image = decoupled_loss(logits_per_image), decoupled_loss(logits_per_image.T)
+        return {
+            "loss": self.image_weight * image_to_text + self.text_weight * text_to_image,
+            "image_to_text_loss": image_to_text.detach(),
+            "text_to_image_loss": text_to_image.detach(),
+        }

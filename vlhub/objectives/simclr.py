@@ -1,0 +1,48 @@
+"""SimCLR: image-only contrastive learning between two augmented views (Chen et al. 2020).
+
+Evaluated by linear probe and k-NN (``Scoring.probe``), never by reading features as logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlhub import distributed
+from vlhub.data.batch import Batch
+from vlhub.objectives.base import Objective
+from vlhub.objectives.ssl import SimclrHead
+from vlhub.registry import OBJECTIVES
+
+
+@OBJECTIVES.register("simclr")
+class SimclrObjective(Objective):
+    """NT-Xent over the global batch's 2N views, on the image tower's embeddings through a projector.
+
+    ``projection_dim`` is the projector's output; its input width is the image tower's, and its
+    hidden width ``hidden_dim`` (null: the input width). The text tower, if any, is not used.
+    """
+
+    needs_text = False
+    image_views = 2
+
+    def __init__(self, projection_dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.projection_dim, self.hidden_dim, self.temperature = projection_dim, hidden_dim, temperature
+        self.head: SimclrHead | None = None
+
+    def apply_to_model(self, model: nn.Module) -> None:
+        if self.head is None:
+            self.head = SimclrHead(model.image_tower.output_dim, self.projection_dim, self.hidden_dim, self.temperature)
+
+    def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return {
+            "view1_features": model(image=batch["image"])["image_features"],
+            "view2_features": model(image=batch["image_view2"])["image_features"],
+        }
+
+    def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        first = distributed.gather_features(reps["view1_features"])[0]
+        second = distributed.gather_features(reps["view2_features"])[0]
+        ssl = self.head(first, second)
+        return {"loss": ssl, "ssl_loss": ssl.detach()}
