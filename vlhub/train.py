@@ -101,6 +101,7 @@ def train(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> dict[str, 
         image_views=objective.image_views,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
+        pin_memory=dist_info.device.type == "cuda",
     )
     trainer = Trainer(
         model,

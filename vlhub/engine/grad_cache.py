@@ -6,7 +6,9 @@ For a batch of B split into chunks of C:
    (and to the loss-only parameters: the temperature, heads that see the whole batch);
 3. per chunk, restore its random state, replay ``represent`` with gradients and backward the
    cached representation gradients, accumulating into ``.grad``.
-Peak activation memory follows C, not B; the price is a second forward per chunk. Parameters
+Peak activation memory follows C, not B; the price is a second forward per chunk. The batch
+stays on the host (pinned, uint8 images): each pass copies chunk k+1 to the device while chunk k
+runs (``vlhub.data.prefetch``), so only about two chunks of input are on the device at a time. Parameters
 used only in ``loss`` get their gradient once, in step 2. Under data parallelism the step
 averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
 
@@ -20,8 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlhub.data.batch import Batch, batch_size_of, move_batch, slice_batch
+from vlhub.data.batch import Batch, batch_size_of, slice_batch
+from vlhub.data.prefetch import prefetch
 from vlhub.engine.precision import Precision
+from vlhub.engine.step import device_batch
 from vlhub.objectives.base import Objective
 
 
@@ -56,6 +60,8 @@ def _restore_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]
 class GradCache:
     """Gradient of one step at the whole batch, computed ``chunk_size`` samples at a time."""
 
+    batch_on_device = False  # chunks travel one at a time, the next one prefetched
+
     def __init__(self, chunk_size: int) -> None:
         if chunk_size <= 0:
             raise ValueError(f"trainer.grad_cache.chunk_size must be > 0, got {chunk_size}")
@@ -75,9 +81,9 @@ class GradCache:
         saved_stats = _running_stats(model)
         states, cached = [], []
         with torch.no_grad(), precision.autocast():
-            for chunk in chunks:
+            for chunk in prefetch(chunks, device):
                 states.append(RandomState(device))
-                cached.append(objective.represent(model, move_batch(chunk, device, precision.param_dtype)))
+                cached.append(objective.represent(model, device_batch(chunk, model, precision)))
         _restore_running_stats(saved_stats)
 
         reps = {key: torch.cat([c[key] for c in cached]).detach().requires_grad_() for key in cached[0]}
@@ -89,10 +95,10 @@ class GradCache:
         offsets = [0]
         for chunk in chunks:
             offsets.append(offsets[-1] + batch_size_of(chunk))
-        for index, chunk in enumerate(chunks):
+        for index, chunk in enumerate(prefetch(chunks, device)):
             states[index].restore()
             with precision.autocast():
-                replay = objective.represent(model, move_batch(chunk, device, precision.param_dtype))
+                replay = objective.represent(model, device_batch(chunk, model, precision))
             keys = [k for k in replay if reps[k].grad is not None and replay[k].requires_grad]
             start, stop = offsets[index], offsets[index + 1]
             torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])
