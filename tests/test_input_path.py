@@ -84,11 +84,11 @@ def test_loader_batches_equal_todays_batches_sample_for_sample(tmp_path):
 def test_draft_decoding_keeps_the_crop_and_decodes_fewer_pixels():
     data, stats = _jpeg(1024, 768, 7), ImageStats(128, STATS.mean, STATS.std)
     drafted_image = _open(data)
-    _seeded(build_clip_transforms(stats).train, drafted_image)
+    _seeded(build_clip_transforms(stats, draft_min_fraction=1.0).train, drafted_image)
     assert drafted_image.size == (256, 192)  # decoded at 1/4: the crop still spans >= 128 px a side
     # Smaller crops, so that each seed's crop differs: the drafted crop is the same crop, seen at
     # another decoding resolution (close to the exact one, and far from any other crop).
-    exact, drafted = (build_clip_transforms(stats, (0.2, 0.5), draft=on).train for on in (False, True))
+    exact, drafted = (build_clip_transforms(stats, (0.2, 0.5), on, 1.0).train for on in (False, True))
     exacts = [_seeded(exact, _open(data), seed).float() for seed in range(3)]
     for seed in range(3):
         ours = _seeded(drafted, _open(data), seed).float()
