@@ -6,11 +6,13 @@ For a batch of B split into chunks of C:
    (and to the loss-only parameters: the temperature, heads that see the whole batch);
 3. per chunk, restore its random state, replay ``represent`` with gradients and backward the
    cached representation gradients, accumulating into ``.grad``.
-Peak activation memory follows C, not B; the price is a second forward per chunk. The batch
-stays on the host (pinned, uint8 images): each pass copies chunk k+1 to the device while chunk k
-runs (``vlhub.data.prefetch``), so only about two chunks of input are on the device at a time. Parameters
+Peak activation memory follows C, not B; the price is a second forward per chunk. Parameters
 used only in ``loss`` get their gradient once, in step 2. Under data parallelism the step
 averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
+
+Input: the batch stays on the host (pinned on CUDA, images uint8); in each pass chunk k+1 is
+copied to the device while chunk k runs (``vlhub.data.prefetch``), so about two chunks of input
+are on the device at a time, and each chunk is normalised there (``device_batch``).
 
 BatchNorm: running statistics are snapshotted before the no-grad pass and restored after it,
 so they are updated once per chunk (by the replay), as with plain gradient accumulation.
