@@ -76,16 +76,19 @@ def tiny_model():
 
 
 def objective_batch(model, objective, size: int = 8, seed: int = 0):
-    """A real training batch for ``objective`` (its views, text and labels) from the synthetic shapes."""
+    """A real training batch for ``objective`` (its views, text and labels) from the synthetic shapes,
+    images normalised with the model's statistics (what ``represent`` sees)."""
     from vlhub.augment import build_clip_transforms
     from vlhub.data import SyntheticShapes, build_train_loader
+    from vlhub.data.batch import move_batch
 
     transforms = build_clip_transforms(model.image_stats)
     tokenizer = model.tokenizer if objective.needs_text else None
     loader = build_train_loader(
         SyntheticShapes(num_samples=256), transforms.train, tokenizer, size, seed, image_views=objective.image_views
     )
-    return next(iter(loader)).batch
+    stats = model.image_stats
+    return move_batch(next(iter(loader)).batch, torch.device("cpu"), None, stats.mean, stats.std)
 
 
 def prepared_objective(name: str, **kwargs):

@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import micro_model
 from vlhub.data import SyntheticShapes, build_train_loader
+from vlhub.data.batch import move_batch
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
@@ -13,12 +14,19 @@ from vlhub.objectives import ClipObjective
 CPU = torch.device("cpu")
 
 
-def _batch(model, size=32, seed=0):
+def _loader_batch(model, size=32, seed=0):
+    """A batch as the training loader gives it: uint8 images, normalised on the device later."""
     from vlhub.augment import build_clip_transforms
 
     transforms = build_clip_transforms(model.image_stats)
     loader = build_train_loader(SyntheticShapes(num_samples=256), transforms.train, model.tokenizer, size, seed)
     return next(iter(loader)).batch
+
+
+def _batch(model, size=32, seed=0):
+    """A batch ready for ``represent``: images normalised with the model's stats."""
+    stats = model.image_stats
+    return move_batch(_loader_batch(model, size, seed), CPU, None, stats.mean, stats.std)
 
 
 def _grads(model, objective, batch, strategy, precision="fp32"):
@@ -40,7 +48,7 @@ def _relative(a, b):
 def test_cached_gradient_equals_the_full_batch_gradient(chunk_size):
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
-    batch = _batch(model)
+    batch = _loader_batch(model)  # uint8: each strategy normalises on the device (chunks prefetched)
     plain, plain_parts = _grads(model, objective, batch, PlainGradients())
     cached, cached_parts = _grads(model, objective, batch, GradCache(chunk_size))
     assert cached.keys() == plain.keys() and "logit_scale" in plain

@@ -129,6 +129,7 @@ def train(
         image_views=objective.image_views,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
+        pin_memory=dist_info.device.type == "cuda",
     )
     trainer = Trainer(
         model,

@@ -1,46 +1,163 @@
-"""Image transforms for training and evaluation, sized and normalised for the model."""
+"""Image transforms for training and evaluation, sized and normalised for the model.
+
+Training transforms stop before ``ToTensor``/``Normalize``: they return ``uint8 [3, H, W]``,
+which is four times cheaper to collate, pin and copy than float. The device side finishes
+the job (``vlhub.data.batch.move_batch``: ``float() / 255``, then the model's mean and std),
+with the same arithmetic as ``ToTensor`` + ``Normalize``, so the tensors equal today's.
+Evaluation transforms return normalised float tensors, as ``vlhub.load``'s preprocess promises.
+
+JPEG draft decoding (``augment.draft``): the crop is drawn first, from the image's header
+size (the same random draws as torchvision's ``RandomResizedCrop``); then, if the source is an
+opened, not yet decoded JPEG, libjpeg decodes it at the smallest DCT scale (1/2, 1/4, 1/8)
+at which the crop still spans at least ``draft_min_fraction`` of the output's side (1.0:
+never fewer source pixels than output pixels, so no upsampling). Off, or for images already
+decoded, the pixels are exactly open_clip's.
+
+The default, 0.75, lets a 500x375 ImageNet-like JPEG decode at 1/2 for a 224 crop (the crop's
+short side, 355-375 px, becomes 178-188 px, resized up to 224): 1.8x open_clip's pipeline
+(benchmarks/data_pipeline.py), a mean difference of about 1 grey level in 255 from the exact
+pixels on the benchmark's images, and up to 1/4 fewer source rows or columns than output ones.
+``draft_min_fraction=1.0`` drafts only sources at least twice the crop (no resolution lost);
+``draft=false`` gives open_clip's pixels exactly.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from open_clip.transform import AugmentationCfg, image_transform
-from torchvision import transforms as T
+from PIL import Image
+from torchvision.transforms import (
+    CenterCrop,
+    ColorJitter,
+    Compose,
+    GaussianBlur,
+    InterpolationMode,
+    RandomApply,
+    RandomGrayscale,
+    RandomHorizontalFlip,
+    Resize,
+    ToTensor,
+)
+from torchvision.transforms import RandomResizedCrop as TorchRandomResizedCrop
 
 from vlhub.models.vision_language import ImageStats
 from vlhub.registry import TRANSFORMS
 
 ImageTransform = Callable[[object], torch.Tensor]
+DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers through PIL
 
 
 @dataclass(frozen=True)
 class Transforms:
-    train: ImageTransform
-    eval: ImageTransform
+    train: ImageTransform  # -> uint8 [3, H, W]; normalised on the device
+    eval: ImageTransform  # -> float [3, H, W], normalised
     random: bool = True  # whether two draws of ``train`` differ (two-view objectives need it)
 
 
-@TRANSFORMS.register("clip")
-def build_clip_transforms(stats: ImageStats, scale: tuple[float, float] = (0.9, 1.0)) -> Transforms:
-    """open_clip's recipe: RandomResizedCrop(scale) for training, resize + centre crop for eval."""
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as ``uint8 [3, H, W]`` (``ToTensor`` without the division)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def draft_scale(image: Image.Image, crop: tuple[int, int], size: int, min_fraction: float) -> int:
+    """Switch an undecoded JPEG to the smallest DCT scale that keeps ``crop`` (h, w) at least
+    ``min_fraction * size`` pixels a side; returns the reduction (1 when none applies)."""
+    height, width = crop
+    for scale in DRAFT_SCALES:
+        if min(height, width) / scale >= min_fraction * size:
+            # PIL picks the largest reduction with size[i] // request[i] >= scale, i.e. this one.
+            original_width = image.size[0]
+            request = (max(1, original_width // scale), max(1, image.size[1] // scale))
+            drafted = image.draft(image.mode, request)
+            if drafted is None:  # already decoded, or not a JPEG
+                return 1
+            return round(original_width / drafted[1][2])  # the reduction PIL took
+    return 1
+
+
+class RandomResizedCropUint8:
+    """open_clip's training crop (RandomResizedCrop, bicubic, then RGB) returning uint8.
+
+    Draws the crop with torchvision's ``RandomResizedCrop.get_params`` (the same random numbers
+    as open_clip's transform), optionally decodes a JPEG at a reduced scale, and resizes.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        draft: bool = False,
+        draft_min_fraction: float = 1.0,
+    ) -> None:
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.draft, self.draft_min_fraction = draft, draft_min_fraction
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        top, left, height, width = TorchRandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        reduction = 1
+        if self.draft:
+            reduction = draft_scale(image, (height, width), self.size, self.draft_min_fraction)
+        if reduction == 1:  # exactly torchvision's resized_crop on PIL, then open_clip's RGB
+            cropped = image.crop((left, top, left + width, top + height))
+            resized = cropped.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        else:  # the same box, in the reduced image's coordinates
+            box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+            box = (box[0], box[1], min(box[2], image.size[0]), min(box[3], image.size[1]))
+            resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        return to_uint8_tensor(resized.convert("RGB"))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, draft={self.draft}, "
+            f"draft_min_fraction={self.draft_min_fraction})"
+        )
+
+
+def build_clip_train_transform(
+    size: int, scale: tuple[float, float], draft: bool, draft_min_fraction: float
+) -> ImageTransform:
     lo, hi = scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
+    if not 0 < draft_min_fraction <= 1:
+        raise ValueError(f"augment.draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
+    return RandomResizedCropUint8(size, (lo, hi), draft=draft, draft_min_fraction=draft_min_fraction)
+
+
+@TRANSFORMS.register("clip")
+def build_clip_transforms(
+    stats: ImageStats,
+    scale: tuple[float, float] = (0.9, 1.0),
+    draft: bool = True,
+    draft_min_fraction: float = 0.75,
+) -> Transforms:
+    """open_clip's recipe: RandomResizedCrop(scale) for training (uint8 out), resize + centre crop for eval."""
     return Transforms(
-        train=image_transform(
-            stats.size, is_train=True, mean=stats.mean, std=stats.std, aug_cfg=AugmentationCfg(scale=(lo, hi))
-        ),
+        train=build_clip_train_transform(stats.size, tuple(scale), draft, draft_min_fraction),
         eval=image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std),
+    )
+
+
+def open_clip_train_transform(stats: ImageStats, scale: tuple[float, float] = (0.9, 1.0)) -> ImageTransform:
+    """open_clip's own float training transform: the reference the uint8 path is tested against."""
+    return image_transform(
+        stats.size, is_train=True, mean=stats.mean, std=stats.std, aug_cfg=AugmentationCfg(scale=tuple(scale))
     )
 
 
 @TRANSFORMS.register("none")
 def build_plain_transforms(stats: ImageStats) -> Transforms:
-    """No augmentation: the eval transform (resize, centre crop, normalise) for both."""
+    """No augmentation: resize and centre crop (uint8 for training, normalised for eval)."""
     plain = image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std)
-    return Transforms(train=plain, eval=plain, random=False)
+    steps = plain.transforms
+    if not (isinstance(steps[0], Resize) and isinstance(steps[1], CenterCrop) and isinstance(steps[-2], ToTensor)):
+        raise TypeError(f"unexpected open_clip eval transform layout: {plain}")
+    return Transforms(train=Compose([*steps[:-2], to_uint8_tensor]), eval=plain, random=False)
 
 
 @TRANSFORMS.register("simclr")
@@ -52,7 +169,7 @@ def build_simclr_transforms(
     grayscale_p: float = 0.2,
     blur_p: float = 0.5,
 ) -> Transforms:
-    """SimCLR's recipe: random resized crop, colour jitter, grayscale, Gaussian blur, flip.
+    """SimCLR's recipe: random resized crop, colour jitter, grayscale, Gaussian blur, flip (uint8 out).
 
     The blur kernel is about a tenth of the image side (odd), sigma in [0.1, 2], as in SimCLR.
     Evaluation is the plain resize and centre crop.
@@ -64,15 +181,14 @@ def build_simclr_transforms(
         if not 0 <= p <= 1:
             raise ValueError(f"augment.{name} must be in [0, 1], got {p}")
     kernel = max(3, int(0.1 * stats.size) // 2 * 2 + 1)
-    train = T.Compose(
+    train = Compose(
         [
-            T.RandomResizedCrop(stats.size, scale=(lo, hi), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
-            T.RandomGrayscale(p=grayscale_p),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(stats.mean, stats.std),
+            TorchRandomResizedCrop(stats.size, scale=(lo, hi), interpolation=InterpolationMode.BICUBIC),
+            RandomApply([ColorJitter(*jitter)], p=jitter_p),
+            RandomGrayscale(p=grayscale_p),
+            RandomApply([GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+            RandomHorizontalFlip(),
+            to_uint8_tensor,
         ]
     )
     return Transforms(train=train, eval=image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std))

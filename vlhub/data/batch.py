@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 import torch
@@ -15,8 +16,8 @@ log = logging.getLogger(__name__)
 class Batch(TypedDict, total=False):
     """Fixed keys; which are present depends on what the objective asked for."""
 
-    image: torch.Tensor  # [B, 3, H, W]
-    image_view2: torch.Tensor  # [B, 3, H, W], second augmented view (SSL objectives)
+    image: torch.Tensor  # [B, 3, H, W]: uint8 from the training loader, normalised float on the device
+    image_view2: torch.Tensor  # [B, 3, H, W], second augmented view (SSL objectives), likewise
     text: torch.Tensor  # [B, L] token ids
     label: torch.Tensor  # [B] int64 class index (-1 when the source has none)
     text_raw: list[str]
@@ -45,11 +46,39 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return {key: value[start:stop] for key, value in batch.items()}  # type: ignore[return-value]
 
 
-def move_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+IMAGE_KEYS = ("image", "image_view2")
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` to normalised float32, with ``ToTensor`` + ``Normalize``'s arithmetic
+    (``x.float() / 255``, then ``(x - mean) / std``), so the result equals theirs bit for bit."""
+    images = images.to(torch.float32).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.sub_(mean_t).div_(std_t)
+
+
+def move_batch(
+    batch: Batch,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Batch:
+    """Every tensor to ``device`` (asynchronously from pinned memory); float tensors to ``dtype``.
+
+    uint8 images (training transforms stop before ``ToTensor``) travel as uint8 and are
+    converted and normalised here, on the device, with ``mean``/``std`` (the model's), in
+    float32 and then cast to ``dtype``: the same values as normalising on the host.
+    """
     moved: dict = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
+            if key in IMAGE_KEYS and value.dtype == torch.uint8:
+                if mean is None or std is None:
+                    raise ValueError(f"batch[{key!r}] is uint8: move_batch needs the model's mean and std")
+                value = normalize_images(value, mean, std)
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
         moved[key] = value
@@ -63,6 +92,11 @@ class LoadedBatch:
     bad_samples: int
     bad_reasons: list[str] = field(default_factory=list)
     epoch: int = 0
+
+    def pin_memory(self) -> LoadedBatch:
+        """Called by DataLoader(pin_memory=True): the batch's tensors in page-locked memory."""
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+        return replace(self, batch=batch)  # type: ignore[arg-type]
 
 
 class BadSampleMonitor:

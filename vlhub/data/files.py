@@ -8,6 +8,7 @@ missing image, an empty caption) raise ``BadSample`` and are skipped and counted
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from PIL import Image
@@ -20,9 +21,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def read_image(path: Path) -> Image.Image:
+    """An RGB image. An RGB JPEG comes back opened but not decoded (from its bytes in memory),
+    so the training transform can decode it at a reduced scale (``augment.draft``); decoding
+    it later gives the same pixels. A JPEG corrupt past its header is then caught where it is
+    decoded (the loader counts it as a bad sample)."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(path.read_bytes()))
+        if image.format == "JPEG" and image.mode == "RGB":
+            return image
+        return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise BadSample(f"unreadable image {path}: {error}") from error
 

@@ -60,7 +60,10 @@ class _SlotDataset(Dataset):
             return bad
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 7_919 + slot)
-            views = [self.image_transform(raw.image) for _ in range(self.image_views)]
+            try:  # JPEGs may be decoded here, by the transform (draft decoding), not by the source
+                views = [self.image_transform(raw.image) for _ in range(self.image_views)]
+            except (OSError, ValueError, SyntaxError) as error:
+                return BadSample(f"undecodable image (sample {index}): {error}")
         return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch, "slot": slot}
 
 
@@ -95,14 +98,20 @@ def build_train_loader(
     image_views: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An endless loader of :class:`LoadedBatch`, from global slot ``start_sample`` on."""
+    """An endless loader of :class:`LoadedBatch`, from global slot ``start_sample`` on.
+
+    ``pin_memory`` (when training on CUDA): batches arrive in page-locked memory, so their copy
+    to the device is asynchronous and can overlap the previous step (``vlhub.data.prefetch``).
+    """
     return DataLoader(
         _SlotDataset(source, seed, image_transform, image_views),
         batch_sampler=StepBatchSampler(batch_size, start_sample, rank, world_size),
         collate_fn=_Collate(tokenizer, image_views),
         num_workers=source.workers,
         persistent_workers=False,
+        pin_memory=pin_memory,
         prefetch_factor=2 if source.workers > 0 else None,
         # Its own generator: creating the iterator must not draw from the global random stream,
         # or a resumed run's dropout would be shifted by one draw.

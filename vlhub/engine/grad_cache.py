@@ -10,6 +10,10 @@ Peak activation memory follows C, not B; the price is a second forward per chunk
 used only in ``loss`` get their gradient once, in step 2. Under data parallelism the step
 averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
 
+Input: the batch stays on the host (pinned on CUDA, images uint8); in each pass chunk k+1 is
+copied to the device while chunk k runs (``vlhub.data.prefetch``), so about two chunks of input
+are on the device at a time, and each chunk is normalised there (``device_batch``).
+
 BatchNorm: running statistics are snapshotted before the no-grad pass and restored after it,
 so they are updated once per chunk (by the replay), as with plain gradient accumulation.
 Batch statistics are per chunk, so BatchNorm towers do not reproduce a full-batch gradient.
@@ -20,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlhub.data.batch import Batch, batch_size_of, move_batch, slice_batch
+from vlhub.data.batch import Batch, batch_size_of, slice_batch
+from vlhub.data.prefetch import prefetch
 from vlhub.engine.precision import Precision
+from vlhub.engine.step import device_batch
 from vlhub.objectives.base import Objective
 
 
@@ -62,6 +68,8 @@ def _leaf(tensor: torch.Tensor) -> torch.Tensor:
 class GradCache:
     """Gradient of one step at the whole batch, computed ``chunk_size`` samples at a time."""
 
+    batch_on_device = False  # chunks travel one at a time, the next one prefetched
+
     def __init__(self, chunk_size: int) -> None:
         if chunk_size <= 0:
             raise ValueError(f"trainer.grad_cache.chunk_size must be > 0, got {chunk_size}")
@@ -81,9 +89,9 @@ class GradCache:
         saved_stats = _running_stats(model)
         states, cached = [], []
         with torch.no_grad(), precision.autocast():
-            for chunk in chunks:
+            for chunk in prefetch(chunks, device):
                 states.append(RandomState(device))
-                cached.append(objective.represent(model, move_batch(chunk, device, precision.param_dtype)))
+                cached.append(objective.represent(model, device_batch(chunk, model, precision)))
         _restore_running_stats(saved_stats)
 
         reps = {key: _leaf(torch.cat([c[key] for c in cached])) for key in cached[0]}
@@ -95,10 +103,10 @@ class GradCache:
         offsets = [0]
         for chunk in chunks:
             offsets.append(offsets[-1] + batch_size_of(chunk))
-        for index, chunk in enumerate(chunks):
+        for index, chunk in enumerate(prefetch(chunks, device)):
             states[index].restore()
             with precision.autocast():
-                replay = objective.represent(model, move_batch(chunk, device, precision.param_dtype))
+                replay = objective.represent(model, device_batch(chunk, model, precision))
             keys = [k for k in replay if reps[k].requires_grad and reps[k].grad is not None and replay[k].requires_grad]
             start, stop = offsets[index], offsets[index + 1]
             torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])

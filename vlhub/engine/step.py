@@ -18,6 +18,10 @@ from vlhub.objectives.base import Objective
 
 
 class GradientStrategy(Protocol):
+    # True: the trainer hands over each batch already on the device, its copy overlapping the
+    # previous step (vlhub.data.prefetch). False: the strategy moves what it needs, when it needs it.
+    batch_on_device: bool
+
     def __call__(
         self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
     ) -> dict[str, torch.Tensor]:
@@ -28,13 +32,22 @@ class GradientStrategy(Protocol):
         """
 
 
+def device_batch(batch: Batch, model: nn.Module, precision: Precision) -> Batch:
+    """The batch on the device in the param dtype; uint8 images normalised with the model's stats."""
+    stats = getattr(model, "image_stats", None)
+    mean, std = (stats.mean, stats.std) if stats is not None else (None, None)
+    return move_batch(batch, precision.device, precision.param_dtype, mean, std)
+
+
 class PlainGradients:
     """The whole batch in one forward and one backward."""
+
+    batch_on_device = True
 
     def __call__(
         self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
     ) -> dict[str, torch.Tensor]:
-        batch = move_batch(batch, precision.device, precision.param_dtype)
+        batch = device_batch(batch, model, precision)
         with precision.autocast():
             reps = objective.represent(model, batch)
             parts = objective.loss(reps, model)

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch
+from vlhub.data.prefetch import prefetch
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
@@ -92,6 +93,8 @@ class Trainer:
         self.restore()
         start_step, metrics = self.step, {}
         loader = iter(self.make_loader(self.samples_consumed))  # this rank's batches from there on
+        if self.gradients.batch_on_device:  # the next batch's copy overlaps this step
+            loader = prefetch(loader, self.dist.device)
         progress = tqdm(
             total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
         )

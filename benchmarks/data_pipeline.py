@@ -1,0 +1,187 @@
+"""Images/s of the training input pipeline at 224 px: vlhub's against open_clip's, same shards.
+
+Both sides read the same webdataset shards of ImageNet-like 500x375 JPEGs (quality 90, written
+here with ``webdataset.TarWriter``), decode, crop, tokenise and batch them in DataLoader workers:
+- open_clip: ``open_clip_train.data.get_wds_dataset`` with open_clip's training transform
+  (eager PIL decode, RandomResizedCrop bicubic, ToTensor, Normalize; float batches);
+- vlhub: plain ``webdataset`` reading the same tars, the JPEG handed over undecoded to vlhub's
+  training transform (``vlhub.augment``: the same crop draws, JPEG draft decoding, uint8 out;
+  the float conversion and normalisation happen on the GPU). vlhub's own ``data=wds`` source is
+  built on another branch; this measures the decode and transform cost on identical shards.
+
+open_clip 3.3's pipeline fails with webdataset 1.0.2 (``KeyError: 'fname'``); its training extra
+pins webdataset <= 0.2.86. So the open_clip side runs in its own venv, as a subprocess, which
+takes webdataset 0.2.86 and pandas from there and everything else (torch, Pillow, open_clip)
+from vlhub's venv, so both sides decode with the same Pillow and libjpeg:
+
+    python3 -m venv /tmp/oc-venv
+    /tmp/oc-venv/bin/pip install 'webdataset<=0.2.86' pandas
+    python -c 'import site; print(site.getsitepackages()[0])' \\
+        > /tmp/oc-venv/lib/python3.11/site-packages/zz_vlhub_venv.pth   # appended after its own
+    python benchmarks/data_pipeline.py --workers 2 --open-clip-python /tmp/oc-venv/bin/python
+
+(``python`` is vlhub's venv; use the oc-venv's Python version in the .pth path.) Output: one
+JSON line per pipeline (images/s, per worker) and the ratio of vlhub's default to open_clip's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, QUALITY = 500, 375, 90
+
+
+def make_image(rng: np.random.Generator) -> bytes:
+    """A smooth random background, a few filled shapes and mild noise, as a q90 JPEG."""
+    coarse = (rng.random((int(rng.integers(3, 12)), int(rng.integers(4, 16)), 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 10))):
+        x, y, r = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT)), int(rng.integers(15, 120))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x - r, y - r, x + r, y + r], fill=fill)
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-10, 11, (HEIGHT, WIDTH, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=QUALITY)
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, count: int, shard_size: int) -> list[str]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = [str(folder / f"shard-{k:06d}.tar") for k in range((count + shard_size - 1) // shard_size)]
+    if all(Path(s).exists() for s in shards) and (folder / "sizes.json").exists():
+        return shards
+    rng = np.random.default_rng(0)
+    for k, shard in enumerate(shards):
+        with wds.TarWriter(shard) as sink:
+            for index in range(k * shard_size, min(count, (k + 1) * shard_size)):
+                sink.write({"__key__": f"{index:08d}", "jpg": make_image(rng), "txt": f"a picture number {index}"})
+    (folder / "sizes.json").write_text(json.dumps({Path(s).name: shard_size for s in shards}))
+    return shards
+
+
+def time_batches(loader, count: int) -> dict[str, float]:
+    """Images/s after the first batch (worker start-up and first decodes are not counted)."""
+    seen, start = 0, None
+    for images, _ in loader:
+        if start is None:
+            start, first = time.perf_counter(), len(images)
+            continue
+        seen += len(images)
+    elapsed = time.perf_counter() - start
+    return {"images": seen + first, "timed_images": seen, "seconds": elapsed, "images_per_s": seen / elapsed}
+
+
+def run_vlhub(shards: list[str], args, draft: bool, min_fraction: float) -> dict[str, float]:
+    import open_clip
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    from vlhub.augment import build_clip_transforms
+    from vlhub.models.vision_language import ImageStats
+
+    stats = ImageStats(args.size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    transform = build_clip_transforms(stats, draft=draft, draft_min_fraction=min_fraction).train
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+
+    def prepare(sample):  # the JPEG opened, not decoded: the transform decides at what scale
+        return transform(Image.open(io.BytesIO(sample["jpg"]))), sample["txt"].decode("utf-8")
+
+    def collate(samples):
+        images, texts = zip(*samples)
+        return torch.stack(images), tokenizer(list(texts))
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(prepare),
+        wds.batched(args.batch_size, collation_fn=collate, partial=True),
+    )
+    loader = DataLoader(pipeline, batch_size=None, num_workers=args.workers)
+    return time_batches(loader, args.num_images)
+
+
+def run_open_clip(shards: list[str], args) -> dict[str, float]:
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    transform = open_clip.image_transform(args.size, is_train=True)
+    settings = SimpleNamespace(
+        train_data="::".join(shards),
+        val_data=None,
+        train_num_samples=args.num_images,
+        val_num_samples=None,
+        train_data_upsampling_factors=None,
+        dataset_resampled=False,
+        seed=0,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        world_size=1,
+    )
+    data = get_wds_dataset(settings, transform, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    return time_batches(data.dataloader, args.num_images)
+
+
+def report(name: str, result: dict[str, float], workers: int) -> dict[str, float]:
+    row = {"pipeline": name, **result, "images_per_s_per_worker": result["images_per_s"] / max(1, workers)}
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, default=Path("/tmp/vlhub-bench-shards"))
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2, help="passes per pipeline; the best is reported")
+    parser.add_argument("--open-clip-python", default="/tmp/oc-venv/bin/python")
+    parser.add_argument("--side", choices=["all", "open_clip"], default="all", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    shards = write_shards(args.shards, args.num_images, args.shard_size)
+    if args.side == "open_clip":  # the subprocess, in the open_clip venv
+        best = max((run_open_clip(shards, args) for _ in range(args.repeats)), key=lambda r: r["images_per_s"])
+        print("RESULT " + json.dumps(best))
+        return
+
+    command = [args.open_clip_python, __file__, "--side", "open_clip", *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"the open_clip side failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    theirs = report("open_clip get_wds_dataset (webdataset 0.2.86)", json.loads(lines[-1][7:]), args.workers)
+    rows = {}
+    for name, draft, fraction in [
+        ("vlhub uint8, draft off (exact pixels)", False, 1.0),
+        ("vlhub uint8, draft on, min_fraction 1.0 (no upsampling)", True, 1.0),
+        ("vlhub uint8, draft on, min_fraction 0.75 (default)", True, 0.75),
+    ]:
+        best = max(
+            (run_vlhub(shards, args, draft, fraction) for _ in range(args.repeats)), key=lambda r: r["images_per_s"]
+        )
+        rows[name] = report(name, best, args.workers)
+    for name, row in rows.items():
+        print(f"{name}: {row['images_per_s'] / theirs['images_per_s']:.2f}x open_clip")
+
+
+if __name__ == "__main__":
+    main()
