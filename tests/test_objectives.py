@@ -1,0 +1,176 @@
+"""Every objective under the gradient cache, at evaluation, at launch and from a checkpoint."""
+
+import pytest
+import torch
+
+import vlhub
+from tests.conftest import objective_batch, prepared_objective, run_train
+from vlhub.data import SyntheticShapes
+from vlhub.engine.grad_cache import GradCache
+from vlhub.engine.precision import Precision
+from vlhub.engine.step import PlainGradients
+from vlhub.eval import SyntheticZeroShot
+from vlhub.eval.context import EvalContext
+from vlhub.objectives import IncompatibleObjective
+from vlhub.objectives.mlm import MaskedLanguageModel
+from vlhub.registry import OBJECTIVES
+
+CPU = torch.device("cpu")
+
+
+def _gradients(model, objective, batch, strategy) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    objective.zero_grad(set_to_none=True)
+    strategy(model, objective, batch, Precision("fp32", CPU))
+    named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]
+    return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+
+
+def _relative(a: dict, b: dict) -> float:
+    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
+    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
+
+
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_the_gradient_cache_gives_every_objective_its_full_batch_gradient(name):
+    model, objective = prepared_objective(name)
+    batch = objective_batch(model, objective, size=8)
+    plain = _gradients(model, objective, batch, PlainGradients())
+    cached = _gradients(model, objective, batch, GradCache(4))
+    assert cached.keys() == plain.keys()
+    assert any(k.startswith("objective.") for k in plain) or not list(objective.parameters())
+    assert _relative(cached, plain) <= 1e-5
+
+
+def test_mlm_masks_are_a_function_of_the_sample_not_of_the_batch():
+    model, objective = prepared_objective("mlm")
+    batch = objective_batch(model, objective, size=8)
+    chosen, replaced = objective.mlm.masks(batch["text"], batch["sample_id"])
+    part_chosen, part_replaced = objective.mlm.masks(batch["text"][4:], batch["sample_id"][4:])
+    assert torch.equal(part_chosen, chosen[4:]) and torch.equal(part_replaced, replaced[4:])
+    special = (batch["text"] == 0) | (batch["text"] == 49406) | (batch["text"] == 49407)
+    assert not (chosen & special).any() and (replaced <= chosen).all()
+    real = (~special).sum(dim=1).float()
+    assert torch.equal(chosen.sum(dim=1).float(), (real * 0.15).ceil())  # ceil(15%) of each caption
+    other = MaskedLanguageModel()
+    other.special_ids = objective.mlm.special_ids
+    assert torch.equal(other.masks(batch["text"], batch["sample_id"] + 1000)[0].sum(1), chosen.sum(1))
+    assert not torch.equal(other.masks(batch["text"], batch["sample_id"] + 1000)[0], chosen)
+
+
+def _evaluate(model, objective, num_samples=30):
+    context = EvalContext("synthetic", _eval_transform(model), CPU, batch_size=16, scoring=objective.scoring(model))
+    return SyntheticZeroShot(num_samples=num_samples, image_size=32).run(model, context)
+
+
+def _eval_transform(model):
+    from vlhub.api import eval_transform
+
+    return eval_transform(model)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected", "absent"),
+    [
+        ("filip", "synthetic-zeroshot-top1", "synthetic-linear_probe-top1"),
+        ("cloob", "synthetic-zeroshot-top1", "synthetic-classifier-top1"),
+        ("ce", "synthetic-classifier-top1", "synthetic-zeroshot-top1"),
+        ("simclr", "synthetic-linear_probe-top1", "synthetic-zeroshot-top1"),
+    ],
+)
+def test_the_objective_decides_how_images_are_scored(name, expected, absent):
+    model, objective = prepared_objective(name)
+    metrics = _evaluate(model.eval(), objective.eval())
+    assert expected in metrics and absent not in metrics
+    assert 0.0 <= metrics[expected] <= 1.0
+
+
+def test_filip_zero_shot_is_the_mean_over_templates_of_the_token_similarity():
+    from vlhub.objectives.filip import token_similarity
+
+    model, objective = prepared_objective("filip")
+    model.eval()
+    scorer = objective.scoring(model).zero_shot
+    names, templates = ["red circle", "blue star"], ["a {}.", "a photo of a {}."]
+    classifier = scorer.build_classifier(names, templates, CPU, 8)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        image_tokens = objective.image_tokens(model, images)
+        expected = torch.zeros(3, 2)
+        for c, name in enumerate(names):
+            for template in templates:
+                text_tokens, mask = objective.text_tokens(model, model.tokenize([template.format(name)]))
+                expected[:, c] += token_similarity(image_tokens, text_tokens, mask)[0][:, 0] / len(templates)
+    torch.testing.assert_close(scorer.logits(images, classifier), 100 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ce_classifier_is_scored_on_the_task_classes_by_name():
+    model, objective = prepared_objective("ce")
+    model.eval()
+    classifier = objective.scoring(model).classifier
+    assert classifier.class_names == SyntheticShapes(num_samples=1).class_names
+    metrics = _evaluate(model, objective)
+    images = torch.stack([_eval_transform(model)(SyntheticShapes(30, split="val").load(i).image) for i in range(30)])
+    labels = torch.tensor([SyntheticShapes(30, split="val").load(i).label for i in range(30)])
+    top1 = (classifier.logits(images).argmax(1) == labels).float().mean().item()
+    assert metrics["synthetic-classifier-top1"] == pytest.approx(top1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective=filip", "model=rn50"], "objective=filip with model=rn50.*needs token features"),
+        (["objective=coca", "model=rn50"], "objective=coca with model=rn50.*needs token features"),
+        (["objective=simclr", "augment=none"], "objective=simclr.*augment=none.*identical"),
+    ],
+)
+def test_an_objective_that_cannot_work_fails_at_launch_naming_both(tmp_path, overrides, message):
+    choices = {"model": "tiny", "data": "synthetic", "augment": "clip"}
+    choices.update(dict(o.split("=") for o in overrides))
+    with pytest.raises(IncompatibleObjective, match=message):
+        run_train(overrides, tmp_path, choices)
+
+
+def test_ce_without_labels_fails_at_launch(tmp_path):
+    root = SyntheticShapes(num_samples=4).write_csv(tmp_path / "csv")
+    choices = {"model": "tiny", "objective": "ce", "data": "csv"}
+    with pytest.raises(IncompatibleObjective, match="objective=ce with model=tiny, data=csv.*needs class labels"):
+        run_train(["objective=ce", "data=csv", f"data.root={root}"], tmp_path / "run", choices)
+
+
+def test_ce_runs_on_an_imagefolder_with_no_other_key(tmp_path):
+    root = SyntheticShapes(num_samples=30, split="val").write_imagefolder(tmp_path / "folder")
+    metrics = run_train(["objective=ce", "data=imagefolder", f"data.root={root}"], tmp_path / "run")
+    assert "synthetic-classifier-top1" in metrics and "synthetic-zeroshot-top1" not in metrics  # classes by name
+    checkpoint = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert checkpoint["objective_spec"]["kwargs"]["num_classes"] == 30
+
+
+def test_a_checkpoint_rebuilds_the_objective_and_its_heads_through_the_registry(tmp_path):
+    run_train(["objective=siglip"], tmp_path, {"model": "tiny", "objective": "siglip"})
+    path = tmp_path / "checkpoints/latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["objective_spec"]["name"] == "siglip"
+    assert "_target_" not in checkpoint["objective_spec"]["kwargs"]
+    loaded = vlhub.load(path)
+    model, preprocess, tokenizer = loaded  # still unpacks as three
+    assert type(loaded.objective).__name__ == "SiglipObjective"
+    torch.testing.assert_close(loaded.objective.logit_bias.detach(), checkpoint["objective"]["logit_bias"])
+    assert loaded.objective.logit_bias.item() != -10.0  # trained, not re-initialised
+
+
+def test_siglip_starts_from_the_papers_temperature_and_bias():
+    model, objective = prepared_objective("siglip")
+    assert model.temperature_scale().item() == pytest.approx(10.0)
+    assert objective.logit_bias.item() == -10.0
+
+
+def test_a_two_view_objective_gets_independent_views_and_the_command_line_wins_over_its_augment(tmp_path):
+    from tests.conftest import compose_train
+
+    assert "simclr" in compose_train(["objective=slip"]).augment._target_
+    assert "clip" in compose_train(["objective=slip", "augment=clip"]).augment._target_
+    model, objective = prepared_objective("slip")
+    batch = objective_batch(model, objective, size=4)
+    assert batch["image_view2"].shape == batch["image"].shape
+    assert not torch.equal(batch["image_view2"], batch["image"])
