@@ -40,23 +40,43 @@ def test_every_objective_trains_the_towers_with_a_finite_loss(name):
     assert any(n.startswith("text_tower.") for n in changed) or not objective.needs_text
 
 
+def _shards(shapes, tmp_path):
+    from vlhub.data.write_shards import write_shards
+
+    write_shards((shapes.load(i) for i in range(4)), tmp_path / "shards", shard_size=2)
+    return str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+
+
 def _dataset_kwargs(name, tmp_path):
     shapes = SyntheticShapes(num_samples=4, split="val")
     cases = {
         "synthetic": lambda: {"num_samples": 4},
         "csv": lambda: {"root": str(shapes.write_csv(tmp_path / "csv"))},
         "imagefolder": lambda: {"root": str(shapes.write_imagefolder(tmp_path / "folder"))},
+        "wds": lambda: {"root": _shards(shapes, tmp_path)},
+        "blend": lambda: {"schema": _schema(_shards(shapes, tmp_path), tmp_path)},
     }
     assert name in cases, f"dataset {name!r} is registered but has no contract case here"
     return cases[name]()
 
 
+def _schema(root, tmp_path):
+    path = tmp_path / "blend.yaml"
+    path.write_text(f"sources:\n  - {{name: a, root: '{root}', num_samples: 4, weight: 1}}\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_every_dataset_yields_raw_samples(name, tmp_path):
+def test_every_dataset_yields_raw_samples_and_batches(name, tmp_path):
     source = DATASETS.build(name, **_dataset_kwargs(name, tmp_path))
     assert len(source) == 4
-    sample = source.load(3)
-    assert isinstance(sample, RawSample) and sample.caption and sample.image.mode == "RGB"
+    if hasattr(source, "load"):  # map-style
+        sample = source.load(3)
+        assert isinstance(sample, RawSample) and sample.caption and sample.image.mode == "RGB"
+    loaded = next(iter(source.build_loader(lambda image: torch.zeros(3, *image.size), None, 4, seed=0)))
+    assert loaded.bad_samples == 0 and loaded.samples_read == 4
+    assert loaded.batch["image"].shape[0] == 4 and all(loaded.batch["text_raw"])
+    assert loaded.batch["sample_id"].tolist() == [0, 1, 2, 3]  # the global positions of the first batch
 
 
 @pytest.mark.parametrize("name", TRANSFORMS.names())

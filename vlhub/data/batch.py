@@ -20,6 +20,7 @@ class Batch(TypedDict, total=False):
     text: torch.Tensor  # [B, L] token ids
     label: torch.Tensor  # [B] int64 class index (-1 when the source has none)
     text_raw: list[str]
+    sample_id: torch.Tensor  # [B] int64: the sample's position in the global stream (unique, deterministic)
 
 
 @dataclass

@@ -3,20 +3,25 @@
 Samples are laid out on one global line of *slots*: slot s is sample ``perm_e[s % N]`` of
 epoch ``e = s // N``, where ``perm_e`` is a permutation seeded by (seed, e). Starting at slot
 S, the k-th batch of rank r takes slots ``S + [(k*W + r)*B, (k*W + r + 1)*B)``. Augmentation
-randomness is seeded by the slot. So what a batch holds depends only on (seed, position, rank),
-never on when a loader was created: resuming at the saved position gives bit-identical
-batches, and W ranks at batch B see the same samples as one process at batch W*B.
+randomness is seeded by the slot, and the slot is the batch's ``sample_id``. So what a batch
+holds depends only on (seed, position, rank), never on when a loader was created: resuming at
+the saved position gives bit-identical batches, and W ranks at batch B see the same samples as
+one process at batch W*B. Streamed shards (``vlhub.data.stream``) reuse the per-sample transform
+and the collation below, with their own positions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlhub.data.batch import BadSample, Batch, LoadedBatch
-from vlhub.data.sources import PairSource
+from vlhub.data.batch import BadSample, Batch, LoadedBatch, RawSample
+
+if TYPE_CHECKING:
+    from vlhub.data.sources import PairSource
 
 ImageTransform = Callable[[object], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -35,6 +40,16 @@ class StepBatchSampler(Sampler[list[int]]):
             first = self.start_sample + (step * self.world_size + self.rank) * self.batch_size
             yield list(range(first, first + self.batch_size))
             step += 1
+
+
+def transform_sample(
+    raw: RawSample, slot: int, epoch: int, seed: int, image_transform: ImageTransform, image_views: int
+) -> dict:
+    """One decoded sample, its augmentation seeded by its global position ``slot``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 7_919 + slot)
+        views = [image_transform(raw.image) for _ in range(image_views)]
+    return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch, "slot": slot}
 
 
 class _SlotDataset(Dataset):
@@ -58,13 +73,10 @@ class _SlotDataset(Dataset):
             raw = self.source.load(index)
         except BadSample as bad:
             return bad
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 7_919 + slot)
-            views = [self.image_transform(raw.image) for _ in range(self.image_views)]
-        return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch}
+        return transform_sample(raw, slot, epoch, self.seed, self.image_transform, self.image_views)
 
 
-class _Collate:
+class Collate:
     def __init__(self, tokenizer: Tokenizer | None, image_views: int) -> None:
         self.tokenizer, self.image_views = tokenizer, image_views
 
@@ -78,6 +90,7 @@ class _Collate:
                 batch["image_view2"] = torch.stack([item["views"][1] for item in good])
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["text_raw"] = [item["caption"] for item in good]
+            batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
             if self.tokenizer is not None:
                 batch["text"] = self.tokenizer(batch["text_raw"])
         epoch = max((item["epoch"] for item in good), default=0)
@@ -99,7 +112,7 @@ def build_train_loader(
     return DataLoader(
         _SlotDataset(source, seed, image_transform, image_views),
         batch_sampler=StepBatchSampler(batch_size, start_sample, rank, world_size),
-        collate_fn=_Collate(tokenizer, image_views),
+        collate_fn=Collate(tokenizer, image_views),
         num_workers=source.workers,
         persistent_workers=False,
         prefetch_factor=2 if source.workers > 0 else None,

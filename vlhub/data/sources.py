@@ -1,10 +1,16 @@
-"""Base of every map-style data source: decoding by index, plus how it is read."""
+"""Base of every map-style data source: decoding by index, plus how it is read.
+
+Every source, map-style or streamed, builds its own training loader with ``build_loader``
+(the trainer's loader factory binds that method): a map-style source is read by the slot
+loader of ``vlhub.data.loader``, shards by ``vlhub.data.stream``.
+"""
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import RawSample
+from vlhub.data.loader import ImageTransform, Tokenizer, build_train_loader
 
 
 class PairSource(Dataset):
@@ -35,3 +41,19 @@ class PairSource(Dataset):
 
     def __getitem__(self, index: int) -> RawSample:
         return self.load(index)
+
+    def build_loader(
+        self,
+        image_transform: ImageTransform,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        seed: int,
+        start_sample: int = 0,
+        image_views: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
+        """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on."""
+        return build_train_loader(
+            self, image_transform, tokenizer, batch_size, seed, start_sample, image_views, rank, world_size
+        )

@@ -159,18 +159,24 @@ class Trainer:
 
     # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if not self.dist.is_main or not self.evaluator.tasks:
+        """Run the evaluation tasks (if any) and write a record with the bad-sample count either way."""
+        if not self.dist.is_main:
             return {}
-        metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval")
+        metrics: dict[str, float] = {}
+        if self.evaluator.tasks:
+            metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval")
         record = {
             "step": self.step,
             "epoch": self.epoch,
             **self.run_info,
             "data/bad_samples": self.bad_samples.bad,
+            "data/samples_read": self.bad_samples.read,
             **metrics,
         }
+        log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)
         if self.metric_logger is not None:
-            self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+            if metrics:
+                self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
             self.metric_logger.log_results(record)
         return metrics
 

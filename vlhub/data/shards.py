@@ -1,0 +1,136 @@
+"""Webdataset shards: the shard spec, epoch sizes, reading a tar into samples, decoding a sample.
+
+A shard spec is a brace pattern (``/data/shard-{000000..000009}.tar``); several sources are
+joined by ``::``. Every expanded local path must exist when the source is built, and an empty
+source fails naming the key. Tar members are grouped into samples by webdataset's own rules
+(``webdataset.tariterators``: key = path up to the first dot of the file name, extension = the
+rest), so any shard an ordinary ``webdataset.TarWriter`` wrote reads here.
+
+Faults inside a shard never stop the stream: a shard that cannot be opened, or ends early,
+yields one :class:`BadSample` in place of what could not be read; a sample without an image
+or a ``txt``, with an empty caption or an undecodable image is a ``BadSample`` when decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from vlhub.data.batch import BadSample, RawSample
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """One source of a stream: its shards, its share of the mix, and its size when known."""
+
+    name: str
+    urls: tuple[str, ...]
+    weight: float = 1.0
+    num_samples: int | None = None
+
+
+def expand_shards(pattern: str, key: str) -> tuple[str, ...]:
+    """Brace-expand one source's pattern; local paths must exist. ``key`` names the setting."""
+    if not pattern or not pattern.strip():
+        raise ValueError(f"{key}: empty shard pattern")
+    urls = tuple(url for url in braceexpand.braceexpand(pattern.strip()) if url)
+    if not urls:
+        raise ValueError(f"{key}={pattern!r}: the brace expansion is empty")
+    missing = [url for url in urls if not url.startswith(REMOTE_PREFIXES) and not Path(url).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{key}={pattern!r}: {len(missing)} of {len(urls)} shards do not exist: {shown}")
+    return urls
+
+
+def split_sources(root: str, key: str = "data.root") -> list[str]:
+    """``a::b`` -> [``a``, ``b``]; an empty piece fails naming ``key``."""
+    pieces = root.split("::")
+    for index, piece in enumerate(pieces):
+        if not piece.strip():
+            raise ValueError(f"{key}={root!r}: source {index + 1} of {len(pieces)} (between '::') is empty")
+    return pieces
+
+
+def size_from_sizes_json(urls: tuple[str, ...]) -> int | None:
+    """The sum of the shards' counts in a ``sizes.json`` beside them (``{"shard-000000.tar": 10000}``),
+    or None when a shard is remote or not listed."""
+    cache: dict[Path, dict] = {}
+    total = 0
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            return None
+        path = Path(url)
+        if path.parent not in cache:
+            file = path.parent / "sizes.json"
+            cache[path.parent] = json.loads(file.read_text()) if file.is_file() else {}
+        count = cache[path.parent].get(path.name)
+        if count is None:
+            return None
+        total += int(count)
+    return total
+
+
+def read_shard(url: str) -> Iterator[dict | BadSample]:
+    """The samples of one shard, in tar order, as dicts of raw bytes keyed by extension."""
+    try:
+        stream = gopen(url, "rb")
+    except Exception as error:  # noqa: BLE001 (any failure to open is one bad unit, not a crash)
+        yield BadSample(f"cannot open shard {url}: {error}")
+        return
+    current: dict | None = None
+    try:
+        with stream:
+            for member in tar_file_iterator(stream):
+                key, extension = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[extension.lower()] = member["data"]
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        where = f"in sample {current['__key__']}" if current is not None else "at its start"
+        yield BadSample(f"shard {url} ends early or is corrupt {where}: {error}")
+        return
+    if current is not None:
+        yield current
+
+
+def decode_sample(raw: dict) -> RawSample:
+    """Raw bytes -> a RawSample (RGB image, caption, label from ``cls`` or -1), else BadSample."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    image_key = next((key for key in IMAGE_KEYS if key in raw), None)
+    if image_key is None:
+        raise BadSample(f"{where}: no image ({'/'.join(IMAGE_KEYS)}) in {sorted(k for k in raw if k[:2] != '__')}")
+    if "txt" not in raw:
+        raise BadSample(f"{where}: no txt caption")
+    caption = raw["txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise BadSample(f"{where}: empty caption")
+    label = -1
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode().strip())
+        except ValueError:
+            raise BadSample(f"{where}: cls {raw['cls'][:20]!r} is not an integer") from None
+    try:
+        with Image.open(io.BytesIO(raw[image_key])) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadSample(f"{where}: unreadable {image_key}: {error}") from error
+    return RawSample(image=rgb, caption=caption, label=label)
