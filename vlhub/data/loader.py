@@ -47,7 +47,9 @@ def transform_sample(
 ) -> dict:
     """One decoded sample, its augmentation seeded by its global position ``slot``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 7_919 + slot)
+        # The CPU generator only: torch.manual_seed also queues a CUDA seeding call, which records
+        # a stack trace every time (milliseconds per sample) while CUDA is not initialised.
+        torch.default_generator.manual_seed(seed * 7_919 + slot)
         views = [image_transform(raw.image) for _ in range(image_views)]
     return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch, "slot": slot}
 

@@ -13,11 +13,11 @@ lays the stream out itself, as a pure function of (seed, position, ranks, worker
   end of an epoch) and is batch ``j = (k % N) // L`` of lane ``l = (k % N) % L``. DataLoader
   worker ``w`` serves batches ``k = start + w + m * L``, so within an epoch it serves a single
   lane, batch after batch.
-- **Shards per lane.** Without resampling, pass ``p`` of epoch ``e`` orders each source's shards
-  by a permutation seeded by (seed, e, source, p), the same on every rank, and lane ``g`` takes
-  every ``G``-th shard from ``g``: ranks and workers read disjoint shards; a lane that runs out
-  starts the next pass. With ``resampled``, lane ``g`` draws shards with replacement from a
-  generator seeded by (seed, e, source, g).
+- **Shards per lane.** Without resampling, epoch ``e`` orders each source's shards by a
+  permutation seeded by (seed, e, source), the same on every rank, and lane ``g`` takes every
+  ``G``-th shard from ``g``: ranks and workers read disjoint shards. A lane that runs out before
+  the epoch ends reads its own shards again, reshuffled. With ``resampled``, lane ``g`` draws
+  shards with replacement from a generator seeded by (seed, e, source, g).
 - **Mix.** With several sources each sample's source is drawn by the weights from a generator
   seeded by (seed, e, g): the mix follows the weights whatever the shard counts.
 - **Shuffle.** A buffer of ``shuffle_buffer`` raw samples per lane, seeded by (seed, e, g).
@@ -59,10 +59,13 @@ def shard_order(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, 
         rng = _rng(seed, epoch, index, lane, "resample")
         while True:
             yield urls[rng.randrange(len(urls))]
-    for sweep in itertools.count():
-        order = list(range(len(urls)))
-        _rng(seed, epoch, index, sweep, "order").shuffle(order)
-        yield from (urls[i] for i in order[lane::lanes])
+    order = list(range(len(urls)))
+    _rng(seed, epoch, index, "order").shuffle(order)
+    mine = [urls[i] for i in order[lane::lanes]]
+    yield from mine
+    for sweep in itertools.count(1):  # the lane ran out before the epoch's end: its own shards again
+        _rng(seed, epoch, index, lane, sweep).shuffle(mine)
+        yield from mine
 
 
 def source_samples(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, lanes: int, resampled: bool):
