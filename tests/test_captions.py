@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from open_clip.tokenizer import SimpleTokenizer
 
 from vlhub.data.caption_transforms import TokenLayout, caesar_shift, clean_caption
@@ -144,3 +145,71 @@ def test_random_streams_depend_only_on_the_seed():
     first = pipeline.prepare("a b c d e f g h", seed=42)
     random.seed(999)
     assert pipeline.prepare("a b c d e f g h", seed=42) == first  # global random state is irrelevant
+
+
+# -- through the real YAML and the map-style loader ------------------------------------------------
+def _synthetic_source(tmp_path, *overrides):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+    from vlhub.data.synthetic import class_names
+
+    classes = tmp_path / "shapes.txt"
+    classes.write_text("\n".join(class_names()))
+    cfg = compose_train(["data.workers=0", "data.num_samples=48", f"data.classes={classes}", *overrides])
+    return instantiate(cfg.data)
+
+
+def _batches(source, tokenizer, count, batch_size=8, start_sample=0):
+    loader = iter(source.build_loader(lambda image: torch.zeros(1), tokenizer, batch_size, 0, start_sample))
+    return [next(loader) for _ in range(count)]
+
+
+def test_label_from_caption_through_the_loader(tmp_path, tokenizer, caplog):
+    source = _synthetic_source(tmp_path, "data.label_from_caption=true", "data.match_strategy=strict")
+    with caplog.at_level("INFO", logger="vlhub.data.loader"):
+        batches = _batches(source, tokenizer, 3)
+    assert "kept" in caplog.text and "dropped" in caplog.text
+    for loaded in batches:
+        batch = loaded.batch
+        assert len(batch["text_raw"]) == 8 and loaded.bad_samples == loaded.filtered == 0  # full batches
+        truth = [source.load(i).label for i in _source_indices(source, batch["sample_id"])]
+        assert batch["label"].tolist() == truth  # the caption names the shape the image shows
+        assert batch["labels"].shape == (8, 30) and batch["labels"].sum(1).tolist() == [1.0] * 8
+
+
+def _source_indices(source, sample_ids):
+    from vlhub.data.loader import _SlotDataset
+
+    dataset = _SlotDataset(source, 0, lambda image: image, 1)
+    return [dataset.position(int(slot))[1] for slot in sample_ids]
+
+
+def test_filter_to_classes_keeps_captions_naming_a_class_and_resumes_exactly(tmp_path, tokenizer):
+    source = _synthetic_source(
+        tmp_path, "data.filter_to_classes=true", "data.caption_transforms=[clean,token_scramble]"
+    )
+    kept = [i for i in range(len(source)) if source.caption_pipeline.keeps(source.caption(i))]
+    assert 0 < len(kept) < len(source)  # "a small square coloured red" names no class: dropped
+    first = _batches(source, tokenizer, 8)
+    seen = {i for loaded in first for i in _source_indices(source, loaded.batch["sample_id"])}
+    assert seen == set(kept)  # every kept sample is read, no dropped one
+    assert "label" in first[0].batch and "labels" not in first[0].batch  # labels stay the source's
+    resumed = _batches(source, tokenizer, 1, start_sample=3 * 8)[0]
+    assert torch.equal(resumed.batch["text"], first[3].batch["text"])  # the same scrambles after resume
+    assert resumed.batch["text_raw"] == first[3].batch["text_raw"]
+
+
+def test_caption_keys_compose_from_the_command_line(tmp_path):
+    source = _synthetic_source(
+        tmp_path, "data.caption_transforms=[clean,{name:shift_cipher,k:1},{name:token_trunc,k:4}]"
+    )
+    pipeline = source.caption_pipeline
+    assert [type(t).__name__ for t in pipeline.text_transforms + pipeline.token_transforms] == [
+        "Clean",
+        "ShiftCipher",
+        "TokenTrunc",
+    ]
+    assert pipeline.prepare("A Red Circle!", 0).text == "b sfe djsdmf"
+    with pytest.raises(InstantiationException, match=r"caption_transforms\[0\].*Did you mean 'word_scramble'"):
+        _synthetic_source(tmp_path, "data.caption_transforms=[word_scrambel]")

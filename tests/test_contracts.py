@@ -14,7 +14,7 @@ import vlhub.objectives  # noqa: F401
 import vlhub.optim  # noqa: F401
 from tests.conftest import compose_train, micro_model
 from vlhub.data import RawSample, SyntheticShapes
-from vlhub.registry import DATASETS, MODELS, OBJECTIVES, SCHEDULES, TRANSFORMS
+from vlhub.registry import CAPTION_TRANSFORMS, DATASETS, MODELS, OBJECTIVES, SCHEDULES, TRANSFORMS
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())
@@ -85,6 +85,34 @@ def test_every_transform_makes_model_sized_tensors(name, tiny_model):
     image = SyntheticShapes(num_samples=1).load(0).image
     size = tiny_model.image_stats.size
     assert transforms.train(image).shape == transforms.eval(image).shape == (3, size, size)
+
+
+def _caption_transform_keys(name):
+    cases = {"shift_cipher": {"k": 3}, "token_trunc": {"k": 4}}
+    simple = {"clean", "simple", "word_scramble", "token_scramble", "token_strip"}
+    assert name in cases or name in simple, f"caption transform {name!r} is registered but has no contract case here"
+    return cases.get(name, {})
+
+
+@pytest.mark.parametrize("name", CAPTION_TRANSFORMS.names())
+def test_every_caption_transform_is_seeded_and_keeps_token_rows_valid(name):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from vlhub.data.captions import CaptionPipeline
+
+    tokenizer = SimpleTokenizer(context_length=16)
+    pipeline = CaptionPipeline([{"name": name, **_caption_transform_keys(name)}], [["red circle"], ["blue square"]])
+    caption = "A small red circle next to a <b>blue square</b> on a grey background"
+    prepared = pipeline.prepare(caption, seed=3)
+    assert prepared is not None and prepared == pipeline.prepare(caption, seed=3)  # a function of the seed
+    tokens = pipeline.collate([prepared], tokenizer)["text"]
+    plain = tokenizer([prepared.text])
+    assert tokens.shape == plain.shape and tokens.dtype == plain.dtype
+    row, original = tokens[0].tolist(), plain[0].tolist()
+    end = row.index(49407)  # SOT first, EOT right after the content, padding after it
+    assert row[0] == 49406 and set(row[end + 1 :]) <= {0}
+    content, left = row[1:end], original[1 : original.index(49407)]
+    assert all(content.count(token) <= left.count(token) for token in content)  # tokens move or go, never appear
 
 
 @pytest.mark.parametrize("name", SCHEDULES.names())

@@ -64,7 +64,7 @@ class CaptionPipeline:
 
     def __init__(
         self,
-        transforms: Sequence[TransformEntry] = (),
+        caption_transforms: Sequence[TransformEntry] = (),
         classes: str | Sequence[Sequence[str]] | None = "imagenet1k",
         match_strategy: str = "single",
         label_from_caption: bool = False,
@@ -72,7 +72,10 @@ class CaptionPipeline:
     ) -> None:
         if match_strategy not in STRATEGIES:
             raise ValueError(f"data.match_strategy must be one of {'|'.join(STRATEGIES)}; got {match_strategy!r}")
-        built = [build_caption_transform(entry, f"data.caption_transforms[{i}]") for i, entry in enumerate(transforms)]
+        built = [
+            build_caption_transform(entry, f"data.caption_transforms[{i}]")
+            for i, entry in enumerate(caption_transforms)
+        ]
         self.text_transforms = [t for t in built if isinstance(t, TextTransform)]
         self.token_transforms = [t for t in built if isinstance(t, TokenTransform)]
         if built != self.text_transforms + self.token_transforms:
@@ -80,6 +83,7 @@ class CaptionPipeline:
                 "data.caption_transforms: text transforms (clean, simple, word_scramble, shift_cipher) must come "
                 f"before token transforms (token_*); got {[type(t).__name__ for t in built]}"
             )
+        self.classes, self.match_strategy = classes, match_strategy
         self.label_from_caption, self.filter_to_classes = label_from_caption, filter_to_classes
         self.filters = label_from_caption or filter_to_classes or any(t.uses_labels for t in self.text_transforms)
         needs_classes = self.filters or any(t.uses_class_tokens for t in self.token_transforms)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -52,8 +53,9 @@ class CsvPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(workers, max_bad_fraction, val)
+        super().__init__(workers, max_bad_fraction, val, **captions)
         path = Path(root)
         if not path.is_file():
             raise FileNotFoundError(f"data.root={root}: no such CSV file")
@@ -89,6 +91,9 @@ class CsvPairs(PairSource):
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
     def load(self, index: int) -> RawSample:
         caption = self.captions[index].strip()
         if not caption:
@@ -118,8 +123,9 @@ class ImageFolderPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(workers, max_bad_fraction, val)
+        super().__init__(workers, max_bad_fraction, val, **captions)
         folder = Path(root)
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root={root}: no such folder (expected one folder per class)")
@@ -141,6 +147,9 @@ class ImageFolderPairs(PairSource):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def caption(self, index: int) -> str:
+        return self.caption_template.format(self.class_names[self.samples[index][1]])
 
     def load(self, index: int) -> RawSample:
         path, label = self.samples[index]

@@ -7,9 +7,12 @@ loader of ``vlhub.data.loader``, shards by ``vlhub.data.stream``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch.utils.data import DataLoader, Dataset
 
-from vlhub.data.batch import RawSample
+from vlhub.data.batch import BadSample, RawSample
+from vlhub.data.captions import CaptionPipeline
 from vlhub.data.loader import ImageTransform, Tokenizer, build_train_loader
 
 
@@ -19,12 +22,16 @@ class PairSource(Dataset):
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
     ``workers`` and ``max_bad_fraction`` say how the training stream reads it; ``val`` is an
     optional source of held-out pairs that travels with it (``data.val``), evaluated with
-    open_clip's in-batch validation metrics.
+    open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
+    ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
+    build ``caption_pipeline``, which the loader applies to every caption.
     """
 
     class_names: list[str] | None = None
 
-    def __init__(self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None) -> None:
+    def __init__(
+        self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None, **captions: Any
+    ) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -32,6 +39,7 @@ class PairSource(Dataset):
         self.workers = workers
         self.val = val
         self.max_bad_fraction = max_bad_fraction
+        self.caption_pipeline = CaptionPipeline(**captions)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -41,6 +49,13 @@ class PairSource(Dataset):
 
     def __getitem__(self, index: int) -> RawSample:
         return self.load(index)
+
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption (for caption filtering); sources that can, answer without decoding."""
+        try:
+            return self.load(index).caption
+        except BadSample:
+            return ""
 
     def build_loader(
         self,

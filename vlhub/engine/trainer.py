@@ -84,6 +84,7 @@ class Trainer:
         self.run_info, self.config = run_info, config
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
+        self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
 
     # -- the loop ---------------------------------------------------------------------------
@@ -101,7 +102,10 @@ class Trainer:
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            read, bad, empty = all_reduce_sum([loaded.samples_read, loaded.bad_samples, int(not loaded.batch)])
+            read, bad, empty, filtered = all_reduce_sum(
+                [loaded.samples_read, loaded.bad_samples, int(not loaded.batch), loaded.filtered]
+            )
+            self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
@@ -147,6 +151,7 @@ class Trainer:
                 "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
                 "train/data_time": data_time,
                 "data/bad_samples": self.bad_samples.bad,
+                "data/filtered_samples": self.filtered_samples,
             }
         )
         progress.set_postfix(
@@ -193,6 +198,7 @@ class Trainer:
             "data": {
                 "samples_read": self.bad_samples.read,
                 "bad_samples": self.bad_samples.bad,
+                "filtered_samples": self.filtered_samples,
                 "samples_consumed": self.samples_consumed,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
@@ -230,6 +236,7 @@ class Trainer:
         self.step, self.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
         data = checkpoint["data"]
         self.bad_samples.read, self.bad_samples.bad = int(data["samples_read"]), int(data["bad_samples"])
+        self.filtered_samples = int(data.get("filtered_samples", 0))
         self.samples_consumed = int(data["samples_consumed"])
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:
