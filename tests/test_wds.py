@@ -1,6 +1,7 @@
 """Streamed webdataset shards: read-back, blends, resampling, rank split, resume, bad input, config."""
 
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -13,6 +14,7 @@ from PIL import Image
 
 from tests.conftest import compose_train
 from vlhub.data import BlendedShards, SyntheticShapes, WebDatasetPairs
+from vlhub.data.stream import lane_stream
 from vlhub.data.write_shards import main as write_shards_main
 
 
@@ -204,3 +206,31 @@ def test_captionnet_preset_streams_shards_and_adds_in100_eval_only_with_a_root(t
     assert not evaluator.tasks
     assert "eval imagenet on the in100 subset: left out; add it with eval.imagenet.root=" in caplog.text
     assert "imagenet" not in compose_train(["data=captionnet", "eval=none"]).eval  # the command line wins
+
+
+def test_caption_filtering_keeps_batches_full_counts_the_dropped_and_resumes_exactly(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for s in range(2):
+        with webdataset.TarWriter(str(folder / f"f-{s:06d}.tar")) as writer:
+            for i in range(12):
+                text = f"a red circle {s} {i}" if i % 3 else f"nothing to see {s} {i}"
+                writer.write({"__key__": f"{s}_{i:03d}", "png": _png(i), "txt": text})
+    source = WebDatasetPairs(
+        f"{folder}/f-{{000000..000001}}.tar",
+        num_samples=16,
+        shuffle_buffer=4,
+        classes=[["red circle"], ["blue square"]],
+        filter_to_classes=True,
+        label_from_caption=True,
+    )
+    full = batches(source, 4, 4)
+    assert all(len(b.batch["text_raw"]) == 4 and b.batch["label"].tolist() == [0] * 4 for b in full)
+    assert all("red circle" in c for c in captions(full))
+    raw = [r["txt"].decode() for r in itertools.islice(lane_stream(source.sources, 0, 0, 0, 1, False, 4), 24)]
+    kept = [c for c in raw if "red" in c][:16]
+    assert captions(full) == kept  # the unfiltered stream's order, less the dropped
+    assert sum(b.filtered for b in full) == raw.index(kept[-1]) + 1 - 16  # dropped on the way, exactly
+    resumed = batches(source, 2, 4, start_sample=2 * 4)
+    assert [b.batch["text_raw"] for b in resumed] == [b.batch["text_raw"] for b in full[2:]]
+    assert [b.filtered for b in resumed] == [b.filtered for b in full[2:]]

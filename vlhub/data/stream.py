@@ -21,6 +21,10 @@ lays the stream out itself, as a pure function of (seed, position, ranks, worker
 - **Mix.** With several sources each sample's source is drawn by the weights from a generator
   seeded by (seed, e, g): the mix follows the weights whatever the shard counts.
 - **Shuffle.** A buffer of ``shuffle_buffer`` raw samples per lane, seeded by (seed, e, g).
+- **Captions.** The source's caption pipeline (``vlhub.data.captions``) runs on every caption,
+  seeded by the sample's position; when it filters (``data.filter_to_classes``, ...), a caption
+  naming no class is dropped before batching and counted in ``LoadedBatch.filtered``, so batches
+  stay full and positions count kept samples only.
 
 Resuming at global position ``S`` starts at per-rank batch ``S // (W * B)``: each worker rebuilds
 its lane for that epoch and skips the lane's earlier samples *without decoding them* (tar bytes
@@ -41,7 +45,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlhub.data.batch import BadSample, LoadedBatch
+from vlhub.data.batch import BadSample, Filtered, LoadedBatch
+from vlhub.data.captions import CaptionPipeline
 from vlhub.data.loader import Collate, ImageTransform, Tokenizer, transform_sample
 from vlhub.data.shards import ShardSet, decode_sample, read_shard
 
@@ -102,13 +107,34 @@ def lane_stream(
     return mixed
 
 
+def _kept(raw: dict | BadSample, captions: CaptionPipeline) -> bool:
+    """False for a readable caption the pipeline drops (no image is decoded to know)."""
+    if not captions.filters or isinstance(raw, BadSample) or "txt" not in raw:
+        return True
+    text = raw["txt"].decode("utf-8", errors="replace")
+    return not text.strip() or captions.keeps(text)  # an empty caption stays, to be counted bad
+
+
+def take(samples: Iterator, count: int, captions: CaptionPipeline) -> tuple[list, int]:
+    """The next ``count`` kept items of a lane, and how many were filtered out on the way."""
+    kept, filtered = [], 0
+    while len(kept) < count:
+        raw = next(samples)
+        if _kept(raw, captions):
+            kept.append(raw)
+        else:
+            filtered += 1
+    return kept, filtered
+
+
 class ShardStream(IterableDataset):
     """This rank's batches ``start_batch, start_batch + 1, ...``, each collated in a worker."""
 
     def __init__(
         self,
         sources: Sequence[ShardSet],
-        collate: Collate,
+        captions: CaptionPipeline,
+        tokenizer: Tokenizer | None,
         image_transform: ImageTransform,
         image_views: int,
         *,
@@ -122,7 +148,8 @@ class ShardStream(IterableDataset):
         resampled: bool,
         shuffle_buffer: int,
     ) -> None:
-        self.sources, self.collate = list(sources), collate
+        self.sources, self.captions = list(sources), captions
+        self.collate = Collate(tokenizer, image_views, captions)
         self.image_transform, self.image_views = image_transform, image_views
         self.seed, self.batch_size, self.batches_per_epoch = seed, batch_size, batches_per_epoch
         self.start_batch, self.rank, self.world_size, self.lanes = start_batch, rank, world_size, lanes
@@ -147,24 +174,26 @@ class ShardStream(IterableDataset):
                     self.resampled,
                     self.shuffle_buffer,
                 )
-                for _ in itertools.islice(samples, j * self.batch_size):  # read, never decoded
-                    pass
+                take(samples, j * self.batch_size, self.captions)  # read, never decoded
             first = (k * self.world_size + self.rank) * self.batch_size
-            raws = itertools.islice(samples, self.batch_size)
-            yield self.collate([self._prepare(raw, first + i, epoch) for i, raw in enumerate(raws)])
+            raws, filtered = take(samples, self.batch_size, self.captions)
+            loaded = self.collate([self._prepare(raw, first + i, epoch) for i, raw in enumerate(raws)])
+            loaded.filtered += filtered
+            yield loaded
 
-    def _prepare(self, raw: dict | BadSample, slot: int, epoch: int) -> dict | BadSample:
+    def _prepare(self, raw: dict | BadSample, slot: int, epoch: int) -> dict | BadSample | Filtered:
         if isinstance(raw, BadSample):
             return raw
         try:
             sample = decode_sample(raw)
         except BadSample as bad:
             return bad
-        return transform_sample(sample, slot, epoch, self.seed, self.image_transform, self.image_views)
+        return transform_sample(sample, slot, epoch, self.seed, self.image_transform, self.image_views, self.captions)
 
 
 def build_stream_loader(
     sources: Sequence[ShardSet],
+    captions: CaptionPipeline,
     num_samples: int,
     workers: int,
     resampled: bool,
@@ -203,7 +232,8 @@ def build_stream_loader(
         )
     stream = ShardStream(
         sources,
-        Collate(tokenizer, image_views),
+        captions,
+        tokenizer,
         image_transform,
         image_views,
         seed=seed,

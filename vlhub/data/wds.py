@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from torch.utils.data import DataLoader
 
+from vlhub.data.captions import CaptionPipeline
 from vlhub.data.loader import ImageTransform, Tokenizer
 from vlhub.data.shards import ShardSet, expand_shards, size_from_sizes_json, split_sources
 from vlhub.data.sources import PairSource
@@ -37,6 +39,7 @@ class ShardSource:
         workers: int,
         max_bad_fraction: float,
         val: PairSource | None,
+        **captions: Any,
     ) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
@@ -47,6 +50,7 @@ class ShardSource:
         self.sources, self.num_samples = list(sources), num_samples
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.workers, self.max_bad_fraction, self.val = workers, max_bad_fraction, val
+        self.caption_pipeline = CaptionPipeline(**captions)
 
     def __len__(self) -> int:
         """Samples per epoch."""
@@ -66,6 +70,7 @@ class ShardSource:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on."""
         return build_stream_loader(
             self.sources,
+            self.caption_pipeline,
             self.num_samples,
             self.workers,
             self.resampled,
@@ -114,6 +119,7 @@ class WebDatasetPairs(ShardSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
         patterns = split_sources(root)
         urls = [
@@ -138,7 +144,7 @@ class WebDatasetPairs(ShardSource):
                 for i, (group, w) in enumerate(zip(urls, weights, strict=True))
             ]
         length = _epoch_length(num_samples, sets, "data.num_samples")
-        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val)
+        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
 
 
 def read_schema(path: str) -> list[ShardSet]:
@@ -187,7 +193,8 @@ class BlendedShards(ShardSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
         sets = read_schema(schema)
         length = _epoch_length(num_samples, sets, "data.num_samples")
-        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val)
+        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
