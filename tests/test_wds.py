@@ -234,3 +234,39 @@ def test_caption_filtering_keeps_batches_full_counts_the_dropped_and_resumes_exa
     resumed = batches(source, 2, 4, start_sample=2 * 4)
     assert [b.batch["text_raw"] for b in resumed] == [b.batch["text_raw"] for b in full[2:]]
     assert [b.filtered for b in resumed] == [b.filtered for b in full[2:]]
+
+
+def _shards_with_one_bad_sample_each(folder, shards=6):
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        with webdataset.TarWriter(str(folder / f"b-{s:06d}.tar")) as writer:
+            for i in range(3):
+                writer.write({"__key__": f"{s}_{i}", "png": _png(s * 3 + i), "txt": f"a red circle {s} {i}"})
+            writer.write({"__key__": f"{s}_bad", "jpg": b"\xff\xd8 truncated", "txt": "a broken image"})
+    return f"{folder}/b-{{000000..{shards - 1:06d}}}.tar"
+
+
+def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(tmp_path):
+    from tests.conftest import run_train
+
+    root = _shards_with_one_bad_sample_each(tmp_path / "shards")
+    data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.shuffle_buffer=0", "eval=none"]
+    run_train([*data, "data.max_bad_fraction=0.3"], tmp_path / "run")  # 3 steps of 8 = every shard once
+    record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
+    assert (record["step"], record["data/bad_samples"], record["data/samples_read"]) == (3, 6, 24)
+    with pytest.raises(RuntimeError, match="bad.*data.max_bad_fraction=0.2"):
+        run_train([*data, "data.max_bad_fraction=0.2"], tmp_path / "strict")
+
+
+@pytest.mark.slow
+def test_a_wds_run_resumed_mid_epoch_equals_a_straight_run_bit_for_bit(tmp_path):
+    from tests.conftest import run_train
+    from tests.test_checkpoint import RESUME, _weights
+
+    root = tagged_shards(tmp_path / "shards", "s", shards=4, per_shard=12)
+    data = ["data=wds", f'data.root="{root}"', "data.workers=2", "data.shuffle_buffer=6"]  # 48 samples, 6 steps
+    run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "straight")
+    run_train([*RESUME, *data, "trainer.max_steps=3"], tmp_path / "resumed")
+    run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "resumed")
+    straight, resumed = (_weights(tmp_path / f"{run}/checkpoints/latest.pt") for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
