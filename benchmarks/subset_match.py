@@ -5,8 +5,9 @@
 Web-like captions generated from a fixed seed: 8-20 words of alt-text vocabulary, a class
 name (any of its synonyms, sometimes plural, sometimes capitalised) in about half of them,
 a second one in a tenth. The class index is built before the clock starts (once per run, as
-in training); the time is the best of ``--repeats`` passes over all captions. SPEC goal:
-at least 50,000 captions/s.
+in training); the time is the best of ``--repeats`` passes over all captions, as this process's
+CPU time (one core; what other jobs on a shared machine do does not count) and as wall time.
+SPEC goal: at least 50,000 captions/s.
 """
 
 from __future__ import annotations
@@ -52,15 +53,16 @@ def main() -> None:
     matcher = SubsetMatcher(args.classes, args.strategy)
     build = time.perf_counter() - start
     captions = make_captions(matcher, args.captions, seed=0)
-    best, matched = float("inf"), 0
+    cpu, wall, matched = float("inf"), float("inf"), 0
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
         matched = sum(1 for caption in captions if matcher.labels(caption))
-        best = min(best, time.perf_counter() - start)
+        cpu, wall = min(cpu, time.process_time() - start_cpu), min(wall, time.perf_counter() - start_wall)
     print(
-        f"classes={args.classes} ({matcher.num_classes}) strategy={args.strategy} index build {build:.2f}s; "
-        f"{len(captions):,} captions, {matched / len(captions):.1%} matched: "
-        f"{len(captions) / best:,.0f} captions/s (best of {args.repeats})"
+        f"classes={args.classes} ({matcher.num_classes}) strategy={args.strategy} index build {build:.2f}s "
+        f"(with imports); {len(captions):,} captions, {matched / len(captions):.1%} matched: "
+        f"{len(captions) / cpu:,.0f} captions/s of one core's CPU time, {len(captions) / wall:,.0f} by wall "
+        f"clock (best of {args.repeats})"
     )
 
 

@@ -27,6 +27,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +35,6 @@ STRATEGIES = ("single", "multiclass", "strict")
 NAMED_CLASS_LISTS = ("imagenet1k", "in100")
 
 _WORD = re.compile(r"[^\W_]+")
-_APOSTROPHES = str.maketrans("", "", "'\u2019`")
 _IRREGULAR = {
     "men": "man",
     "women": "woman",
@@ -53,7 +53,6 @@ _IRREGULAR = {
     "calves": "calf",
     "halves": "half",
 }
-_FOLD_CACHE_LIMIT = 500_000
 
 
 def fold_plural(word: str) -> str:
@@ -69,9 +68,12 @@ def fold_plural(word: str) -> str:
     return word[:-1]
 
 
+_fold_cached = lru_cache(maxsize=1 << 18)(fold_plural)  # a C-level cache: most caption words repeat
+
+
 def normalise(text: str) -> list[str]:
     """Lowercase words with punctuation as breaks, apostrophes dropped, plurals folded."""
-    return [fold_plural(word) for word in _WORD.findall(text.lower().translate(_APOSTROPHES))]
+    return list(map(_fold_cached, _WORD.findall(text.lower().replace("'", "").replace("\u2019", ""))))
 
 
 # -- class lists --------------------------------------------------------------------------------
@@ -149,7 +151,6 @@ class SubsetMatcher:
         self.synonyms = [_distinct(names) or names for names in load_class_list(classes)]
         self.class_names = [names[0] for names in self.synonyms]
         self._index: dict[tuple[str, ...], int] = {}
-        self._fold_cache: dict[str, str] = {}
         aliases: list[tuple[tuple[str, ...], int]] = []
         for label, names in enumerate(self.synonyms):  # in class order: a shared name keeps the lower index
             for name in names:
@@ -170,21 +171,9 @@ class SubsetMatcher:
     def num_classes(self) -> int:
         return len(self.synonyms)
 
-    def _words(self, caption: str) -> list[str]:
-        cache = self._fold_cache
-        if len(cache) > _FOLD_CACHE_LIMIT:
-            cache.clear()
-        words = []
-        for word in _WORD.findall(caption.lower().translate(_APOSTROPHES)):
-            folded = cache.get(word)
-            if folded is None:
-                folded = cache[word] = fold_plural(word)
-            words.append(folded)
-        return words
-
     def matches(self, caption: str, first_only: bool = False) -> list[int]:
         """Every class mention, left to right, longest name first at each word (repeats kept)."""
-        words, found = self._words(caption), []
+        words, found = normalise(caption), []
         index, lengths_of = self._index, self._lengths
         position, count = 0, len(words)
         while position < count:
