@@ -78,10 +78,10 @@ def test_token_transforms_touch_content_tokens_only(tokenizer):
 
 def test_token_strip_keeps_class_name_tokens(tokenizer):
     pipeline = CaptionPipeline(["token_strip"], ANIMALS)
-    caption = Caption("a big tiger near a golden gate", (), seed=0)
+    caption = Caption("a big tiger near a golden tabby gate", (), seed=0)
     row = pipeline.tokenize([caption], tokenizer)[0].tolist()
-    tiger, golden = (tokenizer([w])[0, 1].item() for w in ("tiger", "golden"))
-    assert row == [SOT, tiger, golden, EOT] + [0] * 8
+    tiger, golden, tabby = (tokenizer([w])[0, 1].item() for w in ("tiger", "golden", "tabby"))
+    assert row == [SOT, tiger, golden, tabby, EOT] + [0] * 7  # the names evaluation uses ("tabby cat")
     # after shift_cipher the kept tokens are those of the ciphered class names
     ciphered = CaptionPipeline([{"name": "shift_cipher", "k": 1}, "token_strip"], ANIMALS)
     prepared = ciphered.prepare("a big tiger", seed=0)
@@ -213,3 +213,14 @@ def test_caption_keys_compose_from_the_command_line(tmp_path):
     assert pipeline.prepare("A Red Circle!", 0).text == "b sfe djsdmf"
     with pytest.raises(InstantiationException, match=r"caption_transforms\[0\].*Did you mean 'word_scramble'"):
         _synthetic_source(tmp_path, "data.caption_transforms=[word_scrambel]")
+
+
+def test_collate_counts_filtered_samples_apart_from_bad_ones(tokenizer):
+    from vlhub.data.batch import BadSample, Filtered
+    from vlhub.data.loader import Collate
+
+    pipeline = CaptionPipeline([], ANIMALS, filter_to_classes=True)
+    good = {"views": [torch.zeros(1)], "caption": pipeline.prepare("a tiger", 0), "label": -1, "epoch": 0, "slot": 0}
+    loaded = Collate(tokenizer, 1, pipeline)([good, Filtered("a cloud"), BadSample("unreadable")])
+    assert (loaded.samples_read, loaded.bad_samples, loaded.filtered) == (3, 1, 1)
+    assert loaded.batch["text_raw"] == ["a tiger"]

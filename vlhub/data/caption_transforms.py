@@ -139,7 +139,7 @@ class TokenScramble(TokenTransform):
 @CAPTION_TRANSFORMS.register("token_strip")
 @dataclass(frozen=True)
 class TokenStrip(TokenTransform):
-    """``token_strip``: keep only the content tokens that occur in the class names, in order."""
+    """``token_strip``: keep only the content tokens that occur in the evaluation class names, in order."""
 
     uses_class_tokens = True
 

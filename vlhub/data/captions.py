@@ -127,8 +127,9 @@ class CaptionPipeline:
         return self._bound[1], self._bound[2]
 
     def class_name_vocabulary(self) -> list[str]:
-        """Every synonym of every class, as the text transforms would leave it (``token_strip`` keeps these)."""
-        names = [name for synonyms in self.matcher.synonyms for name in synonyms]  # type: ignore[union-attr]
+        """The class names evaluation prompts use (each class's first name), as the text transforms
+        would leave them: ``token_strip`` keeps the tokens of these."""
+        names = list(self.matcher.class_names)  # type: ignore[union-attr]
         for transform in self.text_transforms:
             names = [transform.on_class_name(name) for name in names]
         return names
