@@ -207,6 +207,13 @@ def test_captionnet_preset_streams_shards_and_adds_in100_eval_only_with_a_root(t
     assert not evaluator.tasks
     assert "eval imagenet on the in100 subset: left out; add it with eval.imagenet.root=" in caplog.text
     assert "imagenet" not in compose_train(["data=captionnet", "eval=none"]).eval  # the command line wins
+    from tests.test_eval_datasets import make_class_folders
+    from vlhub.eval.prompts import imagenet_wnids
+
+    val = make_class_folders(tmp_path / "val", list(imagenet_wnids()), 1, copies=1)
+    evaluator = instantiate(compose_train(["data=captionnet", f"eval.imagenet.root={val}"]).eval)
+    assert set(evaluator.tasks) == {"imagenet"} and evaluator.subset.name == "in100"
+    assert len(evaluator.subset.indices) == 100
 
 
 def test_caption_filtering_keeps_batches_full_counts_the_dropped_and_resumes_exactly(tmp_path):
