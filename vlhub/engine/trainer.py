@@ -176,6 +176,7 @@ class Trainer:
             **self.run_info,
             "data/bad_samples": self.bad_samples.bad,
             "data/samples_read": self.bad_samples.read,
+            "data/filtered_samples": self.filtered_samples,
             **metrics,
         }
         log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)
