@@ -127,6 +127,13 @@ def take(samples: Iterator, count: int, captions: CaptionPipeline) -> tuple[list
     return kept, filtered
 
 
+def skip(samples: Iterator, count: int, captions: CaptionPipeline) -> None:
+    """Pass ``count`` kept items, holding none of them: tar bytes are read, images never decoded."""
+    passed = 0
+    while passed < count:
+        passed += _kept(next(samples), captions)
+
+
 class ShardStream(IterableDataset):
     """This rank's batches ``start_batch, start_batch + 1, ...``, each collated in a worker."""
 
@@ -174,7 +181,7 @@ class ShardStream(IterableDataset):
                     self.resampled,
                     self.shuffle_buffer,
                 )
-                take(samples, j * self.batch_size, self.captions)  # read, never decoded
+                skip(samples, j * self.batch_size, self.captions)
             first = (k * self.world_size + self.rank) * self.batch_size
             raws, filtered = take(samples, self.batch_size, self.captions)
             loaded = self.collate([self._prepare(raw, first + i, epoch) for i, raw in enumerate(raws)])
