@@ -158,6 +158,19 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted_exactly(tmp_path):
         assert words in reasons
     labels = dict(zip(loaded.batch["text_raw"], loaded.batch["label"].tolist()))
     assert labels["fine too"] == 3 and labels["fine"] == -1  # from cls; json is carried along
+    # With sizes.json every lost sample counts: 3 lost in the cut shard, all 5 of the unreadable one
+    sizes = {"s-000000.tar": 5, "s-000001.tar": 4, "s-000002.tar": 5}
+    (tmp_path / "shards" / "sizes.json").write_text(json.dumps(sizes))
+    loaded = batches(WebDatasetPairs(root, shuffle_buffer=0), 1, 14)[0]  # 14 = the sizes' sum: one pass
+    assert (loaded.samples_read, loaded.bad_samples, len(loaded.batch["text_raw"])) == (14, 3 + 3 + 5, 3)
+
+
+def test_a_shard_cut_at_a_sample_boundary_counts_its_lost_samples_from_sizes_json(tmp_path):
+    root = tagged_shards(tmp_path, "s", shards=2, per_shard=3)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 3, "s-000001.tar": 5}))  # 2 missing
+    loaded = batches(WebDatasetPairs(root, shuffle_buffer=0), 1, 8)[0]
+    assert (loaded.bad_samples, len(loaded.batch["text_raw"])) == (2, 6)
+    assert any("3 of 5 samples (sizes.json)" in reason for reason in loaded.bad_reasons)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ source fails naming the key. Tar members are grouped into samples by webdataset'
 rest), so any shard an ordinary ``webdataset.TarWriter`` wrote reads here.
 
 Faults inside a shard never stop the stream: a shard that cannot be opened, or ends early,
-yields one :class:`BadSample` in place of what could not be read; a sample without an image
-or a ``txt``, with an empty caption or an undecodable image is a ``BadSample`` when decoded.
+yields :class:`BadSample` units in place of what could not be read: as many as the samples
+lost when ``sizes.json`` gives the shard's size, else one. A sample without an image or a
+``txt``, with an empty caption or an undecodable image is a ``BadSample`` when decoded.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ShardSet:
     urls: tuple[str, ...]
     weight: float = 1.0
     num_samples: int | None = None
+    sizes: dict[str, int] | None = None  # samples per shard url, from sizes.json (to count losses exactly)
 
 
 def expand_shards(pattern: str, key: str) -> tuple[str, ...]:
@@ -64,11 +66,11 @@ def split_sources(root: str, key: str = "data.root") -> list[str]:
     return pieces
 
 
-def size_from_sizes_json(urls: tuple[str, ...]) -> int | None:
-    """The sum of the shards' counts in a ``sizes.json`` beside them (``{"shard-000000.tar": 10000}``),
-    or None when a shard is remote or not listed."""
+def shard_sizes(urls: tuple[str, ...]) -> dict[str, int] | None:
+    """Each shard's count from a ``sizes.json`` beside it (``{"shard-000000.tar": 10000}``), or
+    None when a shard is remote or not listed."""
     cache: dict[Path, dict] = {}
-    total = 0
+    sizes = {}
     for url in urls:
         if url.startswith(REMOTE_PREFIXES):
             return None
@@ -79,18 +81,30 @@ def size_from_sizes_json(urls: tuple[str, ...]) -> int | None:
         count = cache[path.parent].get(path.name)
         if count is None:
             return None
-        total += int(count)
-    return total
+        sizes[url] = int(count)
+    return sizes
 
 
-def read_shard(url: str) -> Iterator[dict | BadSample]:
-    """The samples of one shard, in tar order, as dicts of raw bytes keyed by extension."""
+def _lost(reason: str, read: int, expected: int | None) -> Iterator[BadSample]:
+    """One bad unit per sample lost: ``expected - read`` when the size is known (at least one)."""
+    lost = max(1, expected - read) if expected is not None else 1
+    yield BadSample(reason + (f" ({lost} samples lost)" if lost > 1 else ""))
+    for _ in range(lost - 1):
+        yield BadSample(f"{reason.split(':')[0]}: lost with it")
+
+
+def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSample]:
+    """The samples of one shard, in tar order, as dicts of raw bytes keyed by extension.
+
+    ``expected`` (from ``sizes.json``) lets a shard that ends early count every sample it lost.
+    """
     try:
         stream = gopen(url, "rb")
-    except Exception as error:  # noqa: BLE001 (any failure to open is one bad unit, not a crash)
-        yield BadSample(f"cannot open shard {url}: {error}")
+    except Exception as error:  # noqa: BLE001 (any failure to open is a loss, not a crash)
+        yield from _lost(f"cannot open shard {url}: {error}", 0, expected)
         return
     current: dict | None = None
+    read = 0
     try:
         with stream:
             for member in tar_file_iterator(stream):
@@ -99,16 +113,19 @@ def read_shard(url: str) -> Iterator[dict | BadSample]:
                     continue
                 if current is not None and current["__key__"] != key:
                     yield current
-                    current = None
+                    read, current = read + 1, None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[extension.lower()] = member["data"]
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         where = f"in sample {current['__key__']}" if current is not None else "at its start"
-        yield BadSample(f"shard {url} ends early or is corrupt {where}: {error}")
+        yield from _lost(f"shard {url} ends early or is corrupt {where}: {error}", read, expected)
         return
     if current is not None:
         yield current
+        read += 1
+    if expected is not None and read < expected:  # cut at a sample boundary: tar cannot tell
+        yield from _lost(f"shard {url} ends early: {read} of {expected} samples (sizes.json)", read, expected)
 
 
 def decode_sample(raw: dict) -> RawSample:

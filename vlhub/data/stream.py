@@ -75,7 +75,7 @@ def shard_order(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, 
 
 def source_samples(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, lanes: int, resampled: bool):
     for url in shard_order(shards, index, seed, epoch, lane, lanes, resampled):
-        yield from read_shard(url)
+        yield from read_shard(url, shards.sizes.get(url) if shards.sizes else None)
 
 
 def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:

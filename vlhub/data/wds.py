@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vlhub.data.captions import CaptionPipeline
 from vlhub.data.loader import ImageTransform, Tokenizer
-from vlhub.data.shards import ShardSet, expand_shards, size_from_sizes_json, split_sources
+from vlhub.data.shards import ShardSet, expand_shards, shard_sizes, split_sources
 from vlhub.data.sources import PairSource
 from vlhub.data.stream import build_stream_loader
 from vlhub.registry import DATASETS
@@ -101,6 +101,11 @@ def _epoch_length(num_samples: int | None, sources: Sequence[ShardSet], key: str
     return sum(sizes)  # type: ignore[arg-type]
 
 
+def _with_sizes(name: str, urls: tuple[str, ...], weight: float) -> ShardSet:
+    sizes = shard_sizes(urls)
+    return ShardSet(name, urls, weight, sum(sizes.values()) if sizes is not None else None, sizes)
+
+
 @DATASETS.register("wds")
 class WebDatasetPairs(ShardSource):
     """``root``: a shard spec (brace patterns, sources joined by ``::``), ``weights`` one per source.
@@ -128,7 +133,7 @@ class WebDatasetPairs(ShardSource):
         ]
         if weights is None:
             joined = tuple(u for group in urls for u in group)
-            sets = [ShardSet("data.root", joined, 1.0, size_from_sizes_json(joined))]
+            sets = [_with_sizes("data.root", joined, 1.0)]
         else:
             weights = list(weights)
             if len(weights) != len(patterns):
@@ -140,7 +145,7 @@ class WebDatasetPairs(ShardSource):
                 if not weight > 0:
                     raise ValueError(f"data.weights[{i}]={weight}: weights must be > 0")
             sets = [
-                ShardSet(f"data.root source {i + 1}", group, float(w), size_from_sizes_json(group))
+                _with_sizes(f"data.root source {i + 1}", group, float(w))
                 for i, (group, w) in enumerate(zip(urls, weights, strict=True))
             ]
         length = _epoch_length(num_samples, sets, "data.num_samples")
@@ -173,7 +178,7 @@ def read_schema(path: str) -> list[ShardSet]:
         if not isinstance(count, int) or count <= 0:
             raise ValueError(f"{where} ({name}).num_samples={count!r}: must be an integer > 0")
         urls = expand_shards(str(entry["root"]), f"{where} ({name}).root")
-        sets.append(ShardSet(name, urls, float(weight), count))
+        sets.append(ShardSet(name, urls, float(weight), count, shard_sizes(urls)))
     return sets
 
 
