@@ -294,7 +294,7 @@ def test_a_wds_run_resumed_mid_epoch_equals_a_straight_run_bit_for_bit(tmp_path)
 
 
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="two spawned ranks (~35 s): VLHUB_LONG_TESTS=1")
-def test_two_ranks_stream_disjoint_shards_past_an_epoch_and_sum_their_bad_samples(tmp_path):
+def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
     import torch.multiprocessing as mp
 
     from tests.test_ddp import COMMON, _free_port, _rank_main
