@@ -76,12 +76,19 @@ def test_every_data_and_eval_option_instantiates(tmp_path):
 
     csv_path = SyntheticShapes(num_samples=4, split="val").write_csv(tmp_path / "csv")
     folder = SyntheticShapes(num_samples=4, split="val").write_imagefolder(tmp_path / "folder")
-    roots = {"synthetic": None, "csv": csv_path, "imagefolder": folder}
+    from vlhub.data.write_shards import write_shards
+
+    write_shards((SyntheticShapes(num_samples=4).load(i) for i in range(4)), tmp_path / "shards", shard_size=2)
+    shards = f"{tmp_path}/shards/shard-{{000000..000001}}.tar"
+    (tmp_path / "blend.yaml").write_text(f"sources: [{{name: a, root: '{shards}', num_samples: 4, weight: 1}}]")
+    roots = {"synthetic": None, "csv": csv_path, "imagefolder": folder, "wds": shards, "captionnet": shards}
     for option in options("data"):
-        extra = [f"data.root={roots[option]}"] if roots[option] else []
+        extra = [f'data.root="{roots[option]}"'] if roots.get(option) else []
+        extra += [f"data.schema={tmp_path}/blend.yaml"] if option == "blend" else []
         source = instantiate(compose_train([f"data={option}", *extra]).data)
         assert len(source) == 4 or option == "synthetic"
-        assert source.load(0).caption
+        loaded = next(iter(source.build_loader(lambda image: torch.zeros(1), None, 2, seed=0)))
+        assert loaded.batch["text_raw"][0]
     for option in ("none", "synthetic", "imagefolder"):  # dataset presets: tests/test_eval_configs.py
         extra = [f"eval.imagefolder.root={folder}"] if option == "imagefolder" else []
         evaluator = instantiate(compose_train([f"eval={option}", *extra]).eval)

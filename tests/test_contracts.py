@@ -15,7 +15,7 @@ import vlhub.optim  # noqa: F401
 from tests.conftest import compose_train, objective_batch, prepared_objective
 from vlhub.data import RawSample, SyntheticShapes
 from vlhub.objectives import ContrastiveObjective
-from vlhub.registry import DATASETS, MODELS, OBJECTIVES, SCHEDULES, TRANSFORMS
+from vlhub.registry import CAPTION_TRANSFORMS, DATASETS, MODELS, OBJECTIVES, SCHEDULES, TRANSFORMS
 
 
 def _uses_temperature(objective) -> bool:
@@ -57,23 +57,43 @@ def test_every_contrastive_objective_leaves_a_locked_image_tower_untouched(name)
     assert any(p.grad is not None for p in model.text_tower.parameters())
 
 
+def _shards(shapes, tmp_path):
+    from vlhub.data.write_shards import write_shards
+
+    write_shards((shapes.load(i) for i in range(4)), tmp_path / "shards", shard_size=2)
+    return str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+
+
 def _dataset_kwargs(name, tmp_path):
     shapes = SyntheticShapes(num_samples=4, split="val")
     cases = {
         "synthetic": lambda: {"num_samples": 4},
         "csv": lambda: {"root": str(shapes.write_csv(tmp_path / "csv"))},
         "imagefolder": lambda: {"root": str(shapes.write_imagefolder(tmp_path / "folder"))},
+        "wds": lambda: {"root": _shards(shapes, tmp_path)},
+        "blend": lambda: {"schema": _schema(_shards(shapes, tmp_path), tmp_path)},
     }
     assert name in cases, f"dataset {name!r} is registered but has no contract case here"
     return cases[name]()
 
 
+def _schema(root, tmp_path):
+    path = tmp_path / "blend.yaml"
+    path.write_text(f"sources:\n  - {{name: a, root: '{root}', num_samples: 4, weight: 1}}\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_every_dataset_yields_raw_samples(name, tmp_path):
+def test_every_dataset_yields_raw_samples_and_batches(name, tmp_path):
     source = DATASETS.build(name, **_dataset_kwargs(name, tmp_path))
     assert len(source) == 4
-    sample = source.load(3)
-    assert isinstance(sample, RawSample) and sample.caption and sample.image.mode == "RGB"
+    if hasattr(source, "load"):  # map-style
+        sample = source.load(3)
+        assert isinstance(sample, RawSample) and sample.caption and sample.image.mode == "RGB"
+    loaded = next(iter(source.build_loader(lambda image: torch.zeros(3, *image.size), None, 4, seed=0)))
+    assert loaded.bad_samples == 0 and loaded.samples_read == 4
+    assert loaded.batch["image"].shape[0] == 4 and all(loaded.batch["text_raw"])
+    assert loaded.batch["sample_id"].tolist() == [0, 1, 2, 3]  # the global positions of the first batch
 
 
 @pytest.mark.parametrize("name", TRANSFORMS.names())
@@ -82,6 +102,34 @@ def test_every_transform_makes_model_sized_tensors(name, tiny_model):
     image = SyntheticShapes(num_samples=1).load(0).image
     size = tiny_model.image_stats.size
     assert transforms.train(image).shape == transforms.eval(image).shape == (3, size, size)
+
+
+def _caption_transform_keys(name):
+    cases = {"shift_cipher": {"k": 3}, "token_trunc": {"k": 4}}
+    simple = {"clean", "simple", "word_scramble", "token_scramble", "token_strip"}
+    assert name in cases or name in simple, f"caption transform {name!r} is registered but has no contract case here"
+    return cases.get(name, {})
+
+
+@pytest.mark.parametrize("name", CAPTION_TRANSFORMS.names())
+def test_every_caption_transform_is_seeded_and_keeps_token_rows_valid(name):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from vlhub.data.captions import CaptionPipeline
+
+    tokenizer = SimpleTokenizer(context_length=16)
+    pipeline = CaptionPipeline([{"name": name, **_caption_transform_keys(name)}], [["red circle"], ["blue square"]])
+    caption = "A small red circle next to a <b>blue square</b> on a grey background"
+    prepared = pipeline.prepare(caption, seed=3)
+    assert prepared is not None and prepared == pipeline.prepare(caption, seed=3)  # a function of the seed
+    tokens = pipeline.collate([prepared], tokenizer)["text"]
+    plain = tokenizer([prepared.text])
+    assert tokens.shape == plain.shape and tokens.dtype == plain.dtype
+    row, original = tokens[0].tolist(), plain[0].tolist()
+    end = row.index(49407)  # SOT first, EOT right after the content, padding after it
+    assert row[0] == 49406 and set(row[end + 1 :]) <= {0}
+    content, left = row[1:end], original[1 : original.index(49407)]
+    assert all(content.count(token) <= left.count(token) for token in content)  # tokens move or go, never appear
 
 
 @pytest.mark.parametrize("name", SCHEDULES.names())

@@ -62,6 +62,7 @@ DATASETS: Registry[type] = Registry("dataset")
 EVAL_TASKS: Registry[type] = Registry("eval task")
 SCHEDULES: Registry[Callable[..., Any]] = Registry("lr schedule")
 TRANSFORMS: Registry[Callable[..., Any]] = Registry("image transform")
+CAPTION_TRANSFORMS: Registry[type] = Registry("caption transform")
 
 
 def list_models() -> list[str]:
@@ -78,3 +79,7 @@ def list_datasets() -> list[str]:
 
 def list_eval_tasks() -> list[str]:
     return EVAL_TASKS.names()
+
+
+def list_caption_transforms() -> list[str]:
+    return CAPTION_TRANSFORMS.names()

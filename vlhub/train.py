@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.data import build_train_loader
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.eval.retrieval import PairValidationTask
@@ -119,9 +118,9 @@ def train(
             config=config,
         )
     # This rank's batches from a given step on: what the trainer needs to know of the data.
+    # The source builds its own loader (map-style slots or a shard stream).
     make_loader = partial(
-        build_train_loader,
-        source,
+        source.build_loader,
         transforms.train,
         model.tokenizer if objective.needs_text else None,
         settings["batch_size"],

@@ -14,14 +14,22 @@ log = logging.getLogger(__name__)
 
 
 class Batch(TypedDict, total=False):
-    """Fixed keys; which are present depends on what the objective asked for."""
+    """Fixed keys; which are present depends on what the objective asked for.
+
+    Labels from captions (``data.label_from_caption``, :mod:`vlhub.data.captions`): every row names
+    at least one class of ``data.classes``. ``label`` is that class when the row names exactly one,
+    else -1; ``labels`` marks every class the row names, so the loss averaged over a row's classes
+    is ``-(labels * log_softmax(logits)).sum(1) / labels.sum(1)``. With ``single`` or ``strict``
+    matching no row names several, and ``label`` alone is enough.
+    """
 
     image: torch.Tensor  # [B, 3, H, W]: uint8 from the training loader, normalised float on the device
     image_view2: torch.Tensor  # [B, 3, H, W], second augmented view (SSL objectives), likewise
     text: torch.Tensor  # [B, L] token ids
-    label: torch.Tensor  # [B] int64 class index (-1 when the source has none)
+    label: torch.Tensor  # [B] int64 class index (-1 when the source has none, or the row has several)
+    labels: torch.Tensor  # [B, C] float multi-hot, only with data.label_from_caption (see below)
     text_raw: list[str]
-    sample_id: torch.Tensor  # [B] int64, the sample's global slot in the stream: seeds per-sample draws
+    sample_id: torch.Tensor  # [B] int64: the sample's position in the global stream (unique, deterministic)
 
 
 @dataclass
@@ -31,6 +39,13 @@ class RawSample:
     image: Image.Image
     caption: str
     label: int = -1
+
+
+class Filtered:
+    """A sample whose caption names no class of ``data.classes``: dropped and counted, never bad."""
+
+    def __init__(self, caption: str) -> None:
+        self.caption = caption
 
 
 class BadSample(Exception):
@@ -92,6 +107,7 @@ class LoadedBatch:
     bad_samples: int
     bad_reasons: list[str] = field(default_factory=list)
     epoch: int = 0
+    filtered: int = 0  # samples dropped by caption filtering (not bad, not in the batch)
 
     def pin_memory(self) -> LoadedBatch:
         """Called by DataLoader(pin_memory=True): the batch's tensors in page-locked memory."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -59,8 +60,9 @@ class CsvPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(workers, max_bad_fraction, val)
+        super().__init__(workers, max_bad_fraction, val, **captions)
         path = Path(root)
         if not path.is_file():
             raise FileNotFoundError(f"data.root={root}: no such CSV file")
@@ -100,6 +102,9 @@ class CsvPairs(PairSource):
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
     def load(self, index: int) -> RawSample:
         caption = self.captions[index].strip()
         if not caption:
@@ -129,8 +134,9 @@ class ImageFolderPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(workers, max_bad_fraction, val)
+        super().__init__(workers, max_bad_fraction, val, **captions)
         folder = Path(root)
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root={root}: no such folder (expected one folder per class)")
@@ -152,6 +158,9 @@ class ImageFolderPairs(PairSource):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def caption(self, index: int) -> str:
+        return self.caption_template.format(self.class_names[self.samples[index][1]])
 
     def load(self, index: int) -> RawSample:
         path, label = self.samples[index]

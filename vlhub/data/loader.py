@@ -3,23 +3,37 @@
 Samples are laid out on one global line of *slots*: slot s is sample ``perm_e[s % N]`` of
 epoch ``e = s // N``, where ``perm_e`` is a permutation seeded by (seed, e). Starting at slot
 S, the k-th batch of rank r takes slots ``S + [(k*W + r)*B, (k*W + r + 1)*B)``. Augmentation
-randomness is seeded by the slot. So what a batch holds depends only on (seed, position, rank),
-never on when a loader was created: resuming at the saved position gives bit-identical
-batches, and W ranks at batch B see the same samples as one process at batch W*B.
+randomness is seeded by the slot, and the slot is the batch's ``sample_id``. So what a batch
+holds depends only on (seed, position, rank), never on when a loader was created: resuming at
+the saved position gives bit-identical batches, and W ranks at batch B see the same samples as
+one process at batch W*B. Streamed shards (``vlhub.data.stream``) reuse the per-sample transform
+and the collation below, with their own positions.
+
+Captions go through the source's :class:`~vlhub.data.captions.CaptionPipeline` (transforms seeded
+by the slot too). When it filters (``data.filter_to_classes``, ``data.label_from_caption``,
+``simple``), the slots run over the kept samples only, chosen once from the captions when the
+loader is built, so batches stay full and positions stay exact; the counts are logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlhub.data.batch import BadSample, Batch, LoadedBatch
-from vlhub.data.sources import PairSource
+from vlhub.data.batch import BadSample, Batch, Filtered, LoadedBatch, RawSample
+from vlhub.data.captions import CaptionPipeline
+
+if TYPE_CHECKING:
+    from vlhub.data.sources import PairSource
 
 ImageTransform = Callable[[object], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
+log = logging.getLogger(__name__)
+_PLAIN_CAPTIONS = CaptionPipeline()  # the identity: the caption as the source gave it
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -37,20 +51,75 @@ class StepBatchSampler(Sampler[list[int]]):
             step += 1
 
 
+def transform_sample(
+    raw: RawSample,
+    slot: int,
+    epoch: int,
+    seed: int,
+    image_transform: ImageTransform,
+    image_views: int,
+    captions: CaptionPipeline = _PLAIN_CAPTIONS,
+) -> dict | Filtered | BadSample:
+    """One decoded sample, its augmentation and caption transforms seeded by its global position ``slot``.
+
+    JPEGs may be decoded here, by the transform (draft decoding), not by the source: an image that
+    fails to decode is a bad sample."""
+    caption = captions.prepare(raw.caption, seed * 7_919 + slot)
+    if caption is None:
+        return Filtered(raw.caption)
+    with torch.random.fork_rng(devices=[]):
+        # The CPU generator only: torch.manual_seed also queues a CUDA seeding call, which records
+        # a stack trace every time (milliseconds per sample) while CUDA is not initialised.
+        torch.default_generator.manual_seed(seed * 7_919 + slot)
+        try:
+            views = [image_transform(raw.image) for _ in range(image_views)]
+        except (OSError, ValueError, SyntaxError) as error:
+            return BadSample(f"undecodable image (sample at position {slot}): {error}")
+    return {"views": views, "caption": caption, "label": raw.label, "epoch": epoch, "slot": slot}
+
+
+def kept_indices(source: PairSource) -> list[int] | None:
+    """The indices whose captions the source's caption pipeline keeps (``None``: it keeps all).
+
+    A caption that cannot be read (empty) is kept, so that loading it counts it as a bad sample.
+    """
+    captions = source.caption_pipeline
+    if not captions.filters:
+        return None
+    kept = []
+    for index in range(len(source)):
+        text = source.caption(index)
+        if not text.strip() or captions.keeps(text):
+            kept.append(index)
+    log.info(
+        "caption filter: kept %d of %d samples (%d dropped: no class of data.classes, strategy %s)",
+        len(kept),
+        len(source),
+        len(source) - len(kept),
+        captions.match_strategy,
+    )
+    if not kept:
+        raise ValueError("no caption names a class of data.classes: nothing to train on (check data.classes)")
+    return kept
+
+
 class _SlotDataset(Dataset):
     """Maps a slot to (epoch, index), decodes and transforms with slot-seeded randomness."""
 
     def __init__(self, source: PairSource, seed: int, image_transform: ImageTransform, image_views: int) -> None:
         self.source, self.seed = source, seed
         self.image_transform, self.image_views = image_transform, image_views
+        self.indices = kept_indices(source)  # None: every sample
+        self.size = len(source) if self.indices is None else len(self.indices)
         self._permutation: tuple[int, torch.Tensor] | None = None
 
     def position(self, slot: int) -> tuple[int, int]:
-        epoch, offset = divmod(slot, len(self.source))
+        epoch, offset = divmod(slot, self.size)
         if self._permutation is None or self._permutation[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._permutation = (epoch, torch.randperm(len(self.source), generator=generator))
-        return epoch, int(self._permutation[1][offset])
+            self._permutation = (epoch, torch.randperm(self.size, generator=generator))
+        index = int(self._permutation[1][offset])
+        return epoch, index if self.indices is None else self.indices[index]
 
     def __getitem__(self, slot: int) -> dict | BadSample:
         epoch, index = self.position(slot)
@@ -58,34 +127,34 @@ class _SlotDataset(Dataset):
             raw = self.source.load(index)
         except BadSample as bad:
             return bad
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 7_919 + slot)
-            try:  # JPEGs may be decoded here, by the transform (draft decoding), not by the source
-                views = [self.image_transform(raw.image) for _ in range(self.image_views)]
-            except (OSError, ValueError, SyntaxError) as error:
-                return BadSample(f"undecodable image (sample {index}): {error}")
-        return {"views": views, "caption": raw.caption, "label": raw.label, "epoch": epoch, "slot": slot}
+        return transform_sample(
+            raw, slot, epoch, self.seed, self.image_transform, self.image_views, self.source.caption_pipeline
+        )
 
 
-class _Collate:
-    def __init__(self, tokenizer: Tokenizer | None, image_views: int) -> None:
-        self.tokenizer, self.image_views = tokenizer, image_views
+class Collate:
+    """Stacks good samples into a :class:`Batch`; bad ones are counted with reasons, filtered ones counted."""
+
+    def __init__(
+        self, tokenizer: Tokenizer | None, image_views: int, captions: CaptionPipeline = _PLAIN_CAPTIONS
+    ) -> None:
+        self.tokenizer, self.image_views, self.captions = tokenizer, image_views, captions
 
     def __call__(self, items: list) -> LoadedBatch:
-        good = [item for item in items if not isinstance(item, BadSample)]
+        good = [item for item in items if isinstance(item, dict)]
         reasons = [str(item) for item in items if isinstance(item, BadSample)]
+        filtered = sum(isinstance(item, Filtered) for item in items)
         batch: Batch = {}
         if good:
             batch["image"] = torch.stack([item["views"][0] for item in good])
             if self.image_views > 1:
                 batch["image_view2"] = torch.stack([item["views"][1] for item in good])
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
-            batch["text_raw"] = [item["caption"] for item in good]
             batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
-            if self.tokenizer is not None:
-                batch["text"] = self.tokenizer(batch["text_raw"])
+            # text_raw and text; with data.label_from_caption, label and labels from the captions
+            batch.update(self.captions.collate([item["caption"] for item in good], self.tokenizer))  # type: ignore[typeddict-item]
         epoch = max((item["epoch"] for item in good), default=0)
-        return LoadedBatch(batch, len(items), len(reasons), reasons, epoch)
+        return LoadedBatch(batch, len(items), len(reasons), reasons, epoch, filtered)
 
 
 def build_train_loader(
@@ -108,7 +177,7 @@ def build_train_loader(
     return DataLoader(
         _SlotDataset(source, seed, image_transform, image_views),
         batch_sampler=StepBatchSampler(batch_size, start_sample, rank, world_size),
-        collate_fn=_Collate(tokenizer, image_views),
+        collate_fn=Collate(tokenizer, image_views, source.caption_pipeline),
         num_workers=source.workers,
         persistent_workers=False,
         pin_memory=pin_memory,

@@ -1,10 +1,19 @@
-"""Base of every map-style data source: decoding by index, plus how it is read."""
+"""Base of every map-style data source: decoding by index, plus how it is read.
+
+Every source, map-style or streamed, builds its own training loader with ``build_loader``
+(the trainer's loader factory binds that method): a map-style source is read by the slot
+loader of ``vlhub.data.loader``, shards by ``vlhub.data.stream``.
+"""
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+from typing import Any
 
-from vlhub.data.batch import RawSample
+from torch.utils.data import DataLoader, Dataset
+
+from vlhub.data.batch import BadSample, RawSample
+from vlhub.data.captions import CaptionPipeline
+from vlhub.data.loader import ImageTransform, Tokenizer, build_train_loader
 
 
 class PairSource(Dataset):
@@ -13,12 +22,16 @@ class PairSource(Dataset):
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
     ``workers`` and ``max_bad_fraction`` say how the training stream reads it; ``val`` is an
     optional source of held-out pairs that travels with it (``data.val``), evaluated with
-    open_clip's in-batch validation metrics.
+    open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
+    ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
+    build ``caption_pipeline``, which the loader applies to every caption.
     """
 
     class_names: list[str] | None = None
 
-    def __init__(self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None) -> None:
+    def __init__(
+        self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None, **captions: Any
+    ) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -26,6 +39,7 @@ class PairSource(Dataset):
         self.workers = workers
         self.val = val
         self.max_bad_fraction = max_bad_fraction
+        self.caption_pipeline = CaptionPipeline(**captions)
 
     @property
     def num_classes(self) -> int | None:
@@ -40,3 +54,28 @@ class PairSource(Dataset):
 
     def __getitem__(self, index: int) -> RawSample:
         return self.load(index)
+
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption (for caption filtering); sources that can, answer without decoding."""
+        try:
+            return self.load(index).caption
+        except BadSample:
+            return ""
+
+    def build_loader(
+        self,
+        image_transform: ImageTransform,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        seed: int,
+        start_sample: int = 0,
+        image_views: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> DataLoader:
+        """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
+        (batches in page-locked memory with ``pin_memory``, for a CUDA device)."""
+        return build_train_loader(
+            self, image_transform, tokenizer, batch_size, seed, start_sample, image_views, rank, world_size, pin_memory
+        )

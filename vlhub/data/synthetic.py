@@ -14,6 +14,7 @@ import math
 import random
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -143,8 +144,9 @@ class SyntheticShapes(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(workers, max_bad_fraction, val)
+        super().__init__(workers, max_bad_fraction, val, **captions)
         if split not in SPLIT_SALT:
             raise ValueError(f"synthetic split must be one of {sorted(SPLIT_SALT)}, got {split!r}")
         if num_samples <= 0:

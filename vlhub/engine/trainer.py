@@ -86,6 +86,7 @@ class Trainer:
         self.run_info, self.config, self.objective_spec = run_info, config, objective_spec
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
+        self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
 
     # -- the loop ---------------------------------------------------------------------------
@@ -105,7 +106,10 @@ class Trainer:
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            read, bad, empty = all_reduce_sum([loaded.samples_read, loaded.bad_samples, int(not loaded.batch)])
+            read, bad, empty, filtered = all_reduce_sum(
+                [loaded.samples_read, loaded.bad_samples, int(not loaded.batch), loaded.filtered]
+            )
+            self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
@@ -151,6 +155,7 @@ class Trainer:
                 "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
                 "train/data_time": data_time,
                 "data/bad_samples": self.bad_samples.bad,
+                "data/filtered_samples": self.filtered_samples,
             }
         )
         progress.set_postfix(
@@ -163,19 +168,28 @@ class Trainer:
 
     # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if not self.dist.is_main or not self.evaluator.tasks:
+        """Run the evaluation tasks (if any) and write a record with the bad-sample count either way."""
+        if not self.dist.is_main:
             return {}
-        scoring = self.objective.scoring(self.model)  # the objective decides how images are scored
-        metrics = self.evaluator.run(self.model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring)
+        metrics: dict[str, float] = {}
+        if self.evaluator.tasks:
+            scoring = self.objective.scoring(self.model)  # the objective decides how images are scored
+            metrics = self.evaluator.run(
+                self.model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
+            )
         record = {
             "step": self.step,
             "epoch": self.epoch,
             **self.run_info,
             "data/bad_samples": self.bad_samples.bad,
+            "data/samples_read": self.bad_samples.read,
+            "data/filtered_samples": self.filtered_samples,
             **metrics,
         }
+        log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)
         if self.metric_logger is not None:
-            self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+            if metrics:
+                self.metric_logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, self.step)
             self.metric_logger.log_results(record)
         return metrics
 
@@ -193,6 +207,7 @@ class Trainer:
             "data": {
                 "samples_read": self.bad_samples.read,
                 "bad_samples": self.bad_samples.bad,
+                "filtered_samples": self.filtered_samples,
                 "samples_consumed": self.samples_consumed,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
@@ -230,6 +245,7 @@ class Trainer:
         self.step, self.epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
         data = checkpoint["data"]
         self.bad_samples.read, self.bad_samples.bad = int(data["samples_read"]), int(data["bad_samples"])
+        self.filtered_samples = int(data.get("filtered_samples", 0))
         self.samples_consumed = int(data["samples_consumed"])
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:

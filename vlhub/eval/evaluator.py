@@ -55,7 +55,8 @@ class Evaluator:
         self.templates, self.extended_metrics = templates, extended_metrics
         self.subset = load_subset(subset)
         self.classnames = classnames if classnames is not None else ClassNameTransform()
-        self.tasks = dict(sorted(_build_tasks(tasks, skip_tasks_without_root).items()))
+        scope = f" on the {subset} subset" if subset else ""
+        self.tasks = dict(sorted(_build_tasks(tasks, skip_tasks_without_root, scope).items()))
 
     def add_task(self, name: str, task) -> None:
         """Evaluate ``task`` too, as ``eval.<name>`` (e.g. the data group's validation pairs)."""
@@ -112,7 +113,7 @@ class Evaluator:
         return metrics
 
 
-def _build_tasks(tasks: dict, skip_tasks_without_root: bool) -> dict[str, ZeroShotTask]:
+def _build_tasks(tasks: dict, skip_tasks_without_root: bool, scope: str = "") -> dict[str, ZeroShotTask]:
     built: dict[str, ZeroShotTask] = {}
     for name, task in tasks.items():
         if hasattr(task, "run"):
@@ -125,5 +126,5 @@ def _build_tasks(tasks: dict, skip_tasks_without_root: bool) -> dict[str, ZeroSh
         except RootNotSet:
             if not skip_tasks_without_root:
                 raise
-            log.info("eval %s: left out (eval.%s.root is not set)", name, name)
+            log.info("eval %s%s: left out; add it with eval.%s.root=<dataset folder>", name, scope, name)
     return built

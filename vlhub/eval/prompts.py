@@ -15,6 +15,8 @@ from pathlib import Path
 
 from open_clip import zero_shot_metadata
 
+from vlhub.data.caption_transforms import caesar_shift  # the one cipher: training captions use it too
+
 # ``eval.templates`` names; anything else is read as a file of one template per line.
 TEMPLATE_SETS = ("openai", "simple")
 
@@ -87,17 +89,6 @@ def resolve_templates(choice: str, published: list[str]) -> list[str]:
     if choice == "simple":
         return simple_templates()
     return read_template_file(choice)
-
-
-def caesar_shift(text: str, k: int) -> str:
-    """Shift each ASCII letter ``k`` places, keeping its case; everything else is unchanged."""
-    shifted = []
-    for char in text:
-        if "a" <= char <= "z" or "A" <= char <= "Z":
-            base = ord("a") if char.islower() else ord("A")
-            char = chr(base + (ord(char) - base + k) % 26)
-        shifted.append(char)
-    return "".join(shifted)
 
 
 @dataclass(frozen=True)

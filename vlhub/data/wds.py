@@ -1,0 +1,208 @@
+"""Streamed webdataset sources: ``data=wds`` (a shard spec) and ``data=blend`` (a YAML schema).
+
+Both check everything they can before training: every shard path exists, no brace expansion
+or ``::`` piece is empty, weights are positive and one per source, and the epoch length is
+known (``data.num_samples``, the schema's ``num_samples``, or a ``sizes.json`` beside the
+shards). They are read by the stream of ``vlhub.data.stream``; see there for the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch.utils.data import DataLoader
+
+from vlhub.data.captions import CaptionPipeline
+from vlhub.data.loader import ImageTransform, Tokenizer
+from vlhub.data.shards import ShardSet, expand_shards, shard_sizes, split_sources
+from vlhub.data.sources import PairSource
+from vlhub.data.stream import build_stream_loader
+from vlhub.registry import DATASETS
+
+SCHEMA_KEYS = ("name", "root", "num_samples", "weight")
+
+
+class ShardSource:
+    """Common part of the streamed sources: how they are read and what the trainer asks of them."""
+
+    class_names: list[str] | None = None
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSet],
+        num_samples: int,
+        resampled: bool,
+        shuffle_buffer: int,
+        workers: int,
+        max_bad_fraction: float,
+        val: PairSource | None,
+        **captions: Any,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {workers}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.sources, self.num_samples = list(sources), num_samples
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.workers, self.max_bad_fraction, self.val = workers, max_bad_fraction, val
+        self.caption_pipeline = CaptionPipeline(**captions)
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return self.num_samples
+
+    def build_loader(
+        self,
+        image_transform: ImageTransform,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        seed: int,
+        start_sample: int = 0,
+        image_views: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> DataLoader:
+        """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
+        (batches in page-locked memory with ``pin_memory``, for a CUDA device)."""
+        return build_stream_loader(
+            self.sources,
+            self.caption_pipeline,
+            self.num_samples,
+            self.workers,
+            self.resampled,
+            self.shuffle_buffer,
+            image_transform,
+            tokenizer,
+            batch_size,
+            seed,
+            start_sample,
+            image_views,
+            rank,
+            world_size,
+            pin_memory,
+        )
+
+
+def _epoch_length(num_samples: int | None, sources: Sequence[ShardSet], key: str) -> int:
+    if num_samples is not None:
+        if num_samples <= 0:
+            raise ValueError(f"{key} must be > 0, got {num_samples}")
+        return num_samples
+    sizes = [s.num_samples for s in sources]
+    if None in sizes:
+        unknown = sources[sizes.index(None)].name
+        raise ValueError(
+            f"{key} is not set and source {unknown!r} has no sizes.json beside its shards listing every "
+            f"shard: set {key} (samples per epoch)"
+        )
+    return sum(sizes)  # type: ignore[arg-type]
+
+
+def _with_sizes(name: str, urls: tuple[str, ...], weight: float) -> ShardSet:
+    sizes = shard_sizes(urls)
+    return ShardSet(name, urls, weight, sum(sizes.values()) if sizes is not None else None, sizes)
+
+
+@DATASETS.register("wds")
+class WebDatasetPairs(ShardSource):
+    """``root``: a shard spec (brace patterns, sources joined by ``::``), ``weights`` one per source.
+
+    Without ``weights`` the sources are joined into one shard list (webdataset's own reading of
+    ``::``); with them, each sample's source is drawn by weight.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        weights: list[float] | None = None,
+        num_samples: int | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        workers: int = 0,
+        max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
+        **captions: Any,
+    ) -> None:
+        patterns = split_sources(root)
+        urls = [
+            expand_shards(p, f"data.root (source {i + 1})" if len(patterns) > 1 else "data.root")
+            for i, p in enumerate(patterns)
+        ]
+        if weights is None:
+            joined = tuple(u for group in urls for u in group)
+            sets = [_with_sizes("data.root", joined, 1.0)]
+        else:
+            weights = list(weights)
+            if len(weights) != len(patterns):
+                raise ValueError(
+                    f"data.weights has {len(weights)} entries for {len(patterns)} sources in data.root "
+                    "(joined by '::'): give one weight per source"
+                )
+            for i, weight in enumerate(weights):
+                if not weight > 0:
+                    raise ValueError(f"data.weights[{i}]={weight}: weights must be > 0")
+            sets = [
+                _with_sizes(f"data.root source {i + 1}", group, float(w))
+                for i, (group, w) in enumerate(zip(urls, weights, strict=True))
+            ]
+        length = _epoch_length(num_samples, sets, "data.num_samples")
+        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
+
+
+def read_schema(path: str) -> list[ShardSet]:
+    """``sources: [{name, root, num_samples, weight}, ...]`` -> checked shard sets."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.schema={path}: no such file")
+    document = yaml.safe_load(file.read_text()) or {}
+    entries = document.get("sources") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"data.schema={path}: expected a non-empty list under 'sources:'")
+    sets = []
+    for i, entry in enumerate(entries):
+        where = f"data.schema={path}: sources[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is not a mapping of {', '.join(SCHEMA_KEYS)}")
+        missing = [key for key in SCHEMA_KEYS if key not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks the key(s) {', '.join(missing)} (each source needs {SCHEMA_KEYS})")
+        unknown = sorted(set(entry) - set(SCHEMA_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SCHEMA_KEYS)}")
+        name, weight, count = str(entry["name"]), entry["weight"], entry["num_samples"]
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{where} ({name}).weight={weight!r}: must be a number > 0")
+        if not isinstance(count, int) or count <= 0:
+            raise ValueError(f"{where} ({name}).num_samples={count!r}: must be an integer > 0")
+        urls = expand_shards(str(entry["root"]), f"{where} ({name}).root")
+        sets.append(ShardSet(name, urls, float(weight), count, shard_sizes(urls)))
+    return sets
+
+
+@DATASETS.register("blend")
+class BlendedShards(ShardSource):
+    """Several shard sets mixed by weight, from a schema file (``data.schema``).
+
+    An epoch is ``num_samples`` when given, else the sum of the sources' ``num_samples``.
+    """
+
+    def __init__(
+        self,
+        schema: str,
+        num_samples: int | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        workers: int = 0,
+        max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
+        **captions: Any,
+    ) -> None:
+        sets = read_schema(schema)
+        length = _epoch_length(num_samples, sets, "data.num_samples")
+        super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
