@@ -19,11 +19,12 @@ import x_clip.mlm
 from torch import nn
 from x_clip.visual_ssl import SimSiam, nt_xent_loss
 
-from tests.conftest import objective_batch, prepared_objective
+from tests.conftest import micro_model, objective_batch, prepared_objective
 from vlhub.objectives.dcl import DclObjective
 from vlhub.objectives.draws import sample_uniform
 from vlhub.objectives.filip import FilipObjective, token_similarity
 from vlhub.objectives.mlm import REPLACE_STREAM, MaskedLanguageModel
+from vlhub.objectives.siglip import SiglipObjective
 from vlhub.objectives.ssl import nt_xent
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -132,6 +133,23 @@ def test_siglip_starts_at_temperature_10_bias_minus_10_and_matches_open_clip():
         theirs.backward()
         assert_close(ours_image.grad, theirs_image.grad)
         assert_close(ours_text.grad, theirs_text.grad)
+
+
+def test_siglip_trains_the_models_own_bias_when_it_has_one():
+    torch.manual_seed(0)
+    model = micro_model()
+    model.logit_bias = nn.Parameter(torch.tensor(-4.0))  # as an open_clip SigLIP checkpoint carries
+    objective = SiglipObjective()
+    objective.apply_to_model(model)
+    assert objective.logit_bias is None and objective.bias(model) is model.logit_bias
+    image, text = F.normalize(randn(5, 64), dim=-1), F.normalize(randn(5, 64, seed=1), dim=-1)
+    ours = objective.loss({"image_features": image, "text_features": text}, model)["loss"]
+    their_bias = torch.tensor(-4.0, requires_grad=True)
+    theirs = open_clip.loss.SigLipLoss()(image, text, model.temperature_scale().detach(), their_bias)
+    assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    assert_close(model.logit_bias.grad, their_bias.grad)
 
 
 # -- 2. DCL ----------------------------------------------------------------------------------
