@@ -9,6 +9,10 @@
 A vlhub checkpoint carries its training config, which says how to build the model. A plain
 open_clip checkpoint (a state dict, or open_clip's ``{"state_dict": ...}``) needs the model
 config too: ``vlhub.load(path, model={"_target_": "vlhub.models.build_open_clip_model", "arch": "ViT-B-32"})``.
+
+A checkpoint is data: its model is rebuilt only through a registered builder (``vlhub.registry.MODELS``)
+called with plain arguments, never by instantiating a ``_target_`` stored in the file
+(:func:`build_model_from_config`). Every command that reads a checkpoint goes through here.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from hydra.utils import instantiate
 
 from vlhub.augment import build_plain_transforms
+from vlhub.engine.checkpoint import read_checkpoint_file
 from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.models import VisionLanguageModel
 from vlhub.objectives import Objective, build_objective
+from vlhub.registry import MODELS, UnsafeConfigError, check_plain_data
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +54,17 @@ class LoadedModel(NamedTuple):
         return self.objective.scoring(self.model) if self.objective is not None else default_scoring(self.model)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint as plain containers (``weights_only``, on CPU); a missing file names the path."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint={path}: no such file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
+    """The checkpoint as plain containers (``weights_only``, on CPU); a missing, truncated or
+    garbage file is an error naming ``key`` and the path."""
+    return read_checkpoint_file(path, key)
+
+
+def build_model_from_config(node: Mapping[str, Any], key: str = "model", **overrides: Any) -> VisionLanguageModel:
+    """The safe loader: a model config node built by the registered builder its ``_target_``
+    names, with plain-data arguments; anything else (another target, a nested ``_target_``)
+    is refused naming ``key``. Nothing named in the node is imported or instantiated."""
+    return MODELS.build_node(node, key, **overrides)
 
 
 def stored_model_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -77,13 +88,14 @@ def build_model(
     if checkpoint_path is None:
         if model is None:
             raise ValueError("give a checkpoint, a model config, or both")
-        return instantiate(model)
+        return build_model_from_config(model)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint is None else checkpoint
     stored = stored_model_config(checkpoint)
     if stored is not None:
         # A vlhub checkpoint: build as trained (never re-fetching its initial weights), then load
         # its open_clip-named state_dict exactly.
-        built = instantiate(stored if model is None else model, pretrained=None)
+        node, key = (stored, f"config.model of checkpoint={checkpoint_path}") if model is None else (model, "model")
+        built = build_model_from_config(node, key, pretrained=None)
         built.load_open_clip_state_dict(checkpoint["state_dict"])
         return built
     if model is None:
@@ -92,7 +104,7 @@ def build_model(
             "say which architecture it is with model=... (e.g. model=vit_b32)"
         )
     # open_clip's own loader converts its older layouts ("module." prefixes, CLIP vs CustomTextCLIP).
-    return instantiate(model, pretrained=str(checkpoint_path))
+    return build_model_from_config(model, pretrained=str(checkpoint_path))
 
 
 def build_trained_objective(checkpoint: Mapping[str, Any], model: VisionLanguageModel) -> Objective | None:
@@ -101,6 +113,9 @@ def build_trained_objective(checkpoint: Mapping[str, Any], model: VisionLanguage
     spec = checkpoint.get("objective_spec")
     if spec is None:
         return None
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise UnsafeConfigError("objective_spec must be {'name': registered objective, 'kwargs': {...}}")
+    check_plain_data(spec.get("kwargs", {}), "objective_spec.kwargs")
     objective = build_objective(spec, model)
     objective.load_state_dict(checkpoint["objective"])
     return objective.to(next(model.parameters()).device).eval()

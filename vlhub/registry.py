@@ -8,7 +8,8 @@ name (``build``), and enrolled in the contract tests, one parametrised test per 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,6 +47,39 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def targets(self) -> dict[str, str]:
+        """The allow-list of ``_target_`` paths: each entry's dotted import path, and the same
+        object re-exported by a parent package (``vlhub.models.build_open_clip_model``) -> name.
+        Nothing is imported: only modules already loaded are looked at."""
+        found: dict[str, str] = {}
+        for name, entry in self._entries.items():
+            module, attr = getattr(entry, "__module__", ""), getattr(entry, "__qualname__", "")
+            found[f"{module}.{attr}"] = name
+            parts = module.split(".")
+            for end in range(1, len(parts)):
+                package = ".".join(parts[:end])
+                if getattr(sys.modules.get(package), attr, None) is entry:
+                    found[f"{package}.{attr}"] = name
+        return found
+
+    def build_node(self, node: Mapping[str, Any], key: str, **overrides: Any) -> Any:
+        """Build from a stored config node without instantiating anything it names: its
+        ``_target_`` must be a registered entry's path, and its arguments plain data (no nested
+        ``_target_``). The entry is called directly; ``key`` names the node in errors."""
+        if not isinstance(node, Mapping):
+            raise UnsafeConfigError(f"{key} must be a mapping with a _target_, got {type(node).__name__}")
+        target = node.get("_target_")
+        allowed = self.targets()
+        if target not in allowed:
+            raise UnsafeConfigError(
+                f"{key}._target_={target!r} is not a registered {self.kind}; refusing to build it "
+                f"(allowed: {', '.join(sorted(allowed))})"
+            )
+        kwargs = {k: v for k, v in node.items() if k != "_target_"}
+        for name, value in kwargs.items():
+            check_plain_data(value, f"{key}.{name}")
+        return self.build(allowed[target], **{**kwargs, **overrides})
+
     def items(self) -> Iterator[tuple[str, T]]:
         yield from sorted(self._entries.items())
 
@@ -54,6 +88,33 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class UnsafeConfigError(ValueError):
+    """A stored config asks for something vlhub will not build from a file."""
+
+
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_plain_data(value: Any, key: str) -> None:
+    """Refuse anything but dicts, lists, strings, numbers, booleans and None, and any nested
+    ``_target_``/``_partial_``/``_args_`` (what ``instantiate`` would act on), naming the key."""
+    if isinstance(value, PLAIN_SCALARS):
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_plain_data(item, f"{key}[{index}]")
+        return
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise UnsafeConfigError(f"{key} has a non-string key {name!r}")
+            if name in ("_target_", "_partial_", "_args_", "_recursive_", "_convert_"):
+                raise UnsafeConfigError(f"{key}.{name}: a nested {name} is refused (arguments must be plain data)")
+            check_plain_data(item, f"{key}.{name}")
+        return
+    raise UnsafeConfigError(f"{key} holds a {type(value).__name__}; arguments must be plain data")
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model builder")

@@ -20,8 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
+from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
+from vlhub.engine.run_folder import open_run, remove_failed_launch
+from vlhub.engine.step import GradientStrategy
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.objectives import IncompatibleObjective, Objective
 
@@ -87,15 +89,53 @@ def train(
     """
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     dist_info = get_dist_info(settings.pop("device"))
-    gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
-    # Data, evaluation folders and the resume path are checked first: bad input fails in seconds.
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
+    # A launch that fails before a training step leaves no run folder behind (Hydra made it).
+    start, trainer = None, None
+    try:
+        gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
+        checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
+        start = open_run(run_dir, checkpointer, config, dist_info)
+        if start.finished:
+            log.warning(
+                "the run in %s finished at step %d (trainer.max_steps=%d): nothing to do. To continue it, "
+                "raise trainer.max_steps; the config that trained it stays recorded in %s",
+                run_dir,
+                start.step,
+                cfg.trainer.max_steps,
+                run_dir / "config.yaml",
+            )
+            return {}
+        trainer = build_trainer(cfg, run_dir, choices, overrides, settings, dist_info, gradients, checkpointer, config)
+        return trainer.fit()
+    except BaseException:
+        if dist_info.is_main and (start is None or start.step == 0):
+            remove_failed_launch(run_dir, trained=trainer is not None and trainer.step > 0)
+        raise
+    finally:
+        if start is not None:
+            start.close()
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str],
+    overrides: list[str] | None,
+    settings: dict[str, Any],
+    dist_info: DistInfo,
+    gradients: GradientStrategy,
+    checkpointer: Checkpointer,
+    config: dict[str, Any],
+) -> Trainer:
+    # Data and evaluation folders are checked first: bad input fails in seconds.
     source = instantiate(cfg.data)
     evaluator = instantiate(cfg.eval)
     if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
         evaluator.add_task("val", PairValidationTask(source.val))
-    checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
     optim = instantiate(cfg.optim)
     limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
@@ -105,7 +145,6 @@ def train(
     prepare_objective(objective, source, model, transforms, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
-    config = OmegaConf.to_container(cfg, resolve=True)
     metric_logger = None
     if dist_info.is_main:
         metric_logger = MetricLogger(
@@ -130,7 +169,7 @@ def train(
         world_size=dist_info.world_size,
         pin_memory=dist_info.device.type == "cuda",
     )
-    trainer = Trainer(
+    return Trainer(
         model,
         objective,
         make_loader,
@@ -152,7 +191,6 @@ def train(
         objective_spec=objective.spec(objective_kwargs),
         config=config,
     )
-    return trainer.fit()
 
 
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")

@@ -3,7 +3,9 @@
 Layout of a checkpoint (all plain containers and tensors):
 ``state_dict`` (model weights under open_clip's names), ``objective``, ``optimizer``,
 ``scaler``, ``scheduler``, ``step``, ``epoch``, ``data`` (position and bad-sample counts),
-``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``.
+``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``, and ``run_id``: the
+run that wrote it. Rotation and auto-resume only consider the run's own files
+(``engine/run_folder.py`` decides which run a folder holds).
 """
 
 from __future__ import annotations
@@ -21,6 +23,28 @@ import torch
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+LATEST = "latest.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, or not a file ``torch.save`` wrote)."""
+
+
+def read_checkpoint_file(path: str | Path, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint as plain containers (``weights_only``, on CPU), or an error naming ``key`` and
+    the file. ``mmap`` maps the tensors instead of reading them: a cheap look at step and run id."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch's own message suggests weights_only=False: never do that
+        raise CheckpointError(
+            f"{key}={path} is not a readable checkpoint (truncated, or not a file torch.save wrote: "
+            f"{type(error).__name__}); point {key} at another file"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{key}={path} holds a {type(loaded).__name__}, not a checkpoint dict")
+    return loaded
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -74,9 +98,19 @@ def _link_atomic(source: Path, target: Path) -> None:
 
 
 class Checkpointer:
-    """Writes ``step_<N>.pt`` and ``latest.pt`` under ``<run dir>/checkpoints``, keeps ``keep``."""
+    """Writes ``step_<N>.pt`` and ``latest.pt`` under ``<run dir>/checkpoints``, keeps the run's
+    newest ``keep``. ``move_aside`` and ``allow_config_change`` are read when the run opens
+    (``engine/run_folder.py``); ``run_id`` is set there and written into every checkpoint."""
 
-    def __init__(self, folder: Path, every_n_steps: int, keep: int, resume: str | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        every_n_steps: int,
+        keep: int,
+        resume: str | None,
+        move_aside: bool = False,
+        allow_config_change: bool = False,
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
         if keep < 1:
@@ -84,6 +118,10 @@ class Checkpointer:
         if resume not in (None, "auto") and not Path(resume).is_file():
             raise FileNotFoundError(f"checkpoint.resume={resume}: no such file (use 'auto' or a path)")
         self.folder, self.every_n_steps, self.keep, self.resume = folder, every_n_steps, keep, resume
+        self.move_aside, self.allow_config_change = move_aside, allow_config_change
+        self.run_id: str | None = None
+        self.resume_checkpoint: dict[str, Any] | None = None  # chosen when the run opens
+        self.opened = False
 
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -94,23 +132,49 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := STEP_FILE.match(p.name))]
         return sorted(found, reverse=True)
 
+    def scan(self) -> list[tuple[int, Path, str | None]]:
+        """(step, file, run id) of every readable checkpoint, ``latest.pt`` included, newest first;
+        torn or foreign-format files are skipped with a warning."""
+        files = [path for _, path in self.step_files()]
+        if (self.folder / LATEST).is_file():
+            files.append(self.folder / LATEST)
+        found = []
+        for path in files:
+            try:
+                header = read_checkpoint_file(path, "checkpoint", mmap=True)
+                found.append((int(header["step"]), path, header.get("run_id")))
+            except (CheckpointError, KeyError, TypeError, ValueError) as error:
+                log.warning("skipping unreadable checkpoint %s: %s", path, error)
+        return sorted(found, key=lambda item: (item[0], item[1].name != LATEST), reverse=True)
+
     def save(self, payload: dict[str, Any]) -> Path:
         path = self.folder / f"step_{payload['step']}.pt"
-        save_atomic(payload, path)
-        _link_atomic(path, self.folder / "latest.pt")
-        for _, old in self.step_files()[self.keep :]:
+        save_atomic({**payload, "run_id": self.run_id}, path)
+        _link_atomic(path, self.folder / LATEST)
+        own = [p for _, p, run_id in self.scan() if run_id == self.run_id and p.name != LATEST]
+        for old in own[self.keep :]:  # another run's files are never this run's to delete
             old.unlink(missing_ok=True)
         return path
 
     def load_for_resume(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from: the newest complete one for ``auto``, or the named file."""
+        """The checkpoint to resume from: the one chosen when the run opened; else the named file,
+        or for ``auto`` the newest of this run's checkpoints that loads (``latest.pt`` included)."""
+        if self.opened:
+            checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
+            return checkpoint
         if self.resume is None:
             return None
         if self.resume != "auto":  # a named file must load: never fall back to a fresh run
-            return torch.load(self.resume, map_location="cpu", weights_only=True)
-        for _, path in self.step_files():
+            return read_checkpoint_file(self.resume, "checkpoint.resume")
+        return self.load_newest({self.run_id})
+
+    def load_newest(self, run_ids: set[str | None]) -> dict[str, Any] | None:
+        """The newest checkpoint of one of ``run_ids`` that loads completely."""
+        for _, path, run_id in self.scan():
+            if run_id not in run_ids:
+                continue
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # a file from an older, killed writer: try the next
+                return read_checkpoint_file(path, "checkpoint")
+            except CheckpointError as error:  # a file from an older, killed writer: try the next
                 log.warning("skipping unreadable checkpoint %s: %s", path, error)
         return None

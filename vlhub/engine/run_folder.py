@@ -1,0 +1,342 @@
+"""A run folder holds one run: its identity, its lock, its record, and what a killed run left.
+
+At launch rank 0 locks the folder (``run.lock``: host, pid, SLURM job id, a heartbeat), removes
+the temporary files of a killed write, and decides what this start is: a fresh run (a new run
+id) or the continuation of the run the folder holds (``run.json``). Checkpoints carry the run id,
+so rotation and auto-resume only look at the run's own files, and another run's checkpoints in
+the folder stop a launch (``checkpoint.move_aside=true`` moves them into ``moved_<date>/``).
+A resumed config is compared with the checkpoint's: only the keys in ``ALLOWED_ON_RESUME`` may
+change unless ``checkpoint.allow_config_change=true`` (recorded in ``results.jsonl``).
+``config.yaml`` in the run folder records the config that trained the weights (Hydra rewrites
+``.hydra/config.yaml`` at every launch, before vlhub runs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlhub.distributed import DistInfo, broadcast_object
+from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
+
+log = logging.getLogger(__name__)
+LOCK, IDENTITY, RECORD, RESULTS = "run.lock", "run.json", "config.yaml", "results.jsonl"
+STALE_AFTER_S, HEARTBEAT_S = 120.0, 30.0
+# Keys a resumed run may change without asking (the number of ranks is not in the config).
+ALLOWED_ON_RESUME = (
+    "trainer.max_steps",
+    "trainer.device",
+    "trainer.compile*",
+    "trainer.strategy",
+    "trainer.log_every_n_steps",
+    "eval.*",
+    "logger.*",
+    "checkpoint.*",
+    "data.workers",
+    "hydra.*",
+    "run.name",  # only names the folder
+)
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (locked, another run's files, a changed config)."""
+
+
+# -- the lock -----------------------------------------------------------------------------------
+def _holder_text(holder: dict[str, Any]) -> str:
+    age = time.time() - float(holder.get("heartbeat", 0))
+    job = holder.get("slurm_job_id") or "none"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM job {job}, heartbeat {age:.0f}s ago"
+
+
+def _stale_reason(holder: dict[str, Any]) -> str | None:
+    """Why a lock no longer protects a live run, or None while it does."""
+    if time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S:
+        return f"its heartbeat is older than {STALE_AFTER_S:.0f}s"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job_id") == job:
+        return f"it carries this SLURM job's own id {job} (a requeued job)"
+    if holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return "its process is gone"
+        except (OSError, ValueError, KeyError):
+            pass
+    return None
+
+
+class RunLock:
+    """Rank 0's lock on a run folder for the run's life, refreshed by a daemon thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.token = path, uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="vlhub-run-lock", daemon=True)
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "token": self.token,
+            "heartbeat": time.time(),
+        }
+
+    @classmethod
+    def acquire(cls, path: Path) -> RunLock:
+        """Take the lock, taking over a stale one; a live holder fails at once, named."""
+        lock = cls(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock._read()
+                if holder is None:  # being written right now, or torn: look again shortly
+                    time.sleep(0.2)
+                    if lock._read() is None and time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                        path.unlink(missing_ok=True)
+                    continue
+                reason = _stale_reason(holder)
+                if reason is None:
+                    raise RunFolderError(
+                        f"run folder {path.parent} is in use by another run ({_holder_text(holder)}): "
+                        f"wait for it to end or use another folder (run.name=... or hydra.run.dir=...); "
+                        f"its lock {path} is taken over once the heartbeat is {STALE_AFTER_S:.0f}s old"
+                    ) from None
+                log.warning("taking over the lock %s of %s: %s", path, _holder_text(holder), reason)
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(lock._payload(), handle)
+            lock._thread.start()
+            return lock
+        raise RunFolderError(f"could not take the lock {path}: other launches keep replacing it")
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def refresh(self) -> bool:
+        """Rewrite the heartbeat while the lock is still ours; False once it was taken over."""
+        holder = self._read()
+        if holder is None or holder.get("token") != self.token:
+            return False
+        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
+        tmp.write_text(json.dumps(self._payload()))
+        os.replace(tmp, self.path)
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self.refresh():
+                log.warning("the run lock %s was taken over by another launch", self.path)
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self._read()
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+# -- the config record ----------------------------------------------------------------------------
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (an empty mapping is a leaf)."""
+    if isinstance(config, dict) and config:
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: config}
+
+
+def _allowed(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) or (p.endswith(".*") and key == p[:-2]) for p in ALLOWED_ON_RESUME)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """Keys whose value differs (missing on one side counts), except those allowed on resume."""
+    before, after = flatten(old), flatten(new)
+    missing = object()
+    changed = {}
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, missing), after.get(key, missing)
+        if a != b and not _allowed(key):
+            changed[key] = [None if a is missing else a, None if b is missing else b]
+    return changed
+
+
+# -- what a start finds and leaves ------------------------------------------------------------------
+@dataclass
+class RunStart:
+    """What this launch is: the run id, the checkpoint to continue from, whether it is finished."""
+
+    run_id: str
+    checkpoint_path: str | None = None
+    step: int = 0
+    finished: bool = False
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    lock: RunLock | None = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def remove_tmp_files(folder: Path) -> None:
+    """The temporary files of a write that was killed (``.step_5.pt.x1y2.tmp``)."""
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            log.info("removing %s, left by a killed write", path)
+            path.unlink(missing_ok=True)
+
+
+def drop_results_after(run_dir: Path, step: int) -> None:
+    """Drop ``results.jsonl`` records written past ``step`` (a kill between evaluation and checkpoint)."""
+    path = run_dir / RESULTS
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        log.info("dropping %d results.jsonl records past step %d", len(lines) - len(kept), step)
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def move_aside(run_dir: Path, files: list[Path] | None = None) -> Path:
+    """Move ``files`` (default: everything the previous run left, not Hydra's or the logs) into
+    ``<run dir>/moved_<date>/``."""
+    target = run_dir / f"moved_{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    if files is None:
+        keep = (".hydra", LOCK)
+        files = [
+            p
+            for p in run_dir.iterdir()
+            if p.name not in keep and p.suffix != ".log" and not p.name.startswith("moved_")
+        ]
+    for path in files:
+        destination = target / path.relative_to(run_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), destination)
+    log.warning("moved the previous run's files into %s", target)
+    return target
+
+
+def remove_failed_launch(run_dir: Path, trained: bool = False) -> None:
+    """A Hydra run folder where nothing trained (only ``.hydra/``, logs, and what the launch wrote)
+    is removed when the launch fails, so it does not look like a run."""
+    if trained or not (run_dir / ".hydra").is_dir():
+        return
+    launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints"}
+    for path in run_dir.iterdir():
+        if path.name == "checkpoints" and path.is_dir() and not any(path.iterdir()):
+            continue
+        if path.name not in launch_only - {"checkpoints"} and path.suffix != ".log":
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _foreign_message(run_dir: Path, foreign: list[tuple[int, Path, str | None]], why: str) -> str:
+    steps = ", ".join(f"{p.name} (run {run_id or 'unknown'}, step {step})" for step, p, run_id in foreign[:4])
+    return (
+        f"run folder {run_dir} holds another run's checkpoints ({steps}) and {why}. Use another folder "
+        "(run.name=... or hydra.run.dir=...), or pass checkpoint.move_aside=true to move the old "
+        f"files into {run_dir}/moved_<date>/"
+    )
+
+
+def _decide(run_dir: Path, checkpointer: Checkpointer, config: dict[str, Any]) -> RunStart:
+    """Rank 0: which run this is and where it continues from; fails on a folder it cannot use."""
+    remove_tmp_files(checkpointer.folder)
+    identity = run_dir / IDENTITY
+    folder_id = json.loads(identity.read_text())["run_id"] if identity.is_file() else None
+    found = checkpointer.scan()
+    header: dict[str, Any] | None = None
+    if checkpointer.resume not in (None, "auto"):  # a named file: it must load, and it is the run
+        header = read_checkpoint_file(checkpointer.resume, "checkpoint.resume", mmap=True)
+        start = RunStart(header.get("run_id") or folder_id or uuid.uuid4().hex, str(checkpointer.resume))
+    elif checkpointer.resume == "auto" and folder_id and any(run_id == folder_id for _, _, run_id in found):
+        step, path, _ = next(item for item in found if item[2] == folder_id)
+        header = read_checkpoint_file(path, "checkpoint", mmap=True)
+        start = RunStart(folder_id, str(path))
+    else:  # a fresh start: resume=null is always a new run; auto keeps a folder's id with no files
+        start = RunStart(folder_id if checkpointer.resume == "auto" and folder_id else uuid.uuid4().hex)
+    foreign = [item for item in found if item[2] != start.run_id]
+    if foreign:
+        why = "this launch starts a new run" if start.checkpoint_path is None else "this run is not theirs"
+        if not checkpointer.move_aside:
+            raise RunFolderError(_foreign_message(run_dir, foreign, why))
+        move_aside(run_dir, None if start.checkpoint_path is None else [p for _, p, _ in foreign])
+    if header is not None:
+        start.step = int(header["step"])
+        start.changes = config_changes(header.get("config") or {}, config)
+        if start.changes and not checkpointer.allow_config_change:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in start.changes.items()))
+            raise RunFolderError(
+                f"checkpoint.resume={checkpointer.resume}: the config differs from the one that trained "
+                f"{start.checkpoint_path} (recorded in {run_dir / RECORD}): {listed}. Start a new run in "
+                "another folder, or pass checkpoint.allow_config_change=true to continue with the new values "
+                "(recorded in results.jsonl)"
+            )
+        start.finished = start.step >= int(config["trainer"]["max_steps"])
+    return start
+
+
+def _record_start(run_dir: Path, start: RunStart, config: dict[str, Any]) -> None:
+    """Identity, the config that trains the weights from here, and the results trimmed to the step."""
+    (run_dir / IDENTITY).write_text(json.dumps({"run_id": start.run_id}) + "\n")
+    (run_dir / RECORD).write_text(yaml.safe_dump(config, sort_keys=False))
+    drop_results_after(run_dir, start.step)
+    if start.changes:
+        record = {"step": start.step, "event": "config_changed", "changes": start.changes}
+        with (run_dir / RESULTS).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        log.warning("checkpoint.allow_config_change=true: continuing with %s", sorted(start.changes))
+
+
+def open_run(run_dir: Path, checkpointer: Checkpointer, config: dict[str, Any], dist_info: DistInfo) -> RunStart:
+    """Lock the folder and decide the start on rank 0; every rank gets the decision and the
+    checkpoint to continue from (read before any model is built)."""
+    start, error = None, None
+    if dist_info.is_main:
+        lock = RunLock.acquire(run_dir / LOCK)
+        try:
+            start = _decide(run_dir, checkpointer, config)
+            start.lock = lock
+            if not start.finished:
+                _record_start(run_dir, start, config)
+        except Exception as caught:
+            lock.release()
+            error = caught
+    decided = None
+    if start is not None and error is None:
+        decided = (start.run_id, start.checkpoint_path, start.step, start.finished)
+    shared = broadcast_object(decided)
+    if error is not None:
+        raise error
+    if shared is None:
+        raise RunFolderError(f"rank 0 could not open the run folder {run_dir} (see its log)")
+    if start is None:
+        start = RunStart(shared[0], shared[1], shared[2], shared[3])
+    checkpointer.run_id, checkpointer.opened = start.run_id, True
+    if start.checkpoint_path is not None and not start.finished:
+        key = "checkpoint.resume" if checkpointer.resume not in (None, "auto") else "checkpoint"
+        checkpointer.resume_checkpoint = read_checkpoint_file(start.checkpoint_path, key)
+    return start
