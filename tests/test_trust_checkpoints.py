@@ -1,0 +1,239 @@
+"""Issue 11, items 1-5 and 11: a checkpoint is data, a run folder holds one run, leftovers are cleaned."""
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+
+import vlhub
+from tests.conftest import compose_train, run_train
+from vlhub.engine.checkpoint import Checkpointer
+from vlhub.engine.run_folder import RunFolderError, RunLock, config_changes, remove_failed_launch
+from vlhub.registry import UnsafeConfigError
+
+BASE = ["eval=none", "trainer.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep=2"]
+# The node found in the attack: Hydra blocks os.system, not open.
+ATTACK = {"_target_": "builtins.dict", "x": {"_target_": "builtins.open", "_args_": ["victim.txt", "w"]}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished two-step run folder; tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    run_train(BASE, run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def _never_build(monkeypatch):
+    import vlhub.models.open_clip_models as builders
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(builders.open_clip, "CustomTextCLIP", never)
+
+
+# -- 1. a checkpoint cannot run code --------------------------------------------------------------
+def _poisoned(trained, tmp_path, model_node):
+    checkpoint = torch.load(trained / "checkpoints/latest.pt", weights_only=True)
+    checkpoint["config"]["model"] = model_node
+    torch.save(checkpoint, tmp_path / "poisoned.pt")
+    return tmp_path / "poisoned.pt"
+
+
+def test_a_stored_target_is_never_instantiated_by_any_loader(trained, tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    from vlhub import benchmark_bridge
+    from vlhub.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "decoy.txt").write_text("precious")
+    decoy = {**ATTACK, "x": {**ATTACK["x"], "_args_": ["decoy.txt", "w"]}}
+    instantiate(decoy)["x"].close()  # the attack is real: instantiate truncates the file
+    assert (tmp_path / "decoy.txt").read_text() == ""
+
+    (tmp_path / "victim.txt").write_text("precious")
+    path = _poisoned(trained, tmp_path, ATTACK)
+    with pytest.raises(UnsafeConfigError, match=r"config.model of checkpoint=.*_target_='builtins.dict'"):
+        vlhub.load(path)
+    with pytest.raises(UnsafeConfigError, match="builtins.dict"):
+        benchmark_bridge.load_vlhub(pretrained=str(path))
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"checkpoint={path}", "eval=none", "device=cpu"])
+    with pytest.raises(UnsafeConfigError, match="builtins.dict"):
+        evaluate(cfg, tmp_path / "eval_run", model_given=False)
+    # Resuming never builds the stored model node: the config check refuses the changed model first.
+    with pytest.raises(RunFolderError, match="model._target_"):
+        run_train([*BASE, f"checkpoint.resume={path}"], tmp_path / "resumed")
+    # A registered builder with a nested target among its arguments is refused too, naming the key.
+    nested = {"_target_": "vlhub.models.build_open_clip_model", "config": ATTACK["x"]}
+    with pytest.raises(UnsafeConfigError, match=r"config.model of checkpoint=.*\.config\._target_"):
+        vlhub.load(_poisoned(trained, tmp_path, nested))
+    assert (tmp_path / "victim.txt").read_text() == "precious"
+
+
+def test_the_safe_loader_still_builds_registered_models_and_objectives(trained):
+    loaded = vlhub.load(trained / "checkpoints/latest.pt")
+    assert loaded.objective is not None and not loaded.model.training
+
+
+# -- 2. a run folder holds one run ------------------------------------------------------------------
+def test_a_fresh_start_over_another_runs_checkpoints_fails_then_moves_them_aside(run_copy):
+    old_step2 = torch.load(run_copy / "checkpoints/step_2.pt", weights_only=True)
+    fresh = [*BASE, "checkpoint.resume=null", "trainer.seed=1", "trainer.max_steps=1"]
+    with pytest.raises(RunFolderError, match=r"another run's checkpoints.*checkpoint.move_aside=true"):
+        run_train(fresh, run_copy)
+    assert torch.equal(  # untouched
+        torch.load(run_copy / "checkpoints/step_2.pt", weights_only=True)["state_dict"]["visual.conv1.weight"],
+        old_step2["state_dict"]["visual.conv1.weight"],
+    )
+    run_train([*fresh, "checkpoint.move_aside=true"], run_copy)
+    moved = next(run_copy.glob("moved_*"))
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["latest.pt", "step_1.pt", "step_2.pt"]
+    new = torch.load(run_copy / "checkpoints/latest.pt", weights_only=True)
+    assert new["step"] == 1 and new["config"]["trainer"]["seed"] == 1
+    assert new["run_id"] != old_step2["run_id"] == json.loads((moved / "run.json").read_text())["run_id"]
+    assert json.loads((run_copy / "run.json").read_text())["run_id"] == new["run_id"]
+    # resume=auto now continues the new run (seed 1), never the old seed-0 step_2.
+    run_train([*BASE, "trainer.seed=1"], run_copy)
+    resumed = torch.load(run_copy / "checkpoints/latest.pt", weights_only=True)
+    assert resumed["step"] == 2 and resumed["run_id"] == new["run_id"]
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["latest.pt", "step_1.pt", "step_2.pt"]
+
+
+def test_auto_resume_reads_latest_and_skips_torn_step_files(run_copy):
+    checkpoints = run_copy / "checkpoints"
+    (checkpoints / "step_2.pt").unlink()  # the run's newest state is only in latest.pt
+    (checkpoints / "step_29.pt").write_bytes(b"garbage from an old writer")
+    whole = (checkpoints / "latest.pt").read_bytes()
+    (checkpoints / "step_30.pt").write_bytes(whole[: len(whole) // 2])
+    run_train([*BASE, "trainer.max_steps=3"], run_copy)
+    final = torch.load(checkpoints / "latest.pt", weights_only=True)
+    assert final["step"] == 3 and final["scheduler"]["last_epoch"] == 3  # resumed from 2, not from 0
+    assert (checkpoints / "step_29.pt").exists() and (checkpoints / "step_30.pt").exists()  # not its files
+
+
+def test_rotation_deletes_only_the_runs_own_files(tmp_path):
+    theirs = Checkpointer(tmp_path, every_n_steps=1, keep=1, resume="auto")
+    theirs.run_id = "theirs"
+    theirs.save({"step": 7})
+    ours = Checkpointer(tmp_path, every_n_steps=1, keep=1, resume="auto")
+    ours.run_id = "ours"
+    for step in (1, 2, 3):
+        ours.save({"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step_3.pt", "step_7.pt"]
+    assert ours.load_newest({"ours"})["step"] == 3
+
+
+# -- 3. two runs in one folder ----------------------------------------------------------------------
+def _foreign_lock(run_dir, age_s=0.0, job="4242"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = {"host": "gpu-node-17", "pid": 31337, "slurm_job_id": job, "token": "x", "heartbeat": time.time() - age_s}
+    (run_dir / "run.lock").write_text(json.dumps(holder))
+
+
+def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(run_copy, monkeypatch):
+    _never_build(monkeypatch)
+    _foreign_lock(run_copy)
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    with pytest.raises(RunFolderError, match=r"in use by another run \(host gpu-node-17, pid 31337, SLURM job 4242"):
+        run_train([*BASE, "trainer.max_steps=4"], run_copy)
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+    # Two launches from live processes: the second fails while the first holds the lock.
+    (run_copy / "run.lock").unlink()
+    first = RunLock.acquire(run_copy / "run.lock")
+    try:
+        with pytest.raises(RunFolderError, match=f"host {socket.gethostname()}, pid {os.getpid()}"):
+            RunLock.acquire(run_copy / "run.lock")
+        assert first.refresh()  # the heartbeat
+    finally:
+        first.release()
+    assert not (run_copy / "run.lock").exists()
+
+
+def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch):
+    _foreign_lock(tmp_path, age_s=600)
+    RunLock.acquire(tmp_path / "run.lock").release()
+    _foreign_lock(tmp_path, job="4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job, maybe on another host
+    lock = RunLock.acquire(tmp_path / "run.lock")
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+# -- 4. a rerun with a changed config -----------------------------------------------------------------
+def test_a_changed_config_on_a_finished_run_fails_listing_the_keys_and_keeps_the_record(run_copy, caplog):
+    record = (run_copy / "config.yaml").read_text()
+    lr = compose_train().optim.lr
+    assert yaml.safe_load(record)["optim"]["lr"] == lr
+    with pytest.raises(RunFolderError, match=rf"optim.lr: {lr!r} -> 0.0001.*checkpoint.allow_config_change=true"):
+        run_train([*BASE, "optim.lr=1e-4"], run_copy)
+    assert (run_copy / "config.yaml").read_text() == record
+    with caplog.at_level(logging.WARNING):
+        assert run_train(BASE, run_copy) == {}
+    assert "finished at step 2" in caplog.text and "raise trainer.max_steps" in caplog.text
+    assert (run_copy / "config.yaml").read_text() == record
+
+
+def test_allow_config_change_continues_and_is_recorded(run_copy):
+    run_train([*BASE, "trainer.max_steps=3", "optim.lr=1e-4", "checkpoint.allow_config_change=true"], run_copy)
+    records = [json.loads(line) for line in (run_copy / "results.jsonl").read_text().splitlines()]
+    change = next(r for r in records if r.get("event") == "config_changed")
+    assert change["step"] == 2 and change["changes"]["optim.lr"][1] == 1e-4
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["optim"]["lr"] == 1e-4
+
+
+def test_only_the_listed_keys_may_change_on_resume():
+    old = {"trainer": {"max_steps": 2, "seed": 0, "compile_mode": "a"}, "eval": {}, "data": {"workers": 2}}
+    new = {"trainer": {"max_steps": 9, "seed": 1, "compile_mode": "b"}, "eval": {"x": {"y": 1}}, "data": {"workers": 0}}
+    assert config_changes(old, new) == {"trainer.seed": [0, 1]}
+
+
+# -- 5. leftovers --------------------------------------------------------------------------------------
+def test_tmp_files_and_results_past_the_checkpoint_are_dropped_on_resume(run_copy):
+    (run_copy / "checkpoints/.step_3.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    with (run_copy / "results.jsonl").open("a") as handle:  # evaluated at step 3, killed before its checkpoint
+        handle.write(json.dumps({"step": 3, "data/bad_samples": 0}) + "\n")
+    run_train([*BASE, "trainer.max_steps=3"], run_copy)
+    assert not list((run_copy / "checkpoints").glob("*.tmp"))
+    steps = [json.loads(line)["step"] for line in (run_copy / "results.jsonl").read_text().splitlines()]
+    assert steps.count(3) == 1 and steps == sorted(steps)
+
+
+def test_a_failed_launch_leaves_no_empty_run_folder(tmp_path):
+    run_dir = tmp_path / "runs/csv_run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text("{}\n")
+    (run_dir / "train.log").write_text("")
+    with pytest.raises(Exception, match="no such CSV file"):
+        run_train(["data=csv", f"data.root={tmp_path / 'missing.csv'}"], run_dir)
+    assert not run_dir.exists()
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "results.jsonl").write_text("{}\n")  # something trained here: kept
+    remove_failed_launch(run_dir)
+    assert run_dir.exists()
+
+
+# -- 11. a torn resume file ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_a_torn_resume_file_fails_before_anything_is_built(trained, tmp_path, monkeypatch, kind):
+    whole = (trained / "checkpoints/latest.pt").read_bytes()
+    torn = tmp_path / f"{kind}.pt"
+    torn.write_bytes(whole[: len(whole) // 3] if kind == "truncated" else b"\x80\x02garbage" * 50)
+    _never_build(monkeypatch)
+    with pytest.raises(Exception, match=rf"checkpoint.resume={torn} is not a readable checkpoint") as error:
+        run_train([*BASE, f"checkpoint.resume={torn}"], tmp_path / "run")
+    assert "weights_only=False" not in str(error.value)
