@@ -237,3 +237,10 @@ def test_a_torn_resume_file_fails_before_anything_is_built(trained, tmp_path, mo
     with pytest.raises(Exception, match=rf"checkpoint.resume={torn} is not a readable checkpoint") as error:
         run_train([*BASE, f"checkpoint.resume={torn}"], tmp_path / "run")
     assert "weights_only=False" not in str(error.value)
+
+
+def test_a_resume_file_that_is_no_training_checkpoint_is_named(tmp_path, monkeypatch):
+    torch.save({"state_dict": {}}, tmp_path / "weights.pt")  # e.g. a plain open_clip file
+    _never_build(monkeypatch)
+    with pytest.raises(RunFolderError, match=r"checkpoint.resume=.*weights.pt is not a vlhub training checkpoint"):
+        run_train([*BASE, f"checkpoint.resume={tmp_path / 'weights.pt'}"], tmp_path / "run")

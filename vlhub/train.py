@@ -102,10 +102,11 @@ def train(
         if start.finished:
             log.warning(
                 "the run in %s finished at step %d (trainer.max_steps=%d): nothing to do. To continue it, "
-                "raise trainer.max_steps; the config that trained it stays recorded in %s",
+                "raise trainer.max_steps (e.g. trainer.max_steps=%d); the config that trained it stays in %s",
                 run_dir,
                 start.step,
                 cfg.trainer.max_steps,
+                2 * start.step,
                 run_dir / "config.yaml",
             )
             return {}

@@ -255,10 +255,12 @@ def remove_failed_launch(run_dir: Path, trained: bool = False) -> None:
 
 def _foreign_message(run_dir: Path, foreign: list[tuple[int, Path, str | None]], why: str) -> str:
     steps = ", ".join(f"{p.name} (run {run_id or 'unknown'}, step {step})" for step, p, run_id in foreign[:4])
+    legacy = any(run_id is None for _, _, run_id in foreign)
+    hint = " (files without a run id predate run ids: checkpoint.resume=PATH continues one)" if legacy else ""
     return (
         f"run folder {run_dir} holds another run's checkpoints ({steps}) and {why}. Use another folder "
         "(run.name=... or hydra.run.dir=...), or pass checkpoint.move_aside=true to move the old "
-        f"files into {run_dir}/moved_<date>/"
+        f"files into {run_dir}/moved_<date>/{hint}"
     )
 
 
@@ -285,8 +287,13 @@ def _decide(run_dir: Path, checkpointer: Checkpointer, config: dict[str, Any]) -
             raise RunFolderError(_foreign_message(run_dir, foreign, why))
         move_aside(run_dir, None if start.checkpoint_path is None else [p for _, p, _ in foreign])
     if header is not None:
-        start.step = int(header["step"])
-        start.changes = config_changes(header.get("config") or {}, config)
+        if not isinstance(header.get("step"), int) or not isinstance(header.get("config"), dict):
+            raise RunFolderError(
+                f"checkpoint.resume={start.checkpoint_path} is not a vlhub training checkpoint (no step or "
+                "config); to start from its weights, use model.pretrained=PATH with checkpoint.resume=null"
+            )
+        start.step = header["step"]
+        start.changes = config_changes(header["config"], config)
         if start.changes and not checkpointer.allow_config_change:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in start.changes.items()))
             raise RunFolderError(
