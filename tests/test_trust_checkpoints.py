@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from hydra import compose, initialize_config_module
 
 import vlhub
-from tests.conftest import compose_train, run_train
+from tests.conftest import FAST, compose_train, run_train
 from vlhub.engine.checkpoint import Checkpointer
 from vlhub.engine.run_folder import RunFolderError, RunLock, config_changes, remove_failed_launch
 from vlhub.registry import UnsafeConfigError
@@ -164,6 +165,26 @@ def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(run_cop
     assert not (run_copy / "run.lock").exists()
 
 
+def test_two_launches_at_once_the_second_fails_and_the_first_finishes_alone(tmp_path):
+    from vlhub.train import train
+
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")]
+    overrides = [*fast, *BASE, "checkpoint.keep=1", "trainer.max_steps=8"]
+    first_cfg, second_cfg = compose_train(overrides), compose_train(overrides)
+    choices = {"model": "tiny", "objective": "clip"}
+    first = threading.Thread(target=train, args=(first_cfg, tmp_path, choices))
+    first.start()
+    deadline = time.time() + 60
+    while not (tmp_path / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    holder = f"in use by another run \\(host {socket.gethostname()}, pid {os.getpid()}"
+    with pytest.raises(RunFolderError, match=holder):
+        train(second_cfg, tmp_path, choices)
+    first.join()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.pt", "step_8.pt"]
+    assert not (tmp_path / "run.lock").exists()
+
+
 def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch):
     _foreign_lock(tmp_path, age_s=600)
     RunLock.acquire(tmp_path / "run.lock").release()
@@ -206,7 +227,7 @@ def test_only_the_listed_keys_may_change_on_resume():
 def test_tmp_files_and_results_past_the_checkpoint_are_dropped_on_resume(run_copy):
     (run_copy / "checkpoints/.step_3.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     with (run_copy / "results.jsonl").open("a") as handle:  # evaluated at step 3, killed before its checkpoint
-        handle.write(json.dumps({"step": 3, "data/bad_samples": 0}) + "\n")
+        handle.write(json.dumps({"step": 3, "data/bad_samples": 0}) + "\n" + '{"step": 4, "data/b')  # torn
     run_train([*BASE, "trainer.max_steps=3"], run_copy)
     assert not list((run_copy / "checkpoints").glob("*.tmp"))
     steps = [json.loads(line)["step"] for line in (run_copy / "results.jsonl").read_text().splitlines()]

@@ -208,13 +208,21 @@ def remove_tmp_files(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _step_of(line: str) -> int | None:
+    """A results.jsonl record's step (0 without one); None for a line torn by a kill."""
+    try:
+        return int(json.loads(line).get("step") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def drop_results_after(run_dir: Path, step: int) -> None:
     """Drop ``results.jsonl`` records written past ``step`` (a kill between evaluation and checkpoint)."""
     path = run_dir / RESULTS
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (at := _step_of(line)) is not None and at <= step]
     if len(kept) != len(lines):
         log.info("dropping %d results.jsonl records past step %d", len(lines) - len(kept), step)
         path.write_text("".join(f"{line}\n" for line in kept))
