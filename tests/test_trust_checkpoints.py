@@ -5,6 +5,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -193,6 +195,25 @@ def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch)
     lock = RunLock.acquire(tmp_path / "run.lock")
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
     lock.release()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"host": socket.gethostname(), "pid": int(gone.stdout), "heartbeat": time.time(), "token": "x"}
+    (tmp_path / "run.lock").write_text(json.dumps(holder))  # a crashed run on this host
+    RunLock.acquire(tmp_path / "run.lock").release()
+
+
+def test_the_heartbeat_is_refreshed_while_the_run_lives(tmp_path, monkeypatch):
+    import vlhub.engine.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder, "HEARTBEAT_S", 0.02)
+    lock = RunLock.acquire(tmp_path / "run.lock")
+    first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
+    deadline = time.time() + 10
+    while json.loads((tmp_path / "run.lock").read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.02)
+    assert json.loads((tmp_path / "run.lock").read_text())["heartbeat"] > first
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 # -- 4. a rerun with a changed config -----------------------------------------------------------------
