@@ -84,7 +84,8 @@ class Trainer:
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
         self.run_info, self.config, self.objective_spec = run_info, config, objective_spec
-        self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
+        global_batch = batch_size * dist_info.world_size  # what a recipe's reference batch is compared with
+        self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps, global_batch)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
