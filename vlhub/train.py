@@ -19,9 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
+from vlhub.engine.loggers import format_metrics_table
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.objectives import IncompatibleObjective, Objective
 
@@ -90,11 +93,18 @@ def train(
     gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
+    if dist_info.is_main:
+        log.info("run folder: %s", run_dir.resolve())
     # Data, evaluation folders and the resume path are checked first: bad input fails in seconds.
     source = instantiate(cfg.data)
     evaluator = instantiate(cfg.eval)
     if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
         evaluator.add_task("val", PairValidationTask(source.val))
+    if not evaluator.tasks:  # real data picks eval=none: nothing to score unless the user says what
+        log.info(
+            "no evaluation: add held-out pairs (data.val={_target_:vlhub.data.CsvPairs,root:val.csv}) "
+            "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
+        )
     checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
     optim = instantiate(cfg.optim)
     limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
@@ -152,7 +162,13 @@ def train(
         objective_spec=objective.spec(objective_kwargs),
         config=config,
     )
-    return trainer.fit()
+    with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
+        metrics = trainer.fit()
+    if dist_info.is_main:
+        if metrics:
+            log.info("final metrics (step %d):\n%s", trainer.step, format_metrics_table(metrics))
+        log.info("run folder: %s", run_dir.resolve())
+    return metrics
 
 
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")

@@ -166,6 +166,14 @@ class Trainer:
         )
         if self.metric_logger is not None:
             self.metric_logger.log_scalars(scalars, self.step)
+        log.info(  # to train.log too: the bar is gone once the run ends
+            "step %d/%d: loss %.4f, lr %.3g, %.0f samples/s",
+            self.step,
+            self.max_steps,
+            scalars["train/loss"],
+            scalars["train/lr"],
+            scalars["train/samples_per_second"],
+        )
 
     # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
     def evaluate(self) -> dict[str, float]:
