@@ -150,3 +150,44 @@ def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folde
     assert {"local", "slurm", "[basic]"} <= set(groups["hydra/launcher"].replace(",", " ").split())
     assert "shared" not in result.stdout.split("== Config (")[0]  # eval/shared, data/shared, objective/shared
     assert "[tiny]" in groups["model"] and "[synthetic]" in groups["data"]
+
+
+# -- 19: any vlhub checkpoint opens in open_clip, with the README's code ----------------------------
+
+
+def readme_block(marker: str) -> str:
+    """The README's fenced python block holding ``marker``: the test runs what a reader copies."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if marker in block)
+
+
+def test_the_readmes_code_opens_a_tiny_checkpoint_in_open_clip_bit_for_bit(tmp_path):
+    import open_clip
+
+    import vlhub
+    from tests.conftest import run_train
+
+    # The tiny model (no open_clip name), here with a logit bias in the model (as open_clip's SigLIP
+    # models have): the stored config must rebuild both.
+    run_train(["eval=none", "+model.init_logit_bias=-10.0", "trainer.max_steps=1"], tmp_path / "run")
+    path = tmp_path / "run/checkpoints/latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["open_clip_arch"] is None and "logit_bias" in checkpoint["state_dict"]
+    code = readme_block("open_clip.add_model_config")
+    assert 'path = "runs/my_run/checkpoints/latest.pt"' in code
+    scope: dict = {}
+    exec(code.replace("runs/my_run/checkpoints/latest.pt", str(path)), scope)  # noqa: S102
+    model, tokenizer = scope["model"].eval(), scope["tokenizer"]
+    assert isinstance(model, open_clip.CLIP)
+    theirs = model.state_dict()
+    assert set(theirs) == set(checkpoint["state_dict"])
+    assert all(torch.equal(theirs[k], v.reshape(theirs[k].shape)) for k, v in checkpoint["state_dict"].items())
+    ours, preprocess, our_tokenizer = vlhub.load(path)
+    images, texts = torch.randn(2, 3, 32, 32), ["a red circle", "a blue star"]
+    assert torch.equal(tokenizer(texts), our_tokenizer(texts))
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images, normalize=True), ours.encode_image(images))
+        assert torch.equal(model.encode_text(tokenizer(texts), normalize=True), ours.encode_text(tokenizer(texts)))

@@ -225,7 +225,7 @@ class Trainer:
             "rng_per_rank": rng_states,
             "run_info": dict(self.run_info),
             "open_clip_arch": layout.arch if layout else None,
-            "open_clip_model_cfg": layout.model_cfg if layout else {},
+            "open_clip_model_cfg": self.model.open_clip_config(),  # open_clip.create_model rebuilds it
         }
 
     def save(self) -> Path | None:
