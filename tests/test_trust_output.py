@@ -39,6 +39,14 @@ def test_the_command_line_still_wins_over_a_models_recipe():
         assert optim.optimizer._target_ == "torch.optim.SGD" and optim.lr == 0.05
 
 
+def test_every_model_option_still_composes_for_evaluate():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        for model in options("model"):  # the recipe's override needs an optim group there too
+            assert compose(config_name="evaluate", overrides=[f"model={model}"]).model._target_
+
+
 def test_a_recipe_is_scaled_down_to_the_runs_global_batch():
     recipe = OptimRecipe(torch.optim.AdamW, lr=5e-4, weight_decay=0.2, scheduler="cosine", warmup_steps=2000)
     recipe.reference_batch_size = 32768
