@@ -100,7 +100,7 @@ def train(
     evaluator = instantiate(cfg.eval)
     if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
         evaluator.add_task("val", PairValidationTask(source.val))
-    if not evaluator.tasks:  # real data picks eval=none: nothing to score unless the user says what
+    if dist_info.is_main and not evaluator.tasks:  # real data picks eval=none: say how to add one
         log.info(
             "no evaluation: add held-out pairs (data.val={_target_:vlhub.data.CsvPairs,root:val.csv}) "
             "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
