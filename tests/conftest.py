@@ -37,11 +37,8 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run_train(overrides: list[str], run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
-    fast = (
-        [o for o in FAST if not o.startswith("eval.synthetic")]
-        if any(o.startswith("eval=") for o in overrides)
-        else FAST
-    )
+    other_eval = any(o.startswith("eval=") or (o.startswith("data=") and o != "data=synthetic") for o in overrides)
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")] if other_eval else FAST  # real data: eval=none
     cfg = compose_train(fast + overrides)
     return vlhub.train.train(cfg, run_dir, choices or {"model": "tiny", "objective": "clip"})
 

@@ -140,7 +140,8 @@ def test_ce_without_labels_fails_at_launch(tmp_path):
 
 def test_ce_runs_on_an_imagefolder_with_no_other_key(tmp_path):
     root = SyntheticShapes(num_samples=30, split="val").write_imagefolder(tmp_path / "folder")
-    metrics = run_train(["objective=ce", "data=imagefolder", f"data.root={root}"], tmp_path / "run")
+    shapes_eval = ["eval=synthetic", "eval.synthetic.num_samples=60"]  # the folder holds the shapes' classes
+    metrics = run_train(["objective=ce", "data=imagefolder", f"data.root={root}", *shapes_eval], tmp_path / "run")
     assert "synthetic-classifier-top1" in metrics and "synthetic-zeroshot-top1" not in metrics  # classes by name
     checkpoint = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
     assert checkpoint["objective_spec"]["kwargs"]["num_classes"] == 30

@@ -156,10 +156,11 @@ def test_data_val_pairs_are_scored_with_in_batch_metrics(tmp_path):
     train_csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "train")
     val_csv = SyntheticShapes(num_samples=12, split="val").write_csv(tmp_path / "val")
     val_node = f"data.val={{_target_:vlhub.data.CsvPairs,root:'{val_csv}'}}"
-    run_train(["data=csv", f"data.root={train_csv}", "data.workers=0", val_node], tmp_path / "run")
+    synthetic_eval = ["eval=synthetic", "eval.synthetic.num_samples=60"]
+    run_train(["data=csv", f"data.root={train_csv}", "data.workers=0", val_node, *synthetic_eval], tmp_path / "run")
     record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= record["val-image_to_text_R@1"] <= 1.0 and record["val-text_to_image_mean_rank"] >= 1.0
-    assert "synthetic-zeroshot-top1" in record  # the eval group's own tasks still run
+    assert "synthetic-zeroshot-top1" in record  # an eval group's own tasks still run beside data.val
     with pytest.raises(Exception, match="no such CSV file"):
         run_train(
             ["data=csv", f"data.root={train_csv}", "data.val={_target_:vlhub.data.CsvPairs,root:/nope.csv}"],

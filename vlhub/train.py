@@ -19,9 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
+from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
 from vlhub.eval.retrieval import PairValidationTask
@@ -91,6 +94,8 @@ def train(
     dist_info = get_dist_info(settings.pop("device"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
+    if dist_info.is_main:
+        log.info("run folder: %s", run_dir.resolve())
     config = OmegaConf.to_container(cfg, resolve=True)
     # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
     # A launch that fails before a training step leaves no run folder behind (Hydra made it).
@@ -111,7 +116,13 @@ def train(
             )
             return {}
         trainer = build_trainer(cfg, run_dir, choices, overrides, settings, dist_info, gradients, checkpointer, config)
-        return trainer.fit()
+        with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
+            metrics = trainer.fit()
+        if dist_info.is_main:
+            if metrics:
+                log.info("final metrics (step %d):\n%s", trainer.step, format_metrics_table(metrics))
+            log.info("run folder: %s", run_dir.resolve())
+        return metrics
     except BaseException:
         if dist_info.is_main and (start is None or start.step == 0):
             remove_failed_launch(run_dir, trained=trainer is not None and trainer.step > 0)
@@ -137,6 +148,11 @@ def build_trainer(
     evaluator = instantiate(cfg.eval)
     if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
         evaluator.add_task("val", PairValidationTask(source.val))
+    if dist_info.is_main and not evaluator.tasks:  # real data picks eval=none: say how to add one
+        log.info(
+            "no evaluation: add held-out pairs (data.val={_target_:vlhub.data.CsvPairs,root:val.csv}) "
+            "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
+        )
     optim = instantiate(cfg.optim)
     limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank

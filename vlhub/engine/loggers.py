@@ -76,3 +76,13 @@ class MetricLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def format_metrics_table(metrics: dict[str, float], title: str = "metric") -> str:
+    """A small two-column table of ``metrics``, names left, values right, for the console."""
+    rows = [(name, f"{value:.4f}" if isinstance(value, float) else str(value)) for name, value in metrics.items()]
+    name_width = max(len(title), *(len(name) for name, _ in rows)) if rows else len(title)
+    value_width = max(len("value"), *(len(value) for _, value in rows)) if rows else len("value")
+    lines = [f"{title:<{name_width}}  {'value':>{value_width}}", f"{'-' * name_width}  {'-' * value_width}"]
+    lines += [f"{name:<{name_width}}  {value:>{value_width}}" for name, value in rows]
+    return "\n".join(lines)

@@ -84,7 +84,8 @@ class Trainer:
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.grad_clip_norm, self.log_every_n_steps = grad_clip_norm, log_every_n_steps
         self.run_info, self.config, self.objective_spec = run_info, config, objective_spec
-        self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps)
+        global_batch = batch_size * dist_info.world_size  # what a recipe's reference batch is compared with
+        self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps, global_batch)
         self.bad_samples = BadSampleMonitor(max_bad_fraction)
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
@@ -165,6 +166,14 @@ class Trainer:
         )
         if self.metric_logger is not None:
             self.metric_logger.log_scalars(scalars, self.step)
+        log.info(  # to train.log too: the bar is gone once the run ends
+            "step %d/%d: loss %.4f, lr %.3g, %.0f samples/s",
+            self.step,
+            self.max_steps,
+            scalars["train/loss"],
+            scalars["train/lr"],
+            scalars["train/samples_per_second"],
+        )
 
     # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -216,7 +225,7 @@ class Trainer:
             "rng_per_rank": rng_states,
             "run_info": dict(self.run_info),
             "open_clip_arch": layout.arch if layout else None,
-            "open_clip_model_cfg": layout.model_cfg if layout else {},
+            "open_clip_model_cfg": self.model.open_clip_config(),  # open_clip.create_model rebuilds it
         }
 
     def save(self) -> Path | None:

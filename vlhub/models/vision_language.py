@@ -6,6 +6,7 @@ evaluated the same way. ``forward`` is what objectives call (through DDP when wr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -109,6 +110,16 @@ class VisionLanguageModel(nn.Module):
         return self.tokenizer(texts)
 
     # -- open_clip key layout -------------------------------------------------------------
+    def open_clip_config(self) -> dict:
+        """The config ``open_clip.create_model`` rebuilds this model from (stored in checkpoints as
+        ``open_clip_model_cfg``), with ``init_logit_bias`` when the model carries a bias (siglip)."""
+        if self.open_clip_layout is None:
+            return {}
+        config = copy.deepcopy(self.open_clip_layout.model_cfg)
+        if self.logit_bias is not None:
+            config["init_logit_bias"] = float(self.logit_bias.detach())  # the weights overwrite it
+        return config
+
     def _open_clip_key_map(self) -> dict[str, str]:
         """vlhub state_dict key -> open_clip state_dict key."""
         if self.open_clip_layout is None:

@@ -1,0 +1,201 @@
+"""Issue 11, what a person sees: optimizer recipes per model (6), the run folder, progress and
+final table (16), the default evaluation following the data (17), ``--help`` (18), and opening
+any checkpoint in open_clip (19)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import FAST, compose_train, micro_model
+from tests.test_config import options
+from vlhub.optim import OptimRecipe
+
+# -- 6: every model option comes with the optimizer recipe that trains it stably ---------------
+
+
+def test_vit_b32_composes_to_open_clips_published_recipe():
+    optim = compose_train(["model=vit_b32"]).optim
+    assert optim.optimizer._target_ == "torch.optim.AdamW"
+    assert list(optim.optimizer.betas) == [0.9, 0.98] and optim.optimizer.eps == 1e-6
+    assert (optim.lr, optim.weight_decay, optim.warmup_steps) == (5e-4, 0.2, 2000)
+    assert optim.reference_batch_size == 32768
+
+
+def test_every_model_option_brings_a_recipe_and_tiny_keeps_its_fast_one():
+    for model in options("model"):
+        optim = compose_train([f"model={model}"]).optim
+        if model == "tiny":  # the CPU default keeps its speed: lr 2e-3, 100 warmup steps, unscaled
+            assert (optim.lr, optim.warmup_steps, optim.get("reference_batch_size")) == (2e-3, 100, None)
+        else:  # the big towers: open_clip's recipe (the issue's vit_b32 diverged at lr 2e-3, warmup 100)
+            assert optim.lr <= 5e-4 and optim.warmup_steps >= 2000 and optim.reference_batch_size == 32768
+
+
+def test_the_command_line_still_wins_over_a_models_recipe():
+    cfg = compose_train(["model=vit_b32", "optim.lr=1e-4", "optim.warmup_steps=10"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (1e-4, 10)
+    for overrides in (["model=vit_b32", "optim=sgd"], ["optim=sgd", "model=vit_b32"]):
+        optim = compose_train(overrides).optim
+        assert optim.optimizer._target_ == "torch.optim.SGD" and optim.lr == 0.05
+
+
+def test_every_model_option_still_composes_for_evaluate():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        for model in options("model"):  # the recipe's override needs an optim group there too
+            assert compose(config_name="evaluate", overrides=[f"model={model}"]).model._target_
+
+
+def test_a_recipe_is_scaled_down_to_the_runs_global_batch():
+    recipe = OptimRecipe(torch.optim.AdamW, lr=5e-4, weight_decay=0.2, scheduler="cosine", warmup_steps=2000)
+    recipe.reference_batch_size = 32768
+    model = micro_model()
+    for batch, lr, warmup in ((256, 5e-4 / 8**0.5 / 4, 22627), (4096, 5e-4 / 8**0.5, 5657), (65536, 5e-4, 2000)):
+        _, scheduler = recipe.build([model], max_steps=100_000, batch_size=batch)
+        assert scheduler.base_lrs[0] == pytest.approx(lr)
+        assert scheduler.lr_lambdas[0].keywords["warmup_steps"] == warmup
+    recipe.reference_batch_size = None  # as given
+    _, scheduler = recipe.build([model], max_steps=100_000, batch_size=256)
+    assert scheduler.base_lrs[0] == 5e-4 and scheduler.lr_lambdas[0].keywords["warmup_steps"] == 2000
+
+
+# -- 16: the run folder, the progress bar and the log, the final table --------------------------
+
+
+def test_the_console_shows_the_run_folder_a_table_and_log_lines_apart_from_the_bar(tmp_path, monkeypatch):
+    """The default run in-process through Hydra's main, its console and the bar on one stream (as a
+    terminal shows them): a log line written while the bar is drawn used to glue onto it."""
+    import io
+    import logging
+    import re
+    import sys
+
+    import vlhub.train
+
+    console = io.StringIO()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", console)
+    monkeypatch.setattr(sys, "stderr", console)
+    overrides = ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "checkpoint.every_n_steps=1", "run.name=r"]
+    fast = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.log_every"))]
+    monkeypatch.setattr(sys, "argv", ["train", *fast, *overrides])
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        vlhub.train.main()
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:], root.level = saved
+    text = console.getvalue()
+    run_dir = (tmp_path / "runs/r").resolve()
+    lines = [line for line in re.split(r"[\r\n]", text) if " - " in line]
+    assert lines[0].endswith(f"run folder: {run_dir}") and lines[-1].endswith(f"run folder: {run_dir}")
+    starts = [m.start() for m in re.finditer(r"\[\d{4}-\d\d-\d\d \d", text)]
+    assert len(starts) > 8 and all(i == 0 or text[i - 1] in "\r\n" for i in starts), text  # none glued to the bar
+    table = text[text.index("final metrics (step 4):") :].splitlines()[1:6]
+    assert table[0].split() == ["metric", "value"] and set(table[1]) == {"-", " "}
+    assert re.fullmatch(r"synthetic-zeroshot-top1 +0\.\d{4}", table[2])
+    log = (run_dir / "train.log").read_text()
+    steps = re.findall(r"step (\d)/4: loss \d+\.\d+, lr [\d.e-]+, \d+ samples/s", log)
+    assert steps == ["2", "4"]  # every trainer.log_every_n_steps, in the run's own log file
+
+
+# -- 17: the default evaluation follows the data ------------------------------------------------
+
+
+def test_real_data_is_not_scored_on_the_generated_shapes(tmp_path, caplog):
+    import json
+    import logging
+
+    from tests.conftest import run_train
+    from vlhub.data import SyntheticShapes
+
+    csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "data")
+    with caplog.at_level(logging.INFO, logger="vlhub.train"):
+        metrics = run_train(["data=csv", f"data.root={csv}", "data.workers=0"], tmp_path / "run")
+    assert metrics == {}  # was synthetic-zeroshot-top1 on shapes unrelated to the CSV
+    record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
+    assert not any("synthetic" in key for key in record) and record["data/samples_read"] == 24
+    hints = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no evaluation")]
+    assert len(hints) == 1 and "data.val=" in hints[0] and "eval=" in hints[0]
+
+
+def test_each_data_option_picks_its_evaluation_and_the_command_line_wins():
+    def tasks(overrides: list[str]) -> set[str]:
+        evaluation = compose_train(overrides).eval
+        return {name for name, node in evaluation.items() if name != "classnames" and "_target_" in str(node)}
+
+    assert tasks([]) == {"synthetic"}
+    for data in ("csv", "imagefolder", "wds", "blend"):
+        assert tasks([f"data={data}"]) == set()  # plus data.val, when given
+    assert tasks(["data=captionnet"]) == {"imagenet"}  # ImageNet-100, once eval.imagenet.root is set
+    assert tasks(["data=csv", "eval=synthetic"]) == tasks(["eval=synthetic", "data=csv"]) == {"synthetic"}
+    assert tasks(["data=captionnet", "eval=none"]) == set()
+
+
+# -- 18: --help lists the real choices -----------------------------------------------------------
+
+
+def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "vlhub.train", "--help"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    groups = dict(
+        line.split(None, 1) for line in result.stdout.split("== Config groups")[1].split("==")[1].strip().splitlines()
+    )
+    assert set(groups) == {"augment", "data", "eval", "experiment", "model", "objective", "optim", "hydra/launcher"}
+    for group in ("augment", "data", "eval", "experiment", "model", "objective", "optim"):
+        listed = set(groups[group].split("(")[0].replace("[", "").replace("]", "").replace(",", " ").split())
+        assert listed == set(options(group)), group
+    assert {"local", "slurm", "[basic]"} <= set(groups["hydra/launcher"].replace(",", " ").split())
+    assert "shared" not in result.stdout.split("== Config (")[0]  # eval/shared, data/shared, objective/shared
+    assert "[tiny]" in groups["model"] and "[synthetic]" in groups["data"]
+
+
+# -- 19: any vlhub checkpoint opens in open_clip, with the README's code ----------------------------
+
+
+def readme_block(marker: str) -> str:
+    """The README's fenced python block holding ``marker``: the test runs what a reader copies."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    return next(block.split("```")[0] for block in blocks if marker in block)
+
+
+def test_the_readmes_code_opens_a_tiny_checkpoint_in_open_clip_bit_for_bit(tmp_path):
+    import open_clip
+
+    import vlhub
+    from tests.conftest import run_train
+
+    # The tiny model (no open_clip name), here with a logit bias in the model (as open_clip's SigLIP
+    # models have): the stored config must rebuild both.
+    run_train(["eval=none", "+model.init_logit_bias=-10.0", "trainer.max_steps=1"], tmp_path / "run")
+    path = tmp_path / "run/checkpoints/latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["open_clip_arch"] is None and "logit_bias" in checkpoint["state_dict"]
+    code = readme_block("open_clip.add_model_config")
+    assert 'path = "runs/my_run/checkpoints/latest.pt"' in code
+    scope: dict = {}
+    exec(code.replace("runs/my_run/checkpoints/latest.pt", str(path)), scope)  # noqa: S102
+    model, tokenizer = scope["model"].eval(), scope["tokenizer"]
+    assert isinstance(model, open_clip.CLIP)
+    theirs = model.state_dict()
+    assert set(theirs) == set(checkpoint["state_dict"])
+    assert all(torch.equal(theirs[k], v.reshape(theirs[k].shape)) for k, v in checkpoint["state_dict"].items())
+    ours, preprocess, our_tokenizer = vlhub.load(path)
+    images, texts = torch.randn(2, 3, 32, 32), ["a red circle", "a blue star"]
+    assert torch.equal(tokenizer(texts), our_tokenizer(texts))
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images, normalize=True), ours.encode_image(images))
+        assert torch.equal(model.encode_text(tokenizer(texts), normalize=True), ours.encode_text(tokenizer(texts)))

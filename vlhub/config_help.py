@@ -1,0 +1,34 @@
+"""``python -m vlhub.train --help``: every config group with the options it really has.
+
+Hydra's own ``$APP_CONFIG_GROUPS`` lists internal folders too (``eval/shared``, whose file only
+the eval options pull in) and leaves out the launchers (``hydra/launcher``). The help template
+in ``configs/train.yaml`` calls :func:`list_config_groups` through the ``vlhub_config_groups``
+resolver instead, which asks Hydra's config loader, so the list follows the YAML files and
+installed launcher plugins.
+"""
+
+from __future__ import annotations
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+# Groups chosen another way than group=option, and how.
+USAGE = {"experiment": "+experiment=NAME", "hydra/launcher": "hydra/launcher=NAME, with -m"}
+
+
+def list_config_groups() -> str:
+    """One line per group: ``group  option, [chosen], ...``; internal sub-folders are left out."""
+    loader = GlobalHydra.instance().config_loader()
+    chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    groups = sorted(group for group in loader.list_groups("") if group != "hydra") + ["hydra/launcher"]
+    width = max(len(group) for group in groups)
+    lines = []
+    for group in groups:
+        usage = f"   ({USAGE[group]})" if group in USAGE else ""
+        names = [f"[{name}]" if chosen.get(group) == name else name for name in loader.get_group_options(group)]
+        lines.append(f"{group:<{width}}  {', '.join(names)}{usage}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("vlhub_config_groups", list_config_groups, replace=True)
