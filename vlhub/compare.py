@@ -126,6 +126,12 @@ def default_chance(jobs: list[JobResult]) -> float | None:
     return 1.0 / len(class_names())
 
 
+def _task(key: str, label: str) -> str:
+    """The evaluation task of a headline key: ``synthetic`` of ``synthetic-zeroshot-top1``."""
+    suffix = next(suffix for suffix, name in HEADLINES if name == label)
+    return key[: -len(suffix)]
+
+
 def plot_headlines(path: Path, jobs: list[JobResult], chance: float | None, title: str) -> None:
     """Horizontal bars, one per job with a headline metric, coloured and labelled by which metric it is."""
     import matplotlib
@@ -140,7 +146,8 @@ def plot_headlines(path: Path, jobs: list[JobResult], chance: float | None, titl
         value = job.metrics[key]
         ax.barh(row, value, color=colours[label], label=label)
         ax.text(value, row, f" {value:.3f}", va="center", fontsize=8)
-    ax.set_yticks(range(len(shown)), [f"{job.label()}\n({label})" for job, (_, label) in shown], fontsize=8)
+    ticks = [f"{job.label()}\n({label}, {_task(key, label)})" for job, (key, label) in shown]
+    ax.set_yticks(range(len(shown)), ticks, fontsize=8)
     ax.invert_yaxis()  # first job on top
     if chance is not None:
         ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.3f})")
