@@ -141,7 +141,7 @@ def plot_headlines(path: Path, jobs: list[JobResult], chance: float | None, titl
 
     shown = [(job, h) for job in jobs if (h := job.headline()) is not None and job.metrics[h[0]] is not None]
     colours = {label: f"C{i}" for i, (_, label) in enumerate(HEADLINES)}
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * max(1, len(shown))), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.45 * max(1, len(shown))), dpi=110)
     for row, (job, (key, label)) in enumerate(shown):
         value = job.metrics[key]
         ax.barh(row, value, color=colours[label], label=label)
@@ -156,7 +156,7 @@ def plot_headlines(path: Path, jobs: list[JobResult], chance: float | None, titl
     ax.set_xlabel("top-1 accuracy (final evaluation)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
