@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vlhub.data import BadSampleMonitor
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.eval.retrieval import PairValidationTask
@@ -143,7 +144,9 @@ def train(
         run_dir,
         **settings,
         gradients=gradients,
-        max_bad_fraction=source.max_bad_fraction,
+        bad_samples=BadSampleMonitor(
+            source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches
+        ),
         run_info={
             "objective": choices.get("objective", "?"),
             "model": choices.get("model", "?"),
