@@ -8,6 +8,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +19,12 @@ import webdataset
 from PIL import Image
 
 from tests.conftest import run_train
+from tests.test_evaluate import FAST_EVAL, REPO, compose_evaluate
 from vlhub.data import BadSample, BadSampleMonitor, CsvPairs, SyntheticShapes, WebDatasetPairs, build_train_loader
 from vlhub.data.shards import decode_sample
+from vlhub.errors import ConfigError
+from vlhub.evaluate import evaluate
+from vlhub.launch import errors_reported
 from vlhub.objectives import ClipObjective
 
 
@@ -181,3 +189,97 @@ def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_roo
     with pytest.raises(ValueError, match="eval.imagefolder.root=") as error:
         ImageFolderZeroShot(str(tmp_path))
     assert "data.root" not in str(error.value) and "no class folders" in str(error.value)
+
+
+# -- 12: wrong types fail at launch naming the key: plain keys and group keys --------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps='abc': expected int, got str"),
+        ("trainer.max_steps=2.5", "trainer.max_steps=2.5: expected int, got float"),  # ran 3 steps before
+        ("data.max_bad_fraction=abc", "data.max_bad_fraction='abc': expected float, got str"),  # a group key
+        ("checkpoint.keep=two", "checkpoint.keep='two': expected int"),
+        ("logger.wandb.enabled=3", "logger.wandb.enabled=3: expected bool"),
+    ],
+)
+def test_12_a_wrong_type_fails_at_launch_naming_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_train([override], tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # nothing was built or trained
+
+
+# -- 14: expected mistakes print one line and a hint; unexpected ones keep their traceback ------
+
+
+@pytest.mark.slow
+def test_14_the_cli_without_data_root_prints_one_line_and_a_hint(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlhub.train", "data=csv", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: data.root is not set",
+        "hint: give it on the command line: data.root=...",
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def _reported(capsys, action) -> str:
+    with pytest.raises(SystemExit) as exit_info, errors_reported():
+        action()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2 and "\nhint: " in err
+    return err
+
+
+def test_14_a_missing_checkpoint_file_is_one_line(tmp_path, capsys):
+    cfg = compose_evaluate(["checkpoint=/nonexistent/ckpt.pt", *FAST_EVAL])
+    assert _reported(capsys, lambda: evaluate(cfg, tmp_path)).startswith("error: checkpoint=/nonexistent/ckpt.pt")
+    err = _reported(capsys, lambda: run_train(["checkpoint.resume=/nonexistent/step_5.pt"], tmp_path))
+    assert err.startswith("error: checkpoint.resume=/nonexistent/step_5.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_14_cuda_without_a_gpu_is_one_line_and_a_hint(tmp_path, capsys):
+    err = _reported(capsys, lambda: run_train(["trainer.device=cuda"], tmp_path))
+    assert err == (
+        "error: trainer.device=cuda: no CUDA GPU is visible to this process\n"
+        "hint: use trainer.device=cpu, or trainer.device=auto to take a GPU when there is one\n"
+    )
+
+
+def test_14_the_librarys_own_config_errors_are_one_line(tmp_path, capsys):
+    err = _reported(capsys, lambda: run_train(["objective=simclr", "augment=none"], tmp_path))
+    assert err.startswith("error: objective=clip with model=tiny") and "identical" in err
+    err = _reported(capsys, lambda: run_train(["trainer.batch_size=0"], tmp_path))  # a Trainer check
+    assert err.startswith("error: trainer.batch_size must be > 0")
+
+
+def test_14_unexpected_errors_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError), errors_reported():
+        _ = 1 / 0
+    with pytest.raises(json.JSONDecodeError), errors_reported():  # a ValueError, but not one of vlhub's checks
+        json.loads("{")
+
+
+# -- 15: evaluate without weights requires asking for a random model -----------------------------
+
+
+def test_15_evaluate_without_a_checkpoint_or_pretrained_weights_refuses(tmp_path, capsys):
+    cfg = compose_evaluate(FAST_EVAL)
+    err = _reported(capsys, lambda: evaluate(cfg, tmp_path / "refused"))
+    assert "no checkpoint= and no model.pretrained=" in err and "allow_random_model=true" in err
+    assert not (tmp_path / "refused").exists()
+    record = evaluate(compose_evaluate([*FAST_EVAL, "allow_random_model=true"]), tmp_path / "random")
+    assert record["checkpoint"] is None and record["weights"] == "random initialisation (allow_random_model=true)"
+    assert "random initialisation (allow_random_model=true)" in (tmp_path / "random/report.md").read_text()

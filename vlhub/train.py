@@ -24,6 +24,7 @@ from vlhub.data import BadSampleMonitor
 from vlhub.distributed import broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.eval.retrieval import PairValidationTask
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 from vlhub.objectives import IncompatibleObjective, Objective
 
 log = logging.getLogger("vlhub.train")
@@ -43,6 +44,17 @@ OmegaConf.register_new_resolver(
     replace=True,
 )
 OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
+
+
+# The plain keys' types come from the code each node is handed to (vlhub.launch.check_config).
+PLAIN_KEYS: PlainKeys = {
+    "run": [(run_dir_for, "")],
+    "trainer": [(Trainer, ""), (get_dist_info, "")],
+    "trainer.grad_cache": [(build_gradient_strategy, "")],
+    "checkpoint": [(Checkpointer, "")],
+    "logger": [(MetricLogger, "")],
+    "logger.wandb": [(MetricLogger, "wandb_")],
+}
 
 
 def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) -> None:
@@ -86,7 +98,9 @@ def train(
     ``choices`` are the config groups' chosen options and ``overrides`` the job's command-line
     overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
     """
+    check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_device(settings["device"], "trainer.device")
     dist_info = get_dist_info(settings.pop("device"))
     gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
     init_distributed(dist_info)
@@ -161,9 +175,10 @@ def train(
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    metrics = train(
-        cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
-    )
+    with errors_reported():  # an expected mistake: one line and a hint, no traceback
+        metrics = train(
+            cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+        )
     # The sweeper's return value: the first zero-shot top-1, when there is one.
     return next((v for k, v in metrics.items() if k.endswith("zeroshot-top1")), None)
 
