@@ -10,7 +10,9 @@ from PIL import Image
 
 from tests.conftest import compose_train
 from vlhub import registry
+from vlhub.launch import check_config
 from vlhub.objectives import Objective
+from vlhub.train import PLAIN_KEYS
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,6 +42,7 @@ def test_defaults_compose_to_the_cpu_default():
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_composes_with_every_objective(model, objective):
     cfg = compose_train([f"model={model}", f"objective={objective}"])
+    check_config(cfg, PLAIN_KEYS)  # the shipped values have their annotated types
     assert get_method(cfg.model._target_) is registry.MODELS.get("open_clip")
     assert get_class(cfg.objective._target_) in dict(registry.OBJECTIVES.items()).values()
 
@@ -85,13 +88,17 @@ def test_every_data_and_eval_option_instantiates(tmp_path):
     for option in options("data"):
         extra = [f'data.root="{roots[option]}"'] if roots.get(option) else []
         extra += [f"data.schema={tmp_path}/blend.yaml"] if option == "blend" else []
-        source = instantiate(compose_train([f"data={option}", *extra]).data)
+        cfg = compose_train([f"data={option}", *extra])
+        check_config(cfg, PLAIN_KEYS)
+        source = instantiate(cfg.data)
         assert len(source) == 4 or option == "synthetic"
         loaded = next(iter(source.build_loader(lambda image: torch.zeros(1), None, 2, seed=0)))
         assert loaded.batch["text_raw"][0]
     for option in ("none", "synthetic", "imagefolder"):  # dataset presets: tests/test_eval_configs.py
         extra = [f"eval.imagefolder.root={folder}"] if option == "imagefolder" else []
-        evaluator = instantiate(compose_train([f"eval={option}", *extra]).eval)
+        cfg = compose_train([f"eval={option}", *extra])
+        check_config(cfg, PLAIN_KEYS)
+        evaluator = instantiate(cfg.eval)
         assert set(evaluator.tasks) == ({option} if option != "none" else set())
 
 

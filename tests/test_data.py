@@ -114,7 +114,7 @@ def test_a_missing_image_is_skipped_and_counted(tmp_path):
 
 
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error():
-    monitor = BadSampleMonitor(0.1)
+    monitor = BadSampleMonitor(0.1, min_samples=100)
     monitor.update(100, 10, [])
     with pytest.raises(RuntimeError, match="11 of 101 samples read were bad.*max_bad_fraction=0.1"):
         monitor.update(1, 1, ["x.png: unreadable"])

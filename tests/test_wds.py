@@ -276,7 +276,7 @@ def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(t
     record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
     assert (record["step"], record["data/bad_samples"], record["data/samples_read"]) == (3, 6, 24)
     with pytest.raises(RuntimeError, match="bad.*data.max_bad_fraction=0.2"):
-        run_train([*data, "data.max_bad_fraction=0.2"], tmp_path / "strict")
+        run_train([*data, "data.max_bad_fraction=0.2", "data.bad_fraction_min_samples=8"], tmp_path / "strict")
 
 
 @pytest.mark.slow

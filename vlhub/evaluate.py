@@ -5,7 +5,8 @@
 
 A vlhub checkpoint's stored training config gives the model (``model=`` is accepted and ignored
 with a warning when it disagrees); a plain open_clip checkpoint needs ``model=``. Without a
-checkpoint, the model is evaluated as ``model=`` builds it (e.g. with ``model.pretrained=TAG``).
+checkpoint, ``model.pretrained=TAG`` (open_clip weights) is needed; an untrained, randomly initialised
+model is scored only when asked for with ``allow_random_model=true``.
 Writes ``<run dir>/results.json`` (one flat object), ``<run dir>/report.md`` (every metric, links to
 the tables and plots tasks wrote under ``<run dir>/eval/<task>/``).
 """
@@ -25,6 +26,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.errors import ConfigError
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 
 log = logging.getLogger("vlhub.evaluate")
 PLOT_SUFFIXES = (".png", ".jpg", ".svg")
@@ -35,6 +38,21 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def require_weights(checkpoint: str | None, pretrained: str | None, allow_random_model: bool) -> None:
+    """Trained weights to score: a checkpoint, an open_clip ``model.pretrained``, or an explicit request."""
+    if checkpoint or pretrained or allow_random_model:
+        return
+    raise ConfigError(
+        "no checkpoint= and no model.pretrained=: this would score an untrained, randomly initialised model",
+        hint="give checkpoint=PATH (a vlhub or open_clip checkpoint) or model.pretrained=TAG (open_clip weights); "
+        "allow_random_model=true scores a random model on purpose",
+    )
+
+
+# The plain keys' types come from the code each is handed to (vlhub.launch.check_config).
+PLAIN_KEYS: PlainKeys = {"": [(resolve_device, ""), (require_weights, "")]}
 
 
 def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, model_choice: str) -> dict | None:
@@ -54,6 +72,9 @@ def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, m
 
 def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_choice: str = "?") -> dict[str, Any]:
     """Build the tasks (checking their data first), load the model, run every task; returns the record."""
+    check_config(cfg, PLAIN_KEYS)
+    check_device(cfg.device, "device")
+    require_weights(cfg.checkpoint, cfg.model.get("pretrained"), cfg.allow_random_model)
     evaluator = instantiate(cfg.eval)  # before the model: a missing dataset folder fails fast
     checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     model = build_model(cfg.checkpoint, _model_config(cfg, checkpoint, model_given, model_choice), checkpoint)
@@ -65,6 +86,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     run_info = (checkpoint or {}).get("run_info", {})
     record = {
         "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+        "weights": _weights(cfg),
         "step": (checkpoint or {}).get("step"),
         "epoch": (checkpoint or {}).get("epoch"),
         "objective": run_info.get("objective"),
@@ -76,6 +98,14 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     (run_dir / "report.md").write_text(render_report(record, list(evaluator.tasks), run_dir))
     log.info("wrote %s and %s", run_dir / "results.json", run_dir / "report.md")
     return record
+
+
+def _weights(cfg: DictConfig) -> str:
+    if cfg.checkpoint:
+        return f"checkpoint {cfg.checkpoint}"
+    if cfg.model.get("pretrained"):
+        return f"model.pretrained={cfg.model.pretrained}"
+    return "random initialisation (allow_random_model=true)"
 
 
 def _format(value: float) -> str:
@@ -113,7 +143,8 @@ def _file_links(run_dir: Path, task: str) -> list[str]:
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     given = any(o.lstrip("+~").split("=")[0].split(".")[0] == "model" for o in hydra_cfg.overrides.task)
-    evaluate(cfg, Path(hydra_cfg.runtime.output_dir), given, hydra_cfg.runtime.choices.get("model", "?"))
+    with errors_reported():  # an expected mistake: one line and a hint, no traceback
+        evaluate(cfg, Path(hydra_cfg.runtime.output_dir), given, hydra_cfg.runtime.choices.get("model", "?"))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
+from vlhub.data import BadSampleMonitor
 from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
 from vlhub.eval.retrieval import PairValidationTask
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 from vlhub.objectives import IncompatibleObjective, Objective
 
 log = logging.getLogger("vlhub.train")
@@ -47,6 +49,17 @@ OmegaConf.register_new_resolver(
     replace=True,
 )
 OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
+
+
+# The plain keys' types come from the code each node is handed to (vlhub.launch.check_config).
+PLAIN_KEYS: PlainKeys = {
+    "run": [(run_dir_for, "")],
+    "trainer": [(Trainer, ""), (get_dist_info, "")],
+    "trainer.grad_cache": [(build_gradient_strategy, "")],
+    "checkpoint": [(Checkpointer, "")],
+    "logger": [(MetricLogger, "")],
+    "logger.wandb": [(MetricLogger, "wandb_")],
+}
 
 
 def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) -> None:
@@ -90,7 +103,9 @@ def train(
     ``choices`` are the config groups' chosen options and ``overrides`` the job's command-line
     overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
     """
+    check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_device(settings["device"], "trainer.device")
     dist_info = get_dist_info(settings.pop("device"))
     init_distributed(dist_info)
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
@@ -199,7 +214,9 @@ def build_trainer(
         run_dir,
         **settings,
         gradients=gradients,
-        max_bad_fraction=source.max_bad_fraction,
+        bad_samples=BadSampleMonitor(
+            source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches
+        ),
         run_info={
             "objective": choices.get("objective", "?"),
             "model": choices.get("model", "?"),
@@ -213,9 +230,10 @@ def build_trainer(
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    metrics = train(
-        cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
-    )
+    with errors_reported():  # an expected mistake: one line and a hint, no traceback
+        metrics = train(
+            cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+        )
     # The sweeper's return value: the first zero-shot top-1, when there is one.
     return next((v for k, v in metrics.items() if k.endswith("zeroshot-top1")), None)
 

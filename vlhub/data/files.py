@@ -8,42 +8,62 @@ missing image, an empty caption) raise ``BadSample`` and are skipped and counted
 from __future__ import annotations
 
 import csv
-import io
+import logging
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from vlhub.data.batch import BadSample, RawSample
+from vlhub.data.images import DEFAULT_MAX_PIXELS, open_image
 from vlhub.data.sources import PairSource
 from vlhub.registry import DATASETS
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
-def read_image(path: Path) -> Image.Image:
-    """An RGB image. An RGB JPEG comes back opened but not decoded (from its bytes in memory),
-    so the training transform can decode it at a reduced scale (``augment.draft``); decoding
-    it later gives the same pixels. A JPEG corrupt past its header is then caught where it is
-    decoded (the loader counts it as a bad sample)."""
+def read_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB image (see :func:`~vlhub.data.images.open_image`), or ``BadSample`` naming ``path``."""
     try:
-        image = Image.open(io.BytesIO(path.read_bytes()))
-        if image.format == "JPEG" and image.mode == "RGB":
-            return image
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
+        data = path.read_bytes()
+    except OSError as error:
         raise BadSample(f"unreadable image {path}: {error}") from error
+    return open_image(data, f"image {path}", max_pixels)
 
 
-def _read_rows(path: Path, separator: str) -> tuple[list[str], list[list[str]]]:
-    with path.open(newline="", encoding="utf-8") as handle:
+def _read_rows(path: Path, separator: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the (line number, fields) of every non-blank row.
+
+    A byte-order mark is dropped. Bytes that are not UTF-8 are kept as surrogates (Python's
+    ``surrogateescape``), so one bad row does not stop the file: :func:`_not_utf8` finds them.
+    """
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         if len(separator) == 1:
-            rows = [row for row in csv.reader(handle, delimiter=separator) if row]  # blank lines: none
+            reader = csv.reader(handle, delimiter=separator)
+            rows = [(reader.line_num, row) for row in reader if row]  # blank lines: none
         else:
-            rows = [line.rstrip("\n").split(separator) for line in handle if line.strip()]
+            rows = [(n, line.rstrip("\r\n").split(separator)) for n, line in enumerate(handle, 1) if line.strip()]
     if not rows:
         raise ValueError(f"data.root={path} is empty: expected a header row")
-    return rows[0], rows[1:]
+    header = rows[0][1]
+    if _not_utf8(header):
+        raise ValueError(f"data.root={path}: the header row is not UTF-8 ({_not_utf8(header)})")
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"data.root={path}: duplicate column name(s) {duplicates} in the header {header}")
+    return header, rows[1:]
+
+
+def _not_utf8(fields: list[str]) -> str | None:
+    """None when every field was valid UTF-8, else a short description of the first bad byte."""
+    for column, text in enumerate(fields):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = ord(text[error.start]) - 0xDC00
+            return f"byte 0x{byte:02x} in field {column + 1} is not UTF-8"
+    return None
 
 
 @DATASETS.register("csv")
@@ -82,18 +102,25 @@ class CsvPairs(PairSource):
         self.image_paths: list[Path] = []
         self.captions: list[str] = []
         self.labels: list[int] = []
-        for line, row in enumerate(rows, start=2):
+        self.bad_rows: dict[int, str] = {}  # row index -> why it is skipped (counted as a bad sample)
+        for line, row in rows:
             if len(row) != len(header):
                 raise ValueError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+            problem = _not_utf8(row)
+            if problem is not None:
+                self.bad_rows[len(self.image_paths)] = f"{path}:{line}: row skipped, {problem}"
+                row = ["" for _ in row]  # an empty caption: caption filters keep it, loading counts it
             self.image_paths.append(folder / row[image_col])
             self.captions.append(row[caption_col])
             if label_col is not None:
                 try:
-                    self.labels.append(int(row[label_col]))
+                    self.labels.append(int(row[label_col]) if problem is None else -1)
                 except ValueError:
                     raise ValueError(f"{path}:{line}: label {row[label_col]!r} is not an integer") from None
         if not self.image_paths:
             raise ValueError(f"{path} has a header but no rows")
+        if self.bad_rows:
+            log.warning("%s: %d row(s) are not UTF-8 and will be skipped as bad samples", path, len(self.bad_rows))
 
     @property
     def num_classes(self) -> int | None:
@@ -106,10 +133,12 @@ class CsvPairs(PairSource):
         return self.captions[index]
 
     def load(self, index: int) -> RawSample:
+        if index in self.bad_rows:
+            raise BadSample(self.bad_rows[index])
         caption = self.captions[index].strip()
         if not caption:
             raise BadSample(f"empty caption for {self.image_paths[index]}")
-        image = read_image(self.image_paths[index])
+        image = read_image(self.image_paths[index], self.max_image_pixels)
         return RawSample(image=image, caption=caption, label=self.labels[index] if self.labels else -1)
 
 
@@ -124,7 +153,10 @@ def _read_class_names(path: str | None, count: int, folders: list[str]) -> list[
 
 @DATASETS.register("imagefolder")
 class ImageFolderPairs(PairSource):
-    """``root/<class>/<image>``; label = sorted folder index, caption = template(class name)."""
+    """``root/<class>/<image>``; label = sorted folder index, caption = template(class name).
+
+    ``root_key`` is the config key that gave ``root``, for the messages (an evaluation's folder is
+    ``eval.<task>.root``, not ``data.root``)."""
 
     def __init__(
         self,
@@ -134,15 +166,17 @@ class ImageFolderPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
+        *,
+        root_key: str = "data.root",
         **captions: Any,
     ) -> None:
         super().__init__(workers, max_bad_fraction, val, **captions)
         folder = Path(root)
         if not folder.is_dir():
-            raise FileNotFoundError(f"data.root={root}: no such folder (expected one folder per class)")
+            raise FileNotFoundError(f"{root_key}={root}: no such folder (expected one folder per class)")
         classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
         if not classes:
-            raise ValueError(f"data.root={root} has no class folders")
+            raise ValueError(f"{root_key}={root} has no class folders (expected root/<class>/<image>)")
         if "{}" not in caption_template:
             raise ValueError(f"data.caption_template must contain '{{}}', got {caption_template!r}")
         self.class_names = _read_class_names(class_names_file, len(classes), classes)
@@ -154,7 +188,7 @@ class ImageFolderPairs(PairSource):
             if path.suffix.lower() in IMAGE_EXTENSIONS
         ]
         if not self.samples:
-            raise ValueError(f"data.root={root}: no images with extensions {IMAGE_EXTENSIONS}")
+            raise ValueError(f"{root_key}={root}: no images with extensions {IMAGE_EXTENSIONS}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -165,4 +199,4 @@ class ImageFolderPairs(PairSource):
     def load(self, index: int) -> RawSample:
         path, label = self.samples[index]
         caption = self.caption_template.format(self.class_names[label])
-        return RawSample(image=read_image(path), caption=caption, label=label)
+        return RawSample(image=read_image(path, self.max_image_pixels), caption=caption, label=label)

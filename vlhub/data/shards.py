@@ -14,7 +14,6 @@ lost when ``sizes.json`` gives the shard's size, else one. A sample without an i
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -22,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from vlhub.data.batch import BadSample, RawSample
+from vlhub.data.images import DEFAULT_MAX_PIXELS, open_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
@@ -128,8 +127,9 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSamp
         yield from _lost(f"shard {url} ends early: {read} of {expected} samples (sizes.json)", read, expected)
 
 
-def decode_sample(raw: dict) -> RawSample:
-    """Raw bytes -> a RawSample (RGB image, caption, label from ``cls`` or -1), else BadSample."""
+def decode_sample(raw: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> RawSample:
+    """Raw bytes -> a RawSample (RGB image, caption, label from ``cls`` or -1), else BadSample
+    (an image over ``max_pixels``, ``data.max_image_pixels``, included)."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     image_key = next((key for key in IMAGE_KEYS if key in raw), None)
     if image_key is None:
@@ -145,12 +145,7 @@ def decode_sample(raw: dict) -> RawSample:
             label = int(raw["cls"].decode().strip())
         except ValueError:
             raise BadSample(f"{where}: cls {raw['cls'][:20]!r} is not an integer") from None
-    try:
-        image = Image.open(io.BytesIO(raw[image_key]))
-        # An RGB JPEG stays undecoded, so the training transform can decode it at a reduced scale
-        # (augment.draft), as for files; a decode failure there is counted as a bad sample.
-        if not (image.format == "JPEG" and image.mode == "RGB"):
-            image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadSample(f"{where}: unreadable {image_key}: {error}") from error
+    # An RGB JPEG stays undecoded, so the training transform can decode it at a reduced scale
+    # (augment.draft), as for files; a decode failure there is counted as a bad sample.
+    image = open_image(raw[image_key], f"{image_key} of {where}", max_pixels)
     return RawSample(image=image, caption=caption, label=label)

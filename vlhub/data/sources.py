@@ -11,8 +11,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from vlhub.data.batch import BadSample, RawSample
+from vlhub.data.batch import BadSample, RawSample, check_bad_input_keys
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.images import DEFAULT_MAX_PIXELS
 from vlhub.data.loader import ImageTransform, Tokenizer, build_train_loader
 
 
@@ -20,7 +21,9 @@ class PairSource(Dataset):
     """A finite, indexable set of (image, caption, label) samples.
 
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
-    ``workers`` and ``max_bad_fraction`` say how the training stream reads it; ``val`` is an
+    ``workers`` and the bad-input keys (``max_bad_fraction``, ``bad_fraction_min_samples``,
+    ``max_empty_batches``: see :class:`~vlhub.data.batch.BadSampleMonitor`; ``max_image_pixels``:
+    see :func:`~vlhub.data.images.open_image`) say how the training stream reads it; ``val`` is an
     optional source of held-out pairs that travels with it (``data.val``), evaluated with
     open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
     ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
@@ -30,15 +33,23 @@ class PairSource(Dataset):
     class_names: list[str] | None = None
 
     def __init__(
-        self, workers: int = 0, max_bad_fraction: float = 0.1, val: PairSource | None = None, **captions: Any
+        self,
+        workers: int = 0,
+        max_bad_fraction: float = 0.1,
+        val: PairSource | None = None,
+        *,
+        bad_fraction_min_samples: int = 500,
+        max_empty_batches: int = 20,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        **captions: Any,
     ) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        check_bad_input_keys(max_bad_fraction, bad_fraction_min_samples, max_empty_batches, max_image_pixels)
         self.workers = workers
         self.val = val
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.bad_fraction_min_samples = max_bad_fraction, bad_fraction_min_samples
+        self.max_empty_batches, self.max_image_pixels = max_empty_batches, max_image_pixels
         self.caption_pipeline = CaptionPipeline(**captions)
 
     @property

@@ -154,7 +154,9 @@ class ShardStream(IterableDataset):
         lanes: int,
         resampled: bool,
         shuffle_buffer: int,
+        max_image_pixels: int | None,
     ) -> None:
+        self.max_image_pixels = max_image_pixels
         self.sources, self.captions = list(sources), captions
         self.collate = Collate(tokenizer, image_views, captions)
         self.image_transform, self.image_views = image_transform, image_views
@@ -192,7 +194,7 @@ class ShardStream(IterableDataset):
         if isinstance(raw, BadSample):
             return raw
         try:
-            sample = decode_sample(raw)
+            sample = decode_sample(raw, self.max_image_pixels)
         except BadSample as bad:
             return bad
         return transform_sample(sample, slot, epoch, self.seed, self.image_transform, self.image_views, self.captions)
@@ -205,6 +207,7 @@ def build_stream_loader(
     workers: int,
     resampled: bool,
     shuffle_buffer: int,
+    max_image_pixels: int | None,
     image_transform: ImageTransform,
     tokenizer: Tokenizer | None,
     batch_size: int,
@@ -253,6 +256,7 @@ def build_stream_loader(
         lanes=lanes,
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
+        max_image_pixels=max_image_pixels,
     )
     return DataLoader(
         stream,

@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 from torch.utils.data import DataLoader
 
+from vlhub.data.batch import check_bad_input_keys
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.images import DEFAULT_MAX_PIXELS
 from vlhub.data.loader import ImageTransform, Tokenizer
 from vlhub.data.shards import ShardSet, expand_shards, shard_sizes, split_sources
 from vlhub.data.sources import PairSource
@@ -39,17 +41,22 @@ class ShardSource:
         workers: int,
         max_bad_fraction: float,
         val: PairSource | None,
+        *,
+        bad_fraction_min_samples: int = 500,
+        max_empty_batches: int = 20,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         **captions: Any,
     ) -> None:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        check_bad_input_keys(max_bad_fraction, bad_fraction_min_samples, max_empty_batches, max_image_pixels)
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.sources, self.num_samples = list(sources), num_samples
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.workers, self.max_bad_fraction, self.val = workers, max_bad_fraction, val
+        self.bad_fraction_min_samples, self.max_empty_batches = bad_fraction_min_samples, max_empty_batches
+        self.max_image_pixels = max_image_pixels
         self.caption_pipeline = CaptionPipeline(**captions)
 
     def __len__(self) -> int:
@@ -77,6 +84,7 @@ class ShardSource:
             self.workers,
             self.resampled,
             self.shuffle_buffer,
+            self.max_image_pixels,
             image_transform,
             tokenizer,
             batch_size,

@@ -64,8 +64,13 @@ def train_step(
     precision: Precision,
     gradients: GradientStrategy,
     grad_clip_norm: float | None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | None:
+    """The step's detached loss parts; None when the loss was not finite on some rank: then the
+    gradients are dropped and the weights, optimizer state and schedule stay as they were."""
     parts = gradients(model, objective, batch, precision)
+    if distributed.all_reduce_sum([int(not bool(torch.isfinite(parts["loss"]).all()))])[0]:
+        optimizer.zero_grad(set_to_none=True)
+        return None
     # Data parallel: average every gradient over ranks (a no-op on one process).
     distributed.all_reduce_grads_(p for group in optimizer.param_groups for p in group["params"])
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones

@@ -59,7 +59,8 @@ class Trainer:
         seed: int,
         log_every_n_steps: int,
         gradients: GradientStrategy,
-        max_bad_fraction: float,
+        max_nonfinite_steps: int,
+        bad_samples: BadSampleMonitor,
         run_info: dict[str, Any],
         objective_spec: dict[str, Any],
         config: dict[str, Any],
@@ -68,6 +69,7 @@ class Trainer:
             ("max_steps", max_steps),
             ("batch_size", batch_size),
             ("log_every_n_steps", log_every_n_steps),
+            ("max_nonfinite_steps", max_nonfinite_steps),
         ):
             if value <= 0:
                 raise ValueError(f"trainer.{name} must be > 0, got {value}")
@@ -86,7 +88,8 @@ class Trainer:
         self.run_info, self.config, self.objective_spec = run_info, config, objective_spec
         global_batch = batch_size * dist_info.world_size  # what a recipe's reference batch is compared with
         self.optimizer, self.scheduler = optim.build([self.model, self.objective], max_steps, global_batch)
-        self.bad_samples = BadSampleMonitor(max_bad_fraction)
+        self.bad_samples = bad_samples
+        self.max_nonfinite_steps, self.nonfinite_steps, self.nonfinite_in_a_row = max_nonfinite_steps, 0, 0
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
 
@@ -112,6 +115,7 @@ class Trainer:
             )
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
+            self.bad_samples.batch_done(bool(empty))  # stops after data.max_empty_batches in a row
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
@@ -125,6 +129,10 @@ class Trainer:
                 self.gradients,
                 self.grad_clip_norm,
             )
+            if parts is None:  # a non-finite loss: nothing was updated; stops after a few in a row
+                self.skip_nonfinite_step()
+                continue
+            self.nonfinite_in_a_row = 0
             self.step, self.epoch = self.step + 1, loaded.epoch
             step_time = time.perf_counter() - tick
             self.after_step(parts, len(loaded.batch["image"]), data_time, step_time, progress)
@@ -142,6 +150,19 @@ class Trainer:
             self.metric_logger.close()
         return metrics
 
+    def skip_nonfinite_step(self) -> None:
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        log.warning(
+            "skipped a step at step %d: the loss is not finite (%d such steps so far)", self.step, self.nonfinite_steps
+        )
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"the loss was not finite in {self.nonfinite_in_a_row} steps in a row after step {self.step} "
+                f"(trainer.max_nonfinite_steps={self.max_nonfinite_steps}); no weights were updated by them "
+                "nor saved: lower optim.lr, raise optim.warmup_steps, set trainer.grad_clip_norm or use fp32"
+            )
+
     def after_step(
         self, parts: dict[str, torch.Tensor], samples: int, data_time: float, step_time: float, progress: tqdm
     ) -> None:
@@ -155,6 +176,7 @@ class Trainer:
                 "train/logit_scale": float(self.model.temperature_scale().detach()),
                 "train/samples_per_second": samples * self.dist.world_size / max(step_time, 1e-9),
                 "train/data_time": data_time,
+                "train/nonfinite_steps": self.nonfinite_steps,
                 "data/bad_samples": self.bad_samples.bad,
                 "data/filtered_samples": self.filtered_samples,
             }
@@ -193,6 +215,7 @@ class Trainer:
             "data/bad_samples": self.bad_samples.bad,
             "data/samples_read": self.bad_samples.read,
             "data/filtered_samples": self.filtered_samples,
+            "train/nonfinite_steps": self.nonfinite_steps,
             **metrics,
         }
         log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)

@@ -201,7 +201,7 @@ class ImageFolderZeroShot(ZeroShotTask):
             raise RootNotSet(f"eval.{name}.root is not set: give the folder of class sub-folders")
         if not Path(root).is_dir():
             raise FileNotFoundError(f"eval.{name}.root={root}: no such folder (expected one folder per class)")
-        source = ImageFolderPairs(root, class_names_file=class_names_file)
+        source = ImageFolderPairs(root, class_names_file=class_names_file, root_key=f"eval.{name}.root")
         super().__init__(
             name,
             source,

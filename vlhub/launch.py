@@ -1,0 +1,197 @@
+"""Launch-time checks of a composed config, and how the commands report a mistake.
+
+``check_config`` checks every value's type at launch, naming its key (Hydra's struct mode already
+refuses unknown keys). A group node is checked against its ``_target_``'s signature: the type
+annotations of the parameters it names (a target taking ``**kwargs`` also answers for its base
+classes' parameters). Plain keys (``trainer.*``, ``checkpoint.*``, ...) are checked against the
+signatures of the code they are handed to, which the command lists (``vlhub.train.PLAIN_KEYS``).
+A parameter without an annotation, or annotated with a class (a nested component), is not checked
+here: a nested ``_target_`` node is checked on its own.
+
+``errors_reported`` turns an expected mistake into one line and a hint (exit code 1); anything
+else keeps its traceback. Expected: :class:`~vlhub.errors.ConfigError`, ``FileNotFoundError``, a
+missing mandatory value (``???``), and the ``ValueError``/``KeyError`` checks vlhub's own code
+raises (the error was raised in a vlhub source file). ``HYDRA_FULL_ERROR=1`` shows every traceback.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import inspect
+import os
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vlhub.errors import ConfigError
+
+VLHUB_ROOT = Path(__file__).resolve().parent
+PlainKeys = dict[str, list[tuple[Callable, str]]]  # node path -> (callable its keys go to, parameter prefix)
+
+
+def check_config(cfg: DictConfig, plain: PlainKeys) -> None:
+    """Every mandatory value is set and every checked value has its annotated type; else ConfigError."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is not set", hint=f"give it on the command line: {missing[0]}=...")
+    _check_node(OmegaConf.to_container(cfg, resolve=True), "", plain)  # type: ignore[arg-type]
+
+
+def check_device(device: str, key: str) -> None:
+    """A ``cuda`` device needs a visible GPU."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{key}={device}: no CUDA GPU is visible to this process",
+            hint=f"use {key}=cpu, or {key}=auto to take a GPU when there is one",
+        )
+
+
+def _check_node(node: dict, path: str, plain: PlainKeys) -> None:
+    target = node.get("_target_")
+    if isinstance(target, str):
+        try:
+            params = _typed_params(get_object(target), "")
+        except Exception:  # noqa: BLE001 (an unknown target is reported by instantiate, naming it)
+            params = {}
+    else:
+        params = {}
+        for function, prefix in plain.get(path, []):
+            params.update(_typed_params(function, prefix))
+    for key, value in node.items():
+        if not isinstance(key, str) or key.startswith("_"):
+            continue
+        full = f"{path}.{key}" if path else key
+        if isinstance(value, dict):
+            _check_node(value, full, plain)
+            continue
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_node(item, f"{full}[{index}]", plain)
+        hint = params.get(key, inspect.Parameter.empty)
+        if not _matches(value, hint):
+            raise ConfigError(
+                f"{full}={value!r}: expected {_describe(hint)}, got {type(value).__name__}",
+                hint=f"give {full} a value of that type (quote a string that looks like a number: {full}='\"5\"')",
+            )
+
+
+def _typed_params(function: Callable, prefix: str) -> dict[str, Any]:
+    """Parameter name (less ``prefix``) -> annotation, following ``**kwargs`` into base classes."""
+    chain = (
+        [c.__init__ for c in function.__mro__ if "__init__" in vars(c)] if isinstance(function, type) else [function]
+    )
+    found: dict[str, Any] = {}
+    for init in chain:
+        signature, hints = inspect.signature(init), _hints(init)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name.startswith(prefix):
+                found.setdefault(name[len(prefix) :], hints.get(name, inspect.Parameter.empty))
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            break
+    return found
+
+
+def _hints(function: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # noqa: BLE001 (a name only imported for type checking): resolve one by one
+        namespace = vars(sys.modules[function.__module__])
+        hints = {}
+        for name, annotation in getattr(function, "__annotations__", {}).items():
+            try:
+                hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+            except Exception:  # noqa: BLE001,S112
+                continue
+        return hints
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and (
+            not args or origin is tuple or all(_matches(item, args[0]) for item in value)
+        )
+    if hint is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True  # Any, no annotation, a component class, a callable: not a plain value to check
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The error itself, or the one Hydra's instantiate wrapped."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def is_expected(error: BaseException) -> bool:
+    if isinstance(error, (ConfigError, FileNotFoundError, MissingMandatoryValue)):
+        return True
+    if isinstance(error, (ValueError, KeyError)):  # one of vlhub's own checks: raised in vlhub's code
+        frames = traceback.extract_tb(error.__traceback__)
+        return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(VLHUB_ROOT)
+    return False
+
+
+def describe_error(error: BaseException) -> tuple[str, str]:
+    """(one line saying what is wrong, a hint saying what to do)."""
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    if isinstance(error, MissingMandatoryValue) and error.full_key:
+        line = f"{error.full_key} is not set"
+        return line, f"give it on the command line: {error.full_key}=..."
+    if isinstance(error, ConfigError) and error.hint:
+        return line, error.hint
+    if isinstance(error, FileNotFoundError):
+        return line, "check the path (a relative path is read from the folder the command runs in)"
+    return line, "fix the key named above; --help lists every group's options (HYDRA_FULL_ERROR=1: the traceback)"
+
+
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """Expected mistakes: one line and a hint on stderr, exit code 1. Others propagate unchanged."""
+    try:
+        yield
+    except Exception as raised:  # noqa: BLE001
+        error = _cause(raised)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_expected(error):
+            raise
+        line, hint = describe_error(error)
+        print(f"error: {line}\nhint: {hint}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
