@@ -52,6 +52,7 @@ class CocaObjective(ContrastiveObjective):
         self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
         self.decoder_layers, self.decoder_heads = decoder_layers, decoder_heads
         self.decoder: MultimodalTransformer | None = None
+        self.vocab_projection: nn.Parameter | None = None
         self.image_adapter: nn.Module = nn.Identity()
 
     def apply_to_model(self, model: nn.Module) -> None:
@@ -71,23 +72,33 @@ class CocaObjective(ContrastiveObjective):
                 output_dim=model.text_tower.vocab_size,
             )
             _init_decoder(self.decoder)
+            # The decoder's vocabulary projection, applied by the objective: only at real tokens in training.
+            self.vocab_projection = nn.Parameter(self.decoder.text_projection.detach().clone())
+            self.decoder.text_projection = None
             if model.image_tower.token_dim != width:
                 self.image_adapter = nn.Linear(model.image_tower.token_dim, width, bias=False)
 
-    def caption_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, L-1, V]: the decoder's prediction of each next token, from the towers' token outputs."""
+    def decoded(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L-1, W]: the decoder's hidden state at each position, from the towers' token outputs."""
         return self.decoder(self.image_adapter(out["image_tokens"]), out["text_tokens"][:, :-1])
+
+    def caption_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L-1, V]: the decoder's prediction of each next token."""
+        return self.decoded(out) @ self.vocab_projection
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         out = model(image=batch["image"], text=batch["text"], output_tokens=True)
         targets = batch["text"][:, 1:]
-        logits = self.caption_logits(out)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(targets == 0, -100), reduction="none")
+        real = targets != 0  # padding is never a target; its logits are not computed
+        logits = self.decoded(out)[real] @ self.vocab_projection
+        nll = F.cross_entropy(logits, targets[real], reduction="none")
+        rows = real.nonzero()[:, 0]
+        per_sample = torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
         return {
             "image_features": F.normalize(out["image_features"], dim=-1),
             "text_features": F.normalize(out["text_features"], dim=-1),
-            "caption_nll": nll.sum(dim=1),
-            "caption_tokens": (targets != 0).sum(dim=1).to(nll.dtype),
+            "caption_nll": per_sample,
+            "caption_tokens": real.sum(dim=1).to(nll.dtype),
         }
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -90,19 +90,24 @@ class MaskedLanguageModel(nn.Module):
         finally:
             handle.remove()
 
-    def logits(self, model: nn.Module, text: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
-        """[B, L, V] vocabulary logits of the text tower run on the masked captions."""
+    def token_features(self, model: nn.Module, text: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] text tower token features of the masked captions."""
         with self._masked_embeddings(model, replaced):
-            tokens = model(text=text, output_tokens=True)["text_tokens"]
-        return self.head(tokens)
+            return model(text=text, output_tokens=True)["text_tokens"]
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per sample: the summed cross-entropy over its chosen tokens and how many there are."""
+        """Per sample: the summed cross-entropy over its chosen tokens and how many there are.
+
+        The vocabulary head runs on the chosen tokens only (about 15%): the [B, L, V] logits of
+        every position would cost about seven times as much for the same loss.
+        """
         text = batch["text"]
         chosen, replaced = self.masks(text, batch["sample_id"])
-        logits = self.logits(model, text, replaced)
-        nll = F.cross_entropy(logits.transpose(1, 2), text.masked_fill(~chosen, -100), reduction="none")
-        return {"mlm_nll": nll.sum(dim=1), "mlm_tokens": chosen.sum(dim=1).to(nll.dtype)}
+        features = self.token_features(model, text, replaced)
+        nll = F.cross_entropy(self.head(features[chosen]), text[chosen], reduction="none")
+        rows = chosen.nonzero()[:, 0]
+        per_sample = torch.zeros(text.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        return {"mlm_nll": per_sample, "mlm_tokens": chosen.sum(dim=1).to(nll.dtype)}
 
     @staticmethod
     def loss(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
