@@ -69,3 +69,18 @@ def test_checkpoints_of_different_architectures_fail_naming_the_difference(check
     with pytest.raises(ValueError, match=r"differ in architecture: model.config.vision_cfg.layers: 2 != 3"):
         wise_ft(cfg, tmp_path / "wise")
     assert not Path(tmp_path / "wise" / "wise_ft.md").exists()
+
+
+def test_a_ce_fine_tune_from_the_zero_shot_head_interpolates_a_classifier(checkpoints, tmp_path):
+    zs_path, zs_metrics = checkpoints["zeroshot"]
+    ft_metrics = run_train(
+        ["+experiment=finetune_zeroshot_head", f"model.pretrained={zs_path}", "optim.warmup_steps=1", *EVAL],
+        tmp_path / "ce",
+        {"model": "tiny", "objective": "ce"},
+    )
+    cfg = compose_wise_ft([f"zeroshot={zs_path}", f"finetuned={tmp_path / 'ce/checkpoints/latest.pt'}", *EVAL])
+    rows = wise_ft(cfg, tmp_path / "wise")
+    # alpha 0: the zero-shot head on the zero-shot model classifies as zero-shot does; alpha 1: the fine-tune.
+    assert rows[0]["synthetic-classifier-top1"] == pytest.approx(zs_metrics["synthetic-zeroshot-top1"], abs=1e-6)
+    assert {k: rows[-1][k] for k in ft_metrics} == pytest.approx(ft_metrics, abs=1e-6)
+    assert [row["alpha"] for row in rows] == [0, 0.25, 0.5, 0.75, 1]

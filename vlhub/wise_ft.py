@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.eval.wise_ft import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
 from vlhub.evaluate import resolve_device
+from vlhub.objectives import Objective, build_objective
 
 log = logging.getLogger("vlhub.wise_ft")
 
@@ -50,14 +51,11 @@ def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     configs = [stored_model_config(zeroshot), stored_model_config(finetuned)]
     if None in configs:
         raise ValueError("zeroshot= and finetuned= must both be vlhub checkpoints (they store their model config)")
-    differences = architecture_differences(zeroshot, finetuned, configs)
-    if differences:
-        shown = "; ".join(differences[:8]) + (f"; ... ({len(differences)} in all)" if len(differences) > 8 else "")
-        raise ValueError(f"zeroshot={cfg.zeroshot} and finetuned={cfg.finetuned} differ in architecture: {shown}")
-
+    _check_same_architecture(cfg, zeroshot, finetuned, configs, False)  # the models first, before building one
     device = resolve_device(cfg.device)
     model = build_model(cfg.zeroshot, None, zeroshot).to(device).eval()
-    objective = build_trained_objective(zeroshot, model)
+    zeroshot, objective = zero_shot_end(zeroshot, finetuned, model)
+    _check_same_architecture(cfg, zeroshot, finetuned, configs)
     rows = []
     for alpha in alphas:
         model.load_open_clip_state_dict(interpolate(zeroshot["state_dict"], finetuned["state_dict"], alpha))
@@ -69,6 +67,33 @@ def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         log.info("alpha %s: %s", alpha, {k: round(v, 4) for k, v in metrics.items()})
     write_outputs(run_dir, rows, list(evaluator.tasks), id_tasks, str(cfg.zeroshot), str(cfg.finetuned))
     return rows
+
+
+def _check_same_architecture(
+    cfg: DictConfig, zeroshot: dict, finetuned: dict, configs: list, with_objective: bool = True
+) -> None:
+    differences = architecture_differences(zeroshot, finetuned, configs, with_objective)
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; ... ({len(differences)} in all)" if len(differences) > 8 else "")
+        raise ValueError(f"zeroshot={cfg.zeroshot} and finetuned={cfg.finetuned} differ in architecture: {shown}")
+
+
+def zero_shot_end(zeroshot: dict, finetuned: dict, model) -> tuple[dict, Objective | None]:
+    """The zero-shot checkpoint and its objective, as alpha = 0 sees them.
+
+    When the fine-tune's objective is another one whose start is a function of the model (a ``ce``
+    head initialised from the zero-shot classifier), the zero-shot end is that objective freshly
+    initialised on the zero-shot model; otherwise the checkpoint's own objective.
+    """
+    names = [(ckpt.get("objective_spec") or {}).get("name") for ckpt in (zeroshot, finetuned)]
+    if names[0] != names[1] and finetuned.get("objective_spec") is not None:
+        candidate = build_objective(finetuned["objective_spec"], model)
+        if candidate.init_from_model:
+            candidate.apply_init(model)
+            candidate = candidate.to(next(model.parameters()).device).eval()
+            state = {k: v.detach().cpu().clone() for k, v in candidate.state_dict().items()}
+            return {**zeroshot, "objective_spec": finetuned["objective_spec"], "objective": state}, candidate
+    return zeroshot, build_trained_objective(zeroshot, model)
 
 
 def write_outputs(

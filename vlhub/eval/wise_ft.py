@@ -38,11 +38,15 @@ def _shapes(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, list[in
 
 
 def architecture_differences(
-    zeroshot: Mapping[str, Any], finetuned: Mapping[str, Any], model_configs: Sequence[Mapping | None]
+    zeroshot: Mapping[str, Any],
+    finetuned: Mapping[str, Any],
+    model_configs: Sequence[Mapping | None],
+    with_objective: bool = True,
 ) -> list[str]:
     """What differs between two checkpoints' architectures (empty: they interpolate).
 
-    ``model_configs`` are the two stored model group configs (None for plain open_clip checkpoints).
+    ``model_configs`` are the two stored model group configs (None for plain open_clip checkpoints);
+    ``with_objective=False`` compares the models only.
     """
     configs = [
         _flatten({k: v for k, v in (config or {}).items() if k not in PROVENANCE_KEYS}, "model")
@@ -54,6 +58,9 @@ def architecture_differences(
         {**_shapes(ckpt["state_dict"], "state_dict"), **_shapes(ckpt.get("objective") or {}, "objective_state")}
         for ckpt in (zeroshot, finetuned)
     ]
+    if not with_objective:
+        specs = [{}, {}]
+        shapes = [{k: v for k, v in side.items() if k.startswith("state_dict.")} for side in shapes]
     return _compare(*configs) + _compare(*specs) + _compare(*shapes)
 
 
