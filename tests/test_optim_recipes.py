@@ -138,3 +138,26 @@ def test_each_named_group_lr_is_logged_to_tensorboard(tmp_path):
     assert {"train/lr", "train/lr/image_block_1", "train/lr/text_embeddings", "train/lr/heads"} <= tags
     block = events.Scalars("train/lr/image_block_1")[0].value  # depth 2: block 1 at decay^1
     assert block == pytest.approx(0.75 * events.Scalars("train/lr/heads")[0].value)
+
+
+def test_layer_decay_on_a_timm_vit_trunk_uses_its_blocks_and_stem():
+    """The EVA02 path (open_clip's TimmModel around a timm ViT), on timm's tiny test ViT."""
+    torch.manual_seed(0)
+    model = build_open_clip_model(
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        timm_backbone="test_vit",
+    )
+    optimizer, _ = recipe(["optim.layer_decay=0.5", "optim.lr=1e-3"]).build([model], max_steps=10)
+    groups = group_of(optimizer)
+    trunk = model.image_tower.module.trunk
+    depth = len(trunk.blocks)
+    for i, block in enumerate(trunk.blocks):
+        assert {groups[id(p)]["lr"] for p in block.parameters()} == {1e-3 * 0.5 ** (depth - i)}
+    assert {groups[id(p)]["lr"] for p in _params([trunk.cls_token, trunk.pos_embed, trunk.patch_embed])} == {
+        1e-3 * 0.5 ** (depth + 1)
+    }
+    assert {groups[id(p)]["lr"] for p in _params([trunk.norm, model.image_tower.module.head])} == {1e-3}
