@@ -20,7 +20,16 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_offer_the_options_the_spec_names():
-    assert set(options("model")) >= {"tiny", "rn50", "vit_b32", "vit_b16", "vit_l14", "convnext_tiny", "timm", "eva02_b16"}
+    assert set(options("model")) >= {
+        "tiny",
+        "rn50",
+        "vit_b32",
+        "vit_b16",
+        "vit_l14",
+        "convnext_tiny",
+        "timm",
+        "eva02_b16",
+    }
     assert set(options("objective")) >= {"clip", "lit"}
     assert set(options("data")) >= {"synthetic", "csv", "imagefolder"}
     assert set(options("augment")) >= {"clip", "none"}
