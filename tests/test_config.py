@@ -22,11 +22,20 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_offer_the_options_the_spec_names():
-    assert set(options("model")) >= {"tiny", "rn50", "vit_b32", "vit_b16", "vit_l14", "convnext_tiny", "timm"}
+    assert set(options("model")) >= {
+        "tiny",
+        "rn50",
+        "vit_b32",
+        "vit_b16",
+        "vit_l14",
+        "convnext_tiny",
+        "timm",
+        "eva02_b16",
+    }
     assert set(options("objective")) >= {"clip", "lit"}
     assert set(options("data")) >= {"synthetic", "csv", "imagefolder"}
     assert set(options("augment")) >= {"clip", "none"}
-    assert set(options("optim")) >= {"adamw", "sgd"}
+    assert set(options("optim")) >= {"adamw", "sgd", "lamb"}
     assert set(options("eval")) >= {"none", "synthetic", "imagefolder"}
     assert set(options("hydra/launcher")) >= {"local", "slurm"}
 

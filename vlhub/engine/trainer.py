@@ -181,6 +181,8 @@ class Trainer:
                 "data/filtered_samples": self.filtered_samples,
             }
         )
+        # Named groups (per tower, per layer): one lr each; decay and no-decay halves share it.
+        scalars.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g})
         progress.set_postfix(
             loss=f"{scalars['train/loss']:.3f}",
             lr=f"{scalars['train/lr']:.2e}",

@@ -44,6 +44,10 @@ class Objective(nn.Module):
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
 
+    #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
+    #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
+    init_from_model: bool = False
+
     def apply_to_data(self, source: Any) -> None:
         """Check (and read what is needed from) the training source; default: labels if needed."""
         if self.needs_labels and source.num_classes is None:

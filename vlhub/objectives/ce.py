@@ -4,7 +4,10 @@ The number of classes and their names come from the data (``apply_to_data``: Ima
 folders, a CSV's integer label column, the synthetic shapes) unless given. A row may carry
 several classes as a multi-hot ``batch["labels"]`` [B, K]; its loss is then the mean over its
 classes of -log p(class). Evaluated on its own logits (``<task>-classifier-*``) on the tasks
-whose classes it was trained on; it has no zero-shot. The text tower, if any, is not used.
+whose classes it was trained on; it has no zero-shot. The text tower, if any, is not used, except
+with ``zeroshot_head``: the head then starts as the model's zero-shot classifier (temperature x the
+class-name prompt embeddings, bias 0; ``+experiment=finetune_zeroshot_head``), so its argmax at step 0
+is zero-shot classification, and WiSE-FT can rebuild that start from the zero-shot model alone.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from torch import nn
 
 from vlhub import distributed
 from vlhub.data.batch import Batch
+from vlhub.eval.prompts import simple_templates
 from vlhub.eval.scoring import Scoring
+from vlhub.eval.zeroshot import build_zero_shot_classifier
 from vlhub.objectives.base import IncompatibleObjective, Objective
 from vlhub.registry import OBJECTIVES
 
@@ -54,8 +59,18 @@ class CrossEntropyObjective(Objective):
     needs_text = False
     needs_labels = True
 
-    def __init__(self, num_classes: int | None = None, class_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        zeroshot_head: bool = False,
+        head_templates: list[str] | None = None,
+    ) -> None:
         super().__init__()
+        self.zeroshot_head = zeroshot_head
+        self.head_templates = list(head_templates) if head_templates is not None else None
+        # The head's start is a function of the model alone (WiSE-FT's zero-shot end uses this).
+        self.init_from_model = zeroshot_head
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"objective.class_names has {len(class_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes if num_classes is not None else (len(class_names) if class_names else None)
@@ -72,6 +87,8 @@ class CrossEntropyObjective(Objective):
         if self.class_names is None:
             names = source.class_names or []
             self.class_names = list(names) + [str(i) for i in range(len(names), self.num_classes)]
+        if self.zeroshot_head and self.head_templates is None:
+            self.head_templates = list(getattr(source, "templates", None) or simple_templates())
 
     def apply_to_model(self, model: nn.Module) -> None:
         if self.num_classes is None:
@@ -80,6 +97,18 @@ class CrossEntropyObjective(Objective):
             self.class_names = [str(i) for i in range(self.num_classes)]
         if self.head is None:
             self.head = nn.Linear(model.image_tower.output_dim, self.num_classes)
+
+    def apply_init(self, model: nn.Module) -> None:
+        if not self.zeroshot_head:
+            return
+        device = next(model.parameters()).device
+        templates = self.head_templates or simple_templates()
+        was_training = model.training
+        classifier = build_zero_shot_classifier(model, list(self.class_names), templates, device)  # [D, C]
+        model.train(was_training)
+        with torch.no_grad():
+            self.head.weight.copy_((model.temperature_scale() * classifier.T).to(self.head.weight.dtype))
+            self.head.bias.zero_()
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         logits = self.head(model(image=batch["image"])["image_features"])
@@ -93,4 +122,7 @@ class CrossEntropyObjective(Objective):
         return Scoring(zero_shot=None, classifier=HeadClassifier(model, self))
 
     def resolved_kwargs(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "class_names": list(self.class_names or [])}
+        resolved = {"num_classes": self.num_classes, "class_names": list(self.class_names or [])}
+        if self.zeroshot_head:
+            resolved.update(zeroshot_head=True, head_templates=list(self.head_templates or simple_templates()))
+        return resolved

@@ -1,15 +1,20 @@
-"""Optimizer recipes: an optimizer bound later to param groups, and an lr schedule by name."""
+"""Optimizer recipes: an optimizer bound later to param groups, and an lr schedule by name.
+
+With no per-tower key and no ``layer_decay`` set, the groups are the two of :func:`build_param_groups`
+(decayed, undecayed); otherwise the named groups of :mod:`vlhub.optim.groups`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from vlhub.optim.groups import TOWERS, build_tower_param_groups
 from vlhub.optim.schedules import build_scheduler
 from vlhub.registry import SCHEDULES
 
@@ -58,6 +63,11 @@ class OptimRecipe:
     scheduler: str
     warmup_steps: int
     reference_batch_size: int | None = None  # set: lr and warmup_steps are for this global batch
+    # Keys of configs/optim/shared/groups.yaml; None (unset) here keeps the plain two groups.
+    image: Mapping[str, float | None] | None = None  # {lr, weight_decay}: null = optim.lr / optim.weight_decay
+    text: Mapping[str, float | None] | None = None
+    layer_decay: float | None = None  # in (0, 1]: BEiT / EVA-CLIP layer-wise lr decay
+    layer_decay_towers: Sequence[str] | None = None  # None: both towers
 
     def __post_init__(self) -> None:
         SCHEDULES.get(self.scheduler)  # an unknown name fails at launch, listing the known ones
@@ -67,6 +77,18 @@ class OptimRecipe:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.reference_batch_size is not None and self.reference_batch_size <= 0:
             raise ValueError(f"optim.reference_batch_size must be > 0 or null, got {self.reference_batch_size}")
+        for tower in TOWERS:
+            settings = dict(getattr(self, tower) or {})
+            unknown = set(settings) - {"lr", "weight_decay"}
+            if unknown:
+                raise ValueError(f"optim.{tower}: unknown keys {sorted(unknown)} (known: lr, weight_decay)")
+            if settings.get("lr") is not None and settings["lr"] <= 0:
+                raise ValueError(f"optim.{tower}.lr must be > 0, got {settings['lr']}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        unknown_towers = set(self.layer_decay_towers or ()) - set(TOWERS)
+        if unknown_towers:
+            raise ValueError(f"optim.layer_decay_towers: unknown towers {sorted(unknown_towers)} (known: image, text)")
 
     def for_batch(self, batch_size: int | None) -> tuple[float, int]:
         """(lr, warmup steps) at global batch ``batch_size``: scaled when a reference batch is set."""
@@ -74,11 +96,36 @@ class OptimRecipe:
             return self.lr, self.warmup_steps
         return scale_for_batch(self.lr, self.warmup_steps, self.reference_batch_size, batch_size)
 
+    def tower_settings(self, tower: str) -> tuple[float, float]:
+        """(lr, weight decay) of ``tower``: its own keys, else optim.lr / optim.weight_decay."""
+        settings = dict(getattr(self, tower) or {})
+        lr, weight_decay = settings.get("lr"), settings.get("weight_decay")
+        return (self.lr if lr is None else lr), (self.weight_decay if weight_decay is None else weight_decay)
+
+    def param_groups(self, modules: Iterable[nn.Module]) -> list[dict]:
+        """The groups :meth:`build` hands the optimizer (each with its own ``lr``)."""
+        modules = list(modules)
+        named = self.layer_decay is not None or any(
+            value is not None for tower in TOWERS for value in dict(getattr(self, tower) or {}).values()
+        )
+        if not named:
+            return [group for group in build_param_groups(modules, self.weight_decay) if group["params"]]
+        towers = TOWERS if self.layer_decay_towers is None else tuple(self.layer_decay_towers)
+        groups = build_tower_param_groups(
+            modules,
+            self.lr,
+            self.weight_decay,
+            {tower: self.tower_settings(tower) for tower in TOWERS},
+            self.layer_decay,
+            towers,
+        )
+        return [group for group in groups if group["params"]]
+
     def build(
         self, modules: Iterable[nn.Module], max_steps: int, batch_size: int | None = None
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimizer and schedule for ``max_steps`` steps at global batch ``batch_size``."""
-        groups = [group for group in build_param_groups(modules, self.weight_decay) if group["params"]]
+        groups = self.param_groups(modules)
         if not groups:
             raise ValueError("nothing to train: every parameter is frozen")
         lr, warmup_steps = self.for_batch(batch_size)
@@ -95,5 +142,8 @@ class OptimRecipe:
             )
         if warmup_steps >= max_steps:
             log.warning("optim: %d warmup steps in a %d-step run: the lr never peaks", warmup_steps, max_steps)
+        for group in groups:  # per-tower and layer-decayed lrs scale with the base lr
+            if "lr" in group:
+                group["lr"] *= lr / self.lr
         optimizer = self.optimizer(groups, lr=lr)
         return optimizer, build_scheduler(optimizer, self.scheduler, warmup_steps, max_steps)
