@@ -76,8 +76,9 @@ def test_6_a_nonfinite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
     run_train(["eval=none", "trainer.max_steps=3"], tmp_path)
     record = _records(tmp_path)[-1]
     assert record["step"] == 3 and record["train/nonfinite_steps"] == 2  # 5 batches: 3 steps, 2 skipped
-    weights = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)["state_dict"]
-    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
+    assert all(torch.isfinite(v.float()).all() for v in checkpoint["state_dict"].values())
+    assert checkpoint["data"]["nonfinite_steps"] == 2  # a resumed run keeps counting from there
 
 
 def test_6_a_run_of_nonfinite_losses_stops_with_a_clear_error_and_writes_no_weights(tmp_path, monkeypatch):

@@ -242,6 +242,7 @@ class Trainer:
                 "samples_read": self.bad_samples.read,
                 "bad_samples": self.bad_samples.bad,
                 "filtered_samples": self.filtered_samples,
+                "nonfinite_steps": self.nonfinite_steps,
                 "samples_consumed": self.samples_consumed,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
@@ -280,6 +281,7 @@ class Trainer:
         data = checkpoint["data"]
         self.bad_samples.read, self.bad_samples.bad = int(data["samples_read"]), int(data["bad_samples"])
         self.filtered_samples = int(data.get("filtered_samples", 0))
+        self.nonfinite_steps = int(data.get("nonfinite_steps", 0))  # counted over the run, not per launch
         self.samples_consumed = int(data["samples_consumed"])
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:
