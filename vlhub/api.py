@@ -95,7 +95,7 @@ def build_model(
         # A vlhub checkpoint: build as trained (never re-fetching its initial weights), then load
         # its open_clip-named state_dict exactly.
         node, key = (stored, f"config.model of checkpoint={checkpoint_path}") if model is None else (model, "model")
-        built = build_model_from_config(node, key, pretrained=None)
+        built = build_model_from_config(node, key, pretrained=None, image_pretrained=None, text_pretrained=None)
         built.load_open_clip_state_dict(checkpoint["state_dict"])
         return built
     if model is None:
