@@ -131,3 +131,19 @@ def test_a_timm_trunk_loads_timm_weights(tmp_path):
         assert torch.equal(loaded[key], timm_weights[key.removeprefix("trunk.")]), key
     for key in loaded.keys() - set(trunk_keys):  # the projection head stays as initialised
         assert torch.equal(loaded[key], fresh[key]), key
+
+
+def test_a_run_started_from_tower_files_trains_and_loads_without_them(sources, tmp_path):
+    import vlhub
+
+    path_a = tmp_path / "a.pt"
+    path_a.write_bytes(sources["a"][0].read_bytes())
+    run_train(["trainer.max_steps=1", "eval=none", f"model.image_pretrained={path_a}"], tmp_path / "run")
+    path_a.unlink()  # a checkpoint is built as trained: its initial files are not read again
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    model, _, _ = vlhub.load(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["config"]["model"]["image_pretrained"] == str(path_a)
+    assert_same(model.image_tower.module, {k[7:]: v for k, v in saved["state_dict"].items() if k.startswith("visual.")})
+    start, trained = sources["a"][1]["visual.conv1.weight"], model.image_tower.module.conv1.weight
+    assert 0 < (trained - start).abs().max() < 0.01  # one step from A's weights

@@ -104,7 +104,7 @@ def build_model(
             "say which architecture it is with model=... (e.g. model=vit_b32)"
         )
     # open_clip's own loader converts its older layouts ("module." prefixes, CLIP vs CustomTextCLIP).
-    return build_model_from_config(model, pretrained=str(checkpoint_path))
+    return build_model_from_config(model, pretrained=str(checkpoint_path), image_pretrained=None, text_pretrained=None)
 
 
 def build_trained_objective(checkpoint: Mapping[str, Any], model: VisionLanguageModel) -> Objective | None:
