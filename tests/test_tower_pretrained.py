@@ -147,3 +147,35 @@ def test_a_run_started_from_tower_files_trains_and_loads_without_them(sources, t
     assert_same(model.image_tower.module, {k[7:]: v for k, v in saved["state_dict"].items() if k.startswith("visual.")})
     start, trained = sources["a"][1]["visual.conv1.weight"], model.image_tower.module.conv1.weight
     assert 0 < (trained - start).abs().max() < 0.01  # one step from A's weights
+
+
+def test_a_skip_list_that_is_not_a_list_fails_at_launch_naming_the_key():
+    from vlhub.launch import check_config
+    from vlhub.train import PLAIN_KEYS
+
+    with pytest.raises(Exception, match="model.pretrained_skip"):  # noqa: PT011
+        check_config(compose_train(["model.pretrained_skip=proj"]), PLAIN_KEYS)
+
+
+def test_a_tag_is_fetched_through_open_clip_like_pretrained(monkeypatch, tmp_path):
+    import open_clip
+
+    from vlhub.models.tower_weights import resolve_source
+
+    asked = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: asked.append(cfg) or str(tmp_path / "w.bin"))
+    assert resolve_source("openai", "model.text_pretrained", "ViT-B-32") == str(tmp_path / "w.bin")
+    assert asked == [open_clip.get_pretrained_cfg("ViT-B-32", "openai")]
+    with pytest.raises(FileNotFoundError, match="model.text_pretrained=nope: neither a file nor an open_clip tag"):
+        resolve_source("nope", "model.text_pretrained", "ViT-B-32")
+
+
+def test_text_weights_under_text_prefix_load_as_well(sources, tmp_path):
+    """CustomTextCLIP's layout (hf text towers, custom_text archs) keeps text keys under ``text.``."""
+    weights = sources["b"][1]
+    text = {k: v for k, v in weights.items() if not k.startswith(("visual.", "logit_"))}
+    path = tmp_path / "custom_text.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({**{f"text.{k}": v for k, v in text.items()}, "visual.proj": weights["visual.proj"]}, str(path))
+    assert_same(build(seed=3, text_pretrained=str(path)).text_tower.module, text)
