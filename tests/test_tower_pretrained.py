@@ -179,3 +179,16 @@ def test_text_weights_under_text_prefix_load_as_well(sources, tmp_path):
 
     save_file({**{f"text.{k}": v for k, v in text.items()}, "visual.proj": weights["visual.proj"]}, str(path))
     assert_same(build(seed=3, text_pretrained=str(path)).text_tower.module, text)
+
+
+def test_the_tower_keys_have_one_home_and_reach_every_model():
+    from tests.test_config import CONFIG_ROOT, options
+
+    keys = ("image_pretrained", "text_pretrained", "pretrained_skip")
+    shared = (CONFIG_ROOT / "model" / "shared" / "towers.yaml").read_text()
+    assert all(f"\n{key}:" in f"\n{shared}" for key in keys)
+    for option in options("model"):
+        text = (CONFIG_ROOT / "model" / f"{option}.yaml").read_text()
+        assert not [k for k in keys if f"\n{k}:" in f"\n{text}"], f"{option}.yaml redefines a shared key"
+        model = compose_train([f"model={option}"]).model
+        assert {k: model[k] for k in keys} == {"image_pretrained": None, "text_pretrained": None, "pretrained_skip": []}
