@@ -95,7 +95,7 @@ def build_model(
         # A vlhub checkpoint: build as trained (never re-fetching its initial weights), then load
         # its open_clip-named state_dict exactly.
         node, key = (stored, f"config.model of checkpoint={checkpoint_path}") if model is None else (model, "model")
-        built = build_model_from_config(node, key, pretrained=None)
+        built = build_model_from_config(node, key, pretrained=None, image_pretrained=None, text_pretrained=None)
         built.load_open_clip_state_dict(checkpoint["state_dict"])
         return built
     if model is None:
@@ -104,7 +104,7 @@ def build_model(
             "say which architecture it is with model=... (e.g. model=vit_b32)"
         )
     # open_clip's own loader converts its older layouts ("module." prefixes, CLIP vs CustomTextCLIP).
-    return build_model_from_config(model, pretrained=str(checkpoint_path))
+    return build_model_from_config(model, pretrained=str(checkpoint_path), image_pretrained=None, text_pretrained=None)
 
 
 def build_trained_objective(checkpoint: Mapping[str, Any], model: VisionLanguageModel) -> Objective | None:

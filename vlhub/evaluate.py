@@ -61,7 +61,8 @@ def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, m
     stored = stored_model_config(checkpoint) if checkpoint is not None else None
     if stored is None:
         return given if model_given or checkpoint is None else None
-    if model_given and {**given, "pretrained": None} != {**stored, "pretrained": None}:
+    initial = {"pretrained": None, "image_pretrained": None, "text_pretrained": None, "pretrained_skip": None}
+    if model_given and {**given, **initial} != {**stored, **initial}:
         log.warning(
             "model=%s differs from the model stored in checkpoint=%s; using the stored one",
             model_choice,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 # Not part of the architecture: where a run's initial weights came from.
-PROVENANCE_KEYS = ("pretrained", "timm_pretrained")
+PROVENANCE_KEYS = ("pretrained", "timm_pretrained", "image_pretrained", "text_pretrained", "pretrained_skip")
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

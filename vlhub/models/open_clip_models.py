@@ -17,6 +17,7 @@ import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
+from vlhub.models.tower_weights import load_tower_pretrained
 from vlhub.models.towers import OpenClipImageTower, OpenClipTextTower
 from vlhub.models.vision_language import ImageStats, OpenClipLayout, VisionLanguageModel
 from vlhub.registry import MODELS
@@ -65,12 +66,18 @@ def build_open_clip_model(
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: float | None = None,
     max_logit_scale: float = 100.0,
+    image_pretrained: str | None = None,
+    text_pretrained: str | None = None,
+    pretrained_skip: list[str] | None = None,
 ) -> VisionLanguageModel:
     """Build a two-tower model from an open_clip arch name or an open_clip config dict.
 
     ``pretrained`` is an open_clip tag (downloaded when online) or a local checkpoint path.
     ``timm_backbone`` swaps the image tower for any timm model (open_clip's TimmModel), with
     timm's own pretrained weights when ``timm_pretrained`` (downloaded, or from timm's cache).
+    ``image_pretrained`` / ``text_pretrained`` (a path or an open_clip tag) load one tower each,
+    after ``pretrained``, from an open_clip, vlhub or timm checkpoint (``models/tower_weights.py``);
+    ``pretrained_skip`` lists glob patterns of tower keys left as initialised.
     """
     model_cfg = _resolve_config(arch, config)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
@@ -96,6 +103,9 @@ def build_open_clip_model(
     clip = open_clip.CustomTextCLIP(**model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
     if pretrained:
         _load_pretrained(clip, arch, pretrained)
+    for which, source, tower in (("image", image_pretrained, clip.visual), ("text", text_pretrained, clip.text)):
+        if source:
+            load_tower_pretrained(tower, source, which, arch, pretrained_skip or ())
 
     preprocess = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
     size = vision_cfg.get("image_size", 224)
