@@ -214,10 +214,67 @@ def test_a_new_run_refuses_a_remote_that_holds_another_run(s3, tmp_path):
 def test_secrets_are_masked_in_overrides_and_hydra_files(tmp_path):
     overrides = [f"+checkpoint.remote_options.secret={SECRET}", "checkpoint.remote=s3://b/p", "trainer.max_steps=3"]
     assert mask_overrides(overrides) == ["+checkpoint.remote_options.secret=***", *overrides[1:]]
+    assert mask_overrides([f"+checkpoint.remote_options={{key:a,secret:{SECRET}}}"]) == [
+        "+checkpoint.remote_options=***"
+    ]
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()
     (hydra_dir / "config.yaml").write_text(yaml.safe_dump({"checkpoint": {"remote_options": {"secret": SECRET}}}))
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    joined = {"hydra": {"job": {"override_dirname": ",".join(overrides)}, "overrides": {"task": overrides}}}
+    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(joined))
     scrub_hydra_files(tmp_path)
-    assert SECRET not in (hydra_dir / "config.yaml").read_text() + (hydra_dir / "overrides.yaml").read_text()
+    assert not [p.name for p in hydra_dir.iterdir() if SECRET in p.read_text()]
     assert yaml.safe_load((hydra_dir / "config.yaml").read_text())["checkpoint"]["remote_options"]["secret"] == "***"
+
+
+def test_a_file_url_remote_takes_whole_files_and_keeps_the_newest(tmp_path):
+    from vlhub.engine.remote import RemoteStore, restore_from_remote
+
+    store = RemoteStore(f"file://{tmp_path / 'remote'}")
+    store.probe()
+    source = tmp_path / "step_5.pt"
+    torch.save({"step": 5, "run_id": "r1"}, source)
+    store.put(source, "checkpoints/step_5.pt")  # parents made; no temporary name left behind
+    store.write_pointer({"step": 5, "path": "checkpoints/step_5.pt", "size": source.stat().st_size, "run_id": "r1"})
+    assert sorted(p.name for p in (tmp_path / "remote").rglob("*")) == ["checkpoints", "latest.json", "step_5.pt"]
+    run_dir = tmp_path / "run"
+    assert restore_from_remote(store, run_dir, run_dir / "checkpoints", None) == 5
+    assert torch.load(run_dir / "checkpoints/step_5.pt", weights_only=True)["step"] == 5
+    assert json.loads((run_dir / "run.json").read_text()) == {"run_id": "r1"}
+    with pytest.raises(RemoteError, match="holds run r1"):
+        restore_from_remote(store, run_dir, run_dir / "checkpoints", "another-run")
+
+
+@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="slow uploads (~8 s): VLHUB_LONG_TESTS=1")
+def test_slow_uploads_do_not_stall_training(s3, tmp_path, monkeypatch):
+    real_url_to_fs, fit_time = fsspec.core.url_to_fs, []
+
+    def slow_url_to_fs(url, **options):
+        fs, root = real_url_to_fs(url, **options)
+        real_put = fs.put_file
+
+        def put_file(local, target, **kwargs):
+            if local.endswith(".pt"):
+                time.sleep(3)
+            return real_put(local, target, **kwargs)
+
+        monkeypatch.setattr(fs, "put_file", put_file)
+        return fs, root
+
+    real_fit = trainer_module.Trainer.fit
+
+    def timed_fit(self):
+        start = time.perf_counter()
+        try:
+            return real_fit(self)
+        finally:
+            fit_time.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(remote_module.fsspec.core, "url_to_fs", slow_url_to_fs)
+    monkeypatch.setattr(trainer_module.Trainer, "fit", timed_fit)
+    started = time.perf_counter()
+    run_train(["eval=none", "trainer.max_steps=4", "checkpoint.every_n_steps=1", *_remote(s3, "slow")], tmp_path)
+    # Four checkpoints, each upload at least 3 s: the loop ran on while they were uploaded.
+    assert fit_time[0] < 3 <= time.perf_counter() - started
+    assert _pointer(s3, "slow")["step"] == 4

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -37,17 +38,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
+import yaml
+
+from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
 POINTER = "latest.json"
 STAGING = ".remote_upload"
 LOGS = ("results.jsonl", "run.json", "config.yaml")  # with every file under tensorboard/
 MASK = "***"
+SECRET_OVERRIDE = re.compile(r"(checkpoint\.remote_options[\w.]*=)(\{[^}]*\}|[^,\s]*)")
 
 
-class RemoteError(RuntimeError):
+class RemoteError(ConfigError):
     """The remote cannot be used (unreachable, not writable, credentials in the URL, another run's),
-    or the run's last checkpoint never reached it."""
+    or the run's last checkpoint never reached it: one line naming ``checkpoint.remote``."""
 
 
 # -- keeping credentials out of configs, logs and results ------------------------------------------
@@ -67,31 +72,29 @@ def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
 
 def mask_overrides(overrides: list[str]) -> list[str]:
     """Command-line overrides with the value of any ``checkpoint.remote_options`` one masked."""
-    masked = []
-    for override in overrides:
-        key, sep, _ = override.partition("=")
-        secret = key.lstrip("+~").startswith("checkpoint.remote_options")
-        masked.append(f"{key}{sep}{MASK}" if secret and sep else override)
-    return masked
+    return [_mask_text(override) for override in overrides]
+
+
+def _mask_text(text: str) -> str:
+    """``checkpoint.remote_options...=VALUE`` (a word, or a ``{...}`` dict) -> ``...=***``, anywhere in text
+    (Hydra also joins the overrides into ``hydra.job.override_dirname``)."""
+    return SECRET_OVERRIDE.sub(lambda m: f"{m.group(1)}{MASK}", text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_values(v) if k == "remote_options" else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    return _mask_text(value) if isinstance(value, str) else value
 
 
 def scrub_hydra_files(run_dir: Path) -> None:
     """Hydra wrote the launch's config and overrides into ``.hydra/`` before vlhub ran: mask them."""
-    import yaml
-
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         path = run_dir / ".hydra" / name
-        if not path.is_file() or "remote_options" not in path.read_text():
-            continue
-        data = yaml.safe_load(path.read_text())
-        if isinstance(data, dict):
-            data = mask_secrets(data)
-            task = data.get("hydra", {}).get("overrides", {})
-            if isinstance(task.get("task"), list):
-                task["task"] = mask_overrides(task["task"])
-        elif isinstance(data, list):
-            data = mask_overrides(data)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        if path.is_file() and "remote_options" in path.read_text():
+            path.write_text(yaml.safe_dump(_scrub(yaml.safe_load(path.read_text())), sort_keys=False))
 
 
 # -- the remote store ----------------------------------------------------------------------------
