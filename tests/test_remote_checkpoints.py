@@ -17,6 +17,7 @@ import vlhub.engine.trainer as trainer_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
 from vlhub.engine.remote import RemoteError, mask_overrides, scrub_hydra_files
+from vlhub.errors import ConfigError
 
 BUCKET = "vlhub-test"
 SECRET = "s3cr3t-never-logged"
@@ -202,6 +203,8 @@ def test_an_unreachable_remote_fails_at_launch_naming_the_key(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
     with pytest.raises(RemoteError, match="must not carry credentials"):
         run_train(["eval=none", f"checkpoint.remote=s3://AKIA:{SECRET}@{BUCKET}/run"], tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint.remote_backoff_s='slow': expected float"):
+        run_train(["eval=none", "checkpoint.remote_backoff_s=slow"], tmp_path)
 
 
 def test_a_new_run_refuses_a_remote_that_holds_another_run(s3, tmp_path):

@@ -32,6 +32,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 import fsspec
 import yaml
 
+from vlhub.engine.checkpoint import read_checkpoint_file
 from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class RemoteStore:
             )
         self.url = url.rstrip("/")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **_plain(options or {}))
         except (ImportError, ValueError, TypeError) as error:
             raise RemoteError(f"checkpoint.remote={self.url}: {error}") from None
         self.root = self.root.rstrip("/")
@@ -247,8 +249,10 @@ class RemoteUploader:
         if self.checkpointer.resume == "auto" and not self.checkpointer.scan():  # a requeued job on a new node
             restore_from_remote(self.store, self.run_dir, self.checkpointer.folder, local_id)
             return
-        pointer = self.store.read_pointer()
-        fresh = self.checkpointer.resume is None
+        pointer, resume = self.store.read_pointer(), self.checkpointer.resume
+        fresh = resume is None
+        if resume not in (None, "auto"):  # a named file is the run it continues
+            local_id = read_checkpoint_file(resume, "checkpoint.resume", mmap=True).get("run_id")
         if pointer is not None and (fresh or pointer.get("run_id") not in (None, local_id)):
             raise RemoteError(
                 f"checkpoint.remote={self.store.url} holds another run's checkpoints (run {pointer.get('run_id')}, "
@@ -347,6 +351,13 @@ class RemoteUploader:
         for _, relative in sorted(steps, reverse=True)[self.keep :]:
             if relative != newest:
                 self.store.fs.rm_file(self.store.path(relative))
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings (Hydra's DictConfig among them) as plain dicts, for the filesystem's kwargs."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _newest_only(waiting: list[Snapshot]) -> list[Snapshot]:
