@@ -247,6 +247,10 @@ def test_a_file_url_remote_takes_whole_files_and_keeps_the_newest(tmp_path):
     assert json.loads((run_dir / "run.json").read_text()) == {"run_id": "r1"}
     with pytest.raises(RemoteError, match="holds run r1"):
         restore_from_remote(store, run_dir, run_dir / "checkpoints", "another-run")
+    (tmp_path / "remote/checkpoints/step_5.pt").write_bytes(b"torn")  # damaged behind our back
+    with pytest.raises(RemoteError, match="the remote copy is damaged"):
+        restore_from_remote(store, tmp_path / "run2", tmp_path / "run2/checkpoints", None)
+    assert not (tmp_path / "run2/checkpoints/step_5.pt").exists()
 
 
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="slow uploads (~8 s): VLHUB_LONG_TESTS=1")

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import fsspec
 import yaml
 
-from vlhub.engine.checkpoint import read_checkpoint_file
+from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
 from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,16 @@ def restore_from_remote(store: RemoteStore, run_dir: Path, checkpoint_dir: Path,
         )
     relative = str(pointer["path"])
     log.info("restoring step %s from %s/%s", pointer.get("step"), store.url, relative)
-    store.get(relative, checkpoint_dir / Path(relative).name)
+    local = checkpoint_dir / Path(relative).name
+    store.get(relative, local)
+    size = local.stat().st_size
+    if "size" in pointer and size != int(pointer["size"]):
+        local.unlink()
+        raise RemoteError(
+            f"checkpoint.remote={store.url}: {relative} downloaded with {size} "
+            f"bytes, {POINTER} says {pointer['size']}: the remote copy is damaged; resume from a local copy "
+            "(checkpoint.resume=PATH) or point checkpoint.remote elsewhere"
+        )
     for name in LOGS:
         if store.fs.exists(store.path(name)):
             store.get(name, run_dir / name)
@@ -225,7 +234,8 @@ class Snapshot:
 class RemoteUploader:
     """A worker thread that uploads snapshots in order, newest wins, retrying with backoff."""
 
-    def __init__(self, store: RemoteStore, run_dir: Path, checkpointer: Any, retries: int, backoff_s: float) -> None:
+    def __init__(self, store: RemoteStore, run_dir: Path, checkpointer: Checkpointer) -> None:
+        retries, backoff_s = checkpointer.remote_retries, checkpointer.remote_backoff_s
         if retries < 0 or backoff_s < 0:
             raise ValueError("checkpoint.remote_retries and checkpoint.remote_backoff_s must be >= 0")
         self.store, self.run_dir, self.checkpointer, self.keep = store, run_dir, checkpointer, checkpointer.keep
@@ -389,10 +399,10 @@ def _freeze(source: Path, target: Path, copy: bool = False) -> Path:
 
 
 # -- the hooks train.py calls --------------------------------------------------------------------------
-def open_remote(checkpointer: Any, run_dir: Path) -> RemoteUploader | None:
+def open_remote(checkpointer: Checkpointer, run_dir: Path) -> RemoteUploader | None:
     """Rank 0, at launch: probe ``checkpoint.remote`` and start its uploader (None without one)."""
     if not checkpointer.remote:
         return None
     store = RemoteStore(checkpointer.remote, checkpointer.remote_options)
     store.probe()
-    return RemoteUploader(store, run_dir, checkpointer, checkpointer.remote_retries, checkpointer.remote_backoff_s)
+    return RemoteUploader(store, run_dir, checkpointer)
