@@ -207,8 +207,9 @@ def test_an_unreachable_remote_fails_at_launch_naming_the_key(tmp_path):
         run_train(["eval=none", "checkpoint.remote_backoff_s=slow"], tmp_path)
 
 
-def test_a_new_run_refuses_a_remote_that_holds_another_run(s3, tmp_path):
-    overrides = ["eval=none", "trainer.max_steps=1", *_remote(s3, "taken")]
+def test_a_new_run_refuses_a_remote_that_holds_another_run(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # the endpoint from the environment, no remote_options
+    overrides = ["eval=none", "trainer.max_steps=1", f"checkpoint.remote=s3://{BUCKET}/taken"]
     run_train(overrides, tmp_path / "first")
     with pytest.raises(RemoteError, match="holds another run's checkpoints"):
         run_train([*overrides, "checkpoint.resume=null"], tmp_path / "second")
