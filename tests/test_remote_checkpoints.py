@@ -147,6 +147,7 @@ def test_a_failed_upload_is_retried_and_latest_never_names_a_partial_file(s3, tm
 
     monkeypatch.setattr(remote_module.fsspec.core, "url_to_fs", flaky_url_to_fs)
     caplog.set_level(logging.INFO)
+    _fs(s3).pipe_file(f"{BUCKET}/flaky/checkpoints/step_0.pt.dead1234.uploading", b"left by a killed upload")
     overrides = ["eval=none", "trainer.max_steps=3", "checkpoint.every_n_steps=1", *_remote(s3, "flaky")]
     cfg = compose_train([*(o for o in FAST if not o.startswith("eval.synthetic")), *overrides])
     vlhub.train.train(cfg, tmp_path, {"model": "tiny", "objective": "clip"}, overrides)

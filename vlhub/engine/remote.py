@@ -175,15 +175,16 @@ class RemoteStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def list_files(self, relative: str) -> list[str]:
-        """Paths (relative to the prefix) of the files under ``relative``; none when it is absent."""
+    def list_files(self, relative: str, partial: bool = False) -> list[str]:
+        """Paths (relative to the prefix) of the files under ``relative``, temporary ones only when
+        ``partial``; none when it is absent."""
         self.fs.invalidate_cache()
         try:
             found = self.fs.find(self.path(relative))
         except FileNotFoundError:
             return []
         start = len(self.root) + 1
-        return [p[start:] for p in found if not p.endswith(".uploading")]
+        return [p[start:] for p in found if partial or not p.endswith(".uploading")]
 
 
 # -- restoring a run on a new node ------------------------------------------------------------------
@@ -351,16 +352,22 @@ class RemoteUploader:
         self._rotate(snapshot.checkpoint)
 
     def _rotate(self, newest: str) -> None:
-        """Keep the remote's newest ``keep`` step files (the pointer's among them)."""
+        """Keep the remote's newest ``keep`` step files (the pointer's among them) and drop the
+        temporary files a killed upload left; a failure here is only a warning."""
         folder = newest.rsplit("/", 1)[0]
-        steps = []
-        for relative in self.store.list_files(folder):
-            name = relative.rsplit("/", 1)[-1]
-            if name.startswith("step_") and name.endswith(".pt") and name[5:-3].isdigit():
-                steps.append((int(name[5:-3]), relative))
-        for _, relative in sorted(steps, reverse=True)[self.keep :]:
-            if relative != newest:
+        steps, stale = [], []
+        try:
+            for relative in self.store.list_files(folder, partial=True):
+                name = relative.rsplit("/", 1)[-1]
+                if name.endswith(".uploading"):
+                    stale.append(relative)
+                elif name.startswith("step_") and name.endswith(".pt") and name[5:-3].isdigit():
+                    steps.append((int(name[5:-3]), relative))
+            old = [relative for _, relative in sorted(steps, reverse=True)[self.keep :] if relative != newest]
+            for relative in old + stale:
                 self.store.fs.rm_file(self.store.path(relative))
+        except Exception as error:  # noqa: BLE001 (the checkpoint and the pointer are already up)
+            log.warning("checkpoint.remote=%s: could not prune old checkpoints: %s", self.store.url, error)
 
 
 def _plain(value: Any) -> Any:
