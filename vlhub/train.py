@@ -26,6 +26,7 @@ from vlhub.data import BadSampleMonitor
 from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.engine.loggers import format_metrics_table
+from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
 from vlhub.eval.retrieval import PairValidationTask
@@ -111,14 +112,19 @@ def train(
     run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
     if dist_info.is_main:
         log.info("run folder: %s", run_dir.resolve())
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
+    if dist_info.is_main:
+        scrub_hydra_files(run_dir)
     # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
     # A launch that fails before a training step leaves no run folder behind (Hydra made it).
-    start, trainer = None, None
+    start, trainer, remote = None, None, None
     try:
         gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
         checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
-        start = open_run(run_dir, checkpointer, config, dist_info)
+        remote = open_remote(checkpointer, run_dir) if dist_info.is_main else None  # probes checkpoint.remote
+        start = open_run(run_dir, checkpointer, config, dist_info, remote.before_decide if remote else None)
+        if remote is not None:
+            remote.run_id, checkpointer.after_save = start.run_id, remote.submit
         if start.finished:
             log.warning(
                 "the run in %s finished at step %d (trainer.max_steps=%d): nothing to do. To continue it, "
@@ -133,6 +139,8 @@ def train(
         trainer = build_trainer(cfg, run_dir, choices, overrides, settings, dist_info, gradients, checkpointer, config)
         with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
             metrics = trainer.fit()
+        if remote is not None:  # the final logs too; an error if the last checkpoint never got there
+            remote.finish(trainer.step)
         if dist_info.is_main:
             if metrics:
                 log.info("final metrics (step %d):\n%s", trainer.step, format_metrics_table(metrics))
@@ -143,6 +151,8 @@ def train(
             remove_failed_launch(run_dir, trained=trainer is not None and trainer.step > 0)
         raise
     finally:
+        if remote is not None:
+            remote.abandon()
         if start is not None:
             start.close()
 
@@ -220,7 +230,7 @@ def build_trainer(
         run_info={
             "objective": choices.get("objective", "?"),
             "model": choices.get("model", "?"),
-            "overrides": list(overrides or []),
+            "overrides": mask_overrides(list(overrides or [])),
         },
         objective_spec=objective.spec(objective_kwargs),
         config=config,

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,10 @@ class Checkpointer:
         resume: str | None,
         move_aside: bool = False,
         allow_config_change: bool = False,
+        remote: str | None = None,
+        remote_options: dict[str, Any] | None = None,
+        remote_retries: int = 5,
+        remote_backoff_s: float = 1.0,
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
@@ -122,6 +127,10 @@ class Checkpointer:
         self.run_id: str | None = None
         self.resume_checkpoint: dict[str, Any] | None = None  # chosen when the run opens
         self.opened = False
+        # checkpoint.remote (engine/remote.py): read by train.py; after_save(step, path) queues an upload.
+        self.remote, self.remote_options = remote, dict(remote_options or {})
+        self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
+        self.after_save: Callable[[int, Path], None] | None = None
 
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -154,6 +163,8 @@ class Checkpointer:
         own = [p for _, p, run_id in self.scan() if run_id == self.run_id and p.name != LATEST]
         for old in own[self.keep :]:  # another run's files are never this run's to delete
             old.unlink(missing_ok=True)
+        if self.after_save is not None:
+            self.after_save(int(payload["step"]), path)
         return path
 
     def load_for_resume(self) -> dict[str, Any] | None:

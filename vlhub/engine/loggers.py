@@ -71,6 +71,10 @@ class MetricLogger:
         with self.results_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
 
+    def flush(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

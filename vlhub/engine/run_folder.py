@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,13 +327,22 @@ def _record_start(run_dir: Path, start: RunStart, config: dict[str, Any]) -> Non
         log.warning("checkpoint.allow_config_change=true: continuing with %s", sorted(start.changes))
 
 
-def open_run(run_dir: Path, checkpointer: Checkpointer, config: dict[str, Any], dist_info: DistInfo) -> RunStart:
+def open_run(
+    run_dir: Path,
+    checkpointer: Checkpointer,
+    config: dict[str, Any],
+    dist_info: DistInfo,
+    before_decide: Callable[[], None] | None = None,
+) -> RunStart:
     """Lock the folder and decide the start on rank 0; every rank gets the decision and the
-    checkpoint to continue from (read before any model is built)."""
+    checkpoint to continue from (read before any model is built). ``before_decide`` runs on
+    rank 0 under the lock (``checkpoint.remote`` restores an empty folder there)."""
     start, error = None, None
     if dist_info.is_main:
         lock = RunLock.acquire(run_dir / LOCK)
         try:
+            if before_decide is not None:
+                before_decide()
             start = _decide(run_dir, checkpointer, config)
             start.lock = lock
             if not start.finished:

@@ -258,6 +258,8 @@ class Trainer:
         rng_states = all_gather_object(capture_rng_state())  # every rank's stream, for exact resume
         if not self.dist.is_main:
             return None
+        if self.metric_logger is not None:  # the logs a remote upload snapshots with the checkpoint
+            self.metric_logger.flush()
         path = self.checkpointer.save({**self.state(rng_states), "config": self.config})
         log.info("saved checkpoint %s", path)
         return path
