@@ -5,7 +5,7 @@
 Prints milliseconds per batch for: fp32 from pageable memory (the old path), fp32 pinned,
 uint8 pinned + normalisation on the device (vlhub's path); then the wall time of a run of
 fake steps (a matmul loop lasting about ``--step-ms``) fed by uint8 pinned batches, with and
-without ``vlhub.data.prefetch`` (with it, the copy should vanish behind the step).
+without ``vlhub.engine.prefetch`` (with it, the copy should vanish behind the step).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 
 from vlhub.data.batch import move_batch
-from vlhub.data.prefetch import prefetch
+from vlhub.engine.prefetch import prefetch
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from vlhub.augment import build_clip_transforms, build_plain_transforms, open_clip_train_transform
 from vlhub.data import BadSampleMonitor, CsvPairs, SyntheticShapes, build_train_loader
 from vlhub.data.batch import LoadedBatch, move_batch, normalize_images
-from vlhub.data.prefetch import prefetch
+from vlhub.engine.prefetch import prefetch
 from vlhub.models.vision_language import ImageStats
 
 CPU = torch.device("cpu")

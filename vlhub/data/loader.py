@@ -172,7 +172,7 @@ def build_train_loader(
     """An endless loader of :class:`LoadedBatch`, from global slot ``start_sample`` on.
 
     ``pin_memory`` (when training on CUDA): batches arrive in page-locked memory, so their copy
-    to the device is asynchronous and can overlap the previous step (``vlhub.data.prefetch``).
+    to the device is asynchronous and can overlap the previous step (``vlhub.engine.prefetch``).
     """
     return DataLoader(
         _SlotDataset(source, seed, image_transform, image_views),

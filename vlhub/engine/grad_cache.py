@@ -11,7 +11,7 @@ used only in ``loss`` get their gradient once, in step 2. Under data parallelism
 averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
 
 Input: the batch stays on the host (pinned on CUDA, images uint8); in each pass chunk k+1 is
-copied to the device while chunk k runs (``vlhub.data.prefetch``), so about two chunks of input
+copied to the device while chunk k runs (``vlhub.engine.prefetch``), so about two chunks of input
 are on the device at a time, and each chunk is normalised there (``device_batch``).
 
 BatchNorm: running statistics are snapshotted before the no-grad pass and restored after it,
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from vlhub.data.batch import Batch, batch_size_of, slice_batch
-from vlhub.data.prefetch import prefetch
 from vlhub.engine.precision import Precision
+from vlhub.engine.prefetch import prefetch
 from vlhub.engine.step import device_batch
 from vlhub.objectives.base import Objective
 

@@ -19,7 +19,7 @@ from vlhub.objectives.base import Objective
 
 class GradientStrategy(Protocol):
     # True: the trainer hands over each batch already on the device, its copy overlapping the
-    # previous step (vlhub.data.prefetch). False: the strategy moves what it needs, when it needs it.
+    # previous step (vlhub.engine.prefetch). False: the strategy moves what it needs, when it needs it.
     batch_on_device: bool
 
     def __call__(

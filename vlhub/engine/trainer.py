@@ -13,12 +13,12 @@ from torch import nn
 from tqdm import tqdm
 
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch
-from vlhub.data.prefetch import prefetch
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.precision import Precision
+from vlhub.engine.prefetch import prefetch
 from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
 from vlhub.objectives.base import Objective
 from vlhub.optim import OptimRecipe
