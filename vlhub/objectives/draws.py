@@ -28,4 +28,4 @@ def sample_uniform(sample_id: torch.Tensor, width: int, stream: int) -> torch.Te
     ids = sample_id.long().reshape(-1, 1) & _MASK32
     columns = torch.arange(width, device=sample_id.device, dtype=torch.long).reshape(1, -1)
     seeded = _mix(_mix(ids ^ ((stream * 0x9E3779B1) & _MASK32)) ^ columns)
-    return _mix(seeded + 0x632BE5AB & _MASK32).double().div(2.0**32).float()
+    return _mix((seeded + 0x632BE5AB) & _MASK32).double().div(2.0**32).float()
