@@ -68,17 +68,24 @@ class _Tiles:
         """[R, N]: rows[start:stop] . cols, before the scale."""
         return (self.rows[start:stop] @ self.cols.T).to(self.acc)
 
-    def accumulate(
-        self, grad: torch.Tensor, raw: torch.Tensor, start: int, stop: int, needs: tuple[bool, ...], out: dict
-    ) -> None:
-        """Add a tile's d loss / d logits [R, N] to the feature and scale gradients in ``out``."""
-        if needs[2]:
-            out["scale"] += torch.dot(grad.view(-1), raw.view(-1))
-        scaled = grad.mul_(self.scale).to(self.dtype)  # the tile is not needed after this
-        if needs[0]:
-            out["rows"][start:stop] = (scaled @ self.cols).to(self.acc)
-        if needs[1]:
-            out["cols"] += (scaled.T @ self.rows[start:stop]).to(self.acc)
+    def accumulate(self, grad: torch.Tensor, start: int, stop: int, needs: tuple[bool, ...], out: dict) -> None:
+        """Add a tile's d loss / d logits [R, N] (overwritten) to the gradients in ``out``.
+
+        d rows = scale * grad @ cols and d cols = scale * grad.T @ rows; d scale = sum(grad * raw)
+        is read off the rows' gradient, sum(d rows * rows) / scale, so no second [R, N] tile is kept.
+        """
+        scaled = grad.mul_(self.scale).to(self.dtype)
+        tile_rows = self.rows[start:stop]
+        if needs[0] or needs[2]:
+            rows_grad = (scaled @ self.cols).to(self.acc)
+            if needs[2]:
+                out["scale"] += torch.dot(rows_grad.view(-1), tile_rows.to(self.acc).view(-1)) / self.scale
+            if needs[0]:
+                out["rows"][start:stop] = rows_grad
+        if needs[1] and self.dtype == self.acc:
+            out["cols"].addmm_(scaled.T, tile_rows)  # in place: no [N, D] temporary per tile
+        elif needs[1]:
+            out["cols"] += (scaled.T @ tile_rows).to(self.acc)
 
     def gradient_buffers(self, needs: tuple[bool, ...]) -> dict:
         acc = {"dtype": self.acc, "device": self.rows.device}
@@ -95,6 +102,17 @@ def _returned(out: dict, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Te
         out["cols"].to(cols.dtype) if needs[1] else None,
         out["scale"].to(scale.dtype).reshape(scale.shape) if needs[2] else None,
     )
+
+
+def _softmax_grad(tiles: _Tiles, start: int, stop: int, row_lse, col_lse, weight_rows, weight_cols, decoupled):
+    """d loss / d logits of one tile: each direction's softmax minus one at the pair, times its weight."""
+    logits = tiles.raw(start, stop).mul_(tiles.scale)
+    if decoupled:
+        logits.diagonal(start).fill_(float("-inf"))
+    grad = (logits - col_lse).exp_().mul_(weight_cols)
+    grad += logits.sub_(row_lse[start:stop, None]).exp_().mul_(weight_rows)
+    grad.diagonal(start).sub_(weight_rows + weight_cols)
+    return grad
 
 
 class _SoftmaxLoss(Function):
@@ -115,6 +133,7 @@ class _SoftmaxLoss(Function):
                     diagonal.fill_(float("-inf"))
                 row_lse[start:stop] = logits.logsumexp(dim=1)
                 col_lse = torch.logaddexp(col_lse, logits.logsumexp(dim=0))
+                del logits, diagonal  # before the next tile is allocated
         ctx.save_for_backward(image, text, scale, row_lse, col_lse)
         ctx.tile_rows, ctx.decoupled, ctx.dtype = tile_rows, decoupled, dtype
         return (row_lse - positives).mean(), (col_lse - positives).mean()
@@ -130,15 +149,13 @@ class _SoftmaxLoss(Function):
             weight_rows = grad_image_to_text.to(tiles.acc) / count
             weight_cols = grad_text_to_image.to(tiles.acc) / count
             for start, stop in _tiles(count, ctx.tile_rows):
-                raw = tiles.raw(start, stop)
-                logits = raw * tiles.scale
-                if ctx.decoupled:
-                    logits.diagonal(start).fill_(float("-inf"))
-                # d loss / d logits: each direction's softmax, minus one at the pair, times its weight.
-                grad = (logits - col_lse).exp_().mul_(weight_cols)
-                grad += logits.sub_(row_lse[start:stop, None]).exp_().mul_(weight_rows)
-                grad.diagonal(start).sub_(weight_rows + weight_cols)
-                tiles.accumulate(grad, raw, start, stop, needs, out)
+                tiles.accumulate(
+                    _softmax_grad(tiles, start, stop, row_lse, col_lse, weight_rows, weight_cols, ctx.decoupled),
+                    start,
+                    stop,
+                    needs,
+                    out,
+                )
         return (*_returned(out, image, text, scale, needs), None, None)
 
 
@@ -155,6 +172,7 @@ class _RowCrossEntropy(Function):
                 logits = tiles.raw(start, stop).mul_(tiles.scale)
                 positives[start:stop] = logits.diagonal(start + offset)
                 lse[start:stop] = logits.logsumexp(dim=1)
+                del logits
         ctx.save_for_backward(rows, cols, scale, lse)
         ctx.tile_rows, ctx.offset, ctx.dtype = tile_rows, offset, dtype
         return (lse - positives).mean()
@@ -168,10 +186,10 @@ class _RowCrossEntropy(Function):
             out = tiles.gradient_buffers(needs)
             weight = grad_loss.to(tiles.acc) / rows.shape[0]
             for start, stop in _tiles(rows.shape[0], ctx.tile_rows):
-                raw = tiles.raw(start, stop)
-                grad = (raw * tiles.scale).sub_(lse[start:stop, None]).exp_().mul_(weight)
+                grad = tiles.raw(start, stop).mul_(tiles.scale).sub_(lse[start:stop, None]).exp_().mul_(weight)
                 grad.diagonal(start + ctx.offset).sub_(weight)
-                tiles.accumulate(grad, raw, start, stop, needs, out)
+                tiles.accumulate(grad, start, stop, needs, out)
+                del grad  # before the next tile is allocated
         return (*_returned(out, rows, cols, scale, needs), None, None)
 
 
@@ -188,6 +206,7 @@ class _SigmoidLoss(Function):
                 signed = tiles.raw(start, stop).mul_(tiles.scale).add_(bias.to(tiles.acc))
                 signed.diagonal(start).neg_()  # -z * logits (z = +1 on the diagonal, -1 elsewhere)
                 total += F.logsigmoid(signed.neg_()).sum()
+                del signed
         ctx.save_for_backward(image, text, scale, bias)
         ctx.tile_rows, ctx.dtype = tile_rows, dtype
         return -total[0] / image.shape[0]
@@ -202,15 +221,15 @@ class _SigmoidLoss(Function):
             weight = grad_loss.to(tiles.acc) / image.shape[0]
             grad_bias = tiles.vector(1)
             for start, stop in _tiles(image.shape[0], ctx.tile_rows):
-                raw = tiles.raw(start, stop)
-                signed = (raw * tiles.scale).add_(bias.to(tiles.acc))
+                signed = tiles.raw(start, stop).mul_(tiles.scale).add_(bias.to(tiles.acc))
                 signed.diagonal(start).neg_()  # -z * logits
                 # d/dlogits of -log sigmoid(z x) = -z sigmoid(-z x)
                 grad = signed.sigmoid_().mul_(weight)
                 grad.diagonal(start).neg_()
                 if ctx.needs_input_grad[3]:
                     grad_bias += grad.sum()
-                tiles.accumulate(grad, raw, start, stop, needs, out)
+                tiles.accumulate(grad, start, stop, needs, out)
+                del signed, grad  # before the next tile is allocated
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if ctx.needs_input_grad[3] else None
         return (*_returned(out, image, text, scale, needs), grad_bias, None)
 
