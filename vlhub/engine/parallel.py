@@ -106,7 +106,7 @@ class TowerDDP(ParallelStrategy):
 
     The wrappers sit beside the towers (``VisionLanguageModel.wrap_tower``), not inside the model's
     module tree, so the model's parameters and state_dict keys are those of one process. A tower
-    fully locked (LiT) has nothing to reduce and is not wrapped. Parameters outside the towers are
+    fully locked (LiT), or the text tower of an image-only objective, is not wrapped. Parameters outside the towers are
     reached by the objective's ``loss`` or ``represent`` outside any DDP forward, so no DDP hook
     covers them: they are all-reduced once per step in ``finish_gradients`` (a few kilobytes to a
     few megabytes of heads), which keeps ignore lists out of DDP.
@@ -121,6 +121,8 @@ class TowerDDP(ParallelStrategy):
 
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         for name in ("image", "text"):
+            if name == "text" and not objective.needs_text:  # never called: no buckets to hold
+                continue
             tower = getattr(model, f"{name}_tower", None)
             trainable = [p for p in tower.parameters() if p.requires_grad] if tower is not None else []
             if not trainable:
