@@ -62,6 +62,19 @@ def _under_ddp(case: str, rank: int) -> dict[str, object]:
     return result
 
 
+def _bf16_weights(rank: int, strategy: type) -> dict[str, torch.Tensor]:
+    """Gradients of bf16 weights (``trainer.precision=bf16``), averaged by ``strategy``."""
+    model, objective = prepared_objective("clip")
+    model, objective = model.to(torch.bfloat16), objective.to(torch.bfloat16)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = strategy(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    PlainGradients()(model, objective, batch, Precision("bf16", torch.device("cpu")), no_sync=parallel.no_sync)
+    parallel.finish_gradients([*model.parameters(), *objective.parameters()])
+    return _grads(model, objective)
+
+
 def _batchnorm_tower(rank: int, strategy: type) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A BatchNorm image tower under the gradient cache: gradients and running statistics after a step."""
     model = timm_bn_model()
@@ -83,6 +96,7 @@ def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
     try:
         results = {case: _under_ddp(case, rank) for case in cases}
         results["batchnorm"] = {s.name: _batchnorm_tower(rank, s) for s in (TowerDDP, ManualAllReduce)}
+        results["bf16"] = {s.name: _bf16_weights(rank, s) for s in (TowerDDP, ManualAllReduce)}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -143,3 +157,10 @@ def test_a_batchnorm_tower_under_ddp_and_the_gradient_cache_matches_the_manual_a
     assert ddp_stats.keys() == fresh.keys() and fresh
     assert all(torch.equal(ddp_stats[k], manual_stats[k]) for k in fresh)  # rank 0's own, untouched by DDP
     assert any(not torch.equal(ddp_stats[k], fresh[k]) for k in fresh)  # updated by the replays
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_averaged_in_fp32_under_ddp_as_by_the_manual_all_reduce(two_rank_results):
+    ddp, manual = two_rank_results["bf16"]["ddp"], two_rank_results["bf16"]["manual"]
+    assert ddp.keys() == manual.keys() and all(v.dtype == torch.bfloat16 for v in ddp.values())
+    assert all(torch.equal(ddp[k], manual[k]) for k in manual)  # the same fp32 mean, cast once

@@ -101,6 +101,17 @@ def _ddp_options(device: torch.device) -> dict[str, Any]:
     return options
 
 
+def _mean_in_fp32(process_group, bucket):  # unannotated: DDP rejects a quoted return annotation
+    """DDP communication hook for low-precision gradients (``trainer.precision=bf16``): each bucket is
+    averaged in fp32 and cast back, as the manual all-reduce does, rather than summed in bf16 over
+    every rank."""
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    buffer = bucket.buffer()
+    wide = buffer.float().div_(torch.distributed.get_world_size(group))
+    future = torch.distributed.all_reduce(wide, group=group, async_op=True).get_future()
+    return future.then(lambda done: buffer.copy_(done.value()[0]))
+
+
 class TowerDDP(ParallelStrategy):
     """Each tower with trainable weights in ``DistributedDataParallel``; the rest averaged by hand.
 
@@ -128,6 +139,8 @@ class TowerDDP(ParallelStrategy):
             if not trainable:
                 continue
             wrapper = DistributedDataParallel(tower, **_ddp_options(self.dist.device))
+            if trainable[0].dtype != torch.float32:
+                wrapper.register_comm_hook(None, _mean_in_fp32)
             model.wrap_tower(name, wrapper)
             self.wrappers[name] = wrapper
             self.wrapped.update(id(p) for p in trainable)
