@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from tests.conftest import objective_batch, prepared_objective, timm_bn_model
 from vlhub.data.batch import slice_batch
@@ -75,6 +76,28 @@ def _bf16_weights(rank: int, strategy: type) -> dict[str, torch.Tensor]:
     return _grads(model, objective)
 
 
+def _bucket_reductions(rank: int) -> dict[str, int]:
+    """How many bucket all-reduces each tower's DDP ran in one gradient-cache step of 4 chunks."""
+    model, objective = prepared_objective("clip")
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = TowerDDP(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    counts = dict.fromkeys(parallel.wrappers, 0)
+
+    def counting_hook(name):
+        def hook(state, bucket):
+            counts[name] += 1
+            return allreduce_hook(None, bucket)
+
+        return hook
+
+    for name, wrapper in parallel.wrappers.items():
+        wrapper.register_comm_hook(None, counting_hook(name))
+    GradCache(1)(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+    return counts
+
+
 def _batchnorm_tower(rank: int, strategy: type) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A BatchNorm image tower under the gradient cache: gradients and running statistics after a step."""
     model = timm_bn_model()
@@ -95,6 +118,7 @@ def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {case: _under_ddp(case, rank) for case in cases}
+        results["reductions"] = _bucket_reductions(rank)
         results["batchnorm"] = {s.name: _batchnorm_tower(rank, s) for s in (TowerDDP, ManualAllReduce)}
         results["bf16"] = {s.name: _bf16_weights(rank, s) for s in (TowerDDP, ManualAllReduce)}
         if rank == 0:
@@ -164,3 +188,10 @@ def test_bf16_gradients_are_averaged_in_fp32_under_ddp_as_by_the_manual_all_redu
     ddp, manual = two_rank_results["bf16"]["ddp"], two_rank_results["bf16"]["manual"]
     assert ddp.keys() == manual.keys() and all(v.dtype == torch.bfloat16 for v in ddp.values())
     assert all(torch.equal(ddp[k], manual[k]) for k in manual)  # the same fp32 mean, cast once
+
+
+@pytest.mark.slow
+def test_the_gradient_cache_syncs_each_tower_once_per_step(two_rank_results):
+    # 4 chunks per rank: 3 replays under no_sync, then one reduction of the tower's single bucket
+    # (DDP's first step uses one bucket per module).
+    assert two_rank_results["reductions"] == {"image": 1, "text": 1}
