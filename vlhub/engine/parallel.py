@@ -81,13 +81,13 @@ class ManualAllReduce(ParallelStrategy):
 def _ddp_options(device: torch.device) -> dict[str, Any]:
     """DDP's settings for a tower, and why.
 
-    - Neither ``find_unused_parameters`` nor ``static_graph``: every objective reaches every trainable
-      weight of the towers it calls (tested for each), and a tower called twice before one backward
-      (MLM's clean and masked captions, SimCLR's two views) is fine for DDP as long as it does not
-      search for unused parameters (the search from the second call's output would mark the first
-      call's weights ready early, then again). ``static_graph`` needs DDP to see the outputs as
-      tensors and breaks under ``no_sync`` (gradient cache): an internal assert in torch's reducer.
-      Weights a lock freezes (LiT) do not require gradients, so DDP leaves them out on its own.
+    - Neither ``find_unused_parameters`` nor ``static_graph``. Every objective reaches every trainable
+      weight of the towers it calls (tests/test_objectives_ddp.py, each objective), so the search
+      for unused weights would only cost a graph traversal per forward. A tower called twice before
+      one backward (MLM's clean and masked captions, SimCLR's two views) needs neither: each weight's
+      gradient is accumulated once per backward, so DDP's hook fires once. ``static_graph`` fails
+      under ``no_sync`` (the gradient cache): an internal assert in torch's reducer. Weights a lock
+      freezes (LiT) do not require gradients, so DDP leaves them out on its own.
     - No buffer sync in the forward: rank 0's BatchNorm statistics are the ones saved, and a
       broadcast from rank 0 never changes rank 0's own; other buffers are constants made identical
       at start. Skipping it saves a collective per forward (and per chunk).
@@ -117,10 +117,10 @@ class TowerDDP(ParallelStrategy):
 
     The wrappers sit beside the towers (``VisionLanguageModel.wrap_tower``), not inside the model's
     module tree, so the model's parameters and state_dict keys are those of one process. A tower
-    fully locked (LiT), or the text tower of an image-only objective, is not wrapped. Parameters outside the towers are
-    reached by the objective's ``loss`` or ``represent`` outside any DDP forward, so no DDP hook
-    covers them: they are all-reduced once per step in ``finish_gradients`` (a few kilobytes to a
-    few megabytes of heads), which keeps ignore lists out of DDP.
+    fully locked (LiT), or the text tower of an image-only objective, is not wrapped. Parameters
+    outside the towers are reached by the objective's ``loss`` or ``represent`` outside any DDP
+    forward, so no DDP hook covers them: they are all-reduced once per step in ``finish_gradients``
+    (a few kilobytes to a few megabytes of heads), which keeps ignore lists out of DDP.
     """
 
     name = "ddp"
