@@ -1,7 +1,12 @@
-"""Every objective under data parallelism (gloo, 2 ranks): negatives from both ranks, and the
-averaged gradient equals one process's gradient at the doubled batch; the tiled losses
-(``objective.loss_tiles``) too, against the untiled loss of one process."""
+"""Every objective under DDP (gloo, 2 ranks, ``trainer.strategy=ddp``): negatives from both ranks,
+and the averaged gradient equals one process's gradient at the doubled batch, with and without
+the gradient cache (replays under ``no_sync``). Objectives that call a tower twice per step (MLM,
+SimCLR's views) and objective-owned parameters used in ``represent`` (CoCa's decoder, MLM's head,
+FILIP's heads) or in ``loss`` (temperature, SigLIP's bias, SSL heads) are all covered; ``lit`` locks
+the image tower, which DDP then leaves unwrapped. The tiled losses (``objective.loss_tiles``) are
+checked the same way, against the untiled loss of one process."""
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -9,46 +14,121 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from tests.conftest import objective_batch, prepared_objective
+from tests.conftest import objective_batch, prepared_objective, timm_bn_model
 from vlhub.data.batch import slice_batch
+from vlhub.distributed import DistInfo
+from vlhub.engine.grad_cache import GradCache
+from vlhub.engine.parallel import ManualAllReduce, TowerDDP
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
 from vlhub.registry import OBJECTIVES
 
 BATCH = 8
-# Tiled variants, run in the same two processes (a spawn costs seconds): case -> (objective, kwargs).
-TILED = {
+CASES = {name: (name, {}) for name in OBJECTIVES.names()} | {
+    "lit": ("clip", {"lock_image": True}),
+    # Tiled variants, in the same two processes (a spawn costs seconds); their reference is untiled.
     "clip-tiled": ("clip", {"loss_tiles": 3}),
     "clip-tiled-local": ("clip", {"loss_tiles": 3, "local_loss": True}),
     "siglip-tiled": ("siglip", {"loss_tiles": 5}),
 }
+Result = tuple[dict[str, torch.Tensor], float]
 
 
-def _gradients(name: str, rank: int | None, **kwargs) -> tuple[dict[str, torch.Tensor], float]:
-    """Gradients of objective ``name``: of the whole batch (rank None) or of this rank's half, averaged."""
-    from vlhub import distributed
+def _grads(model, objective) -> dict[str, torch.Tensor]:
+    named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]
+    return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
+
+@functools.cache
+def _reference(case: str) -> Result:
+    """One process, the whole batch, plain gradients, untiled."""
+    name, kwargs = CASES[case]
+    kwargs = {k: v for k, v in kwargs.items() if k != "loss_tiles"}
     model, objective = prepared_objective(name, **kwargs)
     batch = objective_batch(model, objective, size=BATCH)
-    if rank is not None:
-        half = BATCH // 2
-        batch = slice_batch(batch, rank * half, (rank + 1) * half)
     parts = PlainGradients()(model, objective, batch, Precision("fp32", torch.device("cpu")))
+    return _grads(model, objective), float(parts["loss"])
+
+
+def _under_ddp(case: str, rank: int) -> dict[str, object]:
+    """This rank's half under DDP: plain gradients, then (same wrapped model) the gradient cache."""
+    name, kwargs = CASES[case]
+    model, objective = prepared_objective(name, **kwargs)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = TowerDDP(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
     params = [*model.parameters(), *objective.parameters()]
-    distributed.all_reduce_grads_(params)
-    names = [*(n for n, _ in model.named_parameters()), *("objective." + n for n, _ in objective.named_parameters())]
-    grads = {n: p.grad.detach().clone() for n, p in zip(names, params, strict=True) if p.grad is not None}
-    return grads, float(parts["loss"])
+    result: dict[str, object] = {"wrapped": sorted(parallel.wrappers)}
+    for label, gradients in (("plain", PlainGradients()), ("grad_cache", GradCache(2))):
+        for param in params:
+            param.grad = None
+        parts = gradients(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+        parallel.finish_gradients(params)
+        result[label] = (_grads(model, objective), float(parts["loss"]))
+    return result
 
 
-def _rank_main(rank: int, port: int, names: list[str], out: str) -> None:
+def _bf16_weights(rank: int, strategy: type) -> dict[str, torch.Tensor]:
+    """Gradients of bf16 weights (``trainer.precision=bf16``), averaged by ``strategy``."""
+    model, objective = prepared_objective("clip")
+    model, objective = model.to(torch.bfloat16), objective.to(torch.bfloat16)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = strategy(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    PlainGradients()(model, objective, batch, Precision("bf16", torch.device("cpu")), no_sync=parallel.no_sync)
+    parallel.finish_gradients([*model.parameters(), *objective.parameters()])
+    return _grads(model, objective)
+
+
+def _bucket_reductions(rank: int) -> dict[str, int]:
+    """How many bucket all-reduces each tower's DDP ran in one gradient-cache step of 4 chunks."""
+    model, objective = prepared_objective("clip")
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = TowerDDP(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    counts = dict.fromkeys(parallel.wrappers, 0)
+
+    def counting_hook(name):
+        def hook(state, bucket):
+            counts[name] += 1
+            return allreduce_hook(None, bucket)
+
+        return hook
+
+    for name, wrapper in parallel.wrappers.items():
+        wrapper.register_comm_hook(None, counting_hook(name))
+    GradCache(1)(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+    return counts
+
+
+def _batchnorm_tower(rank: int, strategy: type) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A BatchNorm image tower under the gradient cache: gradients and running statistics after a step."""
+    model = timm_bn_model()
+    objective = OBJECTIVES.build("clip")
+    objective.apply_to_model(model)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = strategy(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    GradCache(2)(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+    parallel.finish_gradients([*model.parameters(), *objective.parameters()])
+    return _grads(model, objective), {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+
+
+def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        results = {name: _gradients(name, rank) for name in names}
-        results.update({case: _gradients(name, rank, **kwargs) for case, (name, kwargs) in TILED.items()})
+        results = {case: _under_ddp(case, rank) for case in cases}
+        results["reductions"] = _bucket_reductions(rank)
+        results["batchnorm"] = {s.name: _batchnorm_tower(rank, s) for s in (TowerDDP, ManualAllReduce)}
+        results["bf16"] = {s.name: _bf16_weights(rank, s) for s in (TowerDDP, ManualAllReduce)}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -64,32 +144,63 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> dict:
     out = Path(tmp_path_factory.mktemp("ddp")) / "grads.pt"
-    mp.spawn(_rank_main, args=(_free_port(), OBJECTIVES.names(), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(_free_port(), list(CASES), str(out)), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", OBJECTIVES.names())
-def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, name):
-    reference, reference_loss = _gradients(name, rank=None)
-    grads, loss = two_rank_results[name]
-    assert loss == pytest.approx(reference_loss, rel=1e-5)  # the global batch's loss, negatives from both ranks
-    # all_reduce_grads_ zero-fills parameters nothing reached (the text tower of image-only objectives)
-    assert grads.keys() >= reference.keys()
-    assert all(not grads[k].any() for k in grads.keys() - reference.keys())
+def _relative(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     diff = torch.sqrt(sum(((grads[k].double() - reference[k].double()) ** 2).sum() for k in reference))
-    assert (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item() <= 1e-5
+    return (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", TILED)
-def test_two_ranks_with_tiles_match_one_untiled_process(two_rank_results, case):
-    name, kwargs = TILED[case]
-    untiled = {k: v for k, v in kwargs.items() if k != "loss_tiles"}
-    reference, reference_loss = _gradients(name, rank=None, **untiled)
-    grads, loss = two_rank_results[case]
-    if not kwargs.get("local_loss"):  # with local_loss each rank's loss is its own rows' (open_clip)
-        assert loss == pytest.approx(reference_loss, rel=1e-5)
-    assert grads.keys() >= reference.keys() and "logit_scale" in reference
-    diff = torch.sqrt(sum(((grads[k].double() - reference[k].double()) ** 2).sum() for k in reference))
-    assert (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item() <= 1e-5
+@pytest.mark.parametrize("gradients", ["plain", "grad_cache"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, case, gradients):
+    reference, reference_loss = _reference(case)
+    grads, loss = two_rank_results[case][gradients]
+    if not CASES[case][1].get("local_loss"):  # with local_loss each rank's loss is its own rows' (open_clip)
+        assert loss == pytest.approx(reference_loss, rel=1e-5)  # the global batch's loss, negatives from both ranks
+    assert grads.keys() == reference.keys()  # nothing reached on no rank stays without a gradient
+    assert _relative(grads, reference) <= 1e-5
+    loss_only = [k for k in ("logit_scale", "logit_bias") if k in reference]  # averaged by hand, not by DDP
+    for key in loss_only:
+        assert torch.allclose(grads[key], reference[key], rtol=1e-5, atol=1e-8), key
+
+
+@pytest.mark.slow
+def test_a_locked_or_unused_tower_is_left_out_of_ddp(two_rank_results):
+    assert two_rank_results["lit"]["wrapped"] == ["text"]
+    assert two_rank_results["clip"]["wrapped"] == ["image", "text"]
+    assert two_rank_results["simclr"]["wrapped"] == ["image"]  # an image-only objective
+    grads, _ = two_rank_results["lit"]["plain"]
+    assert not any(k.startswith("image_tower.") for k in grads)
+
+
+@pytest.mark.slow
+def test_a_batchnorm_tower_under_ddp_and_the_gradient_cache_matches_the_manual_all_reduce(two_rank_results):
+    """Batch statistics are per rank (no SyncBatchNorm), so one process at the doubled batch is no
+    reference; the manual all-reduce of the same per-rank gradients is. The no-grad first pass runs
+    the tower bare and its running statistics are restored, so DDP changes neither."""
+    ddp_grads, ddp_stats = two_rank_results["batchnorm"]["ddp"]
+    manual_grads, manual_stats = two_rank_results["batchnorm"]["manual"]
+    assert ddp_grads.keys() == manual_grads.keys() and any(k.startswith("image_tower.") for k in ddp_grads)
+    assert _relative(ddp_grads, manual_grads) <= 1e-6
+    fresh = {n: b for n, b in timm_bn_model().named_buffers() if "running" in n}
+    assert ddp_stats.keys() == fresh.keys() and fresh
+    assert all(torch.equal(ddp_stats[k], manual_stats[k]) for k in fresh)  # rank 0's own, untouched by DDP
+    assert any(not torch.equal(ddp_stats[k], fresh[k]) for k in fresh)  # updated by the replays
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_averaged_in_fp32_under_ddp_as_by_the_manual_all_reduce(two_rank_results):
+    ddp, manual = two_rank_results["bf16"]["ddp"], two_rank_results["bf16"]["manual"]
+    assert ddp.keys() == manual.keys() and all(v.dtype == torch.bfloat16 for v in ddp.values())
+    assert all(torch.equal(ddp[k], manual[k]) for k in manual)  # the same fp32 mean, cast once
+
+
+@pytest.mark.slow
+def test_the_gradient_cache_syncs_each_tower_once_per_step(two_rank_results):
+    # 4 chunks per rank: 3 replays under no_sync, then one reduction of the tower's single bucket
+    # (DDP's first step uses one bucket per module).
+    assert two_rank_results["reductions"] == {"image": 1, "text": 1}
