@@ -138,17 +138,18 @@ def gather_features(features: torch.Tensor, *, with_grad: bool = True) -> tuple[
 def all_reduce_grads_(params: Iterable[torch.nn.Parameter], bucket_elements: int = 16_000_000) -> None:
     """Average the gradients of ``params`` over ranks in place, in flat buckets.
 
-    A parameter without a gradient on this rank gets zeros first, so that every rank reduces
-    the same buckets in the same order.
+    A parameter without a gradient on this rank counts as zeros, so that every rank reduces the same
+    buckets in the same order; one that no rank reached keeps no gradient (as in one process: the
+    optimizer skips it rather than decaying it). Each bucket carries one presence flag per parameter.
     """
     if not is_initialized() or world_size() == 1:
         return
-    bucket: list[torch.Tensor] = []
+    bucket: list[torch.nn.Parameter] = []
     filled = 0
     for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        bucket.append(param.grad)
+        if not param.requires_grad:
+            continue
+        bucket.append(param)
         filled += param.numel()
         if filled >= bucket_elements:
             _all_reduce_bucket(bucket)
@@ -157,14 +158,24 @@ def all_reduce_grads_(params: Iterable[torch.nn.Parameter], bucket_elements: int
         _all_reduce_bucket(bucket)
 
 
-def _all_reduce_bucket(bucket: list[torch.Tensor]) -> None:
-    flat = torch.cat([t.reshape(-1).float() for t in bucket])
+def _all_reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
+    device = bucket[0].device
+    zeros = torch.zeros(max(p.numel() for p in bucket), device=device)
+    grads = [p.grad.reshape(-1).float() if p.grad is not None else zeros[: p.numel()] for p in bucket]
+    present = torch.tensor([float(p.grad is not None) for p in bucket], device=device)
+    flat = torch.cat([*grads, present])
     dist.all_reduce(flat)
+    reached = flat[-len(bucket) :].tolist()
     flat /= world_size()
     offset = 0
-    for tensor in bucket:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
+    for param, anywhere in zip(bucket, reached, strict=True):
+        mean = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+        if not anywhere:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        param.grad.copy_(mean)
 
 
 def all_reduce_sum(values: list[int]) -> list[int]:

@@ -26,6 +26,7 @@ from vlhub.data import BadSampleMonitor
 from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.engine.loggers import format_metrics_table
+from vlhub.engine.parallel import ParallelStrategy, build_parallel
 from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
@@ -55,7 +56,7 @@ OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_f
 # The plain keys' types come from the code each node is handed to (vlhub.launch.check_config).
 PLAIN_KEYS: PlainKeys = {
     "run": [(run_dir_for, "")],
-    "trainer": [(Trainer, ""), (get_dist_info, "")],
+    "trainer": [(Trainer, ""), (get_dist_info, ""), (build_parallel, "")],
     "trainer.grad_cache": [(build_gradient_strategy, "")],
     "checkpoint": [(Checkpointer, "")],
     "logger": [(MetricLogger, "")],
@@ -120,6 +121,7 @@ def train(
     start, trainer, remote = None, None, None
     try:
         gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
+        parallel = build_parallel(settings.pop("strategy"), dist_info)
         checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
         remote = open_remote(checkpointer, run_dir) if dist_info.is_main else None  # probes checkpoint.remote
         start = open_run(run_dir, checkpointer, config, dist_info, remote.before_decide if remote else None)
@@ -136,7 +138,9 @@ def train(
                 run_dir / "config.yaml",
             )
             return {}
-        trainer = build_trainer(cfg, run_dir, choices, overrides, settings, dist_info, gradients, checkpointer, config)
+        trainer = build_trainer(
+            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config
+        )
         with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
             metrics = trainer.fit()
         if remote is not None:  # the final logs too; an error if the last checkpoint never got there
@@ -165,6 +169,7 @@ def build_trainer(
     settings: dict[str, Any],
     dist_info: DistInfo,
     gradients: GradientStrategy,
+    parallel: ParallelStrategy,
     checkpointer: Checkpointer,
     config: dict[str, Any],
 ) -> Trainer:
@@ -224,6 +229,7 @@ def build_trainer(
         run_dir,
         **settings,
         gradients=gradients,
+        parallel=parallel,
         bad_samples=BadSampleMonitor(
             source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches
         ),

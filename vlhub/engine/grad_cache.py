@@ -7,8 +7,10 @@ For a batch of B split into chunks of C:
 3. per chunk, restore its random state, replay ``represent`` with gradients and backward the
    cached representation gradients, accumulating into ``.grad``.
 Peak activation memory follows C, not B; the price is a second forward per chunk. Parameters
-used only in ``loss`` get their gradient once, in step 2. Under data parallelism the step
-averages the accumulated gradients over ranks once, after the last chunk (``train_step``).
+used only in ``loss`` get their gradient once, in step 2. Under data parallelism every replay but
+the last runs under ``no_sync()``: the DDP-wrapped towers accumulate locally and all-reduce the
+sum in the last chunk's backward; the rest is averaged once per step (``train_step``). The
+no-grad first pass runs the towers bare (``VisionLanguageModel.forward``): no DDP bookkeeping.
 
 Input: the batch stays on the host (pinned on CUDA, images uint8); in each pass chunk k+1 is
 copied to the device while chunk k runs (``vlhub.engine.prefetch``), so about two chunks of input
@@ -21,13 +23,15 @@ Batch statistics are per chunk, so BatchNorm towers do not reproduce a full-batc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from vlhub.data.batch import Batch, batch_size_of, slice_batch
 from vlhub.engine.precision import Precision
 from vlhub.engine.prefetch import prefetch
-from vlhub.engine.step import device_batch
+from vlhub.engine.step import NoSync, device_batch
 from vlhub.objectives.base import Objective
 
 
@@ -82,7 +86,12 @@ class GradCache:
         ]
 
     def __call__(
-        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batch: Batch,
+        precision: Precision,
+        no_sync: NoSync = contextlib.nullcontext,
     ) -> dict[str, torch.Tensor]:
         chunks = self.chunks(batch)  # kept where they are; each moves to the device when it runs
         device = precision.device
@@ -105,10 +114,12 @@ class GradCache:
             offsets.append(offsets[-1] + batch_size_of(chunk))
         for index, chunk in enumerate(prefetch(chunks, device)):
             states[index].restore()
-            with precision.autocast():
-                replay = objective.represent(model, device_batch(chunk, model, precision))
-            keys = [k for k in replay if reps[k].requires_grad and reps[k].grad is not None and replay[k].requires_grad]
-            start, stop = offsets[index], offsets[index + 1]
-            torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])
+            # DDP decides in the forward whether the backward syncs: both go under no_sync.
+            with no_sync() if index < len(chunks) - 1 else contextlib.nullcontext():
+                with precision.autocast():
+                    replay = objective.represent(model, device_batch(chunk, model, precision))
+                keys = [k for k in replay if reps[k].grad is not None and replay[k].requires_grad]
+                start, stop = offsets[index], offsets[index + 1]
+                torch.autograd.backward([replay[k] for k in keys], [reps[k].grad[start:stop] for k in keys])
         after_loss.restore()  # the run's random stream continues as if each chunk ran once
         return {name: value.detach() for name, value in parts.items()}

@@ -6,6 +6,8 @@ another), so the step itself reads the same for every objective and batch size.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -13,8 +15,11 @@ from torch import nn
 
 from vlhub import distributed
 from vlhub.data.batch import Batch, move_batch
+from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
 from vlhub.objectives.base import Objective
+
+NoSync = Callable[[], contextlib.AbstractContextManager]
 
 
 class GradientStrategy(Protocol):
@@ -23,12 +28,19 @@ class GradientStrategy(Protocol):
     batch_on_device: bool
 
     def __call__(
-        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batch: Batch,
+        precision: Precision,
+        no_sync: NoSync = contextlib.nullcontext,
     ) -> dict[str, torch.Tensor]:
         """Accumulate d(loss)/d(params) into ``.grad``; return the detached loss parts.
 
         ``batch`` may still be on the host: the strategy moves what it needs, when it needs it,
-        to ``precision.device``.
+        to ``precision.device``. Backward passes but the last run under ``no_sync()`` (the data
+        parallel wrapper then syncs once, in the last one); a DDP forward decides whether its backward
+        syncs, so each such forward runs under it too.
         """
 
 
@@ -45,7 +57,12 @@ class PlainGradients:
     batch_on_device = True
 
     def __call__(
-        self, model: nn.Module, objective: Objective, batch: Batch, precision: Precision
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batch: Batch,
+        precision: Precision,
+        no_sync: NoSync = contextlib.nullcontext,
     ) -> dict[str, torch.Tensor]:
         batch = device_batch(batch, model, precision)
         with precision.autocast():
@@ -64,15 +81,19 @@ def train_step(
     precision: Precision,
     gradients: GradientStrategy,
     grad_clip_norm: float | None,
+    parallel: ParallelStrategy | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """The step's detached loss parts; None when the loss was not finite on some rank: then the
-    gradients are dropped and the weights, optimizer state and schedule stay as they were."""
-    parts = gradients(model, objective, batch, precision)
+    gradients are dropped and the weights, optimizer state and schedule stay as they were.
+
+    ``parallel`` shares gradients between ranks (``vlhub.engine.parallel``); None: one process."""
+    parallel = parallel or ParallelStrategy()
+    parts = gradients(model, objective, batch, precision, no_sync=parallel.no_sync)
     if distributed.all_reduce_sum([int(not bool(torch.isfinite(parts["loss"]).all()))])[0]:
         optimizer.zero_grad(set_to_none=True)
         return None
-    # Data parallel: average every gradient over ranks (a no-op on one process).
-    distributed.all_reduce_grads_(p for group in optimizer.param_groups for p in group["params"])
+    # Data parallel: what the wrapper did not average during the backward (nothing on one process).
+    parallel.finish_gradients(p for group in optimizer.param_groups for p in group["params"])
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

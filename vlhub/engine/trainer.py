@@ -17,6 +17,7 @@ from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broad
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
+from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
 from vlhub.engine.prefetch import prefetch
 from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
@@ -59,6 +60,7 @@ class Trainer:
         seed: int,
         log_every_n_steps: int,
         gradients: GradientStrategy,
+        parallel: ParallelStrategy,
         max_nonfinite_steps: int,
         bad_samples: BadSampleMonitor,
         run_info: dict[str, Any],
@@ -78,9 +80,13 @@ class Trainer:
         self.precision = Precision(precision, dist_info.device)
         self.model = model.to(dist_info.device, dtype=self.precision.param_dtype)
         self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
-        # Data parallel without a DDP wrapper: identical start, gradients averaged in train_step.
-        broadcast_module_(self.model)
+        broadcast_module_(self.model)  # data parallel: the same start on every rank
         broadcast_module_(self.objective)
+        # Data-parallel wrapping (DDP, FSDP2) happens here and only here: on the device, after the
+        # broadcast, before the optimizer sees the parameters. Compile goes before it (torch's order:
+        # compile the tower, then wrap it).
+        self.parallel = parallel
+        parallel.setup(self.model, self.objective)
         self.make_loader, self.eval_transform, self.evaluator = make_loader, eval_transform, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
@@ -128,6 +134,7 @@ class Trainer:
                 self.precision,
                 self.gradients,
                 self.grad_clip_norm,
+                self.parallel,
             )
             if parts is None:  # a non-finite loss: nothing was updated; stops after a few in a row
                 self.skip_nonfinite_step()
@@ -230,10 +237,10 @@ class Trainer:
     def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         layout = self.model.open_clip_layout
         return {
-            "state_dict": self.model.open_clip_state_dict(),
+            "state_dict": self.parallel.model_state_dict(self.model),
             "objective": self.objective.state_dict(),
             "objective_spec": self.objective_spec,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.parallel.optimizer_state_dict(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
             "step": self.step,
@@ -268,9 +275,9 @@ class Trainer:
         checkpoint = self.checkpointer.load_for_resume()
         if checkpoint is None:
             return
-        self.model.load_open_clip_state_dict(checkpoint["state_dict"])
+        self.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
         self.objective.load_state_dict(checkpoint["objective"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.parallel.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         # A resumed run may raise max_steps: recompute the lr from this run's schedule.
         for group, base, factor in zip(

@@ -1,7 +1,8 @@
 """VisionLanguageModel: two towers, a shared embedding space and a temperature.
 
 Evaluation needs nothing but ``encode_image`` / ``encode_text``, so every objective is
-evaluated the same way. ``forward`` is what objectives call (through DDP when wrapped).
+evaluated the same way. ``forward`` is what objectives call; under data parallelism it runs each
+tower through its wrapper (DDP, :meth:`wrap_tower`), evaluation's ``encode_*`` run the towers bare.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class VisionLanguageModel(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
         self.max_logit_scale = max_logit_scale
         self.open_clip_layout = open_clip_layout
+        # A plain dict, not submodules: a wrapper (DDP) holds its tower, and registering it here would
+        # put a second copy of every weight, under other names, into state_dict and parameters().
+        self.tower_wrappers: dict[str, nn.Module] = {}
 
     @property
     def embed_dim(self) -> int:
@@ -71,6 +75,16 @@ class VisionLanguageModel(nn.Module):
     def temperature_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def wrap_tower(self, name: str, wrapper: nn.Module) -> None:
+        """Run tower ``name`` ("image" or "text") through ``wrapper`` in ``forward`` when gradients are on.
+
+        Without gradients (the gradient cache's first pass, scoring) the tower runs bare: the same
+        result, and no data-parallel bookkeeping nor collective for a pass that has no backward.
+        """
+        if getattr(self, f"{name}_tower", None) is None:
+            raise ValueError(f"this model has no {name} tower to wrap")
+        self.tower_wrappers[name] = wrapper
 
     def forward(
         self,
@@ -85,6 +99,8 @@ class VisionLanguageModel(nn.Module):
                 continue
             if tower is None:
                 raise ValueError(f"this model has no {name} tower")
+            if torch.is_grad_enabled():
+                tower = self.tower_wrappers.get(name, tower)
             result = tower(inputs, output_tokens=output_tokens)
             out[f"{name}_features"] = result.pooled
             if result.tokens is not None:
