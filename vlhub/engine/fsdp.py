@@ -67,6 +67,7 @@ from torch.distributed.tensor import DTensor
 from vlhub import distributed
 from vlhub.distributed import DistInfo
 from vlhub.engine.checkpoint import Checkpointer
+from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.sharded_checkpoint import state_root
 from vlhub.errors import ConfigError
 
@@ -139,10 +140,11 @@ def local_numel(tensors: Iterable[torch.Tensor]) -> int:
     return sum(_local(t).numel() for t in tensors)
 
 
-class FsdpStrategy:
+class FsdpStrategy(ParallelStrategy):
     """FSDP2 on the towers; replicated, hand-averaged gradients for everything else."""
 
     name = "fsdp"
+    collective_state = True
 
     def __init__(self, dist_info: DistInfo, precision: str = "fp32") -> None:
         if not dist_info.distributed:
@@ -150,7 +152,9 @@ class FsdpStrategy:
                 f"{KEY}=fsdp needs more than one process, and this run is one process",
                 hint=f"launch with torchrun --nproc_per_node=N (or SLURM tasks), or use {KEY}=auto",
             )
-        self.dist, self.policy = dist_info, mixed_precision_policy(precision)
+        super().__init__(dist_info, precision)
+        self.dist: DistInfo = dist_info
+        self.policy = mixed_precision_policy(precision)
         self.towers: list[nn.Module] = []
         self.root: nn.Module | None = None  # model and objective: the names of the optimized parameters
         self.eval_copy: nn.Module | None = None
