@@ -15,7 +15,14 @@ import torch.multiprocessing as mp
 from tests.conftest import prepared_objective, run_train
 from tests.test_ddp import _free_port, _relative
 
-COMMON = ["optim.scheduler=constant", "optim.lr=1e-3", "checkpoint.every_n_steps=0", "checkpoint.keep=5"]
+# Clipping on (the norm is about 30): the total norm spans sharded and replicated gradients.
+COMMON = [
+    "optim.scheduler=constant",
+    "optim.lr=1e-3",
+    "trainer.grad_clip_norm=0.05",
+    "checkpoint.every_n_steps=0",
+    "checkpoint.keep=5",
+]
 FSDP = [*COMMON, "trainer.strategy=fsdp", "trainer.batch_size=16"]
 CACHE = ["trainer.grad_cache.enabled=true", "trainer.grad_cache.chunk_size=8"]
 
@@ -148,3 +155,50 @@ def test_fsdp_finds_the_blocks_of_vit_and_timm_towers_and_refuses_a_resnet():
     resnet = build_open_clip_model(config={"embed_dim": 32, "vision_cfg": resnet_cfg, "text_cfg": text})
     with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp .* image tower \(ModifiedResNet\)"):
         check_fsdp_model(resnet)
+
+
+# Opt-in (VLHUB_LONG_TESTS=1): objectives and precisions beyond the default run's.
+LONG = {
+    # name: (overrides, reference, tolerance on the relative weight difference): the reference is
+    # one process at batch 32, or 2 ranks with trainer.strategy=manual (the all-reduce after the
+    # backward) where data parallelism itself changes the result.
+    "siglip": (["objective=siglip"], "single", 1e-5),  # logit_bias, replicated
+    "mlm": (["objective=mlm"], "single", 1e-5),  # the text tower twice per step; a head used in represent
+    "amp_bf16": (["trainer.precision=amp_bf16"], "single", 2e-2),  # bf16 gathers vs autocast: rounding
+    "bf16": (["trainer.precision=bf16"], "single", 2e-2),  # bf16 weights, gradients reduced in fp32
+    # The loss scaler skips the first step on 2 ranks (fp16 gradients of the gathered features
+    # overflow at 2^16) and not on one process: the same with manual and ddp.
+    "amp_fp16": (["trainer.precision=amp_fp16"], "manual", 1e-5),
+}
+
+
+def _long_rank_main(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    try:
+        for name, (overrides, reference, _) in LONG.items():
+            run_train([*FSDP, *overrides, "trainer.max_steps=2", "eval=none"], Path(root) / "fsdp" / name)
+            if reference == "manual":
+                manual = [*FSDP, "trainer.strategy=manual", *overrides, "trainer.max_steps=2", "eval=none"]
+                run_train(manual, Path(root) / name)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="six more 2-rank runs: VLHUB_LONG_TESTS=1")
+def test_fsdp_siglip_mlm_and_low_precision_match_their_reference(tmp_path):
+    mp.spawn(_long_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for name, (overrides, reference, tolerance) in LONG.items():
+        if reference == "single":
+            single = [*COMMON, *overrides, "trainer.batch_size=32", "trainer.max_steps=2", "eval=none"]
+            run_train(single, tmp_path / name)
+        expected, sharded = _checkpoint(tmp_path / name, 2), _checkpoint(tmp_path / "fsdp" / name, 2)
+        relative = _relative(sharded["state_dict"], expected["state_dict"])
+        print(f"{name}: relative weight difference fsdp vs {reference} {relative:.2e}")
+        assert relative <= tolerance, name
+        if expected["objective"]:  # heads (mlm): replicated, their gradients averaged by hand
+            assert _relative(sharded["objective"], expected["objective"]) <= tolerance, name
+        assert sharded["optimizer"]["state"][0]["step"] == expected["optimizer"]["state"][0]["step"]

@@ -12,13 +12,18 @@ by hand once per step (:meth:`FsdpStrategy.finish_gradients`).
 
 Precision (``trainer.precision``), as an FSDP ``MixedPrecisionPolicy``:
 - ``fp32``: no casting.
-- ``amp_bf16`` / ``amp_fp16``: the sharded (master) weights stay fp32, FSDP casts the gathered
-  weights to bf16 / fp16 (``param_dtype``) and reduces gradients in fp32 (``reduce_dtype``);
-  autocast stays on around the objective as on one process, for the ops outside the towers.
-  Chosen over fp32 weights under autocast alone because the all-gather then moves half the
-  bytes and the gathered block takes half the memory, while the optimizer still updates fp32
-  weights and the gradient average is as exact as the fp32 all-reduce. fp16 keeps the loss
-  scaler: DTensor reduces its found-inf flag over the ranks, so every rank skips the same steps.
+- ``amp_bf16``: the sharded (master) weights stay fp32, FSDP casts the gathered weights to bf16
+  (``param_dtype``) and reduces gradients in fp32 (``reduce_dtype``); autocast stays on around
+  the objective as on one process, for the ops outside the towers. Chosen over fp32 weights
+  under autocast alone because the all-gather then moves half the bytes and the gathered block
+  takes half the memory, while the optimizer still updates fp32 weights and the gradient
+  average is as exact as the fp32 all-reduce.
+- ``amp_fp16``: fp32 weights gathered as they are, autocast alone (as on one process). Gathering
+  them in fp16 would also give the norm weights and biases fp16 gradients, which autocast keeps in
+  fp32: scaled by the loss scaler's initial 2^16 they overflow, and more steps are skipped (on
+  the tiny model, 2 ranks: fp16 gathers skipped both first steps; fp32 gathers one, as ``ddp`` and
+  ``manual`` do). The loss scaler works on the sharded gradients: DTensor reduces its found-inf
+  flag over the ranks, so every rank skips the same steps.
 - ``bf16``: the weights are bf16 already (the trainer casts them); gradients are reduced in fp32
   and stored back in bf16, as the manual all-reduce does.
 
@@ -93,12 +98,11 @@ def transformer_blocks(module: nn.Module) -> list[nn.Module]:
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     """The FSDP policy for ``trainer.precision`` (the module docstring says why)."""
-    low = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision)
-    if low is not None:
-        return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    if precision == "amp_bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if precision == "bf16":
         return MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy()  # fp32, amp_fp16: no casting by FSDP
 
 
 def check_fsdp_model(model: nn.Module) -> None:
@@ -195,14 +199,14 @@ class FsdpStrategy(ParallelStrategy):
         """``clip_grad_norm_`` over sharded and replicated gradients together (torch's refuses the
         mix): the sharded part's norm is reduced over the ranks, the replicated part is the same on
         every rank. Returns the total norm before clipping."""
-        grads = [p.grad for p in params if p.grad is not None]
-        groups = [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
+        with_grad = [p for p in params if p.grad is not None]
+        groups = [[p for p in with_grad if isinstance(p.grad, DTensor) == sharded] for sharded in (True, False)]
         squared = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         for group in filter(None, groups):
-            norm = torch.nn.utils.get_total_norm(group)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group])
             squared += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
         total = squared.sqrt()
-        for group in filter(None, groups):
+        for group in filter(None, groups):  # scales each parameter's .grad
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
 
