@@ -84,9 +84,10 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
     single = [*COMMON, "trainer.batch_size=32"]
     run_train([*single, "trainer.max_steps=3"], tmp_path / "single")
     run_train([*single, "trainer.max_steps=4"], tmp_path / "single")  # its own resume: the reference at 4
-    # The directory 2 ranks wrote, resumed by one process (another batch per rank: same global batch).
+    # The directory 2 ranks wrote, named and resumed by one process (same global batch, another per rank).
     _copy_with_only(tmp_path / "fsdp", tmp_path / "dir_on_one", "step_3.dcp")
-    run_train([*single, "trainer.max_steps=4", "checkpoint.allow_config_change=true"], tmp_path / "dir_on_one")
+    named = f"checkpoint.resume={tmp_path / 'dir_on_one/checkpoints/step_3.dcp'}"
+    run_train([*single, "trainer.max_steps=4", "checkpoint.allow_config_change=true", named], tmp_path / "dir_on_one")
 
     reference = _checkpoint(tmp_path / "single", 3)
     trained = _checkpoint(tmp_path / "fsdp", 3)  # loss-only parameters (logit_scale) included
@@ -128,6 +129,42 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
     loaded = open_clip.create_model("vlhub-tiny-fsdp", pretrained=str(latest)).state_dict()
     for key, value in _checkpoint(tmp_path / "fsdp", 3)["state_dict"].items():
         torch.testing.assert_close(loaded[key], value.reshape(loaded[key].shape), rtol=0, atol=0)
+
+
+def test_sharded_directories_are_atomic_rotated_with_their_step_files_and_read_as_checkpoints(tmp_path):
+    from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
+    from vlhub.engine.run_folder import remove_tmp_files
+    from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
+
+    model, objective = prepared_objective("clip")
+    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=1e-3)
+    root = state_root(model, objective)
+    folder = tmp_path / "checkpoints"
+    foreign = Checkpointer(folder, every_n_steps=1, keep=1, resume=None)
+    foreign.run_id = "other"
+    foreign.save_sharded(1, root, optimizer, {"step": 1})
+    checkpointer = Checkpointer(folder, every_n_steps=1, keep=1, resume=None)
+    checkpointer.run_id = "this"
+    for step in (2, 3):
+        checkpointer.save_sharded(step, root, optimizer, {"step": step, "config": {}})
+        checkpointer.save({"step": step, "config": {}})
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["latest.pt", "step_1.dcp", "step_3.dcp", "step_3.pt"]  # step 2 rotated; step 1 not ours
+    assert [(step, p.name) for step, p, _ in checkpointer.scan()][:2] == [(3, "step_3.dcp"), (3, "step_3.pt")]
+    header = read_checkpoint_file(folder / "step_3.dcp")
+    assert header["step"] == 3 and header["run_id"] == "this" and header["sharded_dir"] == str(folder / "step_3.dcp")
+    # A write killed before its rename leaves a temporary directory; the next launch removes it.
+    (folder / ".step_4.dcp.tmp").mkdir()
+    (folder / ".step_4.dcp.tmp" / "__0_0.distcp").write_bytes(b"torn")
+    remove_tmp_files(folder)
+    assert not (folder / ".step_4.dcp.tmp").exists() and (folder / "step_3.dcp").is_dir()
+    # The directory loads back into a fresh model (one process, no process group).
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, fresh_objective = prepared_objective("clip")
+    torch.nn.init.zeros_(fresh.logit_scale)
+    fresh_optimizer = torch.optim.AdamW([*fresh.parameters(), *fresh_objective.parameters()], lr=1e-3)
+    load_sharded_(folder / "step_3.dcp", state_root(fresh, fresh_objective), fresh_optimizer)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
 
 
 def test_fsdp_on_one_process_fails_at_launch_naming_the_key(tmp_path):

@@ -68,7 +68,8 @@ def write_sharded(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a killed write's leftovers
     distributed.barrier()
-    dcp.save(_app_state(root, optimizer), checkpoint_id=tmp)  # returns once every rank's shards are written
+    # Returns once every rank's shards are written (one process: no process group to ask).
+    dcp.save(_app_state(root, optimizer), checkpoint_id=tmp, no_dist=not distributed.is_initialized())
     if distributed.rank() == 0:
         save_file(header, tmp / TRAINER_STATE)
         if final.exists():  # the same step saved again: swap, never a moment without a checkpoint
@@ -86,6 +87,6 @@ def load_sharded_(path: str | Path, root: nn.Module, optimizer: torch.optim.Opti
     """Load the weights and optimizer state of the directory ``path`` into ``root`` (sharded or
     not) and ``optimizer``, on any number of ranks (collective when there are several)."""
     state = _app_state(root, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
     set_model_state_dict(root, state["model"])
     set_optimizer_state_dict(root, optimizer, state["optimizer"])
