@@ -201,6 +201,7 @@ LONG = {
     # backward) where data parallelism itself changes the result.
     "siglip": (["objective=siglip"], "single", 1e-5),  # logit_bias, replicated
     "mlm": (["objective=mlm"], "single", 1e-5),  # the text tower twice per step; a head used in represent
+    "lit": (["objective=lit"], "single", 1e-5),  # a locked (frozen) image tower, sharded all the same
     "amp_bf16": (["trainer.precision=amp_bf16"], "single", 2e-2),  # bf16 gathers vs autocast: rounding
     "bf16": (["trainer.precision=bf16"], "single", 2e-2),  # bf16 weights, gradients reduced in fp32
     # The loss scaler skips the first step on 2 ranks (fp16 gradients of the gathered features
@@ -225,7 +226,7 @@ def _long_rank_main(rank: int, port: int, root: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="six more 2-rank runs: VLHUB_LONG_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="seven more 2-rank runs: VLHUB_LONG_TESTS=1")
 def test_fsdp_siglip_mlm_and_low_precision_match_their_reference(tmp_path):
     mp.spawn(_long_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     for name, (overrides, reference, tolerance) in LONG.items():
