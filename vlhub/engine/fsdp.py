@@ -135,6 +135,16 @@ def apply_fsdp_(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy
     return towers
 
 
+def host_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its weights and buffers on the host, made without a second
+    copy on the device."""
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad) for p in model.parameters()
+    }
+    memo.update({id(b): b.detach().to("cpu", copy=True) for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -169,7 +179,7 @@ class FsdpStrategy(ParallelStrategy):
         optimizer is built; ``objective`` and the model's own parameters stay replicated."""
         check_fsdp_model(model)
         # Rank 0 evaluates alone, on an unsharded copy kept on the host between evaluations.
-        self.eval_copy = copy.deepcopy(model).cpu() if self.dist.is_main else None
+        self.eval_copy = host_copy(model) if self.dist.is_main else None
         mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
         self.towers = apply_fsdp_(model, mesh, self.policy)
         self.root = state_root(model, objective)
