@@ -167,13 +167,6 @@ def test_sharded_directories_are_atomic_rotated_with_their_step_files_and_read_a
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
 
 
-def test_fsdp_on_one_process_fails_at_launch_naming_the_key(tmp_path):
-    from vlhub.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="trainer.strategy=fsdp"):
-        run_train(["trainer.strategy=fsdp", "eval=none"], tmp_path)
-
-
 def test_fsdp_finds_the_blocks_of_vit_and_timm_towers_and_refuses_a_resnet():
     from tests.conftest import micro_model
     from vlhub.engine.fsdp import check_fsdp_model, transformer_blocks

@@ -15,10 +15,13 @@ the previous checkpoint as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,14 @@ def state_root(model: nn.Module, objective: nn.Module) -> nn.Module:
     return nn.ModuleDict({"model": model, "objective": objective})
 
 
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group, even when told so: one process is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _app_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": get_model_state_dict(root), "optimizer": get_optimizer_state_dict(root, optimizer)}
 
@@ -68,8 +79,8 @@ def write_sharded(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a killed write's leftovers
     distributed.barrier()
-    # Returns once every rank's shards are written (one process: no process group to ask).
-    dcp.save(_app_state(root, optimizer), checkpoint_id=tmp, no_dist=not distributed.is_initialized())
+    with _one_process_quiet():  # returns once every rank's shards are written
+        dcp.save(_app_state(root, optimizer), checkpoint_id=tmp, no_dist=not distributed.is_initialized())
     if distributed.rank() == 0:
         save_file(header, tmp / TRAINER_STATE)
         if final.exists():  # the same step saved again: swap, never a moment without a checkpoint
@@ -87,6 +98,7 @@ def load_sharded_(path: str | Path, root: nn.Module, optimizer: torch.optim.Opti
     """Load the weights and optimizer state of the directory ``path`` into ``root`` (sharded or
     not) and ``optimizer``, on any number of ranks (collective when there are several)."""
     state = _app_state(root, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
     set_model_state_dict(root, state["model"])
     set_optimizer_state_dict(root, optimizer, state["optimizer"])
