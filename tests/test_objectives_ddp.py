@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from tests.conftest import objective_batch, prepared_objective
+from tests.conftest import objective_batch, prepared_objective, timm_bn_model
 from vlhub.data.batch import slice_batch
 from vlhub.distributed import DistInfo
 from vlhub.engine.grad_cache import GradCache
-from vlhub.engine.parallel import TowerDDP
+from vlhub.engine.parallel import ManualAllReduce, TowerDDP
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
 from vlhub.registry import OBJECTIVES
@@ -62,12 +63,64 @@ def _under_ddp(case: str, rank: int) -> dict[str, object]:
     return result
 
 
+def _bf16_weights(rank: int, strategy: type) -> dict[str, torch.Tensor]:
+    """Gradients of bf16 weights (``trainer.precision=bf16``), averaged by ``strategy``."""
+    model, objective = prepared_objective("clip")
+    model, objective = model.to(torch.bfloat16), objective.to(torch.bfloat16)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = strategy(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    PlainGradients()(model, objective, batch, Precision("bf16", torch.device("cpu")), no_sync=parallel.no_sync)
+    parallel.finish_gradients([*model.parameters(), *objective.parameters()])
+    return _grads(model, objective)
+
+
+def _bucket_reductions(rank: int) -> dict[str, int]:
+    """How many bucket all-reduces each tower's DDP ran in one gradient-cache step of 4 chunks."""
+    model, objective = prepared_objective("clip")
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = TowerDDP(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    counts = dict.fromkeys(parallel.wrappers, 0)
+
+    def counting_hook(name):
+        def hook(state, bucket):
+            counts[name] += 1
+            return allreduce_hook(None, bucket)
+
+        return hook
+
+    for name, wrapper in parallel.wrappers.items():
+        wrapper.register_comm_hook(None, counting_hook(name))
+    GradCache(1)(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+    return counts
+
+
+def _batchnorm_tower(rank: int, strategy: type) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A BatchNorm image tower under the gradient cache: gradients and running statistics after a step."""
+    model = timm_bn_model()
+    objective = OBJECTIVES.build("clip")
+    objective.apply_to_model(model)
+    half = BATCH // 2
+    batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
+    parallel = strategy(DistInfo(rank, 2, rank, torch.device("cpu")))
+    parallel.setup(model, objective)
+    GradCache(2)(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
+    parallel.finish_gradients([*model.parameters(), *objective.parameters()])
+    return _grads(model, objective), {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+
+
 def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {case: _under_ddp(case, rank) for case in cases}
+        results["reductions"] = _bucket_reductions(rank)
+        results["batchnorm"] = {s.name: _batchnorm_tower(rank, s) for s in (TowerDDP, ManualAllReduce)}
+        results["bf16"] = {s.name: _bf16_weights(rank, s) for s in (TowerDDP, ManualAllReduce)}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -107,8 +160,38 @@ def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, case, g
 
 
 @pytest.mark.slow
-def test_a_locked_tower_is_left_out_of_ddp(two_rank_results):
+def test_a_locked_or_unused_tower_is_left_out_of_ddp(two_rank_results):
     assert two_rank_results["lit"]["wrapped"] == ["text"]
     assert two_rank_results["clip"]["wrapped"] == ["image", "text"]
+    assert two_rank_results["simclr"]["wrapped"] == ["image"]  # an image-only objective
     grads, _ = two_rank_results["lit"]["plain"]
     assert not any(k.startswith("image_tower.") for k in grads)
+
+
+@pytest.mark.slow
+def test_a_batchnorm_tower_under_ddp_and_the_gradient_cache_matches_the_manual_all_reduce(two_rank_results):
+    """Batch statistics are per rank (no SyncBatchNorm), so one process at the doubled batch is no
+    reference; the manual all-reduce of the same per-rank gradients is. The no-grad first pass runs
+    the tower bare and its running statistics are restored, so DDP changes neither."""
+    ddp_grads, ddp_stats = two_rank_results["batchnorm"]["ddp"]
+    manual_grads, manual_stats = two_rank_results["batchnorm"]["manual"]
+    assert ddp_grads.keys() == manual_grads.keys() and any(k.startswith("image_tower.") for k in ddp_grads)
+    assert _relative(ddp_grads, manual_grads) <= 1e-6
+    fresh = {n: b for n, b in timm_bn_model().named_buffers() if "running" in n}
+    assert ddp_stats.keys() == fresh.keys() and fresh
+    assert all(torch.equal(ddp_stats[k], manual_stats[k]) for k in fresh)  # rank 0's own, untouched by DDP
+    assert any(not torch.equal(ddp_stats[k], fresh[k]) for k in fresh)  # updated by the replays
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_averaged_in_fp32_under_ddp_as_by_the_manual_all_reduce(two_rank_results):
+    ddp, manual = two_rank_results["bf16"]["ddp"], two_rank_results["bf16"]["manual"]
+    assert ddp.keys() == manual.keys() and all(v.dtype == torch.bfloat16 for v in ddp.values())
+    assert all(torch.equal(ddp[k], manual[k]) for k in manual)  # the same fp32 mean, cast once
+
+
+@pytest.mark.slow
+def test_the_gradient_cache_syncs_each_tower_once_per_step(two_rank_results):
+    # 4 chunks per rank: 3 replays under no_sync, then one reduction of the tower's single bucket
+    # (DDP's first step uses one bucket per module).
+    assert two_rank_results["reductions"] == {"image": 1, "text": 1}
