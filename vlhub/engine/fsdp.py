@@ -35,10 +35,14 @@ Composition:
   first pass all-gathers each block like any forward.
 - activation checkpointing: composes when the checkpoint wraps a block before it is sharded
   (or, as open_clip's ``set_grad_checkpointing`` does, calls the sharded block inside
-  ``torch.utils.checkpoint``): the recomputation all-gathers the block again in the backward.
-- compile: compiling each block (``block.compile()``) before sharding composes in torch >= 2.4;
-  compiling the whole model around the sharded towers is not tested here (graph breaks at every
-  FSDP hook unless compiled autograd is on).
+  ``torch.utils.checkpoint``): the recomputation all-gathers the block again in the backward
+  (open_clip's flag on 2 gloo ranks: gradients identical to those without it).
+- compile: compiling each block (``block.compile()``) before sharding is torch's documented
+  pattern and should compose; untested here. Compiling the whole model around the sharded towers
+  is not supported (graph breaks at every FSDP hook unless compiled autograd is on).
+- the weights are built whole on every device before sharding (the trainer moves the model there
+  first), so the whole model must fit one device at start; after sharding each rank keeps 1/N of
+  it. Building on the meta device would lift that; not done.
 - ``model.encode_*`` outside training (evaluation) runs sharded forwards, which are collectives:
   every rank must take part (:meth:`evaluation_model` gives rank 0 a full copy instead).
 - towers without transformer blocks (open_clip's ModifiedResNet, timm CNNs) are refused at
