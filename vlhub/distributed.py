@@ -213,3 +213,9 @@ def broadcast_object(value: R, source: int = 0) -> R:
     box = [value]
     dist.broadcast_object_list(box, src=source)
     return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process)."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()

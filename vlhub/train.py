@@ -121,7 +121,7 @@ def train(
     start, trainer, remote = None, None, None
     try:
         gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
-        parallel = build_parallel(settings.pop("strategy"), dist_info)
+        parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
         checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
         remote = open_remote(checkpointer, run_dir) if dist_info.is_main else None  # probes checkpoint.remote
         start = open_run(run_dir, checkpointer, config, dist_info, remote.before_decide if remote else None)

@@ -6,6 +6,12 @@ Layout of a checkpoint (all plain containers and tensors):
 ``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``, and ``run_id``: the
 run that wrote it. Rotation and auto-resume only consider the run's own files
 (``engine/run_folder.py`` decides which run a folder holds).
+
+Under ``trainer.strategy=fsdp`` each save also writes the sharded directory ``step_<N>.dcp``
+(``engine/sharded_checkpoint.py``); reading it gives its ``trainer.pt`` (this layout without the
+weights) with ``sharded_dir`` naming where the weights are. At the same step the directory is
+preferred for resuming (each rank reads only its shards); rotation removes a step's file and
+directory together.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from vlhub.engine.sharded_checkpoint import MARKER, SHARDED_DIR, TRAINER_STATE, is_sharded_dir, write_sharded
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -33,7 +43,10 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint_file(path: str | Path, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """The checkpoint as plain containers (``weights_only``, on CPU), or an error naming ``key`` and
-    the file. ``mmap`` maps the tensors instead of reading them: a cheap look at step and run id."""
+    the file. ``mmap`` maps the tensors instead of reading them: a cheap look at step and run id.
+    A sharded directory gives its ``trainer.pt`` with ``sharded_dir`` set to the directory."""
+    if is_sharded_dir(path):
+        return {**read_checkpoint_file(Path(path) / TRAINER_STATE, key, mmap), MARKER: str(path)}
     if not Path(path).is_file():
         raise FileNotFoundError(f"{key}={path}: no such file")
     try:
@@ -120,8 +133,10 @@ class Checkpointer:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        if resume not in (None, "auto") and not Path(resume).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={resume}: no such file (use 'auto' or a path)")
+        if resume not in (None, "auto") and not Path(resume).is_file() and not is_sharded_dir(resume):
+            raise FileNotFoundError(
+                f"checkpoint.resume={resume}: no such file or sharded checkpoint directory (use 'auto' or a path)"
+            )
         self.folder, self.every_n_steps, self.keep, self.resume = folder, every_n_steps, keep, resume
         self.move_aside, self.allow_config_change = move_aside, allow_config_change
         self.run_id: str | None = None
@@ -138,7 +153,11 @@ class Checkpointer:
     def step_files(self) -> list[tuple[int, Path]]:
         if not self.folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := STEP_FILE.match(p.name))]
+        found = [
+            (int(m.group(1)), p)
+            for p in self.folder.iterdir()
+            if (m := STEP_FILE.match(p.name)) or ((m := SHARDED_DIR.match(p.name)) and p.is_dir())
+        ]
         return sorted(found, reverse=True)
 
     def scan(self) -> list[tuple[int, Path, str | None]]:
@@ -152,20 +171,35 @@ class Checkpointer:
             try:
                 header = read_checkpoint_file(path, "checkpoint", mmap=True)
                 found.append((int(header["step"]), path, header.get("run_id")))
-            except (CheckpointError, KeyError, TypeError, ValueError) as error:
+            except (CheckpointError, OSError, KeyError, TypeError, ValueError) as error:
                 log.warning("skipping unreadable checkpoint %s: %s", path, error)
-        return sorted(found, key=lambda item: (item[0], item[1].name != LATEST), reverse=True)
+        # Newest step first; at one step the sharded directory, then the step file, then latest.pt.
+        return sorted(found, key=lambda item: (item[0], item[1].is_dir(), item[1].name != LATEST), reverse=True)
 
     def save(self, payload: dict[str, Any]) -> Path:
         path = self.folder / f"step_{payload['step']}.pt"
         save_atomic({**payload, "run_id": self.run_id}, path)
         _link_atomic(path, self.folder / LATEST)
-        own = [p for _, p, run_id in self.scan() if run_id == self.run_id and p.name != LATEST]
-        for old in own[self.keep :]:  # another run's files are never this run's to delete
-            old.unlink(missing_ok=True)
+        own = [(step, p) for step, p, run_id in self.scan() if run_id == self.run_id and p.name != LATEST]
+        kept = sorted({step for step, _ in own}, reverse=True)[: self.keep]
+        for step, old in own:  # another run's files are never this run's to delete
+            if step in kept:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         if self.after_save is not None:
             self.after_save(int(payload["step"]), path)
         return path
+
+    def save_sharded(
+        self, step: int, root: nn.Module, optimizer: torch.optim.Optimizer, header: dict[str, Any] | None
+    ) -> Path:
+        """Collective: the sharded directory ``step_<step>.dcp``; ``header`` is rank 0's checkpoint
+        without its weights (None on the other ranks). Call before :meth:`save`, which rotates."""
+        payload = None if header is None else {**header, "run_id": self.run_id}
+        return write_sharded(self.folder, step, root, optimizer, payload, save_atomic)
 
     def load_for_resume(self) -> dict[str, Any] | None:
         """The checkpoint to resume from: the one chosen when the run opened; else the named file,

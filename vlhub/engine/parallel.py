@@ -8,9 +8,12 @@ The trainer calls, in this order:
   replay but the last under ``no_sync()`` (sync deferred to the last backward, SPEC section 4);
 - ``finish_gradients(params)`` after the step's last backward: whatever the wrapper did not
   average is averaged here, so every rank holds the same mean gradient before clipping;
+- ``clip_gradients_(params, max_norm)`` when ``trainer.grad_clip_norm`` is set;
 - ``model_state_dict`` / ``load_model_state_dict`` and ``optimizer_state_dict`` /
   ``load_optimizer_state_dict`` for checkpoints: full weights under open_clip's names, the same
-  keys whichever strategy wrote them.
+  keys whichever strategy wrote them. Every rank calls them (a sharding strategy gathers to rank
+  0, which writes), then ``save_shards`` (a sharding strategy's own resumable directory);
+- ``evaluation_model(model)`` around rank 0's evaluation: the model it evaluates.
 
 Strategies (``build_parallel``):
 - one process (``auto`` with one rank): nothing to share;
@@ -42,9 +45,11 @@ class ParallelStrategy:
     """One process: gradients stay as the backward left them. The base of every strategy."""
 
     name = "none"
+    collective_state = False  # True: every rank takes part in the state-dict hooks (they gather)
 
-    def __init__(self, dist_info: DistInfo | None = None) -> None:
+    def __init__(self, dist_info: DistInfo | None = None, precision: str = "fp32") -> None:
         self.dist = dist_info
+        self.precision = precision  # trainer.precision: a sharding strategy casts what it gathers
 
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         """Called once, on the device, before the optimizer is built."""
@@ -67,6 +72,19 @@ class ParallelStrategy:
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
         optimizer.load_state_dict(state_dict)
+
+    def clip_gradients_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that their total norm is at most ``max_norm``; the norm before."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def save_shards(self, checkpointer: Any, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
+        """Every rank, at each save, after the state-dict hooks: a sharding strategy writes its shards."""
+
+    @contextlib.contextmanager
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module | None]:
+        """Every rank, around rank 0's evaluation: the model rank 0 evaluates (None on the others
+        where that differs)."""
+        yield model
 
 
 class ManualAllReduce(ParallelStrategy):
@@ -125,8 +143,8 @@ class TowerDDP(ParallelStrategy):
 
     name = "ddp"
 
-    def __init__(self, dist_info: DistInfo) -> None:
-        super().__init__(dist_info)
+    def __init__(self, dist_info: DistInfo, precision: str = "fp32") -> None:
+        super().__init__(dist_info, precision)
         self.wrappers: dict[str, DistributedDataParallel] = {}
         self.wrapped: set[int] = set()  # ids of the parameters DDP reduces
 
@@ -156,25 +174,25 @@ class TowerDDP(ParallelStrategy):
         distributed.all_reduce_grads_(p for p in params if id(p) not in self.wrapped)
 
 
-def _fsdp_not_here(dist_info: DistInfo) -> ParallelStrategy:
-    raise ConfigError(
-        "trainer.strategy=fsdp is not available in this build (vlhub.engine.fsdp has not landed)",
-        hint="use trainer.strategy=ddp (or auto)",
-    )
+def _fsdp(dist_info: DistInfo, precision: str = "fp32") -> ParallelStrategy:
+    from vlhub.engine.fsdp import FsdpStrategy  # it builds on ParallelStrategy: imported when chosen
+
+    return FsdpStrategy(dist_info, precision)
 
 
 # Name -> strategy for more than one rank; ``auto`` picks ``ddp`` there and one process otherwise.
-STRATEGIES: dict[str, Callable[[DistInfo], ParallelStrategy]] = {
+STRATEGIES: dict[str, Callable[[DistInfo, str], ParallelStrategy]] = {
     "ddp": TowerDDP,
-    "fsdp": _fsdp_not_here,
+    "fsdp": _fsdp,
     "manual": ManualAllReduce,
 }
 NEEDS_PROCESS_GROUP = ("ddp", "fsdp")
 
 
-def build_parallel(strategy: str, dist_info: DistInfo) -> ParallelStrategy:
+def build_parallel(strategy: str, dist_info: DistInfo, precision: str = "fp32") -> ParallelStrategy:
     """The strategy named by ``trainer.strategy`` for this launch; a ConfigError naming the key when it
-    cannot run here. Call after ``init_distributed``."""
+    cannot run here. Call after ``init_distributed``. ``precision`` is ``trainer.precision`` (FSDP's
+    mixed-precision policy follows it)."""
     known = ["auto", *STRATEGIES]
     if strategy not in known:
         raise ConfigError(
@@ -191,5 +209,5 @@ def build_parallel(strategy: str, dist_info: DistInfo) -> ParallelStrategy:
             hint="launch with torchrun --nproc_per_node=N (or SLURM tasks), or use trainer.strategy=auto",
         )
     if strategy == "none":
-        return ParallelStrategy(dist_info)
-    return STRATEGIES[strategy](dist_info)
+        return ParallelStrategy(dist_info, precision)
+    return STRATEGIES[strategy](dist_info, precision)

@@ -202,11 +202,14 @@ class RunStart:
 
 
 def remove_tmp_files(folder: Path) -> None:
-    """The temporary files of a write that was killed (``.step_5.pt.x1y2.tmp``)."""
+    """The temporary files of a write that was killed (``.step_5.pt.x1y2.tmp``, ``.step_5.dcp.tmp/``)."""
     if folder.is_dir():
         for path in folder.glob(".*.tmp"):
             log.info("removing %s, left by a killed write", path)
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _step_of(line: str) -> int | None:

@@ -97,7 +97,7 @@ def train_step(
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        parts["grad_norm"] = parallel.clip_gradients_(params, grad_clip_norm)
     precision.step(optimizer)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -20,6 +20,8 @@ from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
 from vlhub.engine.prefetch import prefetch
+from vlhub.engine.sharded_checkpoint import MARKER as SHARDED
+from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
 from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
 from vlhub.objectives.base import Objective
 from vlhub.optim import OptimRecipe
@@ -209,14 +211,16 @@ class Trainer:
     # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Run the evaluation tasks (if any) and write a record with the bad-sample count either way."""
+        metrics: dict[str, float] = {}
+        if self.evaluator.tasks:  # every rank: a sharding strategy gathers rank 0's unsharded copy
+            with self.parallel.evaluation_model(self.model) as model:
+                if self.dist.is_main:
+                    scoring = self.objective.scoring(model)  # the objective decides how images are scored
+                    metrics = self.evaluator.run(
+                        model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
+                    )
         if not self.dist.is_main:
             return {}
-        metrics: dict[str, float] = {}
-        if self.evaluator.tasks:
-            scoring = self.objective.scoring(self.model)  # the objective decides how images are scored
-            metrics = self.evaluator.run(
-                self.model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
-            )
         record = {
             "step": self.step,
             "epoch": self.epoch,
@@ -263,11 +267,16 @@ class Trainer:
 
     def save(self) -> Path | None:
         rng_states = all_gather_object(capture_rng_state())  # every rank's stream, for exact resume
+        if not (self.dist.is_main or self.parallel.collective_state):
+            return None
+        # A sharding strategy gathers the full state to rank 0 (every rank takes part), then writes its shards.
+        payload = {**self.state(rng_states), "config": self.config}
+        self.parallel.save_shards(self.checkpointer, self.optimizer, payload)
         if not self.dist.is_main:
             return None
         if self.metric_logger is not None:  # the logs a remote upload snapshots with the checkpoint
             self.metric_logger.flush()
-        path = self.checkpointer.save({**self.state(rng_states), "config": self.config})
+        path = self.checkpointer.save(payload)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -275,9 +284,12 @@ class Trainer:
         checkpoint = self.checkpointer.load_for_resume()
         if checkpoint is None:
             return
-        self.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
-        self.objective.load_state_dict(checkpoint["objective"])
-        self.parallel.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
+        if SHARDED in checkpoint:  # a sharded directory: each rank reads its part, whichever strategy wrote it
+            load_sharded_(checkpoint[SHARDED], state_root(self.model, self.objective), self.optimizer)
+        else:
+            self.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
+            self.objective.load_state_dict(checkpoint["objective"])
+            self.parallel.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         # A resumed run may raise max_steps: recompute the lr from this run's schedule.
         for group, base, factor in zip(

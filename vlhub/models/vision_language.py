@@ -149,17 +149,21 @@ class VisionLanguageModel(nn.Module):
             mapping["logit_bias"] = "logit_bias"
         return mapping
 
-    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under open_clip's names: what ``open_clip.create_model`` loads."""
+    def open_clip_state_dict(self, own: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The weights under open_clip's names: what ``open_clip.create_model`` loads. ``own`` is a
+        state dict of this model to rename (a sharded model's, gathered); default: ``state_dict()``."""
+        own = self.state_dict() if own is None else own
         if self.open_clip_layout is None:
-            return {k: v.detach().clone() for k, v in self.state_dict().items()}
-        own = self.state_dict()
+            return {k: v.detach().clone() for k, v in own.items()}
         return {oc_key: own[key].detach().clone() for key, oc_key in self._open_clip_key_map().items()}
 
     def load_open_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.load_state_dict(self.state_dict_from_open_clip(state_dict))
+
+    def state_dict_from_open_clip(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights under open_clip's names renamed to this model's (``load_state_dict``'s keys)."""
         if self.open_clip_layout is None:
-            self.load_state_dict(state_dict)
-            return
+            return dict(state_dict)
         mapping = self._open_clip_key_map()
         missing = [oc for oc in mapping.values() if oc not in state_dict]
         unexpected = sorted(set(state_dict) - set(mapping.values()))
@@ -168,4 +172,4 @@ class VisionLanguageModel(nn.Module):
                 f"checkpoint does not match this model: missing {missing[:5]} "
                 f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
             )
-        self.load_state_dict({key: state_dict[oc] for key, oc in mapping.items()})
+        return {key: state_dict[oc] for key, oc in mapping.items()}
