@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from vlhub.engine.compile import CompiledTowers
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.precision import Precision
@@ -64,6 +65,8 @@ class Trainer:
         run_info: dict[str, Any],
         objective_spec: dict[str, Any],
         config: dict[str, Any],
+        compile: bool,
+        compile_strict: bool,
     ) -> None:
         for name, value in (
             ("max_steps", max_steps),
@@ -81,6 +84,8 @@ class Trainer:
         # Data parallel without a DDP wrapper: identical start, gradients averaged in train_step.
         broadcast_module_(self.model)
         broadcast_module_(self.objective)
+        # After the weights are placed and broadcast; a DDP wrapper may go either side of this.
+        self.compiled = CompiledTowers(self.model, compile_strict) if compile else None
         self.make_loader, self.eval_transform, self.evaluator = make_loader, eval_transform, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
@@ -119,16 +124,7 @@ class Trainer:
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
-            parts = train_step(
-                self.model,
-                self.objective,
-                loaded.batch,
-                self.optimizer,
-                self.scheduler,
-                self.precision,
-                self.gradients,
-                self.grad_clip_norm,
-            )
+            parts = self.train_step(loaded.batch)
             if parts is None:  # a non-finite loss: nothing was updated; stops after a few in a row
                 self.skip_nonfinite_step()
                 continue
@@ -149,6 +145,23 @@ class Trainer:
         if self.metric_logger is not None:
             self.metric_logger.close()
         return metrics
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
+        def step() -> dict[str, torch.Tensor] | None:
+            return train_step(
+                self.model,
+                self.objective,
+                batch,
+                self.optimizer,
+                self.scheduler,
+                self.precision,
+                self.gradients,
+                self.grad_clip_norm,
+            )
+
+        if self.compiled is None:
+            return step()
+        return self.compiled.run(step, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def skip_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1
