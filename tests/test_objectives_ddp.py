@@ -1,5 +1,6 @@
 """Every objective under data parallelism (gloo, 2 ranks): negatives from both ranks, and the
-averaged gradient equals one process's gradient at the doubled batch."""
+averaged gradient equals one process's gradient at the doubled batch; the tiled losses
+(``objective.loss_tiles``) too, against the untiled loss of one process."""
 
 import os
 import socket
@@ -16,13 +17,19 @@ from vlhub.engine.step import PlainGradients
 from vlhub.registry import OBJECTIVES
 
 BATCH = 8
+# Tiled variants, run in the same two processes (a spawn costs seconds): case -> (objective, kwargs).
+TILED = {
+    "clip-tiled": ("clip", {"loss_tiles": 3}),
+    "clip-tiled-local": ("clip", {"loss_tiles": 3, "local_loss": True}),
+    "siglip-tiled": ("siglip", {"loss_tiles": 5}),
+}
 
 
-def _gradients(name: str, rank: int | None) -> tuple[dict[str, torch.Tensor], float]:
+def _gradients(name: str, rank: int | None, **kwargs) -> tuple[dict[str, torch.Tensor], float]:
     """Gradients of objective ``name``: of the whole batch (rank None) or of this rank's half, averaged."""
     from vlhub import distributed
 
-    model, objective = prepared_objective(name)
+    model, objective = prepared_objective(name, **kwargs)
     batch = objective_batch(model, objective, size=BATCH)
     if rank is not None:
         half = BATCH // 2
@@ -41,6 +48,7 @@ def _rank_main(rank: int, port: int, names: list[str], out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {name: _gradients(name, rank) for name in names}
+        results.update({case: _gradients(name, rank, **kwargs) for case, (name, kwargs) in TILED.items()})
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -69,5 +77,19 @@ def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, name):
     # all_reduce_grads_ zero-fills parameters nothing reached (the text tower of image-only objectives)
     assert grads.keys() >= reference.keys()
     assert all(not grads[k].any() for k in grads.keys() - reference.keys())
+    diff = torch.sqrt(sum(((grads[k].double() - reference[k].double()) ** 2).sum() for k in reference))
+    assert (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", TILED)
+def test_two_ranks_with_tiles_match_one_untiled_process(two_rank_results, case):
+    name, kwargs = TILED[case]
+    untiled = {k: v for k, v in kwargs.items() if k != "loss_tiles"}
+    reference, reference_loss = _gradients(name, rank=None, **untiled)
+    grads, loss = two_rank_results[case]
+    if not kwargs.get("local_loss"):  # with local_loss each rank's loss is its own rows' (open_clip)
+        assert loss == pytest.approx(reference_loss, rel=1e-5)
+    assert grads.keys() >= reference.keys() and "logit_scale" in reference
     diff = torch.sqrt(sum(((grads[k].double() - reference[k].double()) ** 2).sum() for k in reference))
     assert (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item() <= 1e-5

@@ -9,6 +9,7 @@ from torch import nn
 from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.objectives.base import IncompatibleObjective, Objective
+from vlhub.objectives.tiled import check_tile_rows, tiled_row_cross_entropy, tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
 
 
@@ -19,7 +20,17 @@ class ContrastiveObjective(Objective):
     trainable (LiT); ``freeze_bn_stats`` also freezes its BatchNorm statistics. The text
     tower can be locked the same way with ``lock_text`` / ``text_unlocked_layers``.
     ``local_loss`` and ``gather_with_grad`` mean what they mean in open_clip.
+
+    ``loss_tiles=R`` computes the B x B similarity's loss R rows at a time with a recomputing
+    backward (:mod:`vlhub.objectives.tiled`): the same loss and gradients, memory O(B D + R B)
+    instead of O(B^2). Objectives whose loss is not built from :meth:`clip_loss`,
+    :meth:`row_cross_entropy` or the tiled functions leave ``supports_loss_tiles`` False and refuse it.
     """
+
+    #: Whether this objective's loss can be computed in tiles (``loss_tiles``).
+    supports_loss_tiles: bool = False
+    #: Why not, when it cannot (said in the error).
+    loss_tiles_refusal: str = "its loss is not a softmax or sigmoid over a B x B dot-product similarity"
 
     def __init__(
         self,
@@ -31,11 +42,19 @@ class ContrastiveObjective(Objective):
         text_freeze_layer_norm: bool = True,
         local_loss: bool = False,
         gather_with_grad: bool = True,
+        loss_tiles: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("unlocked_groups", unlocked_groups), ("text_unlocked_layers", text_unlocked_layers)):
             if value < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {value}")
+        if loss_tiles is not None:
+            check_tile_rows(loss_tiles)
+            if not self.supports_loss_tiles:
+                name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
+                refusal = self.loss_tiles_refusal
+                raise ValueError(f"objective.loss_tiles is not supported by objective={name}: {refusal}")
+        self.loss_tiles = loss_tiles
         self.lock_image = lock_image
         self.unlocked_groups = unlocked_groups
         self.freeze_bn_stats = freeze_bn_stats
@@ -70,6 +89,24 @@ class ContrastiveObjective(Objective):
         """Each tensor's rows from every rank (the global batch, in rank order)."""
         return [self.gather(f)[0] for f in features]
 
+    def clip_loss(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, image_weight: float, text_weight: float
+    ) -> dict[str, torch.Tensor]:
+        """CLIP's symmetric InfoNCE on [B, D] features whose row i of each is a pair (tiled if asked)."""
+        if self.loss_tiles is None:
+            return symmetric_cross_entropy(scale * image @ text.T, image_weight, text_weight)
+        image_to_text, text_to_image = tiled_softmax_loss(image, text, scale, self.loss_tiles)
+        return weighted_directions(image_to_text, text_to_image, image_weight, text_weight)
+
+    def row_cross_entropy(
+        self, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, offset: int = 0
+    ) -> torch.Tensor:
+        """Cross-entropy of ``scale * rows @ cols.T``, row i's positive at column i + ``offset`` (tiled if asked)."""
+        if self.loss_tiles is None:
+            labels = torch.arange(rows.shape[0], device=rows.device) + offset
+            return F.cross_entropy(scale * rows @ cols.T, labels)
+        return tiled_row_cross_entropy(rows, cols, scale, self.loss_tiles, offset)
+
     def require_tokens(self, model: nn.Module) -> None:
         """Token-level objectives need token features from both towers: say so now, not mid-forward."""
         if model.text_tower is None:
@@ -89,6 +126,13 @@ def symmetric_cross_entropy(
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     image_to_text = F.cross_entropy(logits_per_image, labels)
     text_to_image = F.cross_entropy(logits_per_image.T, labels)
+    return weighted_directions(image_to_text, text_to_image, image_weight, text_weight)
+
+
+def weighted_directions(
+    image_to_text: torch.Tensor, text_to_image: torch.Tensor, image_weight: float, text_weight: float
+) -> dict[str, torch.Tensor]:
+    """The weighted sum of the two directions as ``"loss"``, each direction as a logged part."""
     return {
         "loss": image_weight * image_to_text + text_weight * text_to_image,
         "image_to_text_loss": image_to_text.detach(),
@@ -100,6 +144,8 @@ def symmetric_cross_entropy(
 class ClipObjective(ContrastiveObjective):
     """Symmetric InfoNCE: ``image_weight`` * CE(image->text) + ``text_weight`` * CE(text->image)."""
 
+    supports_loss_tiles = True
+
     def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
         super().__init__(**contrastive)
         self.image_weight = image_weight
@@ -109,20 +155,9 @@ class ClipObjective(ContrastiveObjective):
         image, text = reps["image_features"], reps["text_features"]
         scale = model.temperature_scale()
         (all_image, offset), (all_text, _) = self.gather(image), self.gather(text)
-        if self.local_loss:
-            # Local rows against global columns; labels offset by this rank's slice.
-            logits_per_image = scale * image @ all_text.T
-            logits_per_text = scale * text @ all_image.T
-            labels = torch.arange(image.shape[0], device=image.device) + offset
-        else:
-            logits_per_image = scale * all_image @ all_text.T
-            logits_per_text = logits_per_image.T
-            labels = torch.arange(all_image.shape[0], device=image.device)
-        image_to_text = F.cross_entropy(logits_per_image, labels)
-        text_to_image = F.cross_entropy(logits_per_text, labels)
-        total = self.image_weight * image_to_text + self.text_weight * text_to_image
-        return {
-            "loss": total,
-            "image_to_text_loss": image_to_text.detach(),
-            "text_to_image_loss": text_to_image.detach(),
-        }
+        if not self.local_loss:
+            return self.clip_loss(all_image, all_text, scale, self.image_weight, self.text_weight)
+        # Local rows against global columns; labels offset by this rank's slice.
+        image_to_text = self.row_cross_entropy(image, all_text, scale, offset)
+        text_to_image = self.row_cross_entropy(text, all_image, scale, offset)
+        return weighted_directions(image_to_text, text_to_image, self.image_weight, self.text_weight)

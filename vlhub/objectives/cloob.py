@@ -27,6 +27,8 @@ def _identity_head(dim: int) -> nn.Linear:
 
 @OBJECTIVES.register("cloob")
 class CloobObjective(ContrastiveObjective):
+    supports_loss_tiles = True  # two softmax cross-entropies, one per direction, each tiled by rows
+
     def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
         super().__init__(**contrastive)
         self.image_weight, self.text_weight = image_weight, text_weight
@@ -54,9 +56,8 @@ class CloobObjective(ContrastiveObjective):
             reps["image_features"], reps["text_features"], reps["image_extra"], reps["text_extra"]
         )
         scale = model.temperature_scale()
-        labels = torch.arange(image.shape[0], device=image.device)
-        image_to_text = F.cross_entropy(scale * image_extra @ text_extra.T, labels)
-        text_to_image = F.cross_entropy(scale * text @ image.T, labels)
+        image_to_text = self.row_cross_entropy(image_extra, text_extra, scale)
+        text_to_image = self.row_cross_entropy(text, image, scale)
         return {
             "loss": self.image_weight * image_to_text + self.text_weight * text_to_image,
             "image_to_text_loss": image_to_text.detach(),

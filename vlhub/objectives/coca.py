@@ -20,7 +20,7 @@ from torch import nn
 
 from vlhub.data.batch import Batch
 from vlhub.objectives.base import IncompatibleObjective
-from vlhub.objectives.clip import ContrastiveObjective, symmetric_cross_entropy
+from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.registry import OBJECTIVES
 
 
@@ -38,6 +38,8 @@ def _init_decoder(decoder: MultimodalTransformer) -> None:
 
 @OBJECTIVES.register("coca")
 class CocaObjective(ContrastiveObjective):
+    supports_loss_tiles = True  # its contrastive term is CLIP's
+
     def __init__(
         self,
         contrastive_weight: float = 1.0,
@@ -105,7 +107,7 @@ class CocaObjective(ContrastiveObjective):
         image, text, nll, tokens = self.gather_all(
             reps["image_features"], reps["text_features"], reps["caption_nll"], reps["caption_tokens"]
         )
-        parts = symmetric_cross_entropy(model.temperature_scale() * image @ text.T, 0.5, 0.5)
+        parts = self.clip_loss(image, text, model.temperature_scale(), 0.5, 0.5)
         contrastive = parts["loss"]
         caption = nll.sum() / tokens.sum().clamp(min=1)
         return {

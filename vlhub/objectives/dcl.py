@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.objectives.tiled import tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
 
 
@@ -20,14 +21,20 @@ def decoupled_loss(logits: torch.Tensor) -> torch.Tensor:
 class DclObjective(ContrastiveObjective):
     """CLIP's two directions, each with the decoupled loss; ``image_weight`` / ``text_weight`` as in clip."""
 
+    supports_loss_tiles = True  # the tiled softmax leaves the pair out of each denominator (``decoupled``)
+
     def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
         super().__init__(**contrastive)
         self.image_weight, self.text_weight = image_weight, text_weight
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         image, text = self.gather_all(reps["image_features"], reps["text_features"])
-        logits_per_image = model.temperature_scale() * image @ text.T
-        image_to_text, text_to_image = decoupled_loss(logits_per_image), decoupled_loss(logits_per_image.T)
+        scale = model.temperature_scale()
+        if self.loss_tiles is None:
+            logits_per_image = scale * image @ text.T
+            image_to_text, text_to_image = decoupled_loss(logits_per_image), decoupled_loss(logits_per_image.T)
+        else:
+            image_to_text, text_to_image = tiled_softmax_loss(image, text, scale, self.loss_tiles, decoupled=True)
         return {
             "loss": self.image_weight * image_to_text + self.text_weight * text_to_image,
             "image_to_text_loss": image_to_text.detach(),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlhub.data.batch import Batch
-from vlhub.objectives.clip import ContrastiveObjective, symmetric_cross_entropy
+from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.objectives.mlm import MaskedLanguageModel
 from vlhub.objectives.ssl import SimsiamHead
 from vlhub.registry import OBJECTIVES
@@ -23,6 +23,7 @@ from vlhub.registry import OBJECTIVES
 @OBJECTIVES.register("declip")
 class DeclipObjective(ContrastiveObjective):
     image_views = 2
+    supports_loss_tiles = True  # both image-text terms are CLIP's
 
     def __init__(
         self,
@@ -72,9 +73,9 @@ class DeclipObjective(ContrastiveObjective):
             reps["mlm_tokens"],
         )
         scale = model.temperature_scale()
-        parts = symmetric_cross_entropy(scale * image @ text.T, 0.5, 0.5)
+        parts = self.clip_loss(image, text, scale, 0.5, 0.5)
         contrastive = parts["loss"]
-        multiview = symmetric_cross_entropy(scale * view2 @ text.T, 0.5, 0.5)["loss"]
+        multiview = self.clip_loss(view2, text, scale, 0.5, 0.5)["loss"]
         mlm = self.mlm.loss(nll, tokens)
         ssl = self.ssl_head(raw1, raw2)
         total = (

@@ -92,6 +92,11 @@ class TokenScorer:
 
 @OBJECTIVES.register("filip")
 class FilipObjective(ContrastiveObjective):
+    loss_tiles_refusal = (
+        "its similarity is token-wise (max over tokens, mean over patches), not a dot product of pooled "
+        "features; objective.block_size bounds its memory instead"
+    )
+
     def __init__(
         self, image_weight: float = 0.5, text_weight: float = 0.5, block_size: int = 64, **contrastive
     ) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.objectives.tiled import tiled_sigmoid_loss
 from vlhub.registry import OBJECTIVES
 
 
@@ -20,7 +21,10 @@ class SiglipObjective(ContrastiveObjective):
     ``init_logit_scale`` (log t) is written into the model's temperature on a fresh run
     (``apply_init``), and the bias is the objective's own parameter, unless the model already
     carries one (an open_clip SigLIP checkpoint, ``model.init_logit_bias``), which is then trained.
+    ``loss_tiles`` computes the same sum R rows at a time (:func:`vlhub.objectives.tiled.tiled_sigmoid_loss`).
     """
+
+    supports_loss_tiles = True
 
     def __init__(self, init_logit_scale: float | None = math.log(10.0), init_logit_bias: float = -10.0, **contrastive):
         super().__init__(**contrastive)
@@ -43,12 +47,13 @@ class SiglipObjective(ContrastiveObjective):
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         image, text = self.gather_all(reps["image_features"], reps["text_features"])
-        logits = model.temperature_scale() * image @ text.T + self.bias(model)
-        signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-        pairwise = -F.logsigmoid(signs * logits)
-        count = logits.shape[0]
-        return {
-            "loss": pairwise.sum() / count,
-            "positive_loss": (pairwise.diagonal().sum() / count).detach(),
-            "logit_bias": self.bias(model).detach(),
-        }
+        scale, bias, count = model.temperature_scale(), self.bias(model), image.shape[0]
+        if self.loss_tiles is None:
+            logits = scale * image @ text.T + bias
+            signs = 2 * torch.eye(count, device=logits.device, dtype=logits.dtype) - 1
+            pairwise = -F.logsigmoid(signs * logits)
+            loss, positive = pairwise.sum() / count, pairwise.diagonal().sum() / count
+        else:
+            loss = tiled_sigmoid_loss(image, text, scale, bias, self.loss_tiles)
+            positive = -F.logsigmoid(scale * (image * text).sum(dim=1) + bias).sum() / count
+        return {"loss": loss, "positive_loss": positive.detach(), "logit_bias": bias.detach()}
