@@ -346,3 +346,37 @@ def test_compiled_towers_under_the_data_parallel_path(tmp_path):
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
     assert _relative(ddp, single) <= 1e-3  # Adam and compiled rounding: see test_compiled_towers_train_like_eager_ones
+
+
+@pytest.mark.skipif(not LONG, reason="a compile per setting on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")
+def test_compiled_grad_checkpointing_gives_the_eager_gradients():
+    objective = ClipObjective()
+    eager, checkpointed = tiny(), tiny(grad_checkpointing=True)
+    compile_towers(checkpointed)
+    batch = objective_batch(eager, objective, 8)
+    expected, _ = _grads(eager, objective, batch, PlainGradients())
+    assert _relative(_grads(checkpointed, objective, batch, PlainGradients())[0], expected) <= 1e-5
+    assert _relative(_grads(checkpointed, objective, batch, GradCache(4))[0], expected) <= 1e-5
+
+
+@pytest.mark.skipif(not LONG, reason="a compile per precision on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16", "bf16"])
+def test_compiled_towers_train_under_every_precision(precision):
+    prec = Precision(precision, CPU)
+    objective = ClipObjective()
+    eager = tiny().to(dtype=prec.param_dtype)
+    compiled = copy.deepcopy(eager)
+    compile_towers(compiled)
+    batch = {k: v for k, v in objective_batch(eager, objective, 8).items() if k in ("image", "text")}
+    batch["image"] = batch["image"].to(prec.param_dtype)
+    losses = []
+    for model in (eager, compiled):
+        optimizer, scheduler = OptimRecipe(
+            torch.optim.AdamW, lr=1e-3, weight_decay=0.1, scheduler="constant", warmup_steps=0
+        ).build([model], 10)
+        before = model.image_tower.module.proj.detach().clone()
+        parts = train_step(model, objective, batch, optimizer, scheduler, prec, PlainGradients(), 1.0)
+        assert parts is not None and torch.isfinite(parts["loss"])
+        assert not torch.equal(model.image_tower.module.proj.detach(), before)  # a step was taken
+        losses.append(float(parts["loss"]))
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16/fp16 rounding
