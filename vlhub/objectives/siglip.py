@@ -55,5 +55,6 @@ class SiglipObjective(ContrastiveObjective):
             loss, positive = pairwise.sum() / count, pairwise.diagonal().sum() / count
         else:
             loss = tiled_sigmoid_loss(image, text, scale, bias, self.loss_tiles)
-            positive = -F.logsigmoid(scale * (image * text).sum(dim=1) + bias).sum() / count
+            with torch.no_grad():  # logged only: the pairs' logits from the features, O(B D)
+                positive = -F.logsigmoid(scale * (image * text).sum(dim=1) + bias).sum() / count
         return {"loss": loss, "positive_loss": positive.detach(), "logit_bias": bias.detach()}

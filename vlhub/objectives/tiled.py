@@ -5,8 +5,10 @@ grows as B^2 and caps the batch. Here each loss is an autograd ``Function`` that
 ``tile_rows`` at a time: a tile holds R x N logits (R rows of the batch against all N columns),
 and only the features (O(B D)) and per-row statistics (log-sum-exps, O(B)) are kept for the
 backward, which recomputes each tile from the features and accumulates the gradients of both
-feature matrices, of the logit scale and (sigmoid form) of the bias. Peak memory is
-O(B D + R N) instead of O(B^2); the price is one extra matmul per tile in the backward.
+feature matrices, of the logit scale and (sigmoid form) of the bias. At most two tiles are
+alive at a time, so peak memory is O(B D + R N) instead of O(B^2); the price is one extra
+matmul per tile in the backward (the recomputed logits). Unlike Inf-CL's kernels, a tile spans
+every column: one large matmul per tile keeps the GPU busy, and R N is already linear in B.
 
 The losses are exactly the untiled ones (to fp32 rounding):
 - :func:`tiled_softmax_loss`: CLIP's two directions of one square logit matrix (images x texts,
@@ -20,8 +22,8 @@ The losses are exactly the untiled ones (to fp32 rounding):
 
 Inputs are already-gathered features, so autograd flows through the (differentiable) gather as for
 the untiled loss. Precision follows the untiled path: under autocast the tile matmuls run in the
-autocast dtype and everything after them (log-sum-exps, gradients' accumulation) in fp32;
-otherwise they run in the features' dtype. Devices come from the inputs (CPU or CUDA alike).
+autocast dtype and everything after them (log-sum-exps, gradients' accumulation) in fp32
+(fp64 for fp64 features); otherwise they run in the features' dtype. Devices come from the inputs (CPU or CUDA alike).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 
 def check_tile_rows(tile_rows: object) -> int:
@@ -54,7 +57,7 @@ def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
 
 
 class _Tiles:
-    """What a forward saves and its backward re-reads: the operands in the matmul dtype, the scale."""
+    """The operands of a walk over tiles, in the matmul dtype, and the scale in the accumulation dtype."""
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         self.rows, self.cols, self.dtype = rows.to(dtype), cols.to(dtype), dtype
@@ -79,7 +82,7 @@ class _Tiles:
         if needs[0] or needs[2]:
             rows_grad = (scaled @ self.cols).to(self.acc)
             if needs[2]:
-                out["scale"] += torch.dot(rows_grad.view(-1), tile_rows.to(self.acc).view(-1)) / self.scale
+                out["scale"] += torch.dot(rows_grad.reshape(-1), tile_rows.to(self.acc).reshape(-1)) / self.scale
             if needs[0]:
                 out["rows"][start:stop] = rows_grad
         if needs[1] and self.dtype == self.acc:
@@ -139,6 +142,7 @@ class _SoftmaxLoss(Function):
         return (row_lse - positives).mean(), (col_lse - positives).mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_image_to_text, grad_text_to_image):
         image, text, scale, row_lse, col_lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -178,6 +182,7 @@ class _RowCrossEntropy(Function):
         return (lse - positives).mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         rows, cols, scale, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -212,6 +217,7 @@ class _SigmoidLoss(Function):
         return -total[0] / image.shape[0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         image, text, scale, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
