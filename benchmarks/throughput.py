@@ -246,7 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.device, args.arch, args.batch, args.logical, args.chunk = "cpu", None, 16, [64, 128, 256], 16
-        args.loss_tiles, args.warmup, args.steps, args.cache_steps = 8, 1, 2, 1
+        args.loss_tiles, args.warmup, args.steps, args.cache_steps = 8, 2, 5, 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precision = Precision(args.precision or ("amp_bf16" if device.type == "cuda" else "fp32"), device)
