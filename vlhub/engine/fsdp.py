@@ -37,9 +37,9 @@ Composition:
   (or, as open_clip's ``set_grad_checkpointing`` does, calls the sharded block inside
   ``torch.utils.checkpoint``): the recomputation all-gathers the block again in the backward
   (open_clip's flag on 2 gloo ranks: gradients identical to those without it).
-- compile: compiling each block (``block.compile()``) before sharding is torch's documented
-  pattern and should compose; untested here. Compiling the whole model around the sharded towers
-  is not supported (graph breaks at every FSDP hook unless compiled autograd is on).
+- compile: ``trainer.compile`` compiles each block (``block.compile()``) before sharding, torch's
+  documented pattern (:meth:`FsdpStrategy.compile_targets`). Compiling the whole model around the
+  sharded towers is not supported (graph breaks at every FSDP hook unless compiled autograd is on).
 - the weights are built whole on every device before sharding (the trainer moves the model there
   first), so the whole model must fit one device at start; after sharding each rank keeps 1/N of
   it. Building on the meta device would lift that; not done.
@@ -194,6 +194,12 @@ class FsdpStrategy(ParallelStrategy):
         return self.root
 
     # -- gradients ---------------------------------------------------------------------------------
+    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+        """Each block, compiled before it is sharded (torch's pattern for FSDP2): a compiled tower
+        would trace through every FSDP hook."""
+        towers = [getattr(model, name, None) for name in TOWERS]
+        return [block for tower in towers if tower is not None for block in transformer_blocks(tower.module)]
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes in here accumulate unsharded gradients; the next one reduce-scatters."""

@@ -54,6 +54,12 @@ class ParallelStrategy:
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         """Called once, on the device, before the optimizer is built."""
 
+    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+        """What ``trainer.compile`` compiles, before :meth:`setup`: each tower's module."""
+        from vlhub.engine.compile import tower_modules  # here: importing compile pulls in dynamo
+
+        return tower_modules(model)
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Backward passes under this context accumulate locally; the next one outside it syncs."""
         return contextlib.nullcontext()

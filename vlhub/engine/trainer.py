@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from vlhub.engine.compile import CompiledTowers
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
@@ -68,6 +69,8 @@ class Trainer:
         run_info: dict[str, Any],
         objective_spec: dict[str, Any],
         config: dict[str, Any],
+        compile: bool,
+        compile_strict: bool,
     ) -> None:
         for name, value in (
             ("max_steps", max_steps),
@@ -84,10 +87,12 @@ class Trainer:
         self.objective = objective.to(dist_info.device, dtype=self.precision.param_dtype)
         broadcast_module_(self.model)  # data parallel: the same start on every rank
         broadcast_module_(self.objective)
-        # Data-parallel wrapping (DDP, FSDP2) happens here and only here: on the device, after the
-        # broadcast, before the optimizer sees the parameters. Compile goes before it (torch's order:
-        # compile the tower, then wrap it).
+        # Compile, then wrap (torch's order). Compiling is lazy and in place (vlhub/engine/compile.py);
+        # the strategy says what to compile: each tower, or under FSDP each block before it is sharded.
         self.parallel = parallel
+        self.compiled = CompiledTowers(parallel.compile_targets(self.model), compile_strict) if compile else None
+        # Data-parallel wrapping (DDP, FSDP2) happens here and only here: on the device, after the
+        # broadcast, before the optimizer sees the parameters.
         parallel.setup(self.model, self.objective)
         self.make_loader, self.eval_transform, self.evaluator = make_loader, eval_transform, evaluator
         self.checkpointer, self.metric_logger = checkpointer, metric_logger
@@ -127,17 +132,7 @@ class Trainer:
             if empty:  # some rank has no good sample left in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
-            parts = train_step(
-                self.model,
-                self.objective,
-                loaded.batch,
-                self.optimizer,
-                self.scheduler,
-                self.precision,
-                self.gradients,
-                self.grad_clip_norm,
-                self.parallel,
-            )
+            parts = self.train_step(loaded.batch)
             if parts is None:  # a non-finite loss: nothing was updated; stops after a few in a row
                 self.skip_nonfinite_step()
                 continue
@@ -158,6 +153,24 @@ class Trainer:
         if self.metric_logger is not None:
             self.metric_logger.close()
         return metrics
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
+        def step() -> dict[str, torch.Tensor] | None:
+            return train_step(
+                self.model,
+                self.objective,
+                batch,
+                self.optimizer,
+                self.scheduler,
+                self.precision,
+                self.gradients,
+                self.grad_clip_norm,
+                self.parallel,
+            )
+
+        if self.compiled is None:
+            return step()
+        return self.compiled.run(step, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def skip_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1

@@ -16,6 +16,8 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transformer import PatchDropout as OpenClipPatchDropout
+from timm.layers import PatchDropout as TimmPatchDropout
 
 from vlhub.models.tower_weights import load_tower_pretrained
 from vlhub.models.towers import OpenClipImageTower, OpenClipTextTower
@@ -23,6 +25,7 @@ from vlhub.models.vision_language import ImageStats, OpenClipLayout, VisionLangu
 from vlhub.registry import MODELS
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+PATCH_DROPOUTS = (OpenClipPatchDropout, TimmPatchDropout)
 
 
 def _plain(value: Any) -> Any:
@@ -69,6 +72,8 @@ def build_open_clip_model(
     image_pretrained: str | None = None,
     text_pretrained: str | None = None,
     pretrained_skip: list[str] | None = None,
+    patch_dropout: float = 0.0,
+    grad_checkpointing: bool = False,
 ) -> VisionLanguageModel:
     """Build a two-tower model from an open_clip arch name or an open_clip config dict.
 
@@ -78,6 +83,9 @@ def build_open_clip_model(
     ``image_pretrained`` / ``text_pretrained`` (a path or an open_clip tag) load one tower each,
     after ``pretrained``, from an open_clip, vlhub or timm checkpoint (``models/tower_weights.py``);
     ``pretrained_skip`` lists glob patterns of tower keys left as initialised.
+    ``patch_dropout`` drops that fraction of image patches in training (FLIP; ViT towers only, open_clip's
+    or timm's); ``grad_checkpointing`` recomputes both towers' blocks in the backward instead of storing
+    their activations. A tower that cannot honour either fails here, naming the key.
     """
     model_cfg = _resolve_config(arch, config)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
@@ -97,10 +105,13 @@ def build_open_clip_model(
         text_cfg["context_length"] = context_length
     # CLIP-class archs keep text weights at the top level in open_clip; others under "text.".
     text_prefix = "text." if model_cfg.get("custom_text") or "hf_model_name" in text_cfg else ""
-    export_cfg = copy.deepcopy(model_cfg)
+    export_cfg = copy.deepcopy(model_cfg)  # the architecture; patch dropout is a training setting
     model_cfg.pop("custom_text", None)
     model_cfg.pop("multimodal_cfg", None)  # captioning heads belong to the coca objective
-    clip = open_clip.CustomTextCLIP(**model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    clip = _build_clip(model_cfg, patch_dropout, init_logit_scale, init_logit_bias)
+    if grad_checkpointing:
+        apply_grad_checkpointing(clip.visual, "image")
+        apply_grad_checkpointing(clip.text, "text")
     if pretrained:
         _load_pretrained(clip, arch, pretrained)
     for which, source, tower in (("image", image_pretrained, clip.visual), ("text", text_pretrained, clip.text)):
@@ -130,6 +141,48 @@ def build_open_clip_model(
         if model.logit_bias is not None:
             model.logit_bias.copy_(clip.logit_bias.reshape(()))
     return model
+
+
+def _build_clip(
+    model_cfg: dict, patch_dropout: float, init_logit_scale: float, init_logit_bias: float | None
+) -> open_clip.CustomTextCLIP:
+    """open_clip's model, with ``patch_dropout`` in its vision config (open_clip hands it to its
+    VisionTransformer, or to a timm trunk as ``patch_drop_rate``), checked to be honoured."""
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ValueError(f"model.patch_dropout={patch_dropout} must be in [0, 1)")
+    if patch_dropout > 0:
+        model_cfg["vision_cfg"]["patch_dropout"] = patch_dropout
+    try:
+        clip = open_clip.CustomTextCLIP(**model_cfg, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+    except TypeError as error:  # a timm trunk without patches refuses timm's patch_drop_rate
+        if patch_dropout > 0 and "patch_drop_rate" in str(error):
+            raise ValueError(_no_patches(patch_dropout, error)) from None
+        raise
+    dropping = [m for m in clip.visual.modules() if isinstance(m, PATCH_DROPOUTS) and m.prob > 0]
+    if patch_dropout > 0 and not dropping:  # e.g. ModifiedResNet takes the key and ignores it
+        raise ValueError(_no_patches(patch_dropout, type(clip.visual).__name__))
+    return clip
+
+
+def _no_patches(patch_dropout: float, why: object) -> str:
+    return f"model.patch_dropout={patch_dropout}: the image tower has no patches to drop ({why}); it needs a ViT tower"
+
+
+def apply_grad_checkpointing(tower: torch.nn.Module, which: str) -> None:
+    """Activation checkpointing through the tower's own ``set_grad_checkpointing`` (open_clip's
+    transformers, timm trunks, HF text models), checked to have taken: open_clip's ResNet accepts the
+    call and does nothing, and its timm adapter only warns when the trunk refuses."""
+    target = tower.trunk if hasattr(tower, "trunk") else tower  # a timm trunk: ask it directly
+    try:
+        target.set_grad_checkpointing(True)
+    except Exception as error:  # noqa: BLE001 (timm asserts, others raise their own kinds)
+        raise ValueError(f"model.grad_checkpointing=true: the {which} tower cannot checkpoint ({error})") from None
+    flags = ("grad_checkpointing", "gradient_checkpointing")  # open_clip and timm; HF models
+    if not any(getattr(m, flag, False) is True for m in tower.modules() for flag in flags):
+        raise ValueError(
+            f"model.grad_checkpointing=true: the {which} tower ({type(target).__name__}) does not support "
+            "activation checkpointing"
+        )
 
 
 def _load_pretrained(clip: torch.nn.Module, arch: str | None, pretrained: str) -> None:

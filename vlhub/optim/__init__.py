@@ -6,6 +6,8 @@ With no per-tower key and no ``layer_decay`` set, the groups are the two of :fun
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,6 +70,7 @@ class OptimRecipe:
     text: Mapping[str, float | None] | None = None
     layer_decay: float | None = None  # in (0, 1]: BEiT / EVA-CLIP layer-wise lr decay
     layer_decay_towers: Sequence[str] | None = None  # None: both towers
+    fused: bool = True  # configs/optim/shared/groups.yaml; see kernel_options
 
     def __post_init__(self) -> None:
         SCHEDULES.get(self.scheduler)  # an unknown name fails at launch, listing the known ones
@@ -121,6 +124,27 @@ class OptimRecipe:
         )
         return [group for group in groups if group["params"]]
 
+    def kernel_options(self, groups: list[dict]) -> dict[str, bool]:
+        """For an optimizer with a fused kernel (AdamW, Adam, SGD): ``fused=True`` when every parameter
+        is on CUDA (one kernel launch for all parameters), else ``foreach=True`` (one launch per op over
+        all parameters). Nothing when ``optim.fused=false``, when the optimizer's own config already
+        chose, or when it has no fused kernel (then the key is ignored, saying so once)."""
+        factory = self.optimizer
+        optimizer_class = factory.func if isinstance(factory, functools.partial) else factory
+        chosen = factory.keywords if isinstance(factory, functools.partial) else {}
+        if not self.fused or "fused" in chosen or "foreach" in chosen:
+            return {}
+        try:
+            takes = inspect.signature(optimizer_class).parameters
+        except (TypeError, ValueError):
+            takes = {}
+        if "fused" not in takes:
+            log.info("optim.fused: %s has no fused kernel; the key is ignored", optimizer_class.__name__)
+            return {}
+        if all(p.is_cuda for group in groups for p in group["params"]):
+            return {"fused": True}
+        return {"foreach": True} if "foreach" in takes else {}
+
     def build(
         self, modules: Iterable[nn.Module], max_steps: int, batch_size: int | None = None
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -145,5 +169,5 @@ class OptimRecipe:
         for group in groups:  # per-tower and layer-decayed lrs scale with the base lr
             if "lr" in group:
                 group["lr"] *= lr / self.lr
-        optimizer = self.optimizer(groups, lr=lr)
+        optimizer = self.optimizer(groups, lr=lr, **self.kernel_options(groups))
         return optimizer, build_scheduler(optimizer, self.scheduler, warmup_steps, max_steps)
