@@ -333,15 +333,18 @@ def test_throughput_smoke_prints_every_row():
 
 
 @pytest.mark.skipif(not LONG, reason="two ranks compiling on CPU take minutes: VLHUB_LONG_TESTS=1")
-def test_compiled_towers_under_the_data_parallel_path(tmp_path):
-    """Two gloo ranks at batch 16 with compiled towers train like one eager process at batch 32
-    (gradients all-reduced after the backward; compile leaves the parameters where they were)."""
+@pytest.mark.parametrize("strategy", ["ddp", "manual", "fsdp"])
+def test_compiled_towers_under_the_data_parallel_path(tmp_path, strategy):
+    """Two gloo ranks at batch 16 with compiled towers train like one eager process at batch 32,
+    under every data-parallel strategy (ddp wraps compiled towers; fsdp compiles each block before
+    sharding it; compile leaves the parameters where they were)."""
     import torch.multiprocessing as mp
 
     from tests.test_ddp import COMMON, _free_port, _rank_main, _relative, _weights
 
     run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
     ranks = [*COMMON, "trainer.batch_size=16", "trainer.compile=true", "trainer.compile_strict=true"]
+    ranks.append(f"trainer.strategy={strategy}")
     mp.spawn(_rank_main, args=(2, _free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
