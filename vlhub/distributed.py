@@ -171,10 +171,52 @@ def all_reduce_sum(values: list[int]) -> list[int]:
     """Element-wise sums of small integer counters over ranks (identical on every rank)."""
     if not is_initialized() or world_size() == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.long, device=device)
+    total = torch.tensor(values, dtype=torch.long, device=_collective_device())
     dist.all_reduce(total)
     return [int(v) for v in total.tolist()]
+
+
+def _collective_device() -> torch.device:
+    """Where collectives run: the current GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_rows(rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's ``rows`` [n_r, ...] concatenated along dim 0 in rank order, on every rank.
+
+    No gradient. Ranks may hold different numbers of rows, or none (``None``: a rank whose
+    share of an evaluation set was empty); rows are padded for the collective and the padding
+    is dropped. Returns ``None`` when no rank holds a tensor. The result is on ``rows``'
+    device (the CPU where this rank had none).
+    """
+    if not is_initialized() or world_size() == 1:
+        return rows
+    shape = None if rows is None else (tuple(rows.shape), rows.dtype)
+    shapes = all_gather_object(shape)
+    known = [s for s in shapes if s is not None]
+    if not known:
+        return None
+    tail, dtype = known[0][0][1:], known[0][1]
+    if any(s[0][1:] != tail or s[1] != dtype for s in known):
+        raise ValueError(f"all_gather_rows: ranks hold rows of different shapes or dtypes: {shapes}")
+    sizes = [0 if s is None else s[0][0] for s in shapes]
+    home = rows.device if rows is not None else torch.device("cpu")
+    device = _collective_device()
+    padded = torch.zeros((max(sizes), *tail), dtype=dtype, device=device)
+    if rows is not None:
+        padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(home)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without a process group)."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
 
 
 def broadcast_module_(module: torch.nn.Module, source: int = 0) -> None:
