@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.data import BadSampleMonitor
-from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
+from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed, ranks_watched
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.preemption import Preemption
@@ -144,7 +144,8 @@ def train(
             return {}
         trainer = build_trainer(cfg, run_dir, choices, overrides, settings, dist_info, gradients, checkpointer, config)
         trainer.preemption = preemption or trainer.preemption  # the trainer polls it at every step
-        with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
+        # Log lines print above the progress bar; a rank that dies is named by the others, which stop.
+        with logging_redirect_tqdm(), ranks_watched(dist_info):
             metrics = trainer.fit()
         if remote is not None:  # the final logs too; an error if the last checkpoint never got there
             remote.finish(trainer.step)
