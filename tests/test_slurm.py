@@ -1,13 +1,17 @@
-"""Opt-in: sweeps and multi-task jobs on a real SLURM cluster through Hydra's submitit launcher.
+"""Opt-in: sweeps, multi-task jobs, preemption and time limits on a real SLURM cluster through Hydra's
+submitit launcher.
 
 bash tests/slurm/start_local_cluster.sh && VLHUB_SLURM_TESTS=1 python -m pytest tests/test_slurm.py
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,90 @@ def test_the_tasks_of_a_job_train_as_ranks(tmp_path):
     assert checkpoint["data"]["world_size"] == 2 and checkpoint["step"] == 3
     assert len((tmp_path / "0/results.jsonl").read_text().splitlines()) == 1  # rank 0 alone evaluates
     assert (tmp_path / "0/train_rank1.log").is_file()
+
+
+# -- preemption and time limits: save at the signal, requeue, resume, end like an uninterrupted run ------
+TRAIN = [
+    "eval=none",
+    "data.workers=0",
+    "trainer.batch_size=8",
+    "trainer.log_every_n_steps=1",
+    "optim.scheduler=constant",
+    "checkpoint.every_n_steps=0",  # a checkpoint before the end comes from the signal
+    "logger.tensorboard=false",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _submit(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """Hydra's submitit_slurm launcher, in the background (it waits for the job, requeues included)."""
+    command = [
+        *[sys.executable, "-m", "vlhub.train", "-m", *SLURM, *TRAIN],
+        *[f"hydra.sweep.dir={tmp_path}", f"hydra.launcher.name={name}", f"run.name={name}", *overrides],
+    ]
+    return subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _uninterrupted(tmp_path: Path, *overrides: str) -> dict:
+    command = [sys.executable, "-m", "vlhub.train", *TRAIN, f"hydra.run.dir={tmp_path / 'straight'}", *overrides]
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "straight/checkpoints/latest.pt", weights_only=True)
+
+
+def _wait(condition, what: str, timeout: float = 600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job_id(name: str) -> str:
+    return subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout.strip()
+
+
+def _logged_step(log: Path) -> int:
+    steps = re.findall(r"step (\d+)/", log.read_text()) if log.is_file() else []
+    return int(steps[-1]) if steps else 0
+
+
+def _finish(launcher: subprocess.Popen, tmp_path: Path, straight: dict, max_steps: int) -> str:
+    output = launcher.communicate(timeout=1200)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    final = torch.load(tmp_path / "0/checkpoints/latest.pt", weights_only=True)
+    assert final["step"] == max_steps
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+    return (tmp_path / "0/train.log").read_text()
+
+
+def test_the_preemption_signal_saves_within_a_step_and_the_requeued_job_ends_like_an_uninterrupted_run(tmp_path):
+    name, max_steps = f"vlhub_preempt_{uuid.uuid4().hex[:6]}", 40
+    launcher = _submit(tmp_path, name, f"trainer.max_steps={max_steps}")
+    job = _wait(lambda: _job_id(name), "the job")
+    log = tmp_path / "0/train.log"
+    seen = _wait(lambda: _logged_step(log) >= 5 and _logged_step(log), "step 5")
+    # The launcher config's signal (submitit's USR2), as SLURM sends it before a preemption.
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    straight = _uninterrupted(tmp_path, f"trainer.max_steps={max_steps}")
+    text = _finish(launcher, tmp_path, straight, max_steps)
+    stopped = int(re.search(r"stopped at step (\d+) on SIGUSR2", text).group(1))
+    print(f"signalled after step {seen} was logged; saved at step {stopped}; requeued job finished at {max_steps}")
+    assert seen <= stopped <= seen + 2  # the step in progress, finished and saved (the log lags a little)
+    assert f"resumed from step {stopped}" in text
+    assert (tmp_path / f"0/checkpoints/step_{stopped}.pt").is_file()
+
+
+def test_a_job_at_its_time_limit_saves_requeues_and_ends_like_an_uninterrupted_run(tmp_path):
+    # A 2-minute limit and the warning signal 60 s before it: the first job is stopped mid-run.
+    name, max_steps = f"vlhub_timeout_{uuid.uuid4().hex[:6]}", 300
+    limits = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=10"]
+    launcher = _submit(tmp_path, name, f"trainer.max_steps={max_steps}", *limits)
+    straight = _uninterrupted(tmp_path, f"trainer.max_steps={max_steps}")
+    text = _finish(launcher, tmp_path, straight, max_steps)
+    stops = [int(s) for s in re.findall(r"stopped at step (\d+) on SIGUSR2", text)]
+    print(f"stopped at steps {stops} by the time limit's signal; finished at {max_steps}")
+    assert stops and all(f"resumed from step {s}" in text for s in stops)

@@ -36,6 +36,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -53,20 +54,46 @@ def _from_slurm() -> bool:
     return "RANK" not in os.environ and in_step and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """This node's task count from ``SLURM_TASKS_PER_NODE`` (``2(x3),1``: 2 on nodes 0-2, 1 on node 3)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node]
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of local rank ``local_rank`` among the ``visible`` ones: its own index when every task
+    sees every GPU of the node (torchrun, submitit), 0 when SLURM binds one GPU per task."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise ValueError(
+        f"trainer.device=cuda: local rank {local_rank} but only {visible} GPUs are visible on this node "
+        "(one rank per GPU: lower --nproc_per_node / tasks per node, or give each task one GPU)"
+    )
+
+
 def get_dist_info(device: str = "auto") -> DistInfo:
-    """Rank, world size, local rank and device, from torchrun's or SLURM's environment."""
+    """Rank, world size, local rank and device, from torchrun's or SLURM's environment (one or many nodes)."""
     if _from_slurm():
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
+        per_node = os.environ.get("SLURM_TASKS_PER_NODE")
+        node = int(os.environ.get("SLURM_NODEID", "0"))
+        local_world_size = slurm_tasks_on_node(per_node, node) if per_node else world_size
     else:
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per local rank
-        device = f"cuda:{local_rank}"
-    return DistInfo(rank, world_size, local_rank, torch.device(device))
+        device = f"cuda:{cuda_index(local_rank, torch.cuda.device_count())}"
+    return DistInfo(rank, world_size, local_rank, torch.device(device), local_world_size)
 
 
 def _export_slurm_rendezvous() -> None:

@@ -64,11 +64,11 @@ PLAIN_KEYS: PlainKeys = {
 }
 
 
-def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) -> None:
-    """On CPU, leave a core to each data worker and each local rank: oversubscribed OpenMP
+def limit_cpu_threads(device: torch.device, data_workers: int, local_world_size: int) -> None:
+    """On CPU, leave a core to each data worker and each rank of this node: oversubscribed OpenMP
     threads spin against the workers and make steps several times slower. OMP_NUM_THREADS wins."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - data_workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - data_workers))
 
 
 def config_of(node: DictConfig) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def build_trainer(
             "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
         )
     optim = instantiate(cfg.optim)
-    limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
+    limit_cpu_threads(dist_info.device, source.workers, dist_info.local_world_size)
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
