@@ -130,12 +130,48 @@ def test_the_preemption_signal_saves_within_a_step_and_the_requeued_job_ends_lik
 
 
 def test_a_job_at_its_time_limit_saves_requeues_and_ends_like_an_uninterrupted_run(tmp_path):
-    # A 2-minute limit and the warning signal 60 s before it: the first job is stopped mid-run.
-    name, max_steps = f"vlhub_timeout_{uuid.uuid4().hex[:6]}", 300
-    limits = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=10"]
+    # A 3-minute limit and the warning signal 90 s before it (SLURM sends it up to 60 s early): the
+    # first job is stopped mid-run (about 0.1 s a step here); a requeued job waits 2 minutes to start.
+    name, max_steps = f"vlhub_timeout_{uuid.uuid4().hex[:6]}", 1200
+    limits = ["hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=10"]
     launcher = _submit(tmp_path, name, f"trainer.max_steps={max_steps}", *limits)
     straight = _uninterrupted(tmp_path, f"trainer.max_steps={max_steps}")
     text = _finish(launcher, tmp_path, straight, max_steps)
     stops = [int(s) for s in re.findall(r"stopped at step (\d+) on SIGUSR2", text)]
     print(f"stopped at steps {stops} by the time limit's signal; finished at {max_steps}")
     assert stops and all(f"resumed from step {s}" in text for s in stops)
+
+
+def test_outside_submitit_usr1_saves_and_the_job_requeues_itself_with_scontrol(tmp_path):
+    # A plain sbatch script: srun starts the training, no submitit anywhere.
+    name, max_steps = f"vlhub_sbatch_{uuid.uuid4().hex[:6]}", 40
+    train = [
+        sys.executable,
+        "-m",
+        "vlhub.train",
+        *TRAIN,
+        f"trainer.max_steps={max_steps}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --job-name={name} --requeue --time=10 --cpus-per-task=1 --output={tmp_path}/slurm-%j-%r.out\n"
+        f"srun --ntasks=1 {' '.join(train)}\n"
+    )
+    job = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    log = tmp_path / "run/train.log"
+    seen = _wait(lambda: _logged_step(log) >= 5 and _logged_step(log), "step 5")
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    straight = _uninterrupted(tmp_path, f"trainer.max_steps={max_steps}")
+    _wait(lambda: _logged_step(log) == max_steps and not _job_id(name), "the requeued job to finish", timeout=900)
+    final = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert final["step"] == max_steps
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+    text = log.read_text()
+    stopped = int(re.search(r"stopped at step (\d+) on SIGUSR1: requeueing SLURM job", text).group(1))
+    print(f"signalled after step {seen} was logged; saved at step {stopped}; requeued by scontrol; finished")
+    assert seen <= stopped <= seen + 2 and f"resumed from step {stopped}" in text

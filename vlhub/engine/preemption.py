@@ -115,7 +115,7 @@ class Preemption:
         if self.signum is None:
             self.signum = signum
             log.warning(
-                "received %s: stopping after this step to save a checkpoint (again: stop now)",
+                "received %s: stopping after this step to save a checkpoint (a second signal stops at once)",
                 signal.Signals(signum).name,
             )
         elif self._writing:
