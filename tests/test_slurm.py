@@ -50,7 +50,7 @@ def test_the_tasks_of_a_job_train_as_ranks(tmp_path):
     _launch(tmp_path, "hydra.launcher.tasks_per_node=2")
     checkpoint = torch.load(tmp_path / "0/checkpoints/latest.pt", weights_only=True)
     assert checkpoint["data"]["world_size"] == 2 and checkpoint["step"] == 3
-    assert len((tmp_path / "0/results.jsonl").read_text().splitlines()) == 1  # rank 0 alone evaluates
+    assert len((tmp_path / "0/results.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes the record
     assert (tmp_path / "0/train_rank1.log").is_file()
 
 

@@ -307,7 +307,8 @@ class Heartbeat:
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self.keys = [f"vlhub/heartbeat/{r}" for r in range(world_size)]
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+        self.keys = [f"vlhub/heartbeat/{attempt}/{r}" for r in range(world_size)]
         self.store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
