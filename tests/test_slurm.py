@@ -156,7 +156,8 @@ def test_outside_submitit_usr1_saves_and_the_job_requeues_itself_with_scontrol(t
     script = tmp_path / "job.sh"
     script.write_text(
         "#!/bin/bash\n"
-        f"#SBATCH --job-name={name} --requeue --time=10 --cpus-per-task=1 --output={tmp_path}/slurm-%j-%r.out\n"
+        f"#SBATCH --job-name={name} --requeue --time=10 --cpus-per-task=1\n"
+        f"#SBATCH --open-mode=append --output={tmp_path}/slurm-%j.out\n"
         f"srun --ntasks=1 {' '.join(train)}\n"
     )
     job = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True)
