@@ -109,7 +109,7 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
         assert _relative(resumed["state_dict"], at_four) <= 1e-5, name
     assert (tmp_path / "from_dir/checkpoints/step_4.dcp/.metadata").is_file()
 
-    # Rank 0 evaluated on its unsharded copy: the same zero-shot accuracy as one process.
+    # Every rank evaluated its share on an unsharded copy: the same zero-shot accuracy as one process.
     record = json.loads((tmp_path / "fsdp/results.jsonl").read_text().splitlines()[-1])
     single_record = json.loads((tmp_path / "single/results.jsonl").read_text().splitlines()[0])
     top1 = [k for k in single_record if k.endswith("top1")]

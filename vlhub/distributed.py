@@ -7,11 +7,16 @@ checkpoint writing) are decided in one place, the trainer, by ``DistInfo.is_main
 
 from __future__ import annotations
 
+import _thread
 import datetime
+import logging
 import os
 import random
+import threading
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (registers the autograd-aware all_gather)
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 # The autograd-aware all_gather is deprecated in favour of a private API; it still works.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
@@ -30,6 +36,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -47,20 +54,46 @@ def _from_slurm() -> bool:
     return "RANK" not in os.environ and in_step and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """This node's task count from ``SLURM_TASKS_PER_NODE`` (``2(x3),1``: 2 on nodes 0-2, 1 on node 3)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node]
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of local rank ``local_rank`` among the ``visible`` ones: its own index when every task
+    sees every GPU of the node (torchrun, submitit), 0 when SLURM binds one GPU per task."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise ValueError(
+        f"trainer.device=cuda: local rank {local_rank} but only {visible} GPUs are visible on this node "
+        "(one rank per GPU: lower --nproc_per_node / tasks per node, or give each task one GPU)"
+    )
+
+
 def get_dist_info(device: str = "auto") -> DistInfo:
-    """Rank, world size, local rank and device, from torchrun's or SLURM's environment."""
+    """Rank, world size, local rank and device, from torchrun's or SLURM's environment (one or many nodes)."""
     if _from_slurm():
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
+        per_node = os.environ.get("SLURM_TASKS_PER_NODE")
+        node = int(os.environ.get("SLURM_NODEID", "0"))
+        local_world_size = slurm_tasks_on_node(per_node, node) if per_node else world_size
     else:
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per local rank
-        device = f"cuda:{local_rank}"
-    return DistInfo(rank, world_size, local_rank, torch.device(device))
+        device = f"cuda:{cuda_index(local_rank, torch.cuda.device_count())}"
+    return DistInfo(rank, world_size, local_rank, torch.device(device), local_world_size)
 
 
 def _export_slurm_rendezvous() -> None:
@@ -73,11 +106,15 @@ def _export_slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20_000, 60_000)))
 
 
-def init_distributed(info: DistInfo, timeout_minutes: int = 180) -> None:
+def init_distributed(info: DistInfo, timeout_minutes: int = 15) -> None:
     """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank.
 
-    The timeout is long because rank 0 evaluates alone while the others wait in the next
-    collective: a large evaluation suite must not trip the watchdog.
+    ``timeout_minutes`` bounds how long a collective waits for a late rank. Every rank now
+    evaluates its share (no rank waits through a whole evaluation), so the longest legitimate
+    wait is rank 0 writing a checkpoint while the others reach the next step: minutes for the
+    largest towers with their optimizer state on slow storage. 15 minutes covers that, and a rank
+    that hangs (NCCL notices no death) stops the others within it; a rank that dies is named
+    sooner by :func:`ranks_watched`.
     """
     if not info.distributed or is_initialized():
         return
@@ -182,10 +219,52 @@ def all_reduce_sum(values: list[int]) -> list[int]:
     """Element-wise sums of small integer counters over ranks (identical on every rank)."""
     if not is_initialized() or world_size() == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.long, device=device)
+    total = torch.tensor(values, dtype=torch.long, device=_collective_device())
     dist.all_reduce(total)
     return [int(v) for v in total.tolist()]
+
+
+def _collective_device() -> torch.device:
+    """Where collectives run: the current GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_rows(rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's ``rows`` [n_r, ...] concatenated along dim 0 in rank order, on every rank.
+
+    No gradient. Ranks may hold different numbers of rows, or none (``None``: a rank whose
+    share of an evaluation set was empty); rows are padded for the collective and the padding
+    is dropped. Returns ``None`` when no rank holds a tensor. The result is on ``rows``'
+    device (the CPU where this rank had none).
+    """
+    if not is_initialized() or world_size() == 1:
+        return rows
+    shape = None if rows is None else (tuple(rows.shape), rows.dtype)
+    shapes = all_gather_object(shape)
+    known = [s for s in shapes if s is not None]
+    if not known:
+        return None
+    tail, dtype = known[0][0][1:], known[0][1]
+    if any(s[0][1:] != tail or s[1] != dtype for s in known):
+        raise ValueError(f"all_gather_rows: ranks hold rows of different shapes or dtypes: {shapes}")
+    sizes = [0 if s is None else s[0][0] for s in shapes]
+    home = rows.device if rows is not None else torch.device("cpu")
+    device = _collective_device()
+    padded = torch.zeros((max(sizes), *tail), dtype=dtype, device=device)
+    if rows is not None:
+        padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(home)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without a process group)."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
 
 
 def broadcast_module_(module: torch.nn.Module, source: int = 0) -> None:
@@ -215,7 +294,131 @@ def broadcast_object(value: R, source: int = 0) -> R:
     return box[0]
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op on one process)."""
-    if is_initialized() and world_size() > 1:
-        dist.barrier()
+# -- liveness: which rank stopped ------------------------------------------------------------------
+HEARTBEAT_INTERVAL_S = 5.0  # how often each rank says it is alive
+SILENT_AFTER_S = 180.0  # a rank silent this long is dead: the others stop (NCCL would wait the whole timeout)
+
+
+class RankStopped(RuntimeError):
+    """A collective failed because another rank died or hangs; the message names it."""
+
+
+class Heartbeat:
+    """Every rank bumps a counter in the rendezvous store (``MASTER_ADDR:MASTER_PORT``, a client of its own)
+    every :data:`HEARTBEAT_INTERVAL_S` from a daemon thread, which runs while the main thread waits in a
+    collective, and reads everyone's counters.
+
+    Why: when a rank dies, gloo fails the others' next collective at once, but names only a socket
+    address; NCCL waits out the process-group timeout. :meth:`silent_ranks` names the ranks whose
+    counters stopped; the watcher ends this process when a rank has been silent for
+    :data:`SILENT_AFTER_S`, so no rank hangs for hours. A rank that leaves normally says so first.
+    """
+
+    LEFT = 10**12  # added to a counter when its rank leaves on purpose
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+        self.keys = [f"vlhub/heartbeat/{attempt}/{r}" for r in range(world_size)]
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(minutes=5),
+            wait_for_workers=False,
+        )
+        self.lock, self.explaining, self.interrupted = threading.Lock(), False, False
+        self.stopped = threading.Event()
+        self.store.add(self.keys[rank], 1)
+        self.store.wait(self.keys)  # every rank beats before anyone watches
+        self.store.set_timeout(datetime.timedelta(seconds=max(30.0, 6 * HEARTBEAT_INTERVAL_S)))
+        self.thread = threading.Thread(target=self._run, name="vlhub-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _counts(self) -> list[int]:
+        with self.lock:
+            return [int(v) for v in self.store.multi_get(self.keys)]
+
+    def _beat(self) -> None:
+        with self.lock:
+            self.store.add(self.keys[self.rank], 1)
+
+    def _run(self) -> None:
+        last, changed = self._counts(), [time.monotonic()] * self.world_size
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self._beat()
+                counts = self._counts()
+            except Exception as error:  # noqa: BLE001 (the store's host is gone)
+                return self._give_up(f"the rendezvous store stopped answering ({error}); {self._store_host()}")
+            now = time.monotonic()
+            changed = [now if c != p else t for c, p, t in zip(counts, last, changed, strict=True)]
+            last = counts
+            silent = [r for r, t in enumerate(changed) if now - t > SILENT_AFTER_S and last[r] < self.LEFT]
+            if silent and not self.explaining:
+                return self._give_up(f"rank(s) {silent} stopped responding (no heartbeat for {SILENT_AFTER_S:.0f} s)")
+
+    def _store_host(self) -> str:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            return "torchrun's agent on the first node stopped"
+        return "rank 0, which hosts it, stopped"
+
+    def _give_up(self, why: str) -> None:
+        if self.stopped.is_set() or self.explaining:
+            return
+        log.error("rank %d stops: %s", self.rank, why)
+        self.interrupted = True
+        _thread.interrupt_main()  # a main thread back in Python (gloo) raises; one stuck in NCCL does not
+        if not self.stopped.wait(2 * HEARTBEAT_INTERVAL_S):
+            os._exit(1)
+
+    def silent_ranks(self) -> list[int] | None:
+        """The ranks whose counters do not move for three beats (None: the store itself is unreachable)."""
+        self.explaining = True
+        try:
+            before = self._counts()
+            time.sleep(3 * HEARTBEAT_INTERVAL_S)
+            after = self._counts()
+        except Exception:  # noqa: BLE001
+            return None
+        return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and a < self.LEFT]
+
+    def leave(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        with suppress(Exception):  # leaving anyway
+            self.store.add(self.keys[self.rank], self.LEFT)
+
+
+@contextmanager
+def ranks_watched(info: DistInfo) -> Iterator[None]:
+    """Run the body with a :class:`Heartbeat`; a failed collective is re-raised naming the rank that stopped."""
+    if not info.distributed or not is_initialized() or "MASTER_ADDR" not in os.environ:
+        yield
+        return
+    heartbeat = Heartbeat(info.rank, info.world_size)
+    try:
+        yield
+    except (RuntimeError, KeyboardInterrupt) as error:
+        if isinstance(error, KeyboardInterrupt) and not heartbeat.interrupted:
+            raise  # Ctrl-C
+        if isinstance(error, RankStopped) or not _is_peer_failure(error):
+            raise
+        silent = heartbeat.silent_ranks()
+        if silent is None:
+            who = f"the rendezvous store stopped answering: {heartbeat._store_host()}"
+        elif silent:
+            who = f"rank(s) {silent} stopped responding"
+        else:
+            raise
+        raise RankStopped(f"rank {info.rank} stops: {who} ({type(error).__name__}: {str(error)[:300]})") from error
+    finally:
+        heartbeat.leave()
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """A collective that failed because of another rank (gloo's connection errors, NCCL's, a watcher interrupt)."""
+    if isinstance(error, KeyboardInterrupt | dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))

@@ -23,10 +23,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.data import BadSampleMonitor
-from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed
+from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed, ranks_watched
 from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
 from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.parallel import ParallelStrategy, build_parallel
+from vlhub.engine.preemption import Preemption
 from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
@@ -64,11 +65,11 @@ PLAIN_KEYS: PlainKeys = {
 }
 
 
-def limit_cpu_threads(device: torch.device, data_workers: int, world_size: int) -> None:
-    """On CPU, leave a core to each data worker and each local rank: oversubscribed OpenMP
+def limit_cpu_threads(device: torch.device, data_workers: int, local_world_size: int) -> None:
+    """On CPU, leave a core to each data worker and each rank of this node: oversubscribed OpenMP
     threads spin against the workers and make steps several times slower. OMP_NUM_THREADS wins."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - data_workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size - data_workers))
 
 
 def config_of(node: DictConfig) -> dict[str, Any]:
@@ -98,12 +99,17 @@ def prepare_objective(objective: Objective, source, model, transforms, choices: 
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: dict[str, str],
+    overrides: list[str] | None = None,
+    preemption: Preemption | None = None,
 ) -> dict[str, float]:
     """Build every component from ``cfg`` and train; returns the last evaluation's metrics.
 
     ``choices`` are the config groups' chosen options and ``overrides`` the job's command-line
     overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
+    ``preemption``, installed, stops the trainer at a step boundary on its signals (with a checkpoint).
     """
     check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
     settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
@@ -141,7 +147,9 @@ def train(
         trainer = build_trainer(
             cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config
         )
-        with logging_redirect_tqdm():  # log lines print above the progress bar, never glued onto it
+        trainer.preemption = preemption or trainer.preemption  # the trainer polls it at every step
+        # Log lines print above the progress bar; a rank that dies is named by the others, which stop.
+        with logging_redirect_tqdm(), ranks_watched(dist_info):
             metrics = trainer.fit()
         if remote is not None:  # the final logs too; an error if the last checkpoint never got there
             remote.finish(trainer.step)
@@ -184,7 +192,7 @@ def build_trainer(
             "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
         )
     optim = instantiate(cfg.optim)
-    limit_cpu_threads(dist_info.device, source.workers, dist_info.world_size)
+    limit_cpu_threads(dist_info.device, source.workers, dist_info.local_world_size)
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
@@ -246,10 +254,12 @@ def build_trainer(
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    with errors_reported():  # an expected mistake: one line and a hint, no traceback
-        metrics = train(
-            cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
-        )
+    # SLURM's warning signals (submitit's, or USR1/TERM) stop training at a step boundary with a checkpoint.
+    preemption = Preemption.from_environment(get_dist_info("cpu").rank)
+    with preemption, errors_reported():  # an expected mistake: one line and a hint, no traceback
+        run_dir, choices, overrides = Path(hydra_cfg.runtime.output_dir), hydra_cfg.runtime.choices, hydra_cfg.overrides
+        metrics = train(cfg, run_dir, dict(choices), list(overrides.task), preemption)
+    preemption.finish()  # stopped on a signal: requeue (or let submitit) and exit; else nothing
     # The sweeper's return value: the first zero-shot top-1, when there is one.
     return next((v for k, v in metrics.items() if k.endswith("zeroshot-top1")), None)
 

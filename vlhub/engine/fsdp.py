@@ -44,7 +44,8 @@ Composition:
   first), so the whole model must fit one device at start; after sharding each rank keeps 1/N of
   it. Building on the meta device would lift that; not done.
 - ``model.encode_*`` outside training (evaluation) runs sharded forwards, which are collectives:
-  every rank must take part (:meth:`evaluation_model` gives rank 0 a full copy instead).
+  every rank must take part (:meth:`evaluation_model` gives every rank a full copy instead, each
+  evaluating its share).
 - towers without transformer blocks (open_clip's ModifiedResNet, timm CNNs) are refused at
   launch; ``trainer.strategy=ddp`` trains them.
 
@@ -82,6 +83,7 @@ from vlhub.errors import ConfigError
 
 KEY = "trainer.strategy"
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
+FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True)  # gathered to every rank, on the device
 WEIGHT_KEYS = ("state_dict", "objective", "optimizer")  # what the directory holds as shards
 # Where the transformer blocks of a tower's wrapped module live: open_clip's VisionTransformer
 # and TextTransformer, then a timm trunk inside open_clip's TimmModel, then a bare timm ViT.
@@ -182,8 +184,10 @@ class FsdpStrategy(ParallelStrategy):
         """Shard the towers of ``model`` (on the device, identical on every rank) before the
         optimizer is built; ``objective`` and the model's own parameters stay replicated."""
         check_fsdp_model(model)
-        # Rank 0 evaluates alone, on an unsharded copy kept on the host between evaluations.
-        self.eval_copy = host_copy(model) if self.dist.is_main else None
+        # Every rank evaluates its share of each dataset (vlhub/eval/sharding.py) on an unsharded
+        # copy kept on the host between evaluations: a sharded forward is a collective, and the
+        # ranks' shares differ in size.
+        self.eval_copy = host_copy(model)
         mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
         self.towers = apply_fsdp_(model, mesh, self.policy)
         self.root = state_root(model, objective)
@@ -261,14 +265,11 @@ class FsdpStrategy(ParallelStrategy):
 
     # -- evaluation ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module | None]:
-        """Collective: rank 0 gets an unsharded copy of ``model`` with the current weights, on the
-        device (a sharded forward would need every rank, and rank 0 evaluates alone); the other
-        ranks None. The copy goes back to the host afterwards."""
-        weights = get_model_state_dict(model, options=FULL_ON_RANK0)
-        if self.eval_copy is None:
-            yield None
-            return
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Collective: every rank gets an unsharded copy of ``model`` with the current weights, on
+        the device; the copy goes back to the host afterwards."""
+        weights = get_model_state_dict(model, options=FULL_ON_EVERY_RANK)
+        assert self.eval_copy is not None, "setup() makes the evaluation copy"
         self.eval_copy.load_state_dict(weights)
         del weights
         self.eval_copy.to(self.dist.device).train(model.training)

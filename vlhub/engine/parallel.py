@@ -13,7 +13,8 @@ The trainer calls, in this order:
   ``load_optimizer_state_dict`` for checkpoints: full weights under open_clip's names, the same
   keys whichever strategy wrote them. Every rank calls them (a sharding strategy gathers to rank
   0, which writes), then ``save_shards`` (a sharding strategy's own resumable directory);
-- ``evaluation_model(model)`` around rank 0's evaluation: the model it evaluates.
+- ``evaluation_model(model)`` around the evaluation (every rank evaluates a share): the model each
+  rank evaluates.
 
 Strategies (``build_parallel``):
 - one process (``auto`` with one rank): nothing to share;
@@ -87,9 +88,8 @@ class ParallelStrategy:
         """Every rank, at each save, after the state-dict hooks: a sharding strategy writes its shards."""
 
     @contextlib.contextmanager
-    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module | None]:
-        """Every rank, around rank 0's evaluation: the model rank 0 evaluates (None on the others
-        where that differs)."""
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Every rank, around the (sharded) evaluation: the model this rank evaluates its share with."""
         yield model
 
 

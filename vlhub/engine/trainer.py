@@ -13,13 +13,14 @@ from torch import nn
 from tqdm import tqdm
 
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch
-from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_module_
+from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.compile import CompiledTowers
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
+from vlhub.engine.preemption import Preemption
 from vlhub.engine.prefetch import prefetch
 from vlhub.engine.sharded_checkpoint import MARKER as SHARDED
 from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
@@ -71,6 +72,7 @@ class Trainer:
         config: dict[str, Any],
         compile: bool,
         compile_strict: bool,
+        preemption: Preemption | None = None,
     ) -> None:
         for name, value in (
             ("max_steps", max_steps),
@@ -105,6 +107,7 @@ class Trainer:
         self.max_nonfinite_steps, self.nonfinite_steps, self.nonfinite_in_a_row = max_nonfinite_steps, 0, 0
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
+        self.preemption = preemption if preemption is not None else Preemption()  # default: no signal handled
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -117,15 +120,17 @@ class Trainer:
             total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
         )
         self.model.train()
-        tick = time.perf_counter()
+        tick, stop = time.perf_counter(), 0
         while self.step < self.max_steps:
             loaded = next(loader)
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            read, bad, empty, filtered = all_reduce_sum(
-                [loaded.samples_read, loaded.bad_samples, int(not loaded.batch), loaded.filtered]
-            )
+            counts = [loaded.samples_read, loaded.bad_samples, int(not loaded.batch), loaded.filtered]
+            read, bad, empty, filtered, stop = all_reduce_sum([*counts, int(self.preemption.requested)])
+            if stop:  # some rank was signalled (preemption, time limit): all stop before this batch, and save
+                self.samples_consumed -= self.batch_size * self.dist.world_size
+                break
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
             self.bad_samples.batch_done(bool(empty))  # stops after data.max_empty_batches in a row
@@ -146,6 +151,8 @@ class Trainer:
                 self.save()
             tick = time.perf_counter()
         progress.close()
+        if stop:
+            return self.stop_on_signal(start_step)
         if self.step > start_step:  # the run did something: final checkpoint, then evaluation
             if not self.checkpointer.due(self.step):
                 self.save()
@@ -171,6 +178,16 @@ class Trainer:
         if self.compiled is None:
             return step()
         return self.compiled.run(step, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def stop_on_signal(self, start_step: int) -> dict[str, float]:
+        """Save this step (unless it was just saved) and return once it is written; no evaluation."""
+        if self.step > start_step and not self.checkpointer.due(self.step):
+            self.save()
+        barrier()  # the checkpoint is on disk before any rank reports the stop
+        self.preemption.note_stop(self.step)
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        return {}
 
     def skip_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1
@@ -221,19 +238,22 @@ class Trainer:
             scalars["train/samples_per_second"],
         )
 
-    # -- evaluation and checkpoints (rank 0 writes) ---------------------------------------------
+    # -- evaluation (every rank) and checkpoints (rank 0 writes) ----------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Run the evaluation tasks (if any) and write a record with the bad-sample count either way."""
+        """Run the evaluation tasks (if any) and write a record with the bad-sample count either way.
+
+        Every rank evaluates its share of each dataset (the metrics, gathered, are the same on
+        every rank); rank 0 alone writes the record."""
         metrics: dict[str, float] = {}
-        if self.evaluator.tasks:  # every rank: a sharding strategy gathers rank 0's unsharded copy
+        if self.evaluator.tasks:
+            # A sharding strategy hands every rank an unsharded copy (sharded forwards are collectives).
             with self.parallel.evaluation_model(self.model) as model:
-                if self.dist.is_main:
-                    scoring = self.objective.scoring(model)  # the objective decides how images are scored
-                    metrics = self.evaluator.run(
-                        model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
-                    )
+                scoring = self.objective.scoring(model)  # the objective decides how images are scored
+                metrics = self.evaluator.run(
+                    model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
+                )
         if not self.dist.is_main:
-            return {}
+            return metrics
         record = {
             "step": self.step,
             "epoch": self.epoch,
@@ -284,12 +304,13 @@ class Trainer:
             return None
         # A sharding strategy gathers the full state to rank 0 (every rank takes part), then writes its shards.
         payload = {**self.state(rng_states), "config": self.config}
-        self.parallel.save_shards(self.checkpointer, self.optimizer, payload)
-        if not self.dist.is_main:
-            return None
-        if self.metric_logger is not None:  # the logs a remote upload snapshots with the checkpoint
-            self.metric_logger.flush()
-        path = self.checkpointer.save(payload)
+        with self.preemption.deferred():  # a second signal does not cut the write short
+            self.parallel.save_shards(self.checkpointer, self.optimizer, payload)
+            if not self.dist.is_main:
+                return None
+            if self.metric_logger is not None:  # the logs a remote upload snapshots with the checkpoint
+                self.metric_logger.flush()
+            path = self.checkpointer.save(payload)
         log.info("saved checkpoint %s", path)
         return path
 

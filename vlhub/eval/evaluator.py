@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from vlhub.distributed import rank
 from vlhub.eval.context import EvalContext
 from vlhub.eval.prompts import TEMPLATE_SETS, ClassNameTransform, read_template_file
 from vlhub.eval.scoring import Scoring
@@ -99,14 +100,20 @@ class Evaluator:
         output_dir: Path | None = None,
         scoring: Scoring | None = None,
     ) -> dict[str, float]:
-        """Every task's metrics; ``scoring`` is how the objective scores images (None: CLIP's)."""
+        """Every task's metrics; ``scoring`` is how the objective scores images (None: CLIP's).
+
+        Under a process group every rank must call this: each encodes its share of every
+        dataset and all return the same metrics, equal to one process's
+        (:mod:`vlhub.eval.sharding`); rank 0 alone writes tables and logs.
+        """
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
         try:
             for name, task in self.tasks.items():
                 task_metrics = task.run(model, self.context(name, transform, device, output_dir, scoring))
-                log.info("eval %s: %s", name, {k: round(v, 4) for k, v in task_metrics.items()})
+                if rank() == 0:
+                    log.info("eval %s: %s", name, {k: round(v, 4) for k, v in task_metrics.items()})
                 metrics.update(task_metrics)
         finally:
             model.train(was_training)

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample
 from vlhub.data.sources import PairSource
+from vlhub.eval.sharding import dataset_share
 
 
 class _LabelledImages(Dataset):
@@ -37,8 +38,10 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 def iter_labelled_batches(
     source: PairSource, transform, batch_size: int = 256, workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(images [b, 3, H, W], labels [b], unreadable images skipped in this batch), in source order."""
-    loader = DataLoader(
-        _LabelledImages(source, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
+    """(images [b, 3, H, W], labels [b], unreadable images skipped in this batch), in source order.
+
+    Under a process group, only this rank's share of the batches (:mod:`vlhub.eval.sharding`):
+    the caller gathers what it computes from them."""
+    images = dataset_share(_LabelledImages(source, transform), batch_size)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     yield from loader

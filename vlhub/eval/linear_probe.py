@@ -21,9 +21,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from vlhub.data.sources import PairSource
+from vlhub.distributed import broadcast_object, rank
 from vlhub.eval.context import EvalContext
 from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
+from vlhub.eval.sharding import gather_rows
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,21 @@ log = logging.getLogger(__name__)
 def extract_features(
     model, source: PairSource, transform, device: torch.device, batch_size: int = 256, workers: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped."""
+    """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped.
+
+    Under a process group each rank encodes its share and every rank returns the whole set's."""
     features, labels = [], []
     for images, batch_labels, _ in iter_labelled_batches(source, transform, batch_size, workers):
         if len(batch_labels) == 0:
             continue
         features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
         labels.append(batch_labels)
-    if not features:
+    features_all, labels_all = gather_rows(features), gather_rows(labels)
+    if features_all is None:
         raise ValueError("no readable images to extract features from")
-    labels_all = torch.cat(labels)
     if (labels_all < 0).any():
         raise ValueError("linear probe and k-NN need a labelled source (labels >= 0)")
-    return torch.cat(features), labels_all
+    return features_all, labels_all
 
 
 def _fit(
@@ -162,11 +166,44 @@ def probe_metrics(
     k: int = 20,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``<prefix>-linear_probe-*`` and ``<prefix>-knn-*``: features of ``train`` fit, ``test`` scores."""
+    """``<prefix>-linear_probe-*`` and ``<prefix>-knn-*``: features of ``train`` fit, ``test`` scores.
+
+    Under a process group every rank encodes its share of both splits; rank 0 alone fits the
+    probe on the gathered features (one CPU-heavy fit, not one per rank) and hands out the metrics.
+    """
     (train_x, train_y), (test_x, test_y) = (
         extract_features(model, source, context.transform, context.device, context.batch_size, context.workers)
         for source in (train, test)
     )
+    outcome: dict[str, float] | str = ""
+    if rank() == 0:
+        try:
+            outcome = _fit_and_score(
+                train_x, train_y, test_x, test_y, train, test, prefix, C, max_iter, val_fraction, k, seed
+            )
+        except Exception as error:
+            broadcast_object(f"{prefix}: the probe failed on rank 0: {error}")  # the others fail with it, not hang
+            raise
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, str):
+        raise RuntimeError(outcome)
+    return outcome
+
+
+def _fit_and_score(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    train: PairSource,
+    test: PairSource,
+    prefix: str,
+    C: float | Sequence[float],
+    max_iter: int,
+    val_fraction: float,
+    k: int,
+    seed: int,
+) -> dict[str, float]:
     names = train.class_names or test.class_names
     num_classes = max(len(names) if names else 0, int(max(train_y.max(), test_y.max())) + 1)
     logits = linear_probe_logits(train_x, train_y, test_x, num_classes, C, max_iter, val_fraction, seed)

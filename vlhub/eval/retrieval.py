@@ -29,6 +29,7 @@ from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
 from vlhub.data.sources import PairSource
 from vlhub.eval.context import EvalContext
+from vlhub.eval.sharding import dataset_share, gather_rows, list_share
 from vlhub.eval.sources import RootNotSet
 from vlhub.registry import EVAL_TASKS
 
@@ -188,9 +189,11 @@ class _Images(Dataset):
 
 @torch.no_grad()
 def encode_images(model, images: Dataset, device: torch.device, batch_size: int, workers: int = 0) -> torch.Tensor:
-    """Normalised ``encode_image`` features [N, D] (fp32, on CPU) of a dataset of image tensors."""
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
-    return torch.cat([model.encode_image(batch.to(device), normalize=True).float().cpu() for batch in loader])
+    """Normalised ``encode_image`` features [N, D] (fp32, on CPU) of a dataset of image tensors.
+
+    Under a process group each rank encodes its share and every rank returns all of them."""
+    loader = DataLoader(dataset_share(images, batch_size), batch_size=batch_size, num_workers=workers)
+    return gather_rows([model.encode_image(batch.to(device), normalize=True).float().cpu() for batch in loader])
 
 
 @torch.no_grad()
@@ -198,6 +201,12 @@ def encode_texts(model, texts: list[str], device: torch.device, batch_size: int)
     """Normalised ``encode_text`` features [N, D] (fp32, on CPU)."""
     chunks = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
     return torch.cat([model.encode_text(model.tokenize(c).to(device), normalize=True).float().cpu() for c in chunks])
+
+
+def encode_texts_sharded(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
+    """:func:`encode_texts` of all ``texts``, each rank encoding its share (every rank returns all)."""
+    share = list(list_share(texts, batch_size))
+    return gather_rows([encode_texts(model, share, device, batch_size)] if share else [])
 
 
 @EVAL_TASKS.register("retrieval")
@@ -230,7 +239,7 @@ class RetrievalTask:
         )
         texts = [caption for captions in self.captions for caption in captions]
         owners = torch.tensor([i for i, captions in enumerate(self.captions) for _ in captions])
-        text_features = encode_texts(model, texts, context.device, context.batch_size)
+        text_features = encode_texts_sharded(model, texts, context.device, context.batch_size)
         metrics = retrieval_recall(text_features, images, owners, chunk_size=self.chunk_size)
         return {f"{context.name}-{key}": value for key, value in metrics.items()}
 
@@ -260,8 +269,8 @@ class PairValidationTask:
     @torch.no_grad()
     def run(self, model, context: EvalContext) -> dict[str, float]:
         """Metrics keyed ``<context.name>-image_to_text_R@1``, ``-text_to_image_mean_rank`` etc."""
-        loader = DataLoader(
-            _Pairs(self.source, context.transform, self.count),
+        loader = DataLoader(  # this rank's share of the pairs; the features are gathered below
+            dataset_share(_Pairs(self.source, context.transform, self.count), context.batch_size),
             batch_size=context.batch_size,
             num_workers=context.workers,
         )
@@ -269,5 +278,5 @@ class PairValidationTask:
         for batch_images, captions in loader:
             images.append(model.encode_image(batch_images.to(context.device), normalize=True).float().cpu())
             texts.append(encode_texts(model, list(captions), context.device, context.batch_size))
-        metrics = clip_val_metrics(torch.cat(images), torch.cat(texts), self.chunk_size)
+        metrics = clip_val_metrics(gather_rows(images), gather_rows(texts), self.chunk_size)
         return {f"{context.name}-{key}": value for key, value in metrics.items()}

@@ -17,6 +17,7 @@ import torch
 from vlhub.data.files import ImageFolderPairs
 from vlhub.data.sources import PairSource
 from vlhub.data.synthetic import SyntheticShapes
+from vlhub.distributed import rank
 from vlhub.eval.context import EvalContext
 from vlhub.eval.linear_probe import probe_metrics
 from vlhub.eval.metrics import classification_metrics
@@ -157,7 +158,7 @@ class ZeroShotTask:
         metrics = classification_metrics(logits, targets, f"{view.prefix}-{how}")
         if skipped:
             metrics[f"{view.prefix}-skipped_samples"] = float(skipped)
-        if context.extended_metrics:
+        if context.extended_metrics and rank() == 0:  # every rank holds the gathered logits; rank 0 writes
             if context.output_dir is None:
                 log.warning("eval %s: extended metrics need an output folder; none given", view.prefix)
             else:

@@ -9,6 +9,7 @@ import torch
 from vlhub.data.sources import PairSource
 from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.scoring import EmbeddingScorer
+from vlhub.eval.sharding import gather_rows, sum_over_ranks
 
 
 def build_zero_shot_classifier(
@@ -27,7 +28,9 @@ def compute_image_logits(
     batch_size: int = 256,
     workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``score(images)`` logits [N, C] (fp32, CPU), targets [N], and how many unreadable images were skipped."""
+    """``score(images)`` logits [N, C] (fp32, CPU), targets [N], and how many unreadable images were skipped.
+
+    Under a process group each rank scores its share and every rank returns the whole set's."""
     logits, targets, skipped = [], [], 0
     for images, labels, bad in iter_labelled_batches(source, transform, batch_size, workers):
         skipped += bad
@@ -35,4 +38,7 @@ def compute_image_logits(
             continue
         logits.append(score(images.to(device)).float().cpu())
         targets.append(labels)
-    return torch.cat(logits), torch.cat(targets), skipped
+    all_logits, all_targets, skipped = gather_rows(logits), gather_rows(targets), sum_over_ranks(skipped)
+    if all_logits is None:
+        raise ValueError(f"no readable images to evaluate ({skipped} unreadable)")
+    return all_logits, all_targets, skipped

@@ -1,0 +1,100 @@
+"""A rank that dies mid-training: the other fails within seconds, with a message naming the dead rank."""
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import vlhub.distributed as distributed
+import vlhub.engine.trainer as trainer_module
+import vlhub.train
+from tests.conftest import FAST, compose_train
+
+RUN = [o for o in FAST if not o.startswith("eval.synthetic")]
+RUN += ["eval=none", "checkpoint.every_n_steps=0", "trainer.max_steps=6"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, victim: int, port: int, run_dir: str, out: str, how: str = "killed") -> None:
+    torch.set_num_threads(1)
+    stderr = os.open(Path(out, f"stderr{rank}"), os.O_WRONLY | os.O_CREAT)
+    os.dup2(stderr, 2)
+    sys.stderr = os.fdopen(2, "w", buffering=1)  # what the rank logs, for the test to read
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    distributed.HEARTBEAT_INTERVAL_S = 0.3  # the test's clock; 5 s in real runs
+    distributed.SILENT_AFTER_S = 3.0  # 180 s in real runs
+    real_step, calls = trainer_module.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if rank == victim and len(calls) == 3:
+            Path(out, "killed_at").write_text(str(time.time()))
+            # The node dies mid-run, or freezes (its sockets stay open: the others' collective just waits).
+            os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        return real_step(*args, **kwargs)
+
+    trainer_module.train_step = step
+    try:
+        vlhub.train.train(compose_train(RUN), Path(run_dir), {"model": "tiny", "objective": "clip"})
+        Path(out, f"rank{rank}").write_text("finished")
+    except BaseException as error:  # noqa: BLE001 (the test reads what was raised)
+        Path(out, f"rank{rank}").write_text(f"{time.time()}\n{type(error).__name__}: {error}")
+    os._exit(0)  # leave without tearing down a process group whose peer is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_the_survivor_stops_soon_naming_the_dead_rank(tmp_path, victim):
+    survivor = 1 - victim
+    fork, port = mp.get_context("fork"), _free_port()  # fork: the ranks inherit this process's imports
+    ranks = [
+        fork.Process(target=_rank_main, args=(rank, victim, port, str(tmp_path / "run"), str(tmp_path)))
+        for rank in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    ranks[survivor].join(120)
+    hung = ranks[survivor].is_alive()
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    assert not hung, "the survivor hung"
+    stopped_at, message = (tmp_path / f"rank{survivor}").read_text().split("\n", 1)
+    print(message)
+    assert float(stopped_at) - float((tmp_path / "killed_at").read_text()) < 30
+    assert message.startswith("RankStopped")
+    if victim == 1:
+        assert "rank(s) [1] stopped responding" in message
+    else:  # rank 0 hosts the rendezvous store (no torchrun agent here)
+        assert "rank 0, which hosts it, stopped" in message
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_and_the_survivor_exits_instead_of_waiting_out_the_timeout(tmp_path):
+    fork, port = mp.get_context("fork"), _free_port()
+    ranks = [
+        fork.Process(target=_rank_main, args=(rank, 1, port, str(tmp_path / "run"), str(tmp_path), "frozen"))
+        for rank in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    ranks[0].join(120)
+    hung = ranks[0].is_alive()
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    assert not hung, "the survivor waited in the collective"
+    assert ranks[0].exitcode == 1  # ended by the watcher: gloo would have waited the process-group timeout
+    assert "rank 0 stops: rank(s) [1] stopped responding (no heartbeat for 3 s)" in (tmp_path / "stderr0").read_text()
