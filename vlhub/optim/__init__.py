@@ -141,6 +141,11 @@ class OptimRecipe:
         if "fused" not in takes:
             log.info("optim.fused: %s has no fused kernel; the key is ignored", optimizer_class.__name__)
             return {}
+        if any(_mixes_sharded_and_plain(group["params"]) for group in groups):
+            # FSDP2: sharded tower weights (DTensor) share groups with replicated ones (the
+            # temperature, heads); torch's multi-tensor kernels refuse the mix, so one loop it is.
+            log.info("optim.fused: sharded and replicated parameters share a group; per-parameter kernels")
+            return {"foreach": False} if "foreach" in takes else {}
         if all(p.is_cuda for group in groups for p in group["params"]):
             return {"fused": True}
         return {"foreach": True} if "foreach" in takes else {}
@@ -171,3 +176,11 @@ class OptimRecipe:
                 group["lr"] *= lr / self.lr
         optimizer = self.optimizer(groups, lr=lr, **self.kernel_options(groups))
         return optimizer, build_scheduler(optimizer, self.scheduler, warmup_steps, max_steps)
+
+
+def _mixes_sharded_and_plain(params: list[torch.Tensor]) -> bool:
+    """Whether ``params`` holds both sharded (DTensor) and plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [isinstance(p, DTensor) for p in params]
+    return any(sharded) and not all(sharded)
