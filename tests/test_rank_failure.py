@@ -91,3 +91,20 @@ def test_a_frozen_rank_is_named_and_the_survivor_exits_instead_of_waiting_out_th
     assert not hung, "the survivor waited in the collective"
     assert ranks[0].exitcode == 1  # ended by the watcher: gloo would have waited the process-group timeout
     assert "rank 0 stops: rank(s) [1] stopped responding (no heartbeat for 3 s)" in (tmp_path / "stderr0").read_text()
+
+
+def test_a_rank_leaving_on_an_error_stays_silent_and_one_leaving_normally_says_so(monkeypatch):
+    import datetime
+
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    for normally in (False, True):
+        heartbeat = distributed.Heartbeat(0, 1)
+        before = int(store.get(heartbeat.keys[0]))
+        heartbeat.leave(normally)
+        after = int(store.get(heartbeat.keys[0]))
+        # The others skip a rank whose counter carries LEFT; one that left on an error must still be named.
+        assert (after - before >= distributed.Heartbeat.LEFT) is normally
