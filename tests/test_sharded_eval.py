@@ -86,3 +86,29 @@ def test_shares_are_whole_batches_in_order(monkeypatch, items, batch, ranks):
     assert all(share.start % batch == 0 for share in shares)  # each starts on a one-process batch boundary
     sizes = [-(-len(share) // batch) for share in shares]
     assert max(sizes) - min(sizes) <= 1  # batches dealt out evenly
+
+
+def _wait_rank_main(rank: int, port: int, out: str, patient: bool) -> None:
+    import datetime
+    import time
+
+    from vlhub import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+    try:
+        distributed.patient_group()  # every rank, before rank 0's long work
+        if rank == 0:
+            time.sleep(4)  # a linear-probe fit longer than the process group's timeout
+        got = distributed.broadcast_object("fitted" if rank == 0 else None, patient=patient)
+        Path(out, f"rank{rank}").write_text(str(got))
+    except Exception as error:  # noqa: BLE001 (the test reads what happened)
+        Path(out, f"rank{rank}").write_text(f"{type(error).__name__}")
+    os._exit(0)  # no teardown: under the short timeout a peer may already be gone
+
+
+@pytest.mark.parametrize("patient", [True, False])
+def test_rank_zeros_long_fit_is_waited_for_beyond_the_process_group_timeout(tmp_path, patient):
+    mp.start_processes(_wait_rank_main, args=(free_port(), str(tmp_path), patient), nprocs=2, start_method="fork")
+    waited = (tmp_path / "rank1").read_text()
+    assert (waited == "fitted") is patient, waited  # impatient: the default group's 2 s timeout fires
