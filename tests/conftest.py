@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,6 +30,19 @@ FAST = [
     "optim.warmup_steps=1",
     "logger.tensorboard=false",
 ]
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a test's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over the tensors of ``b``'s keys taken as one vector (in fp64)."""
+    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
+    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:

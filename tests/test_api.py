@@ -67,3 +67,14 @@ def test_load_takes_a_plain_open_clip_checkpoint_with_a_model_config(checkpoint,
 def test_import_vlhub_is_cheap():
     code = "import sys, vlhub; heavy = {'torch', 'hydra', 'open_clip'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_sharded_checkpoint_directory_is_refused_naming_the_file_to_give(tmp_path):
+    from vlhub.api import read_checkpoint
+
+    shards = tmp_path / "step_3.dcp"  # as training writes it under trainer.strategy=fsdp
+    shards.mkdir()
+    torch.save({"step": 3}, shards / "trainer.pt")
+    (shards / ".metadata").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint=.*step_3\.dcp is a sharded checkpoint directory.*step_<N>\.pt"):
+        read_checkpoint(shards)

@@ -1,7 +1,6 @@
 """DDP on CPU (gloo): two ranks at batch 16 train exactly like one process at batch 32."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import run_train
+from tests.conftest import free_port, relative_error, run_train
 
 COMMON = ["eval=none", "optim.scheduler=constant", "optim.lr=1e-3", "trainer.max_steps=3", "checkpoint.every_n_steps=0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_then_leave(overrides: list[str], run_dir: str) -> None:
@@ -45,11 +38,6 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return _checkpoint(run_dir)["state_dict"]
 
 
-def _relative(a, b) -> float:
-    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
-    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
-
-
 def _assert_same_layout(ran: dict, single: dict) -> None:
     """Whichever strategy wrote it, a checkpoint has one process's keys and optimizer layout."""
     assert list(ran["state_dict"]) == list(single["state_dict"])
@@ -62,7 +50,7 @@ def _assert_trains_like_one_process(run_dir: Path, single_dir: Path) -> None:
     ran, single = _checkpoint(run_dir), _checkpoint(single_dir)
     assert ran["step"] == single["step"] == 3
     _assert_same_layout(ran, single)
-    relative = _relative(ran["state_dict"], single["state_dict"])
+    relative = relative_error(ran["state_dict"], single["state_dict"])
     print(f"relative weight difference vs one process: {relative:.2e}")
     assert relative <= 1e-5
     # Loss-only parameters are averaged by hand (outside DDP), each checked on its own since its share
@@ -85,7 +73,7 @@ def test_ddp_two_ranks_at_16_match_one_process_at_32(tmp_path, extra):
     run_train([*COMMON, *extra, "trainer.batch_size=32"], tmp_path / "single")
     mp.spawn(
         _rank_main,
-        args=(2, _free_port(), [*COMMON, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp")),
+        args=(2, free_port(), [*COMMON, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp")),
         nprocs=2,
         join=True,
     )
@@ -100,7 +88,7 @@ def test_torchrun_launches_two_cpu_ranks(tmp_path):
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "vlhub.train",
         "model=tiny",
@@ -115,7 +103,7 @@ def test_torchrun_launches_two_cpu_ranks(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints/latest.pt").is_file()
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # rank 0 alone evaluates
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes the record
     assert (tmp_path / "train_rank1.log").is_file()
 
 
@@ -140,7 +128,7 @@ def test_bad_samples_are_summed_over_ranks(tmp_path):
     ]
     mp.spawn(
         _rank_main,
-        args=(2, _free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
+        args=(2, free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
         nprocs=2,
         join=True,
     )
@@ -174,7 +162,7 @@ def test_slurm_tasks_become_ranks_under_the_manual_strategy(tmp_path):
     run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
     mp.spawn(
         _slurm_task_main,
-        args=(_free_port(), [*COMMON, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")),
+        args=(free_port(), [*COMMON, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")),
         nprocs=2,
         join=True,
     )

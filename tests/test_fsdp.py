@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import prepared_objective, run_train
-from tests.test_ddp import _free_port, _relative
+from tests.conftest import free_port, prepared_objective, relative_error, run_train
 
 # Clipping on (the norm is about 30): the total norm spans sharded and replicated gradients.
 COMMON = [
@@ -41,8 +40,13 @@ def _copy_with_only(source: Path, target: Path, keep: str) -> None:
 
 def _storage_per_rank(rank: int, world_size: int) -> tuple[int, int]:
     """(parameter, AdamW state) elements this rank stores after one sharded step (0 ranks: one process)."""
+    from torch.distributed.tensor import DTensor
+
     from vlhub.distributed import DistInfo
-    from vlhub.engine.fsdp import FsdpStrategy, local_numel
+    from vlhub.engine.fsdp import FsdpStrategy
+
+    def local_numel(tensors) -> int:  # a DTensor counts its local shard
+        return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
 
     model, objective = prepared_objective("clip")
     params = [*model.parameters(), *objective.parameters()]
@@ -80,7 +84,7 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = [*COMMON, "trainer.batch_size=32"]
     run_train([*single, "trainer.max_steps=3"], tmp_path / "single")
     run_train([*single, "trainer.max_steps=4"], tmp_path / "single")  # its own resume: the reference at 4
@@ -92,7 +96,7 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
     reference = _checkpoint(tmp_path / "single", 3)
     trained = _checkpoint(tmp_path / "fsdp", 3)  # loss-only parameters (logit_scale) included
     assert trained["state_dict"].keys() == reference["state_dict"].keys()
-    assert _relative(trained["state_dict"], reference["state_dict"]) <= 1e-5
+    assert relative_error(trained["state_dict"], reference["state_dict"]) <= 1e-5
     scale = "logit_scale"  # replicated, averaged by hand; moved by the steps
     assert torch.allclose(trained["state_dict"][scale], reference["state_dict"][scale], rtol=1e-6, atol=0)
     assert not torch.equal(reference["state_dict"][scale], _checkpoint(tmp_path / "single", 4)["state_dict"][scale])
@@ -100,13 +104,13 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
     sharded_optim, optim = _checkpoint(tmp_path / "fsdp", 3)["optimizer"], reference["optimizer"]
     assert [g["params"] for g in sharded_optim["param_groups"]] == [g["params"] for g in optim["param_groups"]]
     exp_avg = {i: s["exp_avg"] for i, s in sharded_optim["state"].items()}
-    assert _relative(exp_avg, {i: s["exp_avg"] for i, s in optim["state"].items()}) <= 1e-5
+    assert relative_error(exp_avg, {i: s["exp_avg"] for i, s in optim["state"].items()}) <= 1e-5
 
     at_four = _checkpoint(tmp_path / "single", 4)["state_dict"]
     for name in ("from_dir", "from_file", "dir_on_one"):
         resumed = _checkpoint(tmp_path / name, 4)
         assert resumed["step"] == 4
-        assert _relative(resumed["state_dict"], at_four) <= 1e-5, name
+        assert relative_error(resumed["state_dict"], at_four) <= 1e-5, name
     assert (tmp_path / "from_dir/checkpoints/step_4.dcp/.metadata").is_file()
 
     # Every rank evaluated its share on an unsharded copy: the same zero-shot accuracy as one process.
@@ -221,15 +225,15 @@ def _long_rank_main(rank: int, port: int, root: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="seven more 2-rank runs: VLHUB_LONG_TESTS=1")
 def test_fsdp_siglip_mlm_and_low_precision_match_their_reference(tmp_path):
-    mp.spawn(_long_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_long_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for name, (overrides, reference, tolerance) in LONG.items():
         if reference == "single":
             single = [*COMMON, *overrides, "trainer.batch_size=32", "trainer.max_steps=2", "eval=none"]
             run_train(single, tmp_path / name)
         expected, sharded = _checkpoint(tmp_path / name, 2), _checkpoint(tmp_path / "fsdp" / name, 2)
-        relative = _relative(sharded["state_dict"], expected["state_dict"])
+        relative = relative_error(sharded["state_dict"], expected["state_dict"])
         print(f"{name}: relative weight difference fsdp vs {reference} {relative:.2e}")
         assert relative <= tolerance, name
         if expected["objective"]:  # heads (mlm): replicated, their gradients averaged by hand
-            assert _relative(sharded["objective"], expected["objective"]) <= tolerance, name
+            assert relative_error(sharded["objective"], expected["objective"]) <= tolerance, name
         assert sharded["optimizer"]["state"][0]["step"] == expected["optimizer"]["state"][0]["step"]

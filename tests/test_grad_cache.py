@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import micro_model
+from tests.conftest import micro_model, relative_error
 from vlhub.data import SyntheticShapes, build_train_loader
 from vlhub.data.batch import move_batch
 from vlhub.engine.grad_cache import GradCache
@@ -39,11 +39,6 @@ def _grads(model, objective, batch, strategy, precision="fp32"):
     return grads, parts
 
 
-def _relative(a, b):
-    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in b))
-    return (diff / torch.sqrt(sum((b[k] ** 2).sum() for k in b))).item()
-
-
 @pytest.mark.parametrize("chunk_size", [4, 8, 16, 32])
 def test_cached_gradient_equals_the_full_batch_gradient(chunk_size):
     torch.manual_seed(0)
@@ -52,7 +47,7 @@ def test_cached_gradient_equals_the_full_batch_gradient(chunk_size):
     plain, plain_parts = _grads(model, objective, batch, PlainGradients())
     cached, cached_parts = _grads(model, objective, batch, GradCache(chunk_size))
     assert cached.keys() == plain.keys() and "logit_scale" in plain
-    assert _relative(cached, plain) <= 1e-5
+    assert relative_error(cached, plain) <= 1e-5
     # The temperature's gradient is counted once, not once per chunk.
     torch.testing.assert_close(cached["logit_scale"], plain["logit_scale"], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(cached_parts["loss"], plain_parts["loss"])
@@ -101,7 +96,7 @@ def test_amp_fp16_step_is_finite_and_close_to_fp32():
     reference, _ = _grads(model, objective, batch, PlainGradients())
     half, parts = _grads(model, objective, batch, GradCache(8), precision="amp_fp16")
     assert torch.isfinite(parts["loss"]) and all(torch.isfinite(g).all() for g in half.values())
-    assert _relative(half, reference) < 2e-2
+    assert relative_error(half, reference) < 2e-2
 
 
 def test_batchnorm_running_stats_update_once_per_chunk():

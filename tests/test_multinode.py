@@ -2,7 +2,6 @@
 training like one process at the global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port, relative_error
 from vlhub.distributed import cuda_index, get_dist_info, slurm_tasks_on_node
 
 # A 3-node SLURM job with 2 + 2 + 1 tasks, seen from its 4th task (node 1's second).
@@ -52,12 +52,6 @@ def test_tasks_per_node_and_gpu_choice():
         cuda_index(4, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 COMMON = [
     "model=tiny",
     "eval=none",
@@ -77,7 +71,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="4 processes on 2 cores, ~1 min: VLHUB_LONG_TESTS=1")
 def test_two_torchrun_nodes_of_two_ranks_train_like_one_process_at_four_times_the_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    port = _free_port()
+    port = free_port()
     nodes = [
         subprocess.Popen(
             [
@@ -116,9 +110,7 @@ def test_two_torchrun_nodes_of_two_ranks_train_like_one_process_at_four_times_th
     assert single.returncode == 0, single.stderr[-3000:]
     multi, one = _weights(tmp_path / "nodes"), _weights(tmp_path / "one")
     assert multi["data"]["world_size"] == 4 and multi["step"] == one["step"] == 3
-    a, b = multi["state_dict"], one["state_dict"]
-    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
-    relative = (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
+    relative = relative_error(multi["state_dict"], one["state_dict"])
     print(f"relative weight difference, 2 nodes x 2 ranks at 4 vs one process at 16: {relative:.2e}")
     assert relative <= 1e-5
     # Every rank logged under rank 0's run folder; ranks 2 and 3 are node 1's local ranks 0 and 1.

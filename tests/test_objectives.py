@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vlhub
-from tests.conftest import objective_batch, prepared_objective, run_train
+from tests.conftest import objective_batch, prepared_objective, relative_error, run_train
 from vlhub.data import SyntheticShapes
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -26,11 +26,6 @@ def _gradients(model, objective, batch, strategy) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
 
-def _relative(a: dict, b: dict) -> float:
-    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
-    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
-
-
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_the_gradient_cache_gives_every_objective_its_full_batch_gradient(name):
     model, objective = prepared_objective(name)
@@ -39,7 +34,7 @@ def test_the_gradient_cache_gives_every_objective_its_full_batch_gradient(name):
     cached = _gradients(model, objective, batch, GradCache(4))
     assert cached.keys() == plain.keys()
     assert any(k.startswith("objective.") for k in plain) or not list(objective.parameters())
-    assert _relative(cached, plain) <= 1e-5
+    assert relative_error(cached, plain) <= 1e-5
 
 
 def test_mlm_masks_are_a_function_of_the_sample_not_of_the_batch():

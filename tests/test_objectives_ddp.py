@@ -8,7 +8,6 @@ checked the same way, against the untiled loss of one process."""
 
 import functools
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from tests.conftest import objective_batch, prepared_objective, timm_bn_model
+from tests.conftest import free_port, objective_batch, prepared_objective, relative_error, timm_bn_model
 from vlhub.data.batch import slice_batch
 from vlhub.distributed import DistInfo
 from vlhub.engine.grad_cache import GradCache
@@ -135,22 +134,11 @@ def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> dict:
     out = Path(tmp_path_factory.mktemp("ddp")) / "grads.pt"
-    mp.spawn(_rank_main, args=(_free_port(), list(CASES), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(free_port(), list(CASES), str(out)), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
-
-
-def _relative(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    diff = torch.sqrt(sum(((grads[k].double() - reference[k].double()) ** 2).sum() for k in reference))
-    return (diff / torch.sqrt(sum((v.double() ** 2).sum() for v in reference.values()))).item()
 
 
 @pytest.mark.slow
@@ -162,7 +150,7 @@ def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, case, g
     if not CASES[case][1].get("local_loss"):  # with local_loss each rank's loss is its own rows' (open_clip)
         assert loss == pytest.approx(reference_loss, rel=1e-5)  # the global batch's loss, negatives from both ranks
     assert grads.keys() == reference.keys()  # nothing reached on no rank stays without a gradient
-    assert _relative(grads, reference) <= 1e-5
+    assert relative_error(grads, reference) <= 1e-5
     loss_only = [k for k in ("logit_scale", "logit_bias") if k in reference]  # averaged by hand, not by DDP
     for key in loss_only:
         assert torch.allclose(grads[key], reference[key], rtol=1e-5, atol=1e-8), key
@@ -185,7 +173,7 @@ def test_a_batchnorm_tower_under_ddp_and_the_gradient_cache_matches_the_manual_a
     ddp_grads, ddp_stats = two_rank_results["batchnorm"]["ddp"]
     manual_grads, manual_stats = two_rank_results["batchnorm"]["manual"]
     assert ddp_grads.keys() == manual_grads.keys() and any(k.startswith("image_tower.") for k in ddp_grads)
-    assert _relative(ddp_grads, manual_grads) <= 1e-6
+    assert relative_error(ddp_grads, manual_grads) <= 1e-6
     fresh = {n: b for n, b in timm_bn_model().named_buffers() if "running" in n}
     assert ddp_stats.keys() == fresh.keys() and fresh
     assert all(torch.equal(ddp_stats[k], manual_stats[k]) for k in fresh)  # rank 0's own, untouched by DDP

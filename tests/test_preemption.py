@@ -3,7 +3,6 @@ handler it replaced, and the resumed run ends where an uninterrupted one does.""
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 import vlhub.engine.checkpoint as checkpoint_module
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
-from tests.conftest import FAST, compose_train
+from tests.conftest import FAST, compose_train, free_port
 from vlhub.engine.preemption import Preemption
 
 # Six steps, no periodic checkpoint and no evaluation: a checkpoint at any other step comes from the signal.
@@ -102,12 +101,6 @@ def test_a_signal_before_the_trainer_polls_is_kept_and_a_finished_run_ignores_it
     assert previous_handler == [] and signal.getsignal(signal.SIGUSR1) != preemption._handle
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
@@ -133,7 +126,7 @@ def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     mp.start_processes(  # fork: the ranks inherit this process's imports
-        _rank_main, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="fork"
+        _rank_main, args=(free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="fork"
     )
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "2"
     saved = _checkpoint(tmp_path / "run")

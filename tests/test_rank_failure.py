@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -14,16 +13,10 @@ import torch.multiprocessing as mp
 import vlhub.distributed as distributed
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
-from tests.conftest import FAST, compose_train
+from tests.conftest import FAST, compose_train, free_port
 
 RUN = [o for o in FAST if not o.startswith("eval.synthetic")]
 RUN += ["eval=none", "checkpoint.every_n_steps=0", "trainer.max_steps=6"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, victim: int, port: int, run_dir: str, out: str, how: str = "killed") -> None:
@@ -58,7 +51,7 @@ def _rank_main(rank: int, victim: int, port: int, run_dir: str, out: str, how: s
 @pytest.mark.parametrize("victim", [1, 0])
 def test_the_survivor_stops_soon_naming_the_dead_rank(tmp_path, victim):
     survivor = 1 - victim
-    fork, port = mp.get_context("fork"), _free_port()  # fork: the ranks inherit this process's imports
+    fork, port = mp.get_context("fork"), free_port()  # fork: the ranks inherit this process's imports
     ranks = [
         fork.Process(target=_rank_main, args=(rank, victim, port, str(tmp_path / "run"), str(tmp_path)))
         for rank in (0, 1)
@@ -83,7 +76,7 @@ def test_the_survivor_stops_soon_naming_the_dead_rank(tmp_path, victim):
 
 @pytest.mark.slow
 def test_a_frozen_rank_is_named_and_the_survivor_exits_instead_of_waiting_out_the_timeout(tmp_path):
-    fork, port = mp.get_context("fork"), _free_port()
+    fork, port = mp.get_context("fork"), free_port()
     ranks = [
         fork.Process(target=_rank_main, args=(rank, 1, port, str(tmp_path / "run"), str(tmp_path), "frozen"))
         for rank in (0, 1)
@@ -98,3 +91,20 @@ def test_a_frozen_rank_is_named_and_the_survivor_exits_instead_of_waiting_out_th
     assert not hung, "the survivor waited in the collective"
     assert ranks[0].exitcode == 1  # ended by the watcher: gloo would have waited the process-group timeout
     assert "rank 0 stops: rank(s) [1] stopped responding (no heartbeat for 3 s)" in (tmp_path / "stderr0").read_text()
+
+
+def test_a_rank_leaving_on_an_error_stays_silent_and_one_leaving_normally_says_so(monkeypatch):
+    import datetime
+
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    for normally in (False, True):
+        heartbeat = distributed.Heartbeat(0, 1)
+        before = int(store.get(heartbeat.keys[0]))
+        heartbeat.leave(normally)
+        after = int(store.get(heartbeat.keys[0]))
+        # The others skip a rank whose counter carries LEFT; one that left on an error must still be named.
+        assert (after - before >= distributed.Heartbeat.LEFT) is normally

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import vlhub.eval.sharding as sharding
-from tests.conftest import micro_model
+from tests.conftest import free_port, micro_model
 from tests.test_eval_retrieval import write_karpathy_set
 from vlhub.api import eval_transform
 from vlhub.data import SyntheticShapes
@@ -22,12 +21,6 @@ from vlhub.eval.scoring import EmbeddingScorer, Scoring
 # 60 images in batches of 16: four batches (16, 16, 16, 12), two per rank; the retrieval set's
 # 7 images make an odd number of batches of 2, and 21 captions of 3.
 BATCH = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluate(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -70,7 +63,7 @@ def _rank_main(rank: int, port: int, root: str, out: str) -> None:
 def test_two_ranks_evaluate_exactly_like_one_process(tmp_path):
     root = write_karpathy_set(tmp_path / "coco", num_test=7, image_size=32)
     # fork: the ranks inherit this process's imports (seconds each on 2 shared cores)
-    mp.start_processes(_rank_main, args=(_free_port(), str(root), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_rank_main, args=(free_port(), str(root), str(tmp_path)), nprocs=2, start_method="fork")
     single_metrics, single_outputs = _evaluate(root)
     assert any(k.endswith("linear_probe-top1") for k in single_metrics)
     assert any(k.startswith("retrieval-") for k in single_metrics)
@@ -93,3 +86,29 @@ def test_shares_are_whole_batches_in_order(monkeypatch, items, batch, ranks):
     assert all(share.start % batch == 0 for share in shares)  # each starts on a one-process batch boundary
     sizes = [-(-len(share) // batch) for share in shares]
     assert max(sizes) - min(sizes) <= 1  # batches dealt out evenly
+
+
+def _wait_rank_main(rank: int, port: int, out: str, patient: bool) -> None:
+    import datetime
+    import time
+
+    from vlhub import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+    try:
+        distributed.patient_group()  # every rank, before rank 0's long work
+        if rank == 0:
+            time.sleep(4)  # a linear-probe fit longer than the process group's timeout
+        got = distributed.broadcast_object("fitted" if rank == 0 else None, patient=patient)
+        Path(out, f"rank{rank}").write_text(str(got))
+    except Exception as error:  # noqa: BLE001 (the test reads what happened)
+        Path(out, f"rank{rank}").write_text(f"{type(error).__name__}")
+    os._exit(0)  # no teardown: under the short timeout a peer may already be gone
+
+
+@pytest.mark.parametrize("patient", [True, False])
+def test_rank_zeros_long_fit_is_waited_for_beyond_the_process_group_timeout(tmp_path, patient):
+    mp.start_processes(_wait_rank_main, args=(free_port(), str(tmp_path), patient), nprocs=2, start_method="fork")
+    waited = (tmp_path / "rank1").read_text()
+    assert (waited == "fitted") is patient, waited  # impatient: the default group's 2 s timeout fires

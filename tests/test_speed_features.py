@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_train, objective_batch, run_train
+from tests.conftest import compose_train, objective_batch, relative_error, run_train
+from tests.test_grad_cache import RecordingClip  # records each chunk's first pass, then each replay
 from vlhub.engine.compile import CompiledTowers, compile_towers, tower_modules
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -44,11 +45,6 @@ def _grads(model, objective, batch, strategy):
     model.zero_grad(set_to_none=True)
     parts = strategy(model, objective, batch, FP32)
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, parts
-
-
-def _relative(a, b):
-    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in b))
-    return (diff / torch.sqrt(sum((b[k] ** 2).sum() for k in b))).item()
 
 
 def _trajectory(model, objective, batches):
@@ -89,7 +85,7 @@ def test_compiled_towers_train_like_eager_ones(compiled_pair):
     # Weights over all parameters: Adam turns rounding noise in gradients that are zero in exact
     # arithmetic (the attention's key bias) into full lr-sized steps, so no per-element bound holds there.
     weights = dict(eager.named_parameters())
-    assert _relative(dict(compiled.named_parameters()), weights) <= 1e-3
+    assert relative_error(dict(compiled.named_parameters()), weights) <= 1e-3
     # Compiled in place: the same keys as eager, never torch.compile's _orig_mod. prefix.
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert list(compiled.open_clip_state_dict()) == list(eager.open_clip_state_dict())
@@ -105,21 +101,8 @@ def test_gradient_cache_with_compile_equals_the_plain_compiled_step(compiled_pai
     torch.manual_seed(7)
     cached, cached_parts = _grads(compiled, objective, batches[0], GradCache(8))
     assert cached.keys() == plain.keys() and "logit_scale" in plain
-    assert _relative(cached, plain) <= 1e-5
+    assert relative_error(cached, plain) <= 1e-5
     torch.testing.assert_close(cached_parts["loss"], plain_parts["loss"])
-
-
-class RecordingClip(ClipObjective):
-    """Records every ``represent`` output: each chunk's first pass, then each replay."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def represent(self, model, batch):
-        reps = super().represent(model, batch)
-        self.seen.append({k: v.detach().clone() for k, v in reps.items()})
-        return reps
 
 
 def test_compiled_replay_reproduces_the_first_pass_with_patch_dropout(compiled_pair):
@@ -141,7 +124,7 @@ def test_compiled_replay_reproduces_the_first_pass_with_patch_dropout(compiled_p
     eager.load_state_dict(compiled.state_dict())
     torch.manual_seed(11)
     expected, _ = _grads(eager, ClipObjective(), batch, GradCache(8))
-    assert _relative(cached, expected) <= 1e-5
+    assert relative_error(cached, expected) <= 1e-5
 
 
 # -- trainer.compile through the trainer ------------------------------------------------------------
@@ -176,7 +159,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(caplog):
     assert len(warnings) == 1 and "no compiler on this platform" in warnings[0]
     assert not compiled.active
     expected, _ = _grads(reference, objective, batch, PlainGradients())
-    assert _relative(grads_after_fallback, expected) <= 1e-6
+    assert relative_error(grads_after_fallback, expected) <= 1e-6
 
 
 def test_compile_strict_makes_a_failed_compile_an_error():
@@ -243,9 +226,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
     batch = objective_batch(plain, objective, 8)
     expected, _ = _grads(plain, objective, batch, PlainGradients())
     got, _ = _grads(checkpointed, objective, batch, PlainGradients())
-    assert _relative(got, expected) <= 1e-6
+    assert relative_error(got, expected) <= 1e-6
     cached, _ = _grads(checkpointed, objective, batch, GradCache(4))  # composes with the gradient cache
-    assert _relative(cached, expected) <= 1e-5
+    assert relative_error(cached, expected) <= 1e-5
 
 
 def test_grad_checkpointing_on_a_timm_trunk():
@@ -340,15 +323,17 @@ def test_compiled_towers_under_the_data_parallel_path(tmp_path, strategy):
     sharding it; compile leaves the parameters where they were)."""
     import torch.multiprocessing as mp
 
-    from tests.test_ddp import COMMON, _free_port, _rank_main, _relative, _weights
+    from tests.conftest import free_port, relative_error
+    from tests.test_ddp import COMMON, _rank_main, _weights
 
     run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
     ranks = [*COMMON, "trainer.batch_size=16", "trainer.compile=true", "trainer.compile_strict=true"]
     ranks.append(f"trainer.strategy={strategy}")
-    mp.spawn(_rank_main, args=(2, _free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
     single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
-    assert _relative(ddp, single) <= 1e-3  # Adam and compiled rounding: see test_compiled_towers_train_like_eager_ones
+    # Adam and compiled rounding: see test_compiled_towers_train_like_eager_ones.
+    assert relative_error(ddp, single) <= 1e-3
 
 
 @pytest.mark.skipif(not LONG, reason="a compile per setting on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")
@@ -358,8 +343,8 @@ def test_compiled_grad_checkpointing_gives_the_eager_gradients():
     compile_towers(checkpointed)
     batch = objective_batch(eager, objective, 8)
     expected, _ = _grads(eager, objective, batch, PlainGradients())
-    assert _relative(_grads(checkpointed, objective, batch, PlainGradients())[0], expected) <= 1e-5
-    assert _relative(_grads(checkpointed, objective, batch, GradCache(4))[0], expected) <= 1e-5
+    assert relative_error(_grads(checkpointed, objective, batch, PlainGradients())[0], expected) <= 1e-5
+    assert relative_error(_grads(checkpointed, objective, batch, GradCache(4))[0], expected) <= 1e-5
 
 
 @pytest.mark.skipif(not LONG, reason="a compile per precision on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import compose_train, objective_batch, prepared_objective, run_train
+from tests.conftest import compose_train, objective_batch, prepared_objective, relative_error, run_train
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
@@ -111,18 +111,13 @@ def _step(name: str, strategy, batch_size: int = 8, **kwargs) -> tuple[dict[str,
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}, {k: float(v) for k, v in parts.items()}
 
 
-def _relative(a: dict, b: dict) -> float:
-    diff = torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
-    return (diff / torch.sqrt(sum((b[k].double() ** 2).sum() for k in b))).item()
-
-
 def _assert_same_step(tiled, untiled) -> None:
     (grads, parts), (reference, reference_parts) = tiled, untiled
     assert parts.keys() == reference_parts.keys()
     for key, value in reference_parts.items():
         assert parts[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert grads.keys() == reference.keys()
-    assert "logit_scale" in reference and _relative(grads, reference) <= 1e-5
+    assert "logit_scale" in reference and relative_error(grads, reference) <= 1e-5
 
 
 @pytest.mark.parametrize("name", TILED)

@@ -297,12 +297,13 @@ def test_a_wds_run_resumed_mid_epoch_equals_a_straight_run_bit_for_bit(tmp_path)
 def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_ddp import COMMON, _free_port, _rank_main
+    from tests.conftest import free_port
+    from tests.test_ddp import COMMON, _rank_main
 
     root = _shards_with_one_bad_sample_each(tmp_path / "shards")
     data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.max_bad_fraction=0.4"]
     steps = [*COMMON, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
-    mp.spawn(_rank_main, args=(2, _free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
     record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
     source = WebDatasetPairs(root, num_samples=24, max_bad_fraction=0.4)
     expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))

@@ -26,6 +26,7 @@ import torch
 
 from vlhub.augment import build_plain_transforms
 from vlhub.engine.checkpoint import read_checkpoint_file
+from vlhub.engine.sharded_checkpoint import MARKER as SHARDED_MARKER
 from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.models import VisionLanguageModel
 from vlhub.objectives import Objective, build_objective
@@ -56,8 +57,14 @@ class LoadedModel(NamedTuple):
 
 def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
     """The checkpoint as plain containers (``weights_only``, on CPU); a missing, truncated or
-    garbage file is an error naming ``key`` and the path."""
-    return read_checkpoint_file(path, key)
+    garbage file is an error naming ``key`` and the path, and so is a sharded directory."""
+    checkpoint = read_checkpoint_file(path, key)
+    if SHARDED_MARKER in checkpoint:  # its weights are per-rank shards, read back only by training's resume
+        raise ValueError(
+            f"{key}={path} is a sharded checkpoint directory (trainer.strategy=fsdp), for resuming training: "
+            "give the step_<N>.pt beside it, which holds the full weights"
+        )
+    return checkpoint
 
 
 def build_model_from_config(node: Mapping[str, Any], key: str = "model", **overrides: Any) -> VisionLanguageModel:

@@ -1,8 +1,9 @@
 """Everything distributed lives here: who am I, start-up, gathers, reductions, rank-0 effects.
 
-Towers hold no collectives; objectives call :func:`gather_features`; the engine calls
-:func:`get_dist_info` / :func:`init_distributed` once; rank-0-only effects (logging, evaluation,
-checkpoint writing) are decided in one place, the trainer, by ``DistInfo.is_main``.
+Objectives call :func:`gather_features`; the engine calls :func:`get_dist_info` /
+:func:`init_distributed` once; rank-0-only effects (logging, checkpoint writing) are decided in one
+place, the trainer, by ``DistInfo.is_main``. Evaluation runs on every rank, each encoding a share
+(``vlhub.eval.sharding``); under ``trainer.strategy=fsdp`` the towers' forwards are collectives too.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 15) -> None:
     """Join the process group (nccl on GPU, gloo on CPU) when there is more than one rank.
 
     ``timeout_minutes`` bounds how long a collective waits for a late rank. Every rank now
-    evaluates its share (no rank waits through a whole evaluation), so the longest legitimate
+    evaluates its share (no rank waits through a whole evaluation; rank 0's linear-probe fit is
+    waited for with ``broadcast_object(patient=True)``, without this limit), so the longest legitimate
     wait is rank 0 writing a checkpoint while the others reach the next step: minutes for the
     largest towers with their optimizer state on slow storage. 15 minutes covers that, and a rank
     that hangs (NCCL notices no death) stops the others within it; a rank that dies is named
@@ -285,13 +287,34 @@ def all_gather_object(value: R) -> list[R]:
     return gathered
 
 
-def broadcast_object(value: R, source: int = 0) -> R:
-    """Rank ``source``'s value on every rank (e.g. the run folder)."""
+def broadcast_object(value: R, source: int = 0, patient: bool = False) -> R:
+    """Rank ``source``'s value on every rank (e.g. the run folder).
+
+    ``patient``: ``source`` computes the value first, for longer than the process-group timeout may
+    allow (rank 0's linear-probe fit): the others wait in a gloo group without that limit. A rank that
+    dies meanwhile is still named within minutes by :func:`ranks_watched`."""
     if not is_initialized() or world_size() == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=source)
+    dist.broadcast_object_list(box, src=source, group=patient_group() if patient else None)
     return box[0]
+
+
+PATIENT_TIMEOUT = datetime.timedelta(hours=24)  # a wait on one rank's CPU work (see broadcast_object)
+_patient: tuple[Any, Any] | None = None  # (the default group it was made in, the patient group)
+
+
+def patient_group() -> Any:
+    """A gloo group over every rank whose collectives wait :data:`PATIENT_TIMEOUT` (None without a
+    process group). Made on first use, a collective itself: call it on every rank together, before
+    the long work (as ``vlhub.eval.linear_probe.probe_metrics`` does)."""
+    global _patient
+    if not is_initialized() or world_size() == 1:
+        return None
+    world = dist.group.WORLD
+    if _patient is None or _patient[0] is not world:  # a new process group: a new patient group
+        _patient = (world, dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT))
+    return _patient[1]
 
 
 # -- liveness: which rank stopped ------------------------------------------------------------------
@@ -383,11 +406,14 @@ class Heartbeat:
             return None
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and a < self.LEFT]
 
-    def leave(self) -> None:
+    def leave(self, normally: bool = True) -> None:
+        """Stop beating. ``normally``: say so, so the others never name this rank; a rank that leaves
+        on an error stays silent, and ranks still waiting for it are stopped naming it."""
         self.stopped.set()
         self.thread.join()
-        with suppress(Exception):  # leaving anyway
-            self.store.add(self.keys[self.rank], self.LEFT)
+        if normally:
+            with suppress(Exception):  # leaving anyway
+                self.store.add(self.keys[self.rank], self.LEFT)
 
 
 @contextmanager
@@ -397,8 +423,10 @@ def ranks_watched(info: DistInfo) -> Iterator[None]:
         yield
         return
     heartbeat = Heartbeat(info.rank, info.world_size)
+    normally = False
     try:
         yield
+        normally = True
     except (RuntimeError, KeyboardInterrupt) as error:
         if isinstance(error, KeyboardInterrupt) and not heartbeat.interrupted:
             raise  # Ctrl-C
@@ -413,7 +441,7 @@ def ranks_watched(info: DistInfo) -> Iterator[None]:
             raise
         raise RankStopped(f"rank {info.rank} stops: {who} ({type(error).__name__}: {str(error)[:300]})") from error
     finally:
-        heartbeat.leave()
+        heartbeat.leave(normally)
 
 
 def _is_peer_failure(error: BaseException) -> bool:

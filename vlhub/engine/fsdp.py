@@ -151,15 +151,6 @@ def host_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_numel(tensors: Iterable[torch.Tensor]) -> int:
-    """Elements this rank stores of ``tensors`` (a DTensor's local shard)."""
-    return sum(_local(t).numel() for t in tensors)
-
-
 class FsdpStrategy(ParallelStrategy):
     """FSDP2 on the towers; replicated, hand-averaged gradients for everything else."""
 
@@ -201,8 +192,9 @@ class FsdpStrategy(ParallelStrategy):
     def compile_targets(self, model: nn.Module) -> list[nn.Module]:
         """Each block, compiled before it is sharded (torch's pattern for FSDP2): a compiled tower
         would trace through every FSDP hook."""
-        towers = [getattr(model, name, None) for name in TOWERS]
-        return [block for tower in towers if tower is not None for block in transformer_blocks(tower.module)]
+        from vlhub.engine.compile import tower_modules  # as in ParallelStrategy.compile_targets
+
+        return [block for module in tower_modules(model) for block in transformer_blocks(module)]
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -3,9 +3,10 @@
 SLURM warns a job before it is preempted or hits its time limit (``sbatch --signal=SIG@SECONDS``,
 ``scancel --signal=SIG``). A handler here only records the signal; the trainer folds "a signal
 arrived" into the counters it already sums over ranks at the top of every step, so every rank
-stops at the same step, even when only one rank was signalled. Rank 0 then writes a checkpoint
-and the job is requeued; the requeued job resumes from that step in the same run folder
-(``run.name``; the run lock is taken over when it carries the same SLURM job id).
+stops at the same step, even when only one rank was signalled. The checkpoint is then written
+(by rank 0; under FSDP every rank also writes its shards) and the job is requeued; the requeued
+job resumes from that step in the same run folder (``run.name``; the run lock is taken over when
+it carries the same SLURM job id).
 
 Which signals, and who requeues, is read from the environment (the library never sees the launcher):
 

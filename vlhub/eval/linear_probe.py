@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from vlhub.data.sources import PairSource
-from vlhub.distributed import broadcast_object, rank
+from vlhub.distributed import broadcast_object, patient_group, rank
 from vlhub.eval.context import EvalContext
 from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
@@ -175,6 +175,7 @@ def probe_metrics(
         extract_features(model, source, context.transform, context.device, context.batch_size, context.workers)
         for source in (train, test)
     )
+    patient_group()  # made while every rank is here; the others wait in it through rank 0's fit
     outcome: dict[str, float] | str = ""
     if rank() == 0:
         try:
@@ -182,9 +183,10 @@ def probe_metrics(
                 train_x, train_y, test_x, test_y, train, test, prefix, C, max_iter, val_fraction, k, seed
             )
         except Exception as error:
-            broadcast_object(f"{prefix}: the probe failed on rank 0: {error}")  # the others fail with it, not hang
+            # The others fail with it, not hang.
+            broadcast_object(f"{prefix}: the probe failed on rank 0: {error}", patient=True)
             raise
-    outcome = broadcast_object(outcome)
+    outcome = broadcast_object(outcome, patient=True)  # the fit may outlast the process-group timeout
     if isinstance(outcome, str):
         raise RuntimeError(outcome)
     return outcome
