@@ -53,6 +53,23 @@ def test_cached_gradient_equals_the_full_batch_gradient(chunk_size):
     torch.testing.assert_close(cached_parts["loss"], plain_parts["loss"])
 
 
+@pytest.mark.parametrize("short_by", [1, 7, 24])
+def test_a_short_batch_is_cut_into_as_many_chunks_as_a_full_one(short_by):
+    """A batch short of samples (bad ones skipped) keeps the step's chunk count, so every rank runs
+    as many forwards (collectives under FSDP2); the gradient is unchanged. Below one sample per
+    chunk the trainer skips the step on every rank."""
+    torch.manual_seed(0)
+    model, objective = micro_model(), ClipObjective()
+    batch = {k: v[: 32 - short_by] for k, v in _loader_batch(model).items()}
+    strategy = GradCache(4, chunks_per_step=8)
+    assert len(strategy.chunks(batch)) == 8
+    assert sum(len(chunk["image"]) for chunk in strategy.chunks(batch)) == 32 - short_by
+    plain, _ = _grads(model, objective, batch, PlainGradients())
+    cached, _ = _grads(model, objective, batch, strategy)
+    assert cached.keys() == plain.keys() and relative_error(cached, plain) <= 1e-5
+    assert strategy.min_samples == 8 and PlainGradients.min_samples == 1
+
+
 class RecordingClip(ClipObjective):
     """Records every ``represent`` output, to compare a chunk's first pass with its replay."""
 

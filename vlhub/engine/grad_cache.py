@@ -74,13 +74,23 @@ class GradCache:
 
     batch_on_device = False  # chunks travel one at a time, the next one prefetched
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, chunks_per_step: int | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError(f"trainer.grad_cache.chunk_size must be > 0, got {chunk_size}")
         self.chunk_size = chunk_size
+        self.chunks_per_step = chunks_per_step  # trainer.batch_size / chunk_size, when the trainer builds it
+        self.min_samples = chunks_per_step or 1  # a chunk cannot be empty (open_clip's towers refuse it)
 
     def chunks(self, batch: Batch) -> list[Batch]:
+        """``chunk_size`` samples each. A batch short of samples (bad ones skipped) is still cut into
+        ``chunks_per_step`` chunks, so every rank runs as many forwards: under FSDP2 each is a
+        collective (an all-gather per block), and ranks running different counts would hang. A batch
+        with fewer samples than that is skipped on every rank by the trainer (``min_samples``)."""
         size = batch_size_of(batch)
+        if self.chunks_per_step is not None and size != self.chunk_size * self.chunks_per_step:
+            count = self.chunks_per_step
+            bounds = [size * index // count for index in range(count + 1)]
+            return [slice_batch(batch, start, stop) for start, stop in zip(bounds, bounds[1:], strict=False)]
         return [
             slice_batch(batch, start, min(start + self.chunk_size, size)) for start in range(0, size, self.chunk_size)
         ]

@@ -26,6 +26,8 @@ class GradientStrategy(Protocol):
     # True: the trainer hands over each batch already on the device, its copy overlapping the
     # previous step (vlhub.engine.prefetch). False: the strategy moves what it needs, when it needs it.
     batch_on_device: bool
+    # Fewer good samples than this on some rank and every rank skips the step (counted as an empty batch).
+    min_samples: int
 
     def __call__(
         self,
@@ -55,6 +57,7 @@ class PlainGradients:
     """The whole batch in one forward and one backward."""
 
     batch_on_device = True
+    min_samples = 1
 
     def __call__(
         self,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vlhub.data.batch import BadSampleMonitor, LoadedBatch
+from vlhub.data.batch import BadSampleMonitor, LoadedBatch, batch_size_of
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from vlhub.engine.compile import CompiledTowers
@@ -40,7 +40,7 @@ def build_gradient_strategy(batch_size: int, enabled: bool, chunk_size: int | No
             f"trainer.grad_cache.chunk_size={chunk_size} must be a positive divisor of "
             f"trainer.batch_size={batch_size} (both per rank)"
         )
-    return GradCache(chunk_size)
+    return GradCache(chunk_size, chunks_per_step=batch_size // chunk_size)
 
 
 class Trainer:
@@ -126,7 +126,8 @@ class Trainer:
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            counts = [loaded.samples_read, loaded.bad_samples, int(not loaded.batch), loaded.filtered]
+            unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
+            counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
             read, bad, empty, filtered, stop = all_reduce_sum([*counts, int(self.preemption.requested)])
             if stop:  # some rank was signalled (preemption, time limit): all stop before this batch, and save
                 self.samples_consumed -= self.batch_size * self.dist.world_size
@@ -134,7 +135,7 @@ class Trainer:
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
             self.bad_samples.batch_done(bool(empty))  # stops after data.max_empty_batches in a row
-            if empty:  # some rank has no good sample left in this batch: every rank skips the step
+            if empty:  # some rank has no (or too few) good samples in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
             parts = self.train_step(loaded.batch)
