@@ -14,7 +14,7 @@ from torch import nn
 
 from vlhub.data.batch import Batch
 from vlhub.eval.scoring import EmbeddingScorer, Scoring
-from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.objectives.clip import ContrastiveObjective, weighted_directions
 from vlhub.registry import OBJECTIVES
 
 
@@ -58,11 +58,7 @@ class CloobObjective(ContrastiveObjective):
         scale = model.temperature_scale()
         image_to_text = self.row_cross_entropy(image_extra, text_extra, scale)
         text_to_image = self.row_cross_entropy(text, image, scale)
-        return {
-            "loss": self.image_weight * image_to_text + self.text_weight * text_to_image,
-            "image_to_text_loss": image_to_text.detach(),
-            "text_to_image_loss": text_to_image.detach(),
-        }
+        return weighted_directions(image_to_text, text_to_image, self.image_weight, self.text_weight)
 
     def scoring(self, model: nn.Module) -> Scoring:
         return Scoring(zero_shot=EmbeddingScorer(model, text_head=self.text_extra, image_head=self.image_extra))

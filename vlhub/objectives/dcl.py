@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.objectives.clip import ContrastiveObjective, weighted_directions
 from vlhub.objectives.tiled import tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
 
@@ -35,8 +35,4 @@ class DclObjective(ContrastiveObjective):
             image_to_text, text_to_image = decoupled_loss(logits_per_image), decoupled_loss(logits_per_image.T)
         else:
             image_to_text, text_to_image = tiled_softmax_loss(image, text, scale, self.loss_tiles, decoupled=True)
-        return {
-            "loss": self.image_weight * image_to_text + self.text_weight * text_to_image,
-            "image_to_text_loss": image_to_text.detach(),
-            "text_to_image_loss": text_to_image.detach(),
-        }
+        return weighted_directions(image_to_text, text_to_image, self.image_weight, self.text_weight)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlhub.data.batch import Batch
 from vlhub.eval.scoring import Scoring
-from vlhub.objectives.clip import ContrastiveObjective
+from vlhub.objectives.clip import ContrastiveObjective, weighted_directions
 from vlhub.registry import OBJECTIVES
 
 
@@ -139,11 +139,7 @@ class FilipObjective(ContrastiveObjective):
         labels = torch.arange(image.shape[0], device=image.device)
         i2t_loss = F.cross_entropy(scale * image_to_text, labels)
         t2i_loss = F.cross_entropy(scale * text_to_image.T, labels)
-        return {
-            "loss": self.image_weight * i2t_loss + self.text_weight * t2i_loss,
-            "image_to_text_loss": i2t_loss.detach(),
-            "text_to_image_loss": t2i_loss.detach(),
-        }
+        return weighted_directions(i2t_loss, t2i_loss, self.image_weight, self.text_weight)
 
     def scoring(self, model: nn.Module) -> Scoring:
         return Scoring(zero_shot=TokenScorer(model, self))
