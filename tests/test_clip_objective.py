@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vlhub.objectives import ClipObjective
+from vlhub.registry import OBJECTIVES
 
 
 class _Temperature(torch.nn.Module):
@@ -57,6 +58,19 @@ def test_direction_weights_weigh_the_two_cross_entropies():
     torch.testing.assert_close(parts["loss"], 0.8 * i2t + 0.2 * t2i)
     torch.testing.assert_close(parts["image_to_text_loss"], i2t)
     torch.testing.assert_close(parts["text_to_image_loss"], t2i)
+
+
+@pytest.mark.parametrize("name", ["siglip", "dcl", "cloob", "coca", "declip", "filip"])
+def test_objectives_without_a_local_form_refuse_local_loss(name):
+    """Their loss ignores local_loss, so asking for it is an error naming the key, not the global loss."""
+    with pytest.raises(ValueError, match=f"objective.local_loss is not supported by objective={name}"):
+        OBJECTIVES.build(name, local_loss=True)
+    assert OBJECTIVES.build(name, local_loss=False).local_loss is False
+
+
+@pytest.mark.parametrize("name", ["clip", "mlm", "slip"])
+def test_clip_based_objectives_take_local_loss(name):
+    assert OBJECTIVES.build(name, local_loss=True).local_loss is True
 
 
 def test_temperature_is_clamped_at_100(tiny_model):

@@ -19,7 +19,8 @@ class ContrastiveObjective(Objective):
     ``lock_image`` with ``unlocked_groups=n`` leaves the image tower's last n layer groups
     trainable (LiT); ``freeze_bn_stats`` also freezes its BatchNorm statistics. The text
     tower can be locked the same way with ``lock_text`` / ``text_unlocked_layers``.
-    ``local_loss`` and ``gather_with_grad`` mean what they mean in open_clip.
+    ``local_loss`` and ``gather_with_grad`` mean what they mean in open_clip; objectives whose loss
+    has no local form leave ``supports_local_loss`` False and refuse ``local_loss=true``.
 
     ``loss_tiles=R`` computes the B x B similarity's loss R rows at a time with a recomputing
     backward (:mod:`vlhub.objectives.tiled`): the same loss and gradients, memory O(B D + R B)
@@ -31,6 +32,9 @@ class ContrastiveObjective(Objective):
     supports_loss_tiles: bool = False
     #: Why not, when it cannot (said in the error).
     loss_tiles_refusal: str = "its loss is not a softmax or sigmoid over a B x B dot-product similarity"
+    #: Whether ``loss`` reads ``local_loss`` (local rows against global columns); the others refuse it
+    #: rather than silently computing the global loss.
+    supports_local_loss: bool = False
 
     def __init__(
         self,
@@ -48,12 +52,17 @@ class ContrastiveObjective(Objective):
         for name, value in (("unlocked_groups", unlocked_groups), ("text_unlocked_layers", text_unlocked_layers)):
             if value < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {value}")
+        name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
         if loss_tiles is not None:
             check_tile_rows(loss_tiles)
             if not self.supports_loss_tiles:
-                name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
                 refusal = self.loss_tiles_refusal
                 raise ValueError(f"objective.loss_tiles is not supported by objective={name}: {refusal}")
+        if local_loss and not self.supports_local_loss:
+            raise ValueError(
+                f"objective.local_loss is not supported by objective={name}: its loss is computed on the "
+                "global batch (only clip, lit, mlm and slip have a local form)"
+            )
         self.loss_tiles = loss_tiles
         self.lock_image = lock_image
         self.unlocked_groups = unlocked_groups
@@ -145,6 +154,7 @@ class ClipObjective(ContrastiveObjective):
     """Symmetric InfoNCE: ``image_weight`` * CE(image->text) + ``text_weight`` * CE(text->image)."""
 
     supports_loss_tiles = True
+    supports_local_loss = True
 
     def __init__(self, image_weight: float = 0.5, text_weight: float = 0.5, **contrastive) -> None:
         super().__init__(**contrastive)
