@@ -118,15 +118,17 @@ class RandomResizedCropUint8:
         )
 
 
-def build_clip_train_transform(
-    size: int, scale: tuple[float, float], draft: bool, draft_min_fraction: float
-) -> ImageTransform:
+def _checked_scale(scale: tuple[float, float]) -> tuple[float, float]:
+    """``augment.scale`` as (lo, hi), or ValueError naming the key."""
     lo, hi = scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
-    if not 0 < draft_min_fraction <= 1:
-        raise ValueError(f"augment.draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
-    return RandomResizedCropUint8(size, (lo, hi), draft=draft, draft_min_fraction=draft_min_fraction)
+    return lo, hi
+
+
+def _eval_transform(stats: ImageStats) -> ImageTransform:
+    """open_clip's evaluation transform: resize, centre crop, normalised float."""
+    return image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std)
 
 
 @TRANSFORMS.register("clip")
@@ -137,10 +139,11 @@ def build_clip_transforms(
     draft_min_fraction: float = 0.75,
 ) -> Transforms:
     """open_clip's recipe: RandomResizedCrop(scale) for training (uint8 out), resize + centre crop for eval."""
-    return Transforms(
-        train=build_clip_train_transform(stats.size, tuple(scale), draft, draft_min_fraction),
-        eval=image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std),
-    )
+    scale = _checked_scale(scale)
+    if not 0 < draft_min_fraction <= 1:
+        raise ValueError(f"augment.draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
+    train = RandomResizedCropUint8(stats.size, scale, draft=draft, draft_min_fraction=draft_min_fraction)
+    return Transforms(train=train, eval=_eval_transform(stats))
 
 
 def open_clip_train_transform(stats: ImageStats, scale: tuple[float, float] = (0.9, 1.0)) -> ImageTransform:
@@ -153,7 +156,7 @@ def open_clip_train_transform(stats: ImageStats, scale: tuple[float, float] = (0
 @TRANSFORMS.register("none")
 def build_plain_transforms(stats: ImageStats) -> Transforms:
     """No augmentation: resize and centre crop (uint8 for training, normalised for eval)."""
-    plain = image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std)
+    plain = _eval_transform(stats)
     steps = plain.transforms
     if not (isinstance(steps[0], Resize) and isinstance(steps[1], CenterCrop) and isinstance(steps[-2], ToTensor)):
         raise TypeError(f"unexpected open_clip eval transform layout: {plain}")
@@ -174,16 +177,14 @@ def build_simclr_transforms(
     The blur kernel is about a tenth of the image side (odd), sigma in [0.1, 2], as in SimCLR.
     Evaluation is the plain resize and centre crop.
     """
-    lo, hi = scale
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
+    scale = _checked_scale(scale)
     for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
         if not 0 <= p <= 1:
             raise ValueError(f"augment.{name} must be in [0, 1], got {p}")
     kernel = max(3, int(0.1 * stats.size) // 2 * 2 + 1)
     train = Compose(
         [
-            TorchRandomResizedCrop(stats.size, scale=(lo, hi), interpolation=InterpolationMode.BICUBIC),
+            TorchRandomResizedCrop(stats.size, scale=scale, interpolation=InterpolationMode.BICUBIC),
             RandomApply([ColorJitter(*jitter)], p=jitter_p),
             RandomGrayscale(p=grayscale_p),
             RandomApply([GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
@@ -191,4 +192,4 @@ def build_simclr_transforms(
             to_uint8_tensor,
         ]
     )
-    return Transforms(train=train, eval=image_transform(stats.size, is_train=False, mean=stats.mean, std=stats.std))
+    return Transforms(train=train, eval=_eval_transform(stats))
