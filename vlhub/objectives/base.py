@@ -32,6 +32,19 @@ from vlhub.eval.scoring import EmbeddingScorer, Scoring
 from vlhub.registry import OBJECTIVES
 
 
+def token_nll_per_sample(nll: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level losses as per-sample tensors (what ``represent`` may return): each row's summed
+    ``nll`` and its token count, from ``nll`` [T] at the True positions of ``positions`` [B, L]."""
+    rows = positions.nonzero()[:, 0]
+    summed = torch.zeros(positions.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return summed, positions.sum(dim=1).to(nll.dtype)
+
+
+def mean_token_nll(summed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean over every token of the (gathered) batch, from :func:`token_nll_per_sample`'s two tensors."""
+    return summed.sum() / tokens.sum().clamp(min=1)
+
+
 class IncompatibleObjective(ValueError):
     """This objective cannot work with the chosen model, data or augmentation (the message says why)."""
 

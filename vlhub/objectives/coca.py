@@ -19,7 +19,7 @@ from open_clip.transformer import MultimodalTransformer
 from torch import nn
 
 from vlhub.data.batch import Batch
-from vlhub.objectives.base import IncompatibleObjective
+from vlhub.objectives.base import IncompatibleObjective, mean_token_nll, token_nll_per_sample
 from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.registry import OBJECTIVES
 
@@ -93,14 +93,12 @@ class CocaObjective(ContrastiveObjective):
         targets = batch["text"][:, 1:]
         real = targets != 0  # padding is never a target; its logits are not computed
         logits = self.decoded(out)[real] @ self.vocab_projection
-        nll = F.cross_entropy(logits, targets[real], reduction="none")
-        rows = real.nonzero()[:, 0]
-        per_sample = torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        per_sample, tokens = token_nll_per_sample(F.cross_entropy(logits, targets[real], reduction="none"), real)
         return {
             "image_features": F.normalize(out["image_features"], dim=-1),
             "text_features": F.normalize(out["text_features"], dim=-1),
             "caption_nll": per_sample,
-            "caption_tokens": real.sum(dim=1).to(nll.dtype),
+            "caption_tokens": tokens,
         }
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,7 +107,7 @@ class CocaObjective(ContrastiveObjective):
         )
         parts = self.clip_loss(image, text, model.temperature_scale(), 0.5, 0.5)
         contrastive = parts["loss"]
-        caption = nll.sum() / tokens.sum().clamp(min=1)
+        caption = mean_token_nll(nll, tokens)
         return {
             **parts,
             "loss": self.contrastive_weight * contrastive + self.caption_weight * caption,

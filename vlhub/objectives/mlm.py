@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlhub.data.batch import Batch
-from vlhub.objectives.base import IncompatibleObjective
+from vlhub.objectives.base import IncompatibleObjective, mean_token_nll, token_nll_per_sample
 from vlhub.objectives.clip import ClipObjective
 from vlhub.objectives.draws import sample_uniform
 from vlhub.registry import OBJECTIVES
@@ -105,14 +105,13 @@ class MaskedLanguageModel(nn.Module):
         chosen, replaced = self.masks(text, batch["sample_id"])
         features = self.token_features(model, text, replaced)
         nll = F.cross_entropy(self.head(features[chosen]), text[chosen], reduction="none")
-        rows = chosen.nonzero()[:, 0]
-        per_sample = torch.zeros(text.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-        return {"mlm_nll": per_sample, "mlm_tokens": chosen.sum(dim=1).to(nll.dtype)}
+        per_sample, tokens = token_nll_per_sample(nll, chosen)
+        return {"mlm_nll": per_sample, "mlm_tokens": tokens}
 
     @staticmethod
     def loss(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every chosen token of the (gathered) batch."""
-        return nll.sum() / tokens.sum().clamp(min=1)
+        return mean_token_nll(nll, tokens)
 
 
 @OBJECTIVES.register("mlm")
