@@ -57,12 +57,34 @@ def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
 
 
 class _Tiles:
-    """The operands of a walk over tiles, in the matmul dtype, and the scale in the accumulation dtype."""
+    """The operands of a walk over tiles, in the matmul dtype, and the scale in the accumulation dtype.
+
+    In a backward (:meth:`for_backward`) it also holds the gradients being accumulated, for the
+    inputs (rows, cols, scale) that need one.
+    """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         self.rows, self.cols, self.dtype = rows.to(dtype), cols.to(dtype), dtype
         self.acc = torch.promote_types(rows.dtype, torch.float32)  # fp32, or fp64 for fp64 features
         self.scale = scale.to(self.acc)
+        self.input_dtypes = (rows.dtype, cols.dtype, scale.dtype)
+        self.scale_shape = scale.shape
+        self.needs: tuple[bool, ...] = (False, False, False)
+        self.grads: dict[str, torch.Tensor | None] = {}
+
+    @classmethod
+    def for_backward(cls, ctx, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) -> _Tiles:
+        """The forward's tiles, with zeroed gradients for the inputs ``ctx`` says need one (call under
+        autocast disabled)."""
+        tiles = cls(rows, cols, scale, ctx.dtype)
+        tiles.needs = tuple(ctx.needs_input_grad[:3])
+        acc = {"dtype": tiles.acc, "device": rows.device}
+        tiles.grads = {
+            "rows": torch.zeros(rows.shape, **acc) if tiles.needs[0] else None,
+            "cols": torch.zeros(cols.shape, **acc) if tiles.needs[1] else None,
+            "scale": torch.zeros((), **acc),
+        }
+        return tiles
 
     def vector(self, size: int, fill: float = 0.0) -> torch.Tensor:
         return torch.full((size,), fill, dtype=self.acc, device=self.rows.device)
@@ -71,12 +93,13 @@ class _Tiles:
         """[R, N]: rows[start:stop] . cols, before the scale."""
         return (self.rows[start:stop] @ self.cols.T).to(self.acc)
 
-    def accumulate(self, grad: torch.Tensor, start: int, stop: int, needs: tuple[bool, ...], out: dict) -> None:
-        """Add a tile's d loss / d logits [R, N] (overwritten) to the gradients in ``out``.
+    def accumulate(self, grad: torch.Tensor, start: int, stop: int) -> None:
+        """Add a tile's d loss / d logits [R, N] (overwritten) to the gradients.
 
         d rows = scale * grad @ cols and d cols = scale * grad.T @ rows; d scale = sum(grad * raw)
         is read off the rows' gradient, sum(d rows * rows) / scale, so no second [R, N] tile is kept.
         """
+        needs, out = self.needs, self.grads
         scaled = grad.mul_(self.scale).to(self.dtype)
         tile_rows = self.rows[start:stop]
         if needs[0] or needs[2]:
@@ -90,21 +113,14 @@ class _Tiles:
         elif needs[1]:
             out["cols"] += (scaled.T @ tile_rows).to(self.acc)
 
-    def gradient_buffers(self, needs: tuple[bool, ...]) -> dict:
-        acc = {"dtype": self.acc, "device": self.rows.device}
-        return {
-            "rows": torch.zeros(self.rows.shape, **acc) if needs[0] else None,
-            "cols": torch.zeros(self.cols.shape, **acc) if needs[1] else None,
-            "scale": torch.zeros((), **acc),
-        }
-
-
-def _returned(out: dict, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, needs) -> tuple:
-    return (
-        out["rows"].to(rows.dtype) if needs[0] else None,
-        out["cols"].to(cols.dtype) if needs[1] else None,
-        out["scale"].to(scale.dtype).reshape(scale.shape) if needs[2] else None,
-    )
+    def gradients(self) -> tuple[torch.Tensor | None, ...]:
+        """(d rows, d cols, d scale) in the inputs' dtypes, None where not needed."""
+        needs, out, (rows_dtype, cols_dtype, scale_dtype) = self.needs, self.grads, self.input_dtypes
+        return (
+            out["rows"].to(rows_dtype) if needs[0] else None,
+            out["cols"].to(cols_dtype) if needs[1] else None,
+            out["scale"].to(scale_dtype).reshape(self.scale_shape) if needs[2] else None,
+        )
 
 
 def _softmax_grad(tiles: _Tiles, start: int, stop: int, row_lse, col_lse, weight_rows, weight_cols, decoupled):
@@ -145,22 +161,16 @@ class _SoftmaxLoss(Function):
     @once_differentiable
     def backward(ctx, grad_image_to_text, grad_text_to_image):
         image, text, scale, row_lse, col_lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
         count = image.shape[0]
         with torch.autocast(image.device.type, enabled=False):
-            tiles = _Tiles(image, text, scale, ctx.dtype)
-            out = tiles.gradient_buffers(needs)
+            tiles = _Tiles.for_backward(ctx, image, text, scale)
             weight_rows = grad_image_to_text.to(tiles.acc) / count
             weight_cols = grad_text_to_image.to(tiles.acc) / count
             for start, stop in _tiles(count, ctx.tile_rows):
-                tiles.accumulate(
-                    _softmax_grad(tiles, start, stop, row_lse, col_lse, weight_rows, weight_cols, ctx.decoupled),
-                    start,
-                    stop,
-                    needs,
-                    out,
-                )
-        return (*_returned(out, image, text, scale, needs), None, None)
+                grad = _softmax_grad(tiles, start, stop, row_lse, col_lse, weight_rows, weight_cols, ctx.decoupled)
+                tiles.accumulate(grad, start, stop)
+                del grad  # before the next tile is allocated
+        return (*tiles.gradients(), None, None)
 
 
 class _RowCrossEntropy(Function):
@@ -185,17 +195,15 @@ class _RowCrossEntropy(Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         rows, cols, scale, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
         with torch.autocast(rows.device.type, enabled=False):
-            tiles = _Tiles(rows, cols, scale, ctx.dtype)
-            out = tiles.gradient_buffers(needs)
+            tiles = _Tiles.for_backward(ctx, rows, cols, scale)
             weight = grad_loss.to(tiles.acc) / rows.shape[0]
             for start, stop in _tiles(rows.shape[0], ctx.tile_rows):
                 grad = tiles.raw(start, stop).mul_(tiles.scale).sub_(lse[start:stop, None]).exp_().mul_(weight)
                 grad.diagonal(start + ctx.offset).sub_(weight)
-                tiles.accumulate(grad, start, stop, needs, out)
+                tiles.accumulate(grad, start, stop)
                 del grad  # before the next tile is allocated
-        return (*_returned(out, rows, cols, scale, needs), None, None)
+        return (*tiles.gradients(), None, None)
 
 
 class _SigmoidLoss(Function):
@@ -220,10 +228,8 @@ class _SigmoidLoss(Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         image, text, scale, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
         with torch.autocast(image.device.type, enabled=False):
-            tiles = _Tiles(image, text, scale, ctx.dtype)
-            out = tiles.gradient_buffers(needs)
+            tiles = _Tiles.for_backward(ctx, image, text, scale)
             weight = grad_loss.to(tiles.acc) / image.shape[0]
             grad_bias = tiles.vector(1)
             for start, stop in _tiles(image.shape[0], ctx.tile_rows):
@@ -234,10 +240,10 @@ class _SigmoidLoss(Function):
                 grad.diagonal(start).neg_()
                 if ctx.needs_input_grad[3]:
                     grad_bias += grad.sum()
-                tiles.accumulate(grad, start, stop, needs, out)
+                tiles.accumulate(grad, start, stop)
                 del signed, grad  # before the next tile is allocated
         grad_bias = grad_bias.to(bias.dtype).reshape(bias.shape) if ctx.needs_input_grad[3] else None
-        return (*_returned(out, image, text, scale, needs), grad_bias, None)
+        return (*tiles.gradients(), grad_bias, None)
 
 
 def _check_pairs(image: torch.Tensor, text: torch.Tensor, tile_rows: int) -> None:
