@@ -50,8 +50,8 @@ class ParallelStrategy:
     collective_state = False  # True: every rank takes part in the state-dict hooks (they gather)
 
     def __init__(self, dist_info: DistInfo | None = None, precision: str = "fp32") -> None:
+        """``precision`` is ``trainer.precision``: only a sharding strategy reads it (FSDP's policy)."""
         self.dist = dist_info
-        self.precision = precision  # trainer.precision: a sharding strategy casts what it gathers
 
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         """Called once, on the device, before the optimizer is built."""
