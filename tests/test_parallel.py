@@ -1,15 +1,19 @@
 """trainer.strategy on one process: what runs, and what fails at launch naming the key.
 
-The two-rank checks (ddp and manual against one process, checkpoint keys) are in tests/test_ddp.py
+Also, on two ranks: the step's non-finite flag summed in the gradient all-reduce. The two-rank
+training checks (ddp and manual against one process, checkpoint keys) are in tests/test_ddp.py
 and tests/test_objectives_ddp.py, which share their process spawns.
 """
 
+import os
 import re
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from tests.conftest import run_train
+from tests.conftest import free_port, run_train
+from vlhub import distributed
 from vlhub.distributed import DistInfo
 from vlhub.engine.parallel import ManualAllReduce, ParallelStrategy, build_parallel
 from vlhub.launch import errors_reported
@@ -39,3 +43,34 @@ def test_a_strategy_that_cannot_run_fails_at_launch_in_one_line(tmp_path, capsys
     assert lines[0].startswith("error: ")
     assert re.search(message, lines[0])
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any step
+
+
+def _finish_on_two_ranks(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 2)]
+        for index, param in enumerate(params):
+            param.grad = torch.full_like(param, float(10 * rank + index))
+        params[2].grad = params[2].grad if rank == 1 else None  # reached on rank 1 only
+        # A 4-element bucket: three collectives, the flags in the last; one flag a device-side bool.
+        flags = [torch.tensor(rank == 1), float(rank + 1)]
+        summed = distributed.all_reduce_grads_(params, bucket_elements=4, flags=flags)
+        alone = ManualAllReduce(info).finish_gradients([], flags=[torch.tensor(True)])  # no gradient to carry them
+        torch.save({"summed": summed, "alone": alone, "grads": [p.grad for p in params]}, f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_flags_ride_the_gradient_all_reduce_and_are_summed_on_every_rank(tmp_path):
+    mp.spawn(_finish_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert result["summed"] == [1, 3]  # one rank's loss not finite; 1 + 2
+        assert result["alone"] == [2]
+        means = [(0 + 10) / 2, (1 + 11) / 2, (0 + 12) / 2]  # a gradient missing on a rank counts as zeros
+        for grad, mean in zip(result["grads"], means, strict=True):
+            assert torch.equal(grad, torch.full_like(grad, mean))

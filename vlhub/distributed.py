@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -174,15 +174,23 @@ def gather_features(features: torch.Tensor, *, with_grad: bool = True) -> tuple[
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sum(sizes[:me])
 
 
-def all_reduce_grads_(params: Iterable[torch.nn.Parameter], bucket_elements: int = 16_000_000) -> None:
+def all_reduce_grads_(
+    params: Iterable[torch.nn.Parameter],
+    bucket_elements: int = 16_000_000,
+    flags: Sequence[torch.Tensor | float] = (),
+) -> list[int]:
     """Average the gradients of ``params`` over ranks in place, in flat buckets.
 
     A parameter without a gradient on this rank counts as zeros, so that every rank reduces the same
     buckets in the same order; one that no rank reached keeps no gradient (as in one process: the
     optimizer skips it rather than decaying it). Each bucket carries one presence flag per parameter.
+
+    ``flags``: small per-rank counts (scalars, on the device or not) summed over ranks in the last
+    bucket's collective rather than one of their own (the step's non-finite-loss flag); the sums are
+    returned, the same on every rank.
     """
     if not is_initialized() or world_size() == 1:
-        return
+        return [int(flag) for flag in flags]
     bucket: list[torch.nn.Parameter] = []
     filled = 0
     for param in params:
@@ -193,18 +201,21 @@ def all_reduce_grads_(params: Iterable[torch.nn.Parameter], bucket_elements: int
         if filled >= bucket_elements:
             _all_reduce_bucket(bucket)
             bucket, filled = [], 0
-    if bucket:
-        _all_reduce_bucket(bucket)
+    if bucket or flags:
+        return _all_reduce_bucket(bucket, flags)
+    return []
 
 
-def _all_reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
-    device = bucket[0].device
-    zeros = torch.zeros(max(p.numel() for p in bucket), device=device)
+def _all_reduce_bucket(bucket: list[torch.nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
+    device = bucket[0].device if bucket else _collective_device()
+    zeros = torch.zeros(max((p.numel() for p in bucket), default=0), device=device)
     grads = [p.grad.reshape(-1).float() if p.grad is not None else zeros[: p.numel()] for p in bucket]
     present = torch.tensor([float(p.grad is not None) for p in bucket], device=device)
-    flat = torch.cat([*grads, present])
+    counts = [torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1) for flag in flags]
+    flat = torch.cat([*grads, present, *counts])
     dist.all_reduce(flat)
-    reached = flat[-len(bucket) :].tolist()
+    tail = flat[flat.numel() - len(bucket) - len(counts) :].tolist()  # one device-to-host copy
+    reached, sums = tail[: len(bucket)], [round(total) for total in tail[len(bucket) :]]
     flat /= world_size()
     offset = 0
     for param, anywhere in zip(bucket, reached, strict=True):
@@ -215,6 +226,7 @@ def _all_reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         param.grad.copy_(mean)
+    return sums
 
 
 def all_reduce_sum(values: list[int]) -> list[int]:

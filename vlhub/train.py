@@ -145,9 +145,8 @@ def train(
             )
             return {}
         trainer = build_trainer(
-            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config
+            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config, preemption
         )
-        trainer.preemption = preemption or trainer.preemption  # the trainer polls it at every step
         # Log lines print above the progress bar; a rank that dies is named by the others, which stop.
         with logging_redirect_tqdm(), ranks_watched(dist_info):
             metrics = trainer.fit()
@@ -180,6 +179,7 @@ def build_trainer(
     parallel: ParallelStrategy,
     checkpointer: Checkpointer,
     config: dict[str, Any],
+    preemption: Preemption | None = None,
 ) -> Trainer:
     # Data and evaluation folders are checked first: bad input fails in seconds.
     source = instantiate(cfg.data)
@@ -248,6 +248,7 @@ def build_trainer(
         },
         objective_spec=objective.spec(objective_kwargs),
         config=config,
+        preemption=preemption,  # the trainer polls it at every step
     )
 
 

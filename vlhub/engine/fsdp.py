@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -207,9 +207,9 @@ class FsdpStrategy(ParallelStrategy):
             for tower in self.towers:
                 tower.set_requires_gradient_sync(True)  # type: ignore[operator]
 
-    def finish_gradients(self, params: Iterable[nn.Parameter]) -> None:
+    def finish_gradients(self, params: Iterable[nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
         """Average the replicated parameters' gradients (the sharded ones were reduce-scattered)."""
-        distributed.all_reduce_grads_(p for p in params if not isinstance(p, DTensor))
+        return distributed.all_reduce_grads_((p for p in params if not isinstance(p, DTensor)), flags=flags)
 
     def clip_gradients_(self, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
         """``clip_grad_norm_`` over sharded and replicated gradients together (torch's refuses the

@@ -87,7 +87,7 @@ class GradCache:
         collective (an all-gather per block), and ranks running different counts would hang. A batch
         with fewer samples than that is skipped on every rank by the trainer (``min_samples``)."""
         size = batch_size_of(batch)
-        if self.chunks_per_step is not None and size != self.chunk_size * self.chunks_per_step:
+        if self.chunks_per_step is not None:  # a full batch: bounds fall every chunk_size samples
             count = self.chunks_per_step
             bounds = [size * index // count for index in range(count + 1)]
             return [slice_batch(batch, start, stop) for start, stop in zip(bounds, bounds[1:], strict=False)]

@@ -6,8 +6,9 @@ The trainer calls, in this order:
   optimizer must see them after);
 - per step, the gradient strategy runs its backward passes; the gradient cache runs every chunk's
   replay but the last under ``no_sync()`` (sync deferred to the last backward, SPEC section 4);
-- ``finish_gradients(params)`` after the step's last backward: whatever the wrapper did not
-  average is averaged here, so every rank holds the same mean gradient before clipping;
+- ``finish_gradients(params, flags)`` after the step's last backward: whatever the wrapper did not
+  average is averaged here, so every rank holds the same mean gradient before clipping; the step's
+  non-finite-loss flag is summed over the ranks in the same collective (not one of its own);
 - ``clip_gradients_(params, max_norm)`` when ``trainer.grad_clip_norm`` is set;
 - ``model_state_dict`` / ``load_model_state_dict`` and ``optimizer_state_dict`` /
   ``load_optimizer_state_dict`` for checkpoints: full weights under open_clip's names, the same
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,8 +50,8 @@ class ParallelStrategy:
     collective_state = False  # True: every rank takes part in the state-dict hooks (they gather)
 
     def __init__(self, dist_info: DistInfo | None = None, precision: str = "fp32") -> None:
+        """``precision`` is ``trainer.precision``: only a sharding strategy reads it (FSDP's policy)."""
         self.dist = dist_info
-        self.precision = precision  # trainer.precision: a sharding strategy casts what it gathers
 
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         """Called once, on the device, before the optimizer is built."""
@@ -65,8 +66,10 @@ class ParallelStrategy:
         """Backward passes under this context accumulate locally; the next one outside it syncs."""
         return contextlib.nullcontext()
 
-    def finish_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """After the step's last backward: average what the backward did not."""
+    def finish_gradients(self, params: Iterable[nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
+        """After the step's last backward: average what the backward did not; ``flags`` (small per-rank
+        counts) summed over the ranks, in the same collective where there is one."""
+        return distributed.all_reduce_sum([int(flag) for flag in flags])  # one process: no collective
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return model.open_clip_state_dict()
@@ -98,8 +101,8 @@ class ManualAllReduce(ParallelStrategy):
 
     name = "manual"
 
-    def finish_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        distributed.all_reduce_grads_(params)
+    def finish_gradients(self, params: Iterable[nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
+        return distributed.all_reduce_grads_(params, flags=flags)
 
 
 def _ddp_options(device: torch.device) -> dict[str, Any]:
@@ -176,8 +179,8 @@ class TowerDDP(ParallelStrategy):
                 stack.enter_context(wrapper.no_sync())
             yield
 
-    def finish_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        distributed.all_reduce_grads_(p for p in params if id(p) not in self.wrapped)
+    def finish_gradients(self, params: Iterable[nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
+        return distributed.all_reduce_grads_((p for p in params if id(p) not in self.wrapped), flags=flags)
 
 
 def _fsdp(dist_info: DistInfo, precision: str = "fp32") -> ParallelStrategy:

@@ -13,7 +13,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from vlhub import distributed
 from vlhub.data.batch import Batch, move_batch
 from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
@@ -92,14 +91,15 @@ def train_step(
     ``parallel`` shares gradients between ranks (``vlhub.engine.parallel``); None: one process."""
     parallel = parallel or ParallelStrategy()
     parts = gradients(model, objective, batch, precision, no_sync=parallel.no_sync)
-    if distributed.all_reduce_sum([int(not bool(torch.isfinite(parts["loss"]).all()))])[0]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Data parallel: what the wrapper did not average during the backward (nothing on one process),
+    # and in the same collective whether the loss was finite on every rank (no collective of its own).
+    nonfinite = ~torch.isfinite(parts["loss"]).all()
+    if parallel.finish_gradients(params, flags=[nonfinite])[0]:
         optimizer.zero_grad(set_to_none=True)
         return None
-    # Data parallel: what the wrapper did not average during the backward (nothing on one process).
-    parallel.finish_gradients(p for group in optimizer.param_groups for p in group["params"])
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         parts["grad_norm"] = parallel.clip_gradients_(params, grad_clip_norm)
     precision.step(optimizer)
     scheduler.step()

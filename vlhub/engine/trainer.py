@@ -123,15 +123,14 @@ class Trainer:
         tick, stop = time.perf_counter(), 0
         while self.step < self.max_steps:
             loaded = next(loader)
-            self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
             unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
             counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
             read, bad, empty, filtered, stop = all_reduce_sum([*counts, int(self.preemption.requested)])
             if stop:  # some rank was signalled (preemption, time limit): all stop before this batch, and save
-                self.samples_consumed -= self.batch_size * self.dist.world_size
                 break
+            self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
             self.bad_samples.update(read, bad, loaded.bad_reasons)
             self.bad_samples.batch_done(bool(empty))  # stops after data.max_empty_batches in a row
