@@ -168,7 +168,8 @@ def test_retrieval_linear_probe_and_val_pairs_presets_compose_and_build(tmp_path
     ]
     built = instantiate(compose_train(probe).eval)
     task = built.tasks["synthetic"]
-    assert isinstance(task, LinearProbeTask) and len(task.train) == 8 and task.k == 3 and list(task.C) == [0.1, 1]
+    assert isinstance(task, LinearProbeTask) and len(task.train) == 8
+    assert task.settings.k == 3 and list(task.settings.C) == [0.1, 1]
     built = instantiate(compose_train(["eval=val_pairs", "eval.val_pairs.max_samples=5"]).eval)
     assert isinstance(built.tasks["val_pairs"], PairValidationTask) and built.tasks["val_pairs"].count == 5
     with pytest.raises(Exception, match="eval.retrieval.root is not set"):
