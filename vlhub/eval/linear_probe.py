@@ -25,9 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from vlhub.data.sources import PairSource
 from vlhub.distributed import broadcast_object, patient_group, rank
 from vlhub.eval.context import EvalContext
-from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
-from vlhub.eval.sharding import gather_rows
+from vlhub.eval.zeroshot import compute_image_logits
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)
@@ -40,18 +39,12 @@ def extract_features(
     """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped.
 
     Under a process group each rank encodes its share and every rank returns the whole set's."""
-    features, labels = [], []
-    for images, batch_labels, _ in iter_labelled_batches(source, transform, batch_size, workers):
-        if len(batch_labels) == 0:
-            continue
-        features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-        labels.append(batch_labels)
-    features_all, labels_all = gather_rows(features), gather_rows(labels)
-    if features_all is None:
-        raise ValueError("no readable images to extract features from")
-    if (labels_all < 0).any():
+    features, labels, _ = compute_image_logits(  # its "logits" here are the features
+        lambda images: model.encode_image(images, normalize=True), source, transform, device, batch_size, workers
+    )
+    if (labels < 0).any():
         raise ValueError("linear probe and k-NN need a labelled source (labels >= 0)")
-    return features_all, labels_all
+    return features, labels
 
 
 def _fit(
