@@ -17,6 +17,7 @@ captions. Image ``i``'s path is ``root/filepath/filename``. The file is found as
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
 from vlhub.data.sources import PairSource
 from vlhub.eval.context import EvalContext
+from vlhub.eval.scoring import encode_prompts
 from vlhub.eval.sharding import dataset_share, gather_rows, list_share
 from vlhub.eval.sources import RootNotSet
 from vlhub.registry import EVAL_TASKS
@@ -199,8 +201,8 @@ def encode_images(model, images: Dataset, device: torch.device, batch_size: int,
 @torch.no_grad()
 def encode_texts(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
     """Normalised ``encode_text`` features [N, D] (fp32, on CPU)."""
-    chunks = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
-    return torch.cat([model.encode_text(model.tokenize(c).to(device), normalize=True).float().cpu() for c in chunks])
+    encode = functools.partial(model.encode_text, normalize=True)
+    return encode_prompts(encode, model.tokenize, texts, device, batch_size).cpu()
 
 
 def encode_texts_sharded(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
