@@ -163,3 +163,18 @@ def test_normalize_images_uses_each_calls_own_mean_and_std():
         column = [torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std)]
         expected = (images.float() / 255 - column[0]) / column[1]
         assert torch.equal(normalize_images(images, mean, std), expected)
+
+
+def test_evaluation_skips_and_counts_a_jpeg_corrupt_past_its_header(tmp_path):
+    # Sources hand JPEGs over undecoded; the eval transform decodes them, so it is where one fails.
+    from vlhub.eval.images import iter_labelled_batches
+    from vlhub.eval.retrieval import _Images
+
+    csv = _write_csv(tmp_path, 4)
+    whole = (tmp_path / "2.jpg").read_bytes()
+    (tmp_path / "2.jpg").write_bytes(whole[:200] + b"\x00" * 50)  # header intact, data broken
+    evaluate = build_clip_transforms(STATS).eval
+    [(images, labels, skipped)] = list(iter_labelled_batches(CsvPairs(str(csv)), evaluate, 4))
+    assert (len(images), len(labels), skipped) == (3, 3, 1)
+    with pytest.raises(RuntimeError, match="retrieval set image .*2.jpg cannot be read"):
+        _Images([tmp_path / "2.jpg"], evaluate)[0]

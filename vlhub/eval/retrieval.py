@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
+from vlhub.data.images import DECODE_ERRORS
 from vlhub.data.sources import PairSource
 from vlhub.eval.context import EvalContext
 from vlhub.eval.scoring import encode_prompts
@@ -184,9 +185,9 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
             return self.transform(read_image(self.paths[index]))
-        except BadSample as error:
+        except (BadSample, *DECODE_ERRORS) as error:  # the transform decodes JPEGs: a corrupt one fails there
             # Dropping an image would silently change the benchmark: stop instead.
-            raise RuntimeError(f"retrieval set image cannot be read: {error}") from error
+            raise RuntimeError(f"retrieval set image {self.paths[index]} cannot be read: {error}") from error
 
 
 @torch.no_grad()
@@ -255,7 +256,10 @@ class _Pairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         sample = self.source.load(index)  # a BadSample stops the run: pairs must stay aligned
-        return self.transform(sample.image), sample.caption
+        try:
+            return self.transform(sample.image), sample.caption
+        except DECODE_ERRORS as error:  # the transform decodes JPEGs: a corrupt one fails there
+            raise BadSample(f"undecodable image of pair {index}: {error}") from error
 
 
 @EVAL_TASKS.register("val_pairs")
