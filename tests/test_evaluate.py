@@ -168,8 +168,25 @@ def test_retrieval_linear_probe_and_val_pairs_presets_compose_and_build(tmp_path
     ]
     built = instantiate(compose_train(probe).eval)
     task = built.tasks["synthetic"]
-    assert isinstance(task, LinearProbeTask) and len(task.train) == 8 and task.k == 3 and list(task.C) == [0.1, 1]
+    assert isinstance(task, LinearProbeTask) and len(task.train) == 8
+    assert task.settings.k == 3 and list(task.settings.C) == [0.1, 1]
     built = instantiate(compose_train(["eval=val_pairs", "eval.val_pairs.max_samples=5"]).eval)
     assert isinstance(built.tasks["val_pairs"], PairValidationTask) and built.tasks["val_pairs"].count == 5
     with pytest.raises(Exception, match="eval.retrieval.root is not set"):
         instantiate(compose_train(["eval=retrieval"]).eval)
+
+
+def test_model_given_differing_only_in_where_weights_came_from_is_not_reported(caplog):
+    from omegaconf import OmegaConf
+
+    from vlhub.evaluate import _model_config
+
+    stored = {"_target_": "m", "embed_dim": 8, "timm_pretrained": True, "pretrained": "tag"}
+    checkpoint = {"config": {"model": stored}}
+    same = OmegaConf.create({"checkpoint": "c.pt", "model": {**stored, "timm_pretrained": False, "pretrained": None}})
+    other = OmegaConf.create({"checkpoint": "c.pt", "model": {**stored, "embed_dim": 16}})
+    with caplog.at_level("WARNING", logger="vlhub.evaluate"):
+        assert _model_config(same, checkpoint, True, "timm") is None  # the stored config is used
+        assert "differs" not in caplog.text
+        _model_config(other, checkpoint, True, "timm")
+    assert "differs from the model stored" in caplog.text

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vlhub.augment import build_clip_transforms, build_plain_transforms, open_clip_train_transform
-from vlhub.data import BadSampleMonitor, CsvPairs, SyntheticShapes, build_train_loader
+from vlhub.data import CsvPairs, SyntheticShapes, build_train_loader
 from vlhub.data.batch import LoadedBatch, move_batch, normalize_images
 from vlhub.engine.prefetch import prefetch
 from vlhub.models.vision_language import ImageStats
@@ -121,7 +121,6 @@ def test_a_jpeg_corrupt_past_its_header_is_skipped_and_counted(tmp_path):
     loaded = next(iter(loader))
     assert (loaded.samples_read, loaded.bad_samples) == (4, 1)
     assert len(loaded.batch["image"]) == 3 and "picture 2" not in loaded.batch["text_raw"]
-    BadSampleMonitor(0.5).update(loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
 
 
 def test_pin_memory_is_passed_to_the_loader_and_pins_batches():
@@ -154,3 +153,28 @@ def test_prefetch_on_cuda_copies_pinned_batches_in_order():
     for k, chunk in enumerate(prefetch(chunks, device)):
         assert chunk["image"].device.type == "cuda"
         assert torch.equal(chunk["image"].cpu(), chunks[k]["image"])
+
+
+def test_normalize_images_uses_each_calls_own_mean_and_std():
+    # The per-device mean/std tensors are made once and reused: a second model's stats must not get the first's.
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    stats = [((0.1, 0.2, 0.3), (0.5, 0.5, 0.5)), ((0.5, 0.5, 0.5), (0.2, 0.3, 0.4)), ([0.1, 0.2, 0.3], [1, 1, 1])]
+    for mean, std in stats:
+        column = [torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std)]
+        expected = (images.float() / 255 - column[0]) / column[1]
+        assert torch.equal(normalize_images(images, mean, std), expected)
+
+
+def test_evaluation_skips_and_counts_a_jpeg_corrupt_past_its_header(tmp_path):
+    # Sources hand JPEGs over undecoded; the eval transform decodes them, so it is where one fails.
+    from vlhub.eval.images import iter_labelled_batches
+    from vlhub.eval.retrieval import _Images
+
+    csv = _write_csv(tmp_path, 4)
+    whole = (tmp_path / "2.jpg").read_bytes()
+    (tmp_path / "2.jpg").write_bytes(whole[:200] + b"\x00" * 50)  # header intact, data broken
+    evaluate = build_clip_transforms(STATS).eval
+    [(images, labels, skipped)] = list(iter_labelled_batches(CsvPairs(str(csv)), evaluate, 4))
+    assert (len(images), len(labels), skipped) == (3, 3, 1)
+    with pytest.raises(RuntimeError, match="retrieval set image .*2.jpg cannot be read"):
+        _Images([tmp_path / "2.jpg"], evaluate)[0]

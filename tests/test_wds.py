@@ -309,3 +309,15 @@ def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
     expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))
     assert (record["step"], record["epoch"], record["data/bad_samples"]) == (5, 1, expected)
     assert record["data/samples_read"] == 5 * 2 * 4
+
+
+def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
+    from vlhub.data.shards import _lost
+
+    url = "https://host:8080/s-000000.tar"  # colons in the url: the reason must not be cut at them
+    lost = list(_lost(url, f"cannot open shard {url}: refused", 0, 3))
+    assert [str(bad) for bad in lost] == [
+        f"cannot open shard {url}: refused (3 samples lost)",
+        f"a sample of shard {url}, lost with it",
+        f"a sample of shard {url}, lost with it",
+    ]

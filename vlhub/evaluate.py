@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.errors import ConfigError
+from vlhub.eval.wise_ft import PROVENANCE_KEYS
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 
 log = logging.getLogger("vlhub.evaluate")
@@ -61,7 +62,7 @@ def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, m
     stored = stored_model_config(checkpoint) if checkpoint is not None else None
     if stored is None:
         return given if model_given or checkpoint is None else None
-    initial = {"pretrained": None, "image_pretrained": None, "text_pretrained": None, "pretrained_skip": None}
+    initial = dict.fromkeys(PROVENANCE_KEYS)  # where the initial weights came from: not the architecture
     if model_given and {**given, **initial} != {**stored, **initial}:
         log.warning(
             "model=%s differs from the model stored in checkpoint=%s; using the stored one",

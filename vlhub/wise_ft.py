@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.eval.wise_ft import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
 from vlhub.evaluate import resolve_device
+from vlhub.launch import errors_reported
 from vlhub.objectives import Objective, build_objective
 
 log = logging.getLogger("vlhub.wise_ft")
@@ -109,7 +110,8 @@ def write_outputs(
 
 @hydra.main(config_path="pkg://vlhub.configs", config_name="wise_ft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    wise_ft(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with errors_reported():  # an expected mistake (mismatched checkpoints, a bad alpha): one line and a hint
+        wise_ft(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

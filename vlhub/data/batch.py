@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -68,9 +69,18 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
     """uint8 ``[B, 3, H, W]`` to normalised float32, with ``ToTensor`` + ``Normalize``'s arithmetic
     (``x.float() / 255``, then ``(x - mean) / std``), so the result equals theirs bit for bit."""
     images = images.to(torch.float32).div_(255)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), images.device)
     return images.sub_(mean_t).div_(std_t)
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as [C, 1, 1] float32 tensors on ``device``, made once: building them per
+    batch would copy from pageable host memory, which waits for the device, in every training step."""
+    as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32, device=device)
+    return as_tensor(mean).view(-1, 1, 1), as_tensor(std).view(-1, 1, 1)
 
 
 def move_batch(

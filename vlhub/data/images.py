@@ -10,6 +10,9 @@ from PIL import Image
 from vlhub.data.batch import BadSample
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS
+# What PIL raises for pixels it cannot decode. A JPEG from open_image is decoded later, by the
+# transform, so whoever applies the transform catches these too (a JPEG corrupt past its header).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def open_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -30,5 +33,5 @@ def open_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXE
         if image.format == "JPEG" and image.mode == "RGB":
             return image
         return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as error:
         raise BadSample(f"unreadable {name}: {error}") from error

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlhub.data.batch import BadSample, Batch, Filtered, LoadedBatch, RawSample
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.images import DECODE_ERRORS
 
 if TYPE_CHECKING:
     from vlhub.data.sources import PairSource
@@ -73,7 +74,7 @@ def transform_sample(
         torch.default_generator.manual_seed(seed * 7_919 + slot)
         try:
             views = [image_transform(raw.image) for _ in range(image_views)]
-        except (OSError, ValueError, SyntaxError) as error:
+        except DECODE_ERRORS as error:
             return BadSample(f"undecodable image (sample at position {slot}): {error}")
     return {"views": views, "caption": caption, "label": raw.label, "epoch": epoch, "slot": slot}
 

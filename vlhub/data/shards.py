@@ -84,12 +84,12 @@ def shard_sizes(urls: tuple[str, ...]) -> dict[str, int] | None:
     return sizes
 
 
-def _lost(reason: str, read: int, expected: int | None) -> Iterator[BadSample]:
+def _lost(url: str, reason: str, read: int, expected: int | None) -> Iterator[BadSample]:
     """One bad unit per sample lost: ``expected - read`` when the size is known (at least one)."""
     lost = max(1, expected - read) if expected is not None else 1
     yield BadSample(reason + (f" ({lost} samples lost)" if lost > 1 else ""))
     for _ in range(lost - 1):
-        yield BadSample(f"{reason.split(':')[0]}: lost with it")
+        yield BadSample(f"a sample of shard {url}, lost with it")
 
 
 def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSample]:
@@ -100,7 +100,7 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSamp
     try:
         stream = gopen(url, "rb")
     except Exception as error:  # noqa: BLE001 (any failure to open is a loss, not a crash)
-        yield from _lost(f"cannot open shard {url}: {error}", 0, expected)
+        yield from _lost(url, f"cannot open shard {url}: {error}", 0, expected)
         return
     current: dict | None = None
     read = 0
@@ -118,13 +118,13 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSamp
                 current[extension.lower()] = member["data"]
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         where = f"in sample {current['__key__']}" if current is not None else "at its start"
-        yield from _lost(f"shard {url} ends early or is corrupt {where}: {error}", read, expected)
+        yield from _lost(url, f"shard {url} ends early or is corrupt {where}: {error}", read, expected)
         return
     if current is not None:
         yield current
         read += 1
     if expected is not None and read < expected:  # cut at a sample boundary: tar cannot tell
-        yield from _lost(f"shard {url} ends early: {read} of {expected} samples (sizes.json)", read, expected)
+        yield from _lost(url, f"shard {url} ends early: {read} of {expected} samples (sizes.json)", read, expected)
 
 
 def decode_sample(raw: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> RawSample:

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample
+from vlhub.data.images import DECODE_ERRORS
 from vlhub.data.sources import PairSource
 from vlhub.eval.sharding import dataset_share
 
@@ -22,9 +23,9 @@ class _LabelledImages(Dataset):
     def __getitem__(self, index: int):
         try:
             sample = self.source.load(index)
-        except BadSample:
+            return self.transform(sample.image), sample.label
+        except (BadSample, *DECODE_ERRORS):  # the transform decodes JPEGs: a corrupt one fails there
             return None  # skipped and counted by the collate
-        return self.transform(sample.image), sample.label
 
 
 def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, int]:

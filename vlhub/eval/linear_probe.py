@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from vlhub.data.sources import PairSource
 from vlhub.distributed import broadcast_object, patient_group, rank
 from vlhub.eval.context import EvalContext
-from vlhub.eval.images import iter_labelled_batches
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
-from vlhub.eval.sharding import gather_rows
+from vlhub.eval.zeroshot import compute_image_logits
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,12 @@ def extract_features(
     """L2-normalised ``encode_image`` features [N, D] (fp32, CPU) and labels [N]; unreadable images skipped.
 
     Under a process group each rank encodes its share and every rank returns the whole set's."""
-    features, labels = [], []
-    for images, batch_labels, _ in iter_labelled_batches(source, transform, batch_size, workers):
-        if len(batch_labels) == 0:
-            continue
-        features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-        labels.append(batch_labels)
-    features_all, labels_all = gather_rows(features), gather_rows(labels)
-    if features_all is None:
-        raise ValueError("no readable images to extract features from")
-    if (labels_all < 0).any():
+    features, labels, _ = compute_image_logits(  # its "logits" here are the features
+        lambda images: model.encode_image(images, normalize=True), source, transform, device, batch_size, workers
+    )
+    if (labels < 0).any():
         raise ValueError("linear probe and k-NN need a labelled source (labels >= 0)")
-    return features_all, labels_all
+    return features, labels
 
 
 def _fit(
@@ -124,34 +119,39 @@ def knn_predict(
     return torch.cat(predictions)
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probe is fit: inverse L2 strength ``C`` (several: the best on ``val_fraction`` of the
+    train split), L-BFGS ``max_iter``, k-NN's ``k`` neighbours, and the ``seed`` of that split."""
+
+    C: float | Sequence[float] = 1.0
+    max_iter: int = 1000
+    val_fraction: float = 0.2
+    k: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ValueError(f"linear probe k (k-NN neighbours) must be > 0, got {self.k}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"linear probe val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
 @EVAL_TASKS.register("linear_probe")
 class LinearProbeTask:
     """Linear probe and k-NN on a labelled task: features of ``train`` fit, ``test`` scores.
 
+    ``settings`` are :class:`ProbeSettings`' fields (``C``, ``max_iter``, ``val_fraction``, ``k``, ``seed``).
     Keys ``<task>-linear_probe-top1`` / ``-top5`` / ``-mean_per_class_recall`` and
     ``<task>-knn-top1`` / ``-mean_per_class_recall``, where ``<task>`` is the task's key in ``eval``.
     """
 
-    def __init__(
-        self,
-        train: PairSource,
-        test: PairSource,
-        C: float | list[float] = 1.0,
-        max_iter: int = 1000,
-        val_fraction: float = 0.2,
-        k: int = 20,
-        seed: int = 0,
-    ) -> None:
-        if k <= 0:
-            raise ValueError(f"linear probe k (k-NN neighbours) must be > 0, got {k}")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"linear probe val_fraction must be in (0, 1), got {val_fraction}")
+    def __init__(self, train: PairSource, test: PairSource, **settings: Any) -> None:
         self.train, self.test = train, test
-        self.C, self.max_iter, self.val_fraction, self.k, self.seed = C, max_iter, val_fraction, k, seed
+        self.settings = ProbeSettings(**settings)
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        settings = (self.C, self.max_iter, self.val_fraction, self.k, self.seed)
-        return probe_metrics(model, self.train, self.test, context, context.name, *settings)
+        return probe_metrics(model, self.train, self.test, context, context.name, self.settings)
 
 
 def probe_metrics(
@@ -160,11 +160,7 @@ def probe_metrics(
     test: PairSource,
     context: EvalContext,
     prefix: str,
-    C: float | Sequence[float] = 1.0,
-    max_iter: int = 1000,
-    val_fraction: float = 0.2,
-    k: int = 20,
-    seed: int = 0,
+    settings: ProbeSettings = ProbeSettings(),
 ) -> dict[str, float]:
     """``<prefix>-linear_probe-*`` and ``<prefix>-knn-*``: features of ``train`` fit, ``test`` scores.
 
@@ -179,9 +175,8 @@ def probe_metrics(
     outcome: dict[str, float] | str = ""
     if rank() == 0:
         try:
-            outcome = _fit_and_score(
-                train_x, train_y, test_x, test_y, train, test, prefix, C, max_iter, val_fraction, k, seed
-            )
+            names = train.class_names or test.class_names
+            outcome = _fit_and_score(train_x, train_y, test_x, test_y, names, prefix, settings)
         except Exception as error:
             # The others fail with it, not hang.
             broadcast_object(f"{prefix}: the probe failed on rank 0: {error}", patient=True)
@@ -197,20 +192,15 @@ def _fit_and_score(
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    train: PairSource,
-    test: PairSource,
+    class_names: list[str] | None,
     prefix: str,
-    C: float | Sequence[float],
-    max_iter: int,
-    val_fraction: float,
-    k: int,
-    seed: int,
+    settings: ProbeSettings,
 ) -> dict[str, float]:
-    names = train.class_names or test.class_names
-    num_classes = max(len(names) if names else 0, int(max(train_y.max(), test_y.max())) + 1)
+    num_classes = max(len(class_names) if class_names else 0, int(max(train_y.max(), test_y.max())) + 1)
+    C, max_iter, val_fraction, seed = settings.C, settings.max_iter, settings.val_fraction, settings.seed
     logits = linear_probe_logits(train_x, train_y, test_x, num_classes, C, max_iter, val_fraction, seed)
     metrics = classification_metrics(logits, test_y, f"{prefix}-linear_probe")
-    predicted = knn_predict(train_x, train_y, test_x, num_classes, k)
+    predicted = knn_predict(train_x, train_y, test_x, num_classes, settings.k)
     metrics[f"{prefix}-knn-top1"] = (predicted == test_y).float().mean().item()
     metrics[f"{prefix}-knn-mean_per_class_recall"] = mean_per_class_recall(predicted, test_y)
     return metrics

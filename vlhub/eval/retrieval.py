@@ -17,6 +17,7 @@ captions. Image ``i``'s path is ``root/filepath/filename``. The file is found as
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
+from vlhub.data.images import DECODE_ERRORS
 from vlhub.data.sources import PairSource
 from vlhub.eval.context import EvalContext
+from vlhub.eval.scoring import encode_prompts
 from vlhub.eval.sharding import dataset_share, gather_rows, list_share
 from vlhub.eval.sources import RootNotSet
 from vlhub.registry import EVAL_TASKS
@@ -182,9 +185,9 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
             return self.transform(read_image(self.paths[index]))
-        except BadSample as error:
+        except (BadSample, *DECODE_ERRORS) as error:  # the transform decodes JPEGs: a corrupt one fails there
             # Dropping an image would silently change the benchmark: stop instead.
-            raise RuntimeError(f"retrieval set image cannot be read: {error}") from error
+            raise RuntimeError(f"retrieval set image {self.paths[index]} cannot be read: {error}") from error
 
 
 @torch.no_grad()
@@ -199,8 +202,8 @@ def encode_images(model, images: Dataset, device: torch.device, batch_size: int,
 @torch.no_grad()
 def encode_texts(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
     """Normalised ``encode_text`` features [N, D] (fp32, on CPU)."""
-    chunks = [texts[start : start + batch_size] for start in range(0, len(texts), batch_size)]
-    return torch.cat([model.encode_text(model.tokenize(c).to(device), normalize=True).float().cpu() for c in chunks])
+    encode = functools.partial(model.encode_text, normalize=True)
+    return encode_prompts(encode, model.tokenize, texts, device, batch_size).cpu()
 
 
 def encode_texts_sharded(model, texts: list[str], device: torch.device, batch_size: int) -> torch.Tensor:
@@ -253,7 +256,10 @@ class _Pairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         sample = self.source.load(index)  # a BadSample stops the run: pairs must stay aligned
-        return self.transform(sample.image), sample.caption
+        try:
+            return self.transform(sample.image), sample.caption
+        except DECODE_ERRORS as error:  # the transform decodes JPEGs: a corrupt one fails there
+            raise BadSample(f"undecodable image of pair {index}: {error}") from error
 
 
 @EVAL_TASKS.register("val_pairs")

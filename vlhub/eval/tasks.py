@@ -141,9 +141,9 @@ class ZeroShotTask:
                 missing[0],
             )
             return {}
-        columns = torch.tensor([known[name] for name in view.class_names])
+        columns = torch.tensor([known[name] for name in view.class_names], device=context.device)  # once, not per batch
         logits, targets, skipped = compute_image_logits(
-            lambda images: scoring.classifier.logits(images)[:, columns.to(images.device)],
+            lambda images: scoring.classifier.logits(images)[:, columns],
             view.source,
             context.transform,
             context.device,
