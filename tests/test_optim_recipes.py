@@ -228,13 +228,13 @@ def test_command_line_lr_and_warmup_reach_the_optimizer_on_a_model_with_a_recipe
     assert_lrs(found, {"0": 1e-3, "1": 1e-3}, warmup=500, total=1100)
 
 
-@pytest.mark.parametrize(("model", "betas", "eps"), [("vit_b32", (0.9, 0.98), 1e-6), ("rn50", (0.9, 0.999), 1e-8)])
-def test_a_models_recipe_trains_at_open_clips_one_gpu_values(model, betas, eps, tmp_path, monkeypatch, caplog):
-    """open_clip's README example (batch 128, lr 1e-3, wd 0.1, 10,000 warmup steps) as given at batch 128."""
-    trainer = built_trainer([f"model={model}", "trainer.max_steps=20000"], tmp_path, monkeypatch)
+def test_a_models_recipe_trains_at_open_clips_one_gpu_values(tmp_path, monkeypatch, caplog):
+    """open_clip's README example (batch 128, lr 1e-3, wd 0.1, 10,000 warmup steps) as given at batch 128.
+    (open_clip_cnn, the same values with other betas, is checked in tests/test_trust_output.py.)"""
+    trainer = built_trainer(["model=vit_b32", "trainer.max_steps=20000"], tmp_path, monkeypatch)
     assert type(trainer.optimizer) is torch.optim.AdamW and trainer.batch_size == 128
     group = trainer.optimizer.param_groups[0]
-    assert (group["betas"], group["eps"], group["weight_decay"]) == (betas, eps, 0.1)
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.98), 1e-6, 0.1)
     assert_lrs(lrs_at(trainer, [0, 9999, 15000]), {"0": 1e-3, "1": 1e-3}, warmup=10000, total=20000)
     assert "scale_with_batch" not in caplog.text and "never peaks" not in caplog.text
 

@@ -29,7 +29,11 @@ def test_every_model_option_brings_a_recipe_and_tiny_keeps_its_fast_one():
         if model == "tiny":  # the CPU default keeps its speed: lr 2e-3, 100 warmup steps
             assert (optim.lr, optim.warmup_steps, optim.reference_batch_size) == (2e-3, 100, None)
         else:  # the big towers: open_clip's one-GPU example (the vit_b32 diverged at lr 2e-3, warmup 100)
-            assert (optim.lr, optim.warmup_steps, optim.reference_batch_size) == (1e-3, 10000, 128)
+            values = (optim.lr, optim.weight_decay, optim.warmup_steps, optim.reference_batch_size)
+            assert values == (1e-3, 0.1, 10000, 128)
+            convolutional = model in ("rn50", "convnext_tiny", "timm")  # open_clip_train's non-ViT betas and eps
+            expected = ([0.9, 0.999], 1e-8) if convolutional else ([0.9, 0.98], 1e-6)
+            assert (list(optim.optimizer.betas), optim.optimizer.eps) == expected
 
 
 def test_the_command_line_still_wins_over_a_models_recipe():

@@ -14,7 +14,8 @@ global batch. Per-sample random draws (MLM masks) come from ``batch["sample_id"]
 
 Before training, ``apply_to_data`` sees the data source (``ce`` reads its classes) and
 ``apply_to_model`` the model (heads sized from the towers, locks), and on a fresh run
-``apply_init`` sets initial values the objective prescribes. The first two raise
+``apply_init`` sets initial values the objective prescribes, but never on a model value that
+pretrained weights or a checkpoint set (:func:`set_by_weights`). The first two raise
 :class:`IncompatibleObjective` with the reason when the pair cannot work; the launcher names the
 config choices. ``spec()`` is what a checkpoint stores to rebuild the objective through the
 registry; ``scoring(model)`` says how evaluation scores images for it.
@@ -22,6 +23,7 @@ registry; ``scoring(model)`` says how evaluation scores images for it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +32,17 @@ from torch import nn
 from vlhub.data.batch import Batch
 from vlhub.eval.scoring import EmbeddingScorer, Scoring
 from vlhub.registry import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+
+def set_by_weights(model: nn.Module, key: str, setting: str) -> bool:
+    """Whether the model's ``key`` (a state-dict key) came from loaded weights (``model.loaded_keys``);
+    if so ``apply_init`` must keep it, and this says that the objective's ``setting`` is not applied."""
+    if key not in getattr(model, "loaded_keys", ()):
+        return False
+    log.info("objective.%s not applied: %s keeps the value the loaded weights gave it", setting, key)
+    return True
 
 
 def token_nll_per_sample(nll: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +87,8 @@ class Objective(nn.Module):
 
     def apply_init(self, model: nn.Module) -> None:
         """Set the initial values this objective starts from (SigLIP's temperature), on a fresh run
-        only: never on resume or when a trained checkpoint is loaded. Default: nothing."""
+        only: never on resume, and never on a model value that loaded weights set (check each with
+        :func:`set_by_weights`). Default: nothing."""
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
