@@ -279,7 +279,7 @@ def test_scaling_with_the_batch_when_asked_scales_every_lr_and_not_the_warmup(
     peaks = {name: lr * factor for name, lr in LAYERED_PEAKS.items()}
     assert_lrs(lrs_at(trainer, [0, 9, 20]), peaks, warmup=10, total=30)
     line = f"optim.scale_with_batch={rule}: lr 0.001 at reference batch 128 -> lr {1e-3 * factor:.4g} at global batch"
-    assert f"{line} {batch} (warmup stays 10 steps)" in caplog.text
+    assert f"{line} {batch} (optim.warmup_steps=10, unscaled)" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ class OptimRecipe:
         if self.scale_with_batch != "none":
             log.info(
                 "optim.scale_with_batch=%s: lr %.4g at reference batch %d -> lr %.4g at global batch %d "
-                "(warmup stays %d steps)",
+                "(optim.warmup_steps=%d, unscaled)",
                 self.scale_with_batch,
                 self.lr,
                 self.reference_batch_size,
