@@ -82,7 +82,7 @@ def _gradients(model, objective, batch, strategy) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}, parts
 
 
-def _train_two_steps_with_cache_equal_to_plain(model, objective, batch_size: int, chunk: int) -> None:
+def _train_two_steps_with_cache_equal_to_plain(model, objective, batch_size: int, chunk: int, lr: float = 1e-3) -> None:
     objective.apply_to_model(model)
     batch = objective_batch(model, objective, size=batch_size)
     cached, _ = _gradients(model, objective, batch, GradCache(chunk))
@@ -90,7 +90,7 @@ def _train_two_steps_with_cache_equal_to_plain(model, objective, batch_size: int
     assert cached.keys() == plain.keys() and any(k.startswith("image_tower.module.trunk.blocks") for k in plain)
     assert relative_error(cached, plain) <= 1e-5
     trunk = {n: p.detach().clone() for n, p in model.image_tower.module.trunk.named_parameters()}
-    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=1e-3)
+    optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=lr)
     losses = [parts["loss"].item()]
     for _ in range(2):  # two steps on the plain gradient of one fixed batch: the loss falls
         optimizer.step()
@@ -127,4 +127,5 @@ def test_filip_and_coca_train_on_model_eva02_b16(name):
     model = instantiate(compose_train(["model=eva02_b16"]).model)
     assert model.image_tower.has_tokens and type(model.image_tower.module.trunk).__name__ == "Eva"
     kwargs = {"decoder_layers": 1} if name == "coca" else {}
-    _train_two_steps_with_cache_equal_to_plain(model, OBJECTIVES.build(name, **kwargs), batch_size=4, chunk=2)
+    objective = OBJECTIVES.build(name, **kwargs)
+    _train_two_steps_with_cache_equal_to_plain(model, objective, batch_size=4, chunk=2, lr=1e-5)  # 1e-3 diverges
