@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 #: What gives image token features (said wherever a tower without them is refused).
 VIT_TOWERS = (
     "token features need a ViT image tower: an open_clip ViT (model=vit_b32), a timm ViT trunk "

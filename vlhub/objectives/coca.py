@@ -127,7 +127,8 @@ class CocaObjective(ContrastiveObjective):
         self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
         self.image_weight, self.text_weight = image_weight, text_weight
         self.decoder_layers, self.decoder_heads = decoder_layers, decoder_heads
-        self.attentional_pooler, self.pooler_queries, self.pooler_heads = attentional_pooler, pooler_queries, pooler_heads
+        self.attentional_pooler = attentional_pooler
+        self.pooler_queries, self.pooler_heads = pooler_queries, pooler_heads
         self.decoder: MultimodalTransformer | None = None
         self.vocab_projection: nn.Parameter | None = None
         self.image_adapter: nn.Module = nn.Identity()
