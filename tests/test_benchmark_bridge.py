@@ -87,6 +87,7 @@ def test_zeroshot_classification_equals_vlhub_zeroshot(checkpoint, folder_set, t
     assert theirs["acc5"] == pytest.approx(ours["folder-zeroshot-top5"])
     assert theirs["mean_per_class_recall"] == pytest.approx(ours["folder-zeroshot-mean_per_class_recall"])
     assert 0 < theirs["acc1"] < 1 and theirs["acc5"] > theirs["acc1"]  # a real comparison, not two trivial scores
+    assert theirs["scoring"] == "cosine of pooled embeddings"
 
 
 def _write_flickr_layout(root, paths, captions):
@@ -110,6 +111,7 @@ def test_zeroshot_retrieval_equals_vlhub_retrieval(checkpoint, tmp_path):
     )
     model, preprocess, _ = vlhub.load(checkpoint)
     ours = task.run(model, EvalContext("retrieval", preprocess, torch.device("cpu"), batch_size=5))
+    assert theirs.pop("scoring") == "cosine of pooled embeddings"  # a clip checkpoint: CLIP's scoring
     assert set(theirs) == {key.removeprefix("retrieval-") for key in ours}
     for key, value in theirs.items():
         assert ours[f"retrieval-{key}"] == pytest.approx(value), key
