@@ -2,6 +2,7 @@
 pairs), blocks change nothing, and image-only objectives are skipped with one line, never scored."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -101,3 +102,23 @@ def test_image_only_objectives_skip_zero_shot_and_retrieval_with_one_line(name, 
     described = scoring.describe()
     assert described["zeroshot"] == described["retrieval"] == f"none: {scoring.absent}"
     assert described["linear_probe"] == PROBE_FEATURES
+
+
+def test_eval_workers_default_to_the_machines_cores(monkeypatch):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+    from tests.test_evaluate import compose_evaluate
+    from vlhub.distributed import loader_workers
+
+    for variable in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert (loader_workers(1), loader_workers(4), loader_workers(16)) == (8, 3, 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    for cfg in (compose_train(), compose_evaluate([])):  # training-time evaluation and vlhub.evaluate alike
+        evaluator = instantiate(cfg.eval)
+        assert evaluator.context("synthetic", None, CPU).workers == 5  # what each task's DataLoader gets
+    with pytest.raises(InstantiationException, match="eval.workers must be an integer >= 0 or 'auto', got 'many'"):
+        instantiate(compose_train(["eval.workers=many"]).eval)

@@ -94,7 +94,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
         "epoch": (checkpoint or {}).get("epoch"),
         "objective": run_info.get("objective"),
         "model": run_info.get("model", model_choice),
-        "scoring": scoring.describe(),  # which scoring produced each kind of metric
+        "scoring": scoring.record(),  # which scoring produced each kind of metric
         **metrics,
     }
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ Every task scores images the same way for a given objective, through a :class:`S
   labelled train split (the synthetic shapes), never by reading features as logits.
 - ``absent``: why there is no zero-shot nor pair scorer (one line, logged when a task is skipped).
 
-Probe features follow one rule for every objective (:data:`PROBE_FEATURES`). ``describe()`` is what
-each metric record stores as ``scoring``. An objective returns its scoring from
+Probe features follow one rule for every objective (:data:`PROBE_FEATURES`). ``record()`` (``describe()``
+as one string) is what each metric record stores as ``scoring``. An objective returns its scoring from
 ``Objective.scoring(model)``; ``default_scoring`` is CLIP's.
 """
 
@@ -88,13 +88,21 @@ class Scoring:
         """Which scoring produced each kind of metric: ``zeroshot``, ``retrieval`` (retrieval and
         ``data.val`` pairs), ``classifier`` (when the objective has one), ``linear_probe`` (and k-NN)."""
         described = {
-            "zeroshot": self.zero_shot.name if self.zero_shot is not None else f"none: {self.absent}",
-            "retrieval": self.pairs.name if self.pairs is not None else f"none: {self.absent}",
+            "zeroshot": _name(self.zero_shot) if self.zero_shot is not None else f"none: {self.absent}",
+            "retrieval": _name(self.pairs) if self.pairs is not None else f"none: {self.absent}",
         }
         if self.classifier is not None:
             described["classifier"] = "the objective's classifier head on encode_image"
         described["linear_probe"] = PROBE_FEATURES
         return described
+
+    def record(self) -> str:
+        """:meth:`describe` as one flat string (``kind=scoring; ...``): a metric record's ``scoring`` field."""
+        return "; ".join(f"{kind}={how}" for kind, how in self.describe().items())
+
+
+def _name(scorer: object) -> str:
+    return getattr(scorer, "name", type(scorer).__name__)
 
 
 def encode_prompts(

@@ -10,7 +10,8 @@ All B x B similarities of a global batch are computed in blocks of ``block_size`
 ``block_size`` texts, each block under activation checkpointing, so the peak memory of the
 loss grows with B^2 (the similarity matrices) plus one block's b^2 N L, never with B^2 N L.
 
-Zero-shot scores a class by the mean over its templates of the image-to-text similarity.
+Evaluation scores the same way (:class:`TokenScorer`): zero-shot scores a class by the mean over its
+templates of the image-to-text similarity; retrieval and val pairs use each query's direction.
 """
 
 from __future__ import annotations
