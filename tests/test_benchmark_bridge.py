@@ -22,6 +22,7 @@ from vlhub.data import ImageFolderPairs, SyntheticShapes
 from vlhub.eval import EvalContext, ImageFolderZeroShot, LinearProbeTask, RetrievalTask, topk_accuracy
 from vlhub.eval.linear_probe import extract_features
 from vlhub.eval.scoring import PROBE_FEATURES
+from vlhub.objectives.filip import TokenScorer
 
 pytest.importorskip("clip_benchmark")  # the optional extra (in .[dev])
 from clip_benchmark.metrics import linear_probe, zeroshot_classification  # noqa: E402
@@ -100,7 +101,12 @@ def _write_flickr_layout(root, paths, captions):
     (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_zeroshot_retrieval_equals_vlhub_retrieval(checkpoint, tmp_path):
+@pytest.mark.parametrize("objective", ["clip", "filip"])
+def test_zeroshot_retrieval_equals_vlhub_retrieval(objective, request, tmp_path):
+    if objective == "clip":
+        checkpoint = request.getfixturevalue("checkpoint")
+    else:
+        checkpoint = request.getfixturevalue("trained")[objective] / "checkpoints" / "latest.pt"
     task = RetrievalTask(str(write_karpathy_set(tmp_path / "coco", num_test=12, image_size=32)))
     flickr = tmp_path / "flickr"
     flickr.mkdir()
@@ -110,9 +116,11 @@ def test_zeroshot_retrieval_equals_vlhub_retrieval(checkpoint, tmp_path):
         "--task zeroshot_retrieval --recall_k 1 5 10 --batch_size 5",
         tmp_path / "retrieval.json",
     )
-    model, preprocess, _ = vlhub.load(checkpoint)
-    ours = task.run(model, EvalContext("retrieval", preprocess, torch.device("cpu"), batch_size=5))
-    assert theirs.pop("scoring") == "cosine of pooled embeddings"  # a clip checkpoint: CLIP's scoring
+    loaded = vlhub.load(checkpoint)
+    context = EvalContext("retrieval", loaded.preprocess, torch.device("cpu"), batch_size=5, scoring=loaded.scoring)
+    ours = task.run(loaded.model, context)
+    expected = "cosine of pooled embeddings" if objective == "clip" else TokenScorer.name
+    assert theirs.pop("scoring") == expected
     assert set(theirs) == {key.removeprefix("retrieval-") for key in ours}
     for key, value in theirs.items():
         assert ours[f"retrieval-{key}"] == pytest.approx(value), key

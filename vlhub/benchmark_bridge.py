@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.eval.retrieval import retrieval_recall
 from vlhub.eval.scoring import PROBE_FEATURES, PairScorer, Reps, Scoring, ZeroShotScorer, default_scoring, reps_slice
 
 MODEL_TYPE = "vlhub"
@@ -156,8 +157,6 @@ def _retrieval_evaluate(model, dataloader, tokenizer, device, amp=True, recall_k
         return _ORIGINAL["retrieval_evaluate"](
             model, dataloader, tokenizer, device, amp=amp, recall_k_list=recall_k_list
         )
-    from vlhub.eval.retrieval import retrieval_recall
-
     scorer = model.pair_scorer("zero-shot retrieval")
     images, texts, owners, seen = [], [], [], 0
     with torch.no_grad(), _autocast(device, amp):
@@ -170,7 +169,7 @@ def _retrieval_evaluate(model, dataloader, tokenizer, device, amp=True, recall_k
     metrics = retrieval_recall(
         _cat(texts), _cat(images), torch.tensor(owners), recall_k_list, scorer=scorer, device=torch.device(device)
     )
-    return {**metrics, "scoring": scorer.name}
+    return {**metrics, "scoring": model.scoring.describe()["retrieval"]}
 
 
 def _caption_selection_evaluate(model, dataloader, tokenizer, device, amp=True):
@@ -193,7 +192,8 @@ def _caption_selection_evaluate(model, dataloader, tokenizer, device, amp=True):
                 image_ok.append(bool((scorer.text_to_image(texts, images).argmax(dim=1)[: len(truth)] == truth).all()))
     both = [a and b for a, b in zip(image_ok, text_ok, strict=True)]
     mean = lambda flags: torch.tensor(flags, dtype=torch.float).mean().item()  # noqa: E731
-    return {"image_acc": mean(image_ok), "text_acc": mean(text_ok), "acc": mean(both), "scoring": scorer.name}
+    scoring = model.scoring.describe()["retrieval"]
+    return {"image_acc": mean(image_ok), "text_acc": mean(text_ok), "acc": mean(both), "scoring": scoring}
 
 
 def _linear_probe_evaluate(model, *args, **kwargs):
