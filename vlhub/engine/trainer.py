@@ -245,6 +245,7 @@ class Trainer:
         Every rank evaluates its share of each dataset (the metrics, gathered, are the same on
         every rank); rank 0 alone writes the record."""
         metrics: dict[str, float] = {}
+        described: dict[str, str] = {}  # which scoring produced each kind of metric
         if self.evaluator.tasks:
             # A sharding strategy hands every rank an unsharded copy (sharded forwards are collectives).
             with self.parallel.evaluation_model(self.model) as model:
@@ -252,6 +253,7 @@ class Trainer:
                 metrics = self.evaluator.run(
                     model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
                 )
+                described = {"scoring": scoring.record()} if metrics else {}
         if not self.dist.is_main:
             return metrics
         record = {
@@ -262,6 +264,7 @@ class Trainer:
             "data/samples_read": self.bad_samples.read,
             "data/filtered_samples": self.filtered_samples,
             "train/nonfinite_steps": self.nonfinite_steps,
+            **described,
             **metrics,
         }
         log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)

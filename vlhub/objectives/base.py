@@ -101,7 +101,12 @@ class Objective(nn.Module):
         """How evaluation scores images: CLIP's zero-shot for text-bearing objectives, else a probe."""
         if self.needs_text:
             return Scoring(zero_shot=EmbeddingScorer(model))
-        return Scoring(zero_shot=None, probe=True)
+        return Scoring(zero_shot=None, probe=True, absent=self.no_text_reason())
+
+    def no_text_reason(self) -> str:
+        """Why an image-only objective has no zero-shot or retrieval (one line, for skip messages)."""
+        name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
+        return f"objective {name} trains no text tower, so image-text scores would read an untrained one"
 
     def resolved_kwargs(self) -> dict[str, Any]:
         """Constructor arguments resolved from the data (``ce``'s classes), stored to rebuild it."""
