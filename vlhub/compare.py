@@ -173,7 +173,7 @@ def job_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[list[st
         return header, rows, []
     same = [i for i in range(1, len(header)) if len({row[i] for row in rows}) == 1]
     same = [i for i in same if header[i] != "confound" or not rows[0][i]]  # a confound stays in every row
-    shared = [f"{header[i]}={rows[0][i] or '(none)'}" for i in same]
+    shared = [f"{header[i]}={rows[0][i] or '(none)'}" for i in same if header[i] != "confound"]
     keep = [i for i in range(len(header)) if i not in same]
     return [header[i] for i in keep], [[row[i] for i in keep] for row in rows], shared
 
@@ -273,8 +273,20 @@ def draw_chart(groups: list[Group], chance: float | None, title: str) -> Any:
     return fig
 
 
-def write_comparison(runs_dir: Path, chance: float | None = None) -> tuple[Path, Path | None]:
-    """Write ``comparison.md`` (and ``comparison.png`` when a job has a headline) into ``runs_dir``."""
+@dataclass
+class Comparison:
+    """What ``vlhub.compare`` found under a folder: the jobs, their groups and the report's text."""
+
+    jobs: list[Job]
+    groups: list[Group]
+    swept: list[str]
+    confounds: list[str]
+    notes: list[str]
+    text: str
+
+
+def compare_folder(runs_dir: Path) -> Comparison:
+    """Read every job under ``runs_dir``; bad input becomes notes (one line each), never a stop."""
     if not runs_dir.is_dir():
         raise SystemExit(f"vlhub.compare: {runs_dir} is not a folder")
     notes: list[str] = []
@@ -286,14 +298,21 @@ def write_comparison(runs_dir: Path, chance: float | None = None) -> tuple[Path,
     confounds = confound_keys(jobs, swept_set)
     mark_confounds(jobs, confounds)
     groups = seed_groups(jobs, swept, confounds)
-    for note in notes:
+    text = report_text(runs_dir, jobs, groups, swept, confounds, notes)
+    return Comparison(jobs, groups, swept, confounds, notes, text)
+
+
+def write_comparison(runs_dir: Path, chance: float | None = None) -> tuple[Path, Path | None]:
+    """Write ``comparison.md`` (and ``comparison.png`` when a group has a headline) into ``runs_dir``."""
+    found = compare_folder(runs_dir)
+    for note in found.notes:
         print(f"vlhub.compare: {note}", file=sys.stderr)
     table_path, chart_path = runs_dir / "comparison.md", runs_dir / "comparison.png"
-    table_path.write_text(report_text(runs_dir, jobs, groups, swept, confounds, notes))
-    if not any(g.values for g in groups):
+    table_path.write_text(found.text)
+    if not any(g.values for g in found.groups):
         return table_path, None
-    chance = chance if chance is not None else default_chance(groups)
-    fig = draw_chart(groups, chance, f"Headline metric per group ({runs_dir.name})")
+    chance = chance if chance is not None else default_chance(found.groups)
+    fig = draw_chart(found.groups, chance, f"Headline metric per group ({runs_dir.name})")
     fig.savefig(chart_path)
     import matplotlib.pyplot as plt
 
