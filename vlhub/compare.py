@@ -121,7 +121,7 @@ def seed_groups(jobs: list[Job], swept: list[str], confounds: list[str]) -> list
     labels = Counter(g.label for g in groups.values())
     for g in groups.values():  # groups told apart only by a confound say which
         if labels[g.label] > 1:
-            g.label += " [" + ", ".join(f"{k}={value_of(g.jobs[0], k)}" for k in g.jobs[0].confounds) + "]"
+            g.label += " [" + ", ".join(f"{k}={value_of(g.jobs[0], k)}" for k in confounds) + "]"
     for group in groups.values():
         group.metric = next((h for job in group.jobs if (h := headline(job)) is not None), None)
         if group.metric is not None:
