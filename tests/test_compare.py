@@ -244,8 +244,8 @@ def test_a_mixed_folder_stays_readable(tmp_path):
 def test_the_trainer_records_samples_seen_wall_seconds_over_resumes_and_flops_per_sample(tmp_path, monkeypatch):
     clock = iter(range(10**6))  # each reading of the trainer's clock is one second later
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    run_train(["trainer.max_steps=2"], tmp_path)
-    run_train(["trainer.max_steps=3"], tmp_path)  # resumes from step 2
+    run_train(["trainer.max_steps=2", "eval=none"], tmp_path)  # a run without evaluation still writes its record
+    run_train(["trainer.max_steps=3", "eval=none"], tmp_path)  # resumes from step 2
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     assert (first["step"], last["step"]) == (2, 3)
