@@ -3,7 +3,7 @@
 Every task scores images the same way for a given objective, through a :class:`Scoring`:
 - ``zero_shot``: a :class:`ZeroShotScorer` that turns class prompts into a classifier and images
   into logits over it (CLIP's cosine of pooled embeddings by default; FILIP's token-wise
-  similarity; CLOOB's image-to-text projection). None: the objective has no zero-shot.
+  similarity). None: the objective has no zero-shot.
 - ``classifier``: an :class:`ImageClassifier` whose own logits are scored (``ce``), on the tasks
   whose class names it was trained on.
 - ``probe``: image-only objectives are scored by linear probe and k-NN on tasks that carry a
@@ -64,8 +64,8 @@ def encode_prompts(
 class EmbeddingScorer:
     """CLIP's zero-shot: 100 x cosine of the image embedding and the mean template embedding.
 
-    ``text_head`` maps the text tower's pooled features before normalisation (CLOOB's
-    image-to-text projection); ``image_head`` likewise for images.
+    ``text_head`` maps the text tower's pooled features before normalisation (an objective's own
+    head); ``image_head`` likewise for images.
     """
 
     def __init__(
