@@ -362,26 +362,51 @@ CAPTIONS = [
 ]
 
 
-class MaskedTextTower(nn.Module):
-    """x_clip's MLM transformer: vlhub's text tower, its mask embedding where x_clip wrote
-    ``mask_token_id``, the token features behind one dummy leading position (x_clip drops it)."""
+class OpenClipMaskedText(nn.Module):
+    """x_clip's MLM transformer: open_clip's own ``TextTransformer`` built causal or, with
+    ``both_ways``, with ``no_causal_mask=True, use_pad_mask=True`` (open_clip's bidirectional tower,
+    padding masked as keys), holding the vlhub text tower's weights; vlhub's mask embedding where
+    x_clip wrote ``mask_token_id``; the token features projected as vlhub's tower projects them,
+    behind one dummy leading position (x_clip drops it)."""
 
-    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, expected_replaced: torch.Tensor):
+    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, both_ways: bool):
         super().__init__()
-        self.model, self.mlm, self.mask_token_id, self.expected_replaced = model, mlm, mask_token_id, expected_replaced
+        tower = model.text_tower.module
+        self.text = open_clip.transformer.TextTransformer(
+            context_length=tower.context_length,
+            vocab_size=tower.vocab_size,
+            width=tower.width,
+            heads=tower.heads,
+            layers=len(tower.transformer.resblocks),
+            output_dim=model.embed_dim,
+            no_causal_mask=both_ways,
+            use_pad_mask=both_ways,
+            output_tokens=True,
+        )
+        self.text.load_state_dict(tower.state_dict())
+        self.mlm, self.mask_token_id = mlm, mask_token_id
 
     def forward(self, masked_seq, **kwargs):
         replaced = masked_seq == self.mask_token_id
-        assert torch.equal(replaced, self.expected_replaced)
-        with self.mlm._masked_embeddings(self.model, replaced):
-            tokens = self.model(text=masked_seq, output_tokens=True)["text_tokens"]
+
+        def overwrite(module, inputs, output):
+            return torch.where(replaced[..., None], self.mlm.mask_embedding, output)
+
+        handle = self.text.token_embedding.register_forward_hook(overwrite)
+        try:
+            _, tokens = self.text(masked_seq)
+        finally:
+            handle.remove()
+        tokens = tokens @ self.text.text_projection
         return torch.cat([torch.zeros_like(tokens[:, :1]), tokens], dim=1)
 
 
-def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
-    model, objective = prepared_objective("mlm")
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_matches_x_clip_mlm_on_open_clips_own_tower_attending_the_same_way(monkeypatch, attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
     mlm = objective.mlm
     text = model.tokenize(CAPTIONS)
+    assert (text == 0).any()  # padding present: bidirectional, it must be masked as a key
     sample_id = torch.arange(len(CAPTIONS)) + 1000
     chosen, replaced = mlm.masks(text, sample_id)
     assert replaced.any() and (chosen & ~replaced).any()  # both kinds of chosen token present
@@ -401,7 +426,7 @@ def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
     mask_token_id = 1
     assert not (text == mask_token_id).any()
     reference = x_clip.mlm.MLM(
-        MaskedTextTower(model, mlm, mask_token_id, replaced),
+        OpenClipMaskedText(model, mlm, mask_token_id, both_ways=attention == "bidirectional"),
         dim=model.text_tower.token_dim,
         num_tokens=model.text_tower.vocab_size,
         mask_prob=mlm.mask_prob,
