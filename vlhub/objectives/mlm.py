@@ -75,9 +75,8 @@ class MaskedLanguageModel(nn.Module):
         if tower is None or not tower.has_tokens or not hasattr(tower.module, "token_embedding"):
             raise IncompatibleObjective("masked language modelling needs open_clip's text transformer (token features)")
         if self.attention == "bidirectional" and not tower.can_attend_both_ways:
-            raise IncompatibleObjective(
-                f"bidirectional MLM needs a text tower whose causal mask can be lifted, not {type(tower.module).__name__}"
-            )
+            name = type(tower.module).__name__
+            raise IncompatibleObjective(f"bidirectional MLM needs a text tower whose causal mask lifts, not {name}")
         if self.head is None:
             width = tower.module.token_embedding.embedding_dim
             self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02)
