@@ -240,7 +240,7 @@ def test_cloob_loss_and_gradients_are_the_papers_equations(kwargs):
     objective = CloobObjective(**kwargs)
     image, text = randn(6, 8), randn(6, 8, seed=1)
     parts, grads, scale_grad = cloob_case(objective, image, text)
-    assert objective.inv_tau == kwargs.get("inv_tau", 30.0) and objective.beta == kwargs.get("beta", 8.0)
+    assert objective.inv_tau == kwargs.get("inv_tau", 14.3) and objective.beta == kwargs.get("beta", 14.3)
     assert scale_grad is None  # 1/tau is fixed: the model's logit_scale is read, never trained
 
     raw = image.clone().requires_grad_(), text.clone().requires_grad_()
@@ -257,7 +257,7 @@ def test_cloob_loss_and_gradients_are_the_papers_equations(kwargs):
 def test_cloob_is_the_authors_code_with_their_loss_weights_in_any_batch_order():
     from vlhub.objectives.cloob import CloobObjective
 
-    inv_tau, beta = 30.0, 8.0
+    inv_tau, beta = 30.0, 8.0  # their CC run's
     objective = CloobObjective(beta=beta, inv_tau=inv_tau, image_weight=1 / inv_tau, text_weight=1 / inv_tau)
     image, text = randn(8, 16, seed=4), randn(8, 16, seed=5)
     parts, grads, _ = cloob_case(objective, image, text)
@@ -275,7 +275,7 @@ def test_cloob_starts_at_the_authors_temperature_and_scores_zero_shot_as_the_pap
     from vlhub.eval.scoring import EmbeddingScorer
 
     model, objective = prepared_objective("cloob")
-    assert model.temperature_scale().item() == pytest.approx(30.0, rel=1e-6)  # --init-inv-tau=30, fixed
+    assert model.temperature_scale().item() == pytest.approx(14.3, rel=1e-6)  # the authors' --init-inv-tau, fixed
     scorer = objective.scoring(model).zero_shot  # cosine of the normalised embeddings, no retrieval
     assert type(scorer) is EmbeddingScorer and scorer.text_head is None and scorer.image_head is None
     with pytest.raises(ValueError, match="objective.inv_tau=200.0 is above the model's max_logit_scale"):
