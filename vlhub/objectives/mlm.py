@@ -22,7 +22,7 @@ sample's id (:mod:`vlhub.objectives.draws`), so the gradient cache, ranks and on
 the same masks.
 
 Where this departs from the papers: the mask token is a learned embedding rather than a vocabulary
-entry (CLIP's vocabulary has none), and chosen tokens are never replaced by random tokens (x_clip's
+entry (CLIP's vocabulary has none), and chosen tokens are never replaced by random tokens (x_clip's default
 recipe: 90% mask token, 10% unchanged; BERT's is 80/10/10). x_clip's ``MLM`` draws its masks from
 the global generator, so vlhub reuses its recipe and checks its loss against it (tests), not its module.
 """
