@@ -74,7 +74,7 @@ class MaskedLanguageModel(nn.Module):
         tower = model.text_tower
         if tower is None or not tower.has_tokens or not hasattr(tower.module, "token_embedding"):
             raise IncompatibleObjective("masked language modelling needs open_clip's text transformer (token features)")
-        if self.attention == "bidirectional" and not tower.can_attend_both_ways:
+        if self.attention == "bidirectional" and not getattr(tower, "can_attend_both_ways", False):
             name = type(tower.module).__name__
             raise IncompatibleObjective(f"bidirectional MLM needs a text tower whose causal mask lifts, not {name}")
         if self.head is None:
