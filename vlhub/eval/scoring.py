@@ -3,7 +3,7 @@
 Every task scores images the same way for a given objective, through a :class:`Scoring`:
 - ``zero_shot``: a :class:`ZeroShotScorer` that turns class prompts into a classifier and images
   into logits over it (CLIP's cosine of pooled embeddings by default; FILIP's token-wise
-  similarity; CLOOB's image-to-text projection). None: the objective has no zero-shot.
+  similarity). None: the objective has no zero-shot.
 - ``pairs``: a :class:`PairScorer` that scores a set of images against a set of texts, both ways
   (retrieval, ``data.val`` pairs, the CLIP_benchmark bridge). By default the zero-shot scorer,
   when it is also a pair scorer (both of vlhub's are). None: no image-text scores.
@@ -166,8 +166,8 @@ class DotProduct:
 class EmbeddingScorer(DotProduct):
     """CLIP's scoring: the cosine of pooled embeddings; zero-shot against the mean template embedding.
 
-    ``text_head`` maps the text tower's pooled features before normalisation (CLOOB's
-    image-to-text projection); ``image_head`` likewise for images.
+    ``text_head`` maps the text tower's pooled features before normalisation (an objective's own
+    head); ``image_head`` likewise for images.
     """
 
     def __init__(

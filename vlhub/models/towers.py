@@ -10,6 +10,8 @@ are open_clip's own, behind a known prefix (see ``open_clip_prefix``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -171,3 +173,27 @@ class OpenClipTextTower(Tower):
 
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
         self.module.lock(unlocked_layers=unlocked_groups, freeze_layer_norm=freeze_norm_stats)
+
+    @property
+    def can_attend_both_ways(self) -> bool:
+        """Whether :meth:`attending_both_ways` works: open_clip's ``TextTransformer`` (masks it builds itself)."""
+        return hasattr(self.module, "attn_mask") and hasattr(self.module, "use_pad_mask")
+
+    @contextlib.contextmanager
+    def attending_both_ways(self) -> Iterator[None]:
+        """Inside, this tower's calls attend in both directions: no causal mask, and padding
+        (``pad_id``) masked as an attention key, which the causal mask hid until now.
+
+        open_clip's ``TextTransformer`` builds its mask from these two attributes at every call
+        (what its own ``no_causal_mask=True, use_pad_mask=True`` build does), so the switch holds
+        for the calls inside only, through any wrapper around the tower (DDP) and with activation
+        checkpointing (the mask is an argument of each block); the weights are untouched.
+        """
+        if not self.can_attend_both_ways:
+            raise NotImplementedError(f"{type(self.module).__name__} has no causal mask to lift")
+        saved = self.module.attn_mask, self.module.use_pad_mask
+        self.module.attn_mask, self.module.use_pad_mask = None, True
+        try:
+            yield
+        finally:
+            self.module.attn_mask, self.module.use_pad_mask = saved

@@ -70,6 +70,9 @@ class Objective(nn.Module):
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
 
+    #: Whether the loss trains the model's temperature (``logit_scale``) where it reads it; cloob holds it fixed.
+    trains_temperature: bool = True
+
     #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
     #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
     init_from_model: bool = False
