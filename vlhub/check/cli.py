@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the correctness rows only (no compile, no speed)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="per-process batch of the correctness rows")
-    parser.add_argument("--objectives", nargs="+", default=None, help="only these registered objectives")
+    parser.add_argument("--objectives", default=None, help="only these registered objectives (comma-separated)")
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         parser.error(f"--batch-size={args.batch_size}: needs at least 2 (contrastive losses need negatives)")
@@ -49,7 +49,7 @@ def plan(args: argparse.Namespace, folder: Path):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = CheckSettings(str(device), default_precision(device), args.batch_size, list(args.overrides))
-    names = args.objectives or list_objectives()
+    names = args.objectives.split(",") if args.objectives else list_objectives()
     rows = [
         (
             "correctness",
@@ -114,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
-def cli() -> None:
-    """The command: offline, and without optional packages the check never uses (wandb, which timm
-    and open_clip import when it is installed: a slow import that may reach for its settings)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def block_unused_imports() -> None:
+    """Optional packages the check never uses stay unloaded (wandb, which timm and open_clip import
+    when it is installed: a slow import that may reach for its settings). Only for the command:
+    in a process that uses them (the test suite) they stay importable."""
     for name in OPTIONAL:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # ``import wandb`` raises ImportError
+
+
+def cli() -> None:
+    """The command: offline, nothing optional imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    block_unused_imports()
     sys.exit(main())

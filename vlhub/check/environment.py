@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import subprocess
+import sys
 
 import torch
 
 from vlhub.check.rows import FAIL, INFO, Row
+
+# What a bare GPU machine (torch, open_clip, timm, hydra) may lack: the check must not need it.
+UNNEEDED = ("sklearn", "scipy", "wandb", "matplotlib", "pandas")
 
 
 def _version(package: str) -> str | None:
@@ -54,4 +58,6 @@ def environment_rows(device: torch.device) -> list[Row]:
     for package in ("open_clip_torch", "timm", "hydra-core"):
         version = _version(package)
         rows.append(Row("environment", package, INFO if version else FAIL, version or "not installed"))
+    loaded = sorted(name for name in UNNEEDED if sys.modules.get(name) is not None)
+    rows.append(Row("environment", "unneeded imports", INFO, ", ".join(loaded) or "none"))
     return rows
