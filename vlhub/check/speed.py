@@ -15,6 +15,7 @@ gradient cache at 64 in chunks of 16: CPU figures, which say nothing about a GPU
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -83,10 +84,18 @@ def timed(step: Callable[[], Any], device: torch.device, steps: int, warmup: int
 
 
 def matmul_flops(device: torch.device) -> float:
-    """FLOP/s of a square matmul (bf16 on CUDA, fp32 on CPU), the best of a few timed runs."""
+    """FLOP/s of a square matmul (bf16 on CUDA, fp32 on CPU), the best of a few timed runs of 5."""
     size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    return 2 * size**3 / timed(lambda: a @ b, device, 10 if device.type == "cuda" else 3, 2)
+    best = math.inf
+    for _ in range(10 if device.type == "cuda" else 3):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * size**3 / best
 
 
 def datasheet_flops(device: torch.device) -> float | None:
