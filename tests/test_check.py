@@ -100,9 +100,19 @@ def test_a_broken_objective_fails_the_check_by_name(tmp_path, broken_objectives,
 
 
 @LONG
-def test_full_check_compiles_on_cpu(tmp_path):
+def test_full_check_compiles_and_measures_speed_on_cpu(tmp_path):
     assert main(["--out", str(tmp_path), "--batch-size", "4", "--objectives", "clip", *MICRO]) == 0
-    assert _rows(_report(tmp_path))["compile on = off"]["status"] == "ok"
+    rows = _rows(_report(tmp_path))
+    assert rows["compile on = off"]["values"]["relative_difference"] <= 1e-4
+    rates = {name: rows[name]["values"]["samples_per_s"] for name in ("vlhub eager", "open_clip compile + fused")}
+    assert all(rate > 0 for rate in rates.values())
+    ratio = rows["vlhub vs open_clip"]["values"]["ratio"]
+    assert ratio == pytest.approx(
+        rows["vlhub compile + fused"]["values"]["samples_per_s"] / rates["open_clip compile + fused"]
+    )
+    assert "CPU figure" in rows["vlhub vs open_clip"]["detail"]
+    assert rows["loader images/s"]["values"]["images_per_s"] > 0
+    assert rows["host-to-device copy"]["status"] == "untested here"  # no GPU
 
 
 @LONG

@@ -54,12 +54,15 @@ class InputCheck:
         trainer = self.m.trainer("input", self.m.spec.batch, *extra, own_data=True)
         try:
             loader = iter(trainer.make_loader(0))
-            first = next(loader).batch  # workers start, shuffle buffers fill: not timed
-            batches = 4
+            # Each worker makes whole batches, all starting together: the first round (one batch per
+            # worker) arrives at once and is not timed; the next three rounds are the steady rate.
+            for _ in range(self.workers):
+                first = next(loader).batch
+            batches, images = 3 * self.workers, 0
             start = time.perf_counter()
             for _ in range(batches):
-                batch = next(loader).batch
-            self.rate = batches * len(batch["image"]) / (time.perf_counter() - start)
+                images += len(next(loader).batch["image"])
+            self.rate = images / (time.perf_counter() - start)
             self.copy = self._copy_ms(trainer, first)
         finally:
             close(trainer)
