@@ -51,7 +51,8 @@ class InputCheck:
     def loader_row(self) -> RowResult:
         root = self._shards()
         extra = ("data=wds", f'data.root="{root}"', f"data.workers={self.workers}")
-        trainer = self.m.trainer("input", self.m.spec.batch, *extra, own_data=True)
+        # The user's data.* overrides describe the synthetic data of the other rows, or with --data their shards.
+        trainer = self.m.trainer("input", self.m.spec.batch, *extra, own_data=not self.data)
         try:
             loader = iter(trainer.make_loader(0))
             # Each worker makes whole batches, all starting together: the first round (one batch per
