@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hydra.errors import InstantiationException
 
 OK, FAIL, UNTESTED, INFO = "ok", "FAIL", "untested here", "info"
 
@@ -30,9 +33,13 @@ def run_row(section: str, name: str, check: Callable[[], tuple[str, str, dict[st
     start = time.perf_counter()
     try:
         status, detail, values = check()
-    except Exception as error:  # any failure of the machine or the library is a row, not a crash
+    except Exception as raised:  # any failure of the machine or the library is a row, not a crash
+        error = raised
+        while isinstance(error, InstantiationException) and error.__cause__ is not None:
+            error = error.__cause__  # the component's own error, not Hydra's wrapper
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        status, detail, values = FAIL, f"{type(error).__name__}: {reason}"[:300], {}
+        status, detail = FAIL, f"{type(error).__name__}: {reason}"[:300]
+        values = {"traceback": traceback.format_exception(raised)}  # in check.json, for a bug report
     return Row(section, name, status, detail, values, round(time.perf_counter() - start, 2))
 
 
