@@ -152,6 +152,10 @@ class Measurements:
         return text + (f", {100 * rate * self.flops_per_sample / sheet:.1f}% of the datasheet" if sheet else "")
 
 
+def _rate(rate: float) -> str:
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def _memory(device: torch.device) -> tuple[float | None, str]:
     if device.type != "cuda":
         return None, ""
@@ -201,7 +205,7 @@ def vlhub_row(m: Measurements, name: str, compiled: bool, fused: bool) -> RowRes
         close(trainer)
     m.rates[name] = rate
     memory, memory_text = _memory(m.device)
-    detail = f"{rate:,.0f} samples/s at batch {m.spec.batch}{m.mfu(rate)}{memory_text}"
+    detail = f"{_rate(rate)} samples/s at batch {m.spec.batch}{m.mfu(rate)}{memory_text}"
     return INFO, detail, {"samples_per_s": rate, "batch": m.spec.batch, "peak_memory_gib": memory}
 
 
@@ -240,7 +244,7 @@ def open_clip_row(m: Measurements) -> RowResult:
     rate = m.spec.batch / timed(step, m.device, m.spec.steps, m.spec.warmup)
     m.rates["open_clip"] = rate
     memory, memory_text = _memory(m.device)
-    detail = f"{rate:,.0f} samples/s at batch {m.spec.batch}{m.mfu(rate)}{memory_text}"
+    detail = f"{_rate(rate)} samples/s at batch {m.spec.batch}{m.mfu(rate)}{memory_text}"
     return INFO, detail, {"samples_per_s": rate, "batch": m.spec.batch, "peak_memory_gib": memory}
 
 
@@ -269,7 +273,7 @@ def grad_cache_row(m: Measurements) -> RowResult:
         close(trainer)
     m.rates["grad cache"] = rate
     memory, memory_text = _memory(m.device)
-    detail = f"{rate:,.0f} samples/s at logical {logical:,} in chunks of {chunk}{memory_text}"
+    detail = f"{_rate(rate)} samples/s at logical {logical:,} in chunks of {chunk}{memory_text}"
     return INFO, detail, {"samples_per_s": rate, "logical": logical, "chunk": chunk, "peak_memory_gib": memory}
 
 
