@@ -49,6 +49,8 @@ def plan(args: argparse.Namespace, folder: Path):
     from vlhub.registry import list_objectives
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={args.device}: no CUDA GPU is visible to this process (use --device cpu)")
     settings = CheckSettings(str(device), default_precision(device), args.batch_size, list(args.overrides))
     names = args.objectives.split(",") if args.objectives else list_objectives()
     rows = [
