@@ -102,7 +102,7 @@ def test_a_broken_objective_fails_the_check_by_name(tmp_path, broken_objectives,
 
 @LONG
 def test_full_check_compiles_and_measures_speed_on_cpu(tmp_path):
-    assert main(["--out", str(tmp_path), "--batch-size", "4", "--objectives", "clip", *MICRO]) == 0
+    assert main(["--large", "--out", str(tmp_path), "--batch-size", "4", "--objectives", "clip", *MICRO]) == 0
     rows = _rows(_report(tmp_path))
     assert rows["compile on = off"]["values"]["relative_difference"] <= 1e-4
     rates = {name: rows[name]["values"]["samples_per_s"] for name in ("vlhub eager", "open_clip compile + fused")}
@@ -114,6 +114,7 @@ def test_full_check_compiles_and_measures_speed_on_cpu(tmp_path):
     assert "CPU figure" in rows["vlhub vs open_clip"]["detail"]
     assert rows["loader images/s"]["values"]["images_per_s"] > 0
     assert rows["host-to-device copy"]["status"] == "untested here"  # no GPU
+    assert rows["grad cache 256, tiled loss"]["values"]["logical"] == 256
 
 
 @LONG

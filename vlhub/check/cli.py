@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the correctness rows only (no compile, no speed)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="per-process batch of the correctness rows")
+    parser.add_argument("--large", action="store_true", help="also the gradient cache at logical 262,144, tiled loss")
     parser.add_argument("--data", default=None, help="time the loader on these webdataset shards (a shard spec)")
     parser.add_argument("--objectives", default=None, help="only these registered objectives (comma-separated)")
     args = parser.parse_args(argv)
@@ -78,7 +79,7 @@ def plan(args: argparse.Namespace, folder: Path):
         from vlhub.check.speed import Measurements, SpeedSpec, speed_rows
 
         measured = Measurements(settings, folder, SpeedSpec.for_device(device))
-        rows += [*speed_rows(measured), *input_rows(measured, args.data)]
+        rows += [*speed_rows(measured, args.large), *input_rows(measured, args.data)]
     return device, settings, rows
 
 
