@@ -89,14 +89,21 @@ def tiny_model():
 def objective_batch(model, objective, size: int = 8, seed: int = 0):
     """A real training batch for ``objective`` (its views, text and labels) from the synthetic shapes,
     images normalised with the model's statistics (what ``represent`` sees)."""
-    from vlhub.augment import build_clip_transforms
+    from vlhub.augment import build_clip_transforms, build_simclr_transforms
     from vlhub.data import SyntheticShapes, build_train_loader
     from vlhub.data.batch import move_batch
 
     transforms = build_clip_transforms(model.image_stats)
+    views = build_simclr_transforms(model.image_stats)  # the defaults: augment=clip, augment_views=simclr
     tokenizer = model.tokenizer if objective.needs_text else None
     loader = build_train_loader(
-        SyntheticShapes(num_samples=256), transforms.train, tokenizer, size, seed, image_views=objective.image_views
+        SyntheticShapes(num_samples=256),
+        transforms.train,
+        tokenizer,
+        size,
+        seed,
+        image_views=objective.image_views,
+        view_transform=views.train,
     )
     stats = model.image_stats
     return move_batch(next(iter(loader)).batch, torch.device("cpu"), None, stats.mean, stats.std)
