@@ -199,7 +199,10 @@ def build_trainer(
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     transforms = instantiate(cfg.augment)(model.image_stats)  # the base view: every image-text term's images
-    views = instantiate(cfg.augment_views)(model.image_stats)  # the extra views of self-supervised terms
+    try:  # the extra views of self-supervised terms; the builders' errors name augment.*, so say which group
+        views = instantiate(cfg.augment_views)(model.image_stats)
+    except ValueError as error:
+        raise ValueError(f"augment_views: {error}") from None
     prepare_objective(objective, source, model, views, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams

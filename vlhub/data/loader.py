@@ -95,11 +95,11 @@ def draw_views(image: Image.Image, transforms: list[ImageTransform]) -> list[tor
     scale; the next view then starts from a fresh copy of the undecoded file, so extra views never see
     the base view's reduced pixels (and the base view is exactly what it is without extra views).
     """
-    data = image.fp.getvalue() if len(transforms) > 1 and isinstance(getattr(image, "fp", None), io.BytesIO) else None
+    undecoded = getattr(image, "fp", None)  # open_image's BytesIO until PIL decodes (then fp is None)
     size, views = image.size, []
     for transform in transforms:
-        if views and data is not None and image.size != size:
-            image = Image.open(io.BytesIO(data))
+        if views and isinstance(undecoded, io.BytesIO) and image.size != size:  # drafted: start again
+            image = Image.open(io.BytesIO(undecoded.getvalue()))
         views.append(transform(image))
     return views
 
