@@ -1,5 +1,7 @@
 """Data sources and the step-indexed loader: determinism, layouts, bad input."""
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
@@ -146,21 +148,25 @@ def _jpeg_csv(folder, count=12, size=64):
     return CsvPairs(str(folder / "pairs.csv"))
 
 
-def _job_batches(source, overrides, count=2):
-    """The first ``count`` batches a job with ``overrides`` trains on: its augment, augment_views and
-    objective composed and instantiated as ``vlhub.train`` does, the source's own loader."""
+@functools.cache
+def _job_views(objective: str):
+    """A job's image transforms and view count: its augment, augment_views and objective composed and
+    instantiated as ``vlhub.train`` does (for the tiny model's 32 px), and its seed."""
     from hydra.utils import instantiate
 
     from tests.conftest import compose_train
     from vlhub.models.vision_language import ImageStats
 
-    cfg = compose_train(overrides)
-    stats = ImageStats(32, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))  # the tiny model's size
+    cfg = compose_train([f"objective={objective}"])
+    stats = ImageStats(32, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
     transforms, views = instantiate(cfg.augment)(stats), instantiate(cfg.augment_views)(stats)
-    objective = instantiate(cfg.objective)
-    loader = source.build_loader(
-        transforms.train, None, 4, cfg.trainer.seed, image_views=objective.image_views, view_transform=views.train
-    )
+    return transforms.train, views.train, instantiate(cfg.objective).image_views, cfg.trainer.seed
+
+
+def _job_batches(source, objective, count=2):
+    """The first ``count`` batches a job with ``objective=...`` trains on, from the source's own loader."""
+    base, strong, image_views, seed = _job_views(objective)
+    loader = source.build_loader(base, None, 4, seed, image_views=image_views, view_transform=strong)
     return [loaded.batch for loaded, _ in zip(loader, range(count), strict=False)]
 
 
@@ -175,9 +181,7 @@ def test_views_a_clip_and_a_slip_job_train_on_bit_identical_base_images(tmp_path
         shapes = SyntheticShapes(num_samples=12, image_size=64)
         write_shards((shapes.load(i) for i in range(12)), tmp_path, shard_size=6)
         source = WebDatasetPairs(f"{tmp_path}/shard-{{000000..000001}}.tar", num_samples=12, shuffle_buffer=4)
-    clip = _job_batches(source, ["objective=clip"])
-    slip = _job_batches(source, ["objective=slip"])
-    simclr = _job_batches(source, ["objective=simclr"])
+    clip, slip, simclr = (_job_batches(source, objective) for objective in ("clip", "slip", "simclr"))
     for clip_batch, slip_batch, simclr_batch in zip(clip, slip, simclr, strict=True):
         assert set(clip_batch) & {"image_view2", "image_view3"} == set()
         assert clip_batch["image"].dtype == torch.uint8 and torch.equal(clip_batch["image"], slip_batch["image"])

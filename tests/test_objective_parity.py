@@ -469,7 +469,10 @@ def test_slips_projector_is_the_papers_and_x_clips_at_two_layers():
     from vlhub.objectives.ssl import mlp_projector
 
     # SLIP's _build_mlp(in, 4096, 256): Linear, BN, ReLU, Linear, BN, ReLU, Linear, on the encoder's width.
-    model, objective = prepared_objective("slip")
+    from vlhub.registry import OBJECTIVES
+
+    model, objective = micro_model(), OBJECTIVES.build("slip")  # its defaults, not the tests' narrow head
+    objective.apply_to_model(model)
     layers = list(objective.ssl_head.projector)
     kinds = [type(layer).__name__ for layer in layers]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
