@@ -27,6 +27,7 @@ FAST = [
     "data.workers=0",
     "eval.synthetic.num_samples=60",
     "eval.batch_size=64",
+    "eval.workers=0",
     "optim.warmup_steps=1",
     "logger.tensorboard=false",
 ]

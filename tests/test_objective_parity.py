@@ -1,9 +1,9 @@
 """Each objective's loss against an independent reference, on identical inputs, in one process.
 
-References: open_clip's SigLipLoss and CoCaLoss; x_clip's CLIP (DCL, CLOOB's extra projections,
-FILIP, multi-view), its MLM and its SimSiam modules, driven on the same features by replacing
-their encoders with modules that return given tensors; brute-force NT-Xent, token similarity
-and cross-entropy written here. fp32, tiny tensors.
+References: open_clip's SigLipLoss and CoCaLoss; x_clip's CLIP (DCL, FILIP, multi-view), its MLM
+and its SimSiam modules, driven on the same features by replacing their encoders with modules that
+return given tensors; CLOOB from the paper's equations and from the authors' code's logic;
+brute-force NT-Xent, token similarity and cross-entropy written here. fp32, tiny tensors.
 """
 
 from __future__ import annotations
@@ -167,26 +167,121 @@ def test_dcl_matches_x_clip_decoupled_contrastive_learning():
     assert_close(ours["loss"], theirs)
 
 
-# -- 3. CLOOB-style extra projections ---------------------------------------------------------
+# -- 3. CLOOB ---------------------------------------------------------------------------------
 
 
-def test_cloob_matches_x_clip_extra_latent_projection():
+def paper_cloob(x, y, beta, inv_tau, image_weight, text_weight):
+    """CLOOB from the paper's equations, one sample at a time: x, y normalised [N, D]; memories U = x, V = y.
+
+    U_x_i = U softmax(beta U^T x_i), renormalised (likewise U_y, V_x, V_y), and
+    InfoLOOB(a, b) = -1/N sum_i ln exp(s a_i.b_i) / sum_{j != i} exp(s a_i.b_j).
+    """
+    count = x.shape[0]
+
+    def retrieve(state, memory):
+        weights = torch.stack([beta * torch.dot(memory[j], state) for j in range(count)]).softmax(dim=0)
+        retrieved = sum(weights[j] * memory[j] for j in range(count))
+        return retrieved / retrieved.norm()
+
+    def info_loob(anchors, others):
+        total = 0.0
+        for i in range(count):
+            negatives = torch.stack([inv_tau * torch.dot(anchors[i], others[j]) for j in range(count) if j != i])
+            total = total - (inv_tau * torch.dot(anchors[i], others[i]) - negatives.logsumexp(dim=0))
+        return total / count
+
+    u_x = torch.stack([retrieve(x[i], x) for i in range(count)])
+    u_y = torch.stack([retrieve(y[i], x) for i in range(count)])
+    v_x = torch.stack([retrieve(x[i], y) for i in range(count)])
+    v_y = torch.stack([retrieve(y[i], y) for i in range(count)])
+    return image_weight * info_loob(u_x, u_y) + text_weight * info_loob(v_y, v_x)
+
+
+def authors_cloob(image_features, text_features, inv_tau, scale_hopfield):
+    """The logic of ml-jku/cloob's ``src/training/methods.py`` (``cloob``, ``hopfield_retrieval``,
+    ``infoLOOB_loss``), transcribed; its hflayers ``Hopfield`` layer (one head, no projections nor
+    normalisations, ``scaling=scale_hopfield``) computes softmax(scaling state stored^T) stored."""
+
+    def hopfield(state_patterns, stored_patterns):
+        retrieved = (scale_hopfield * state_patterns @ stored_patterns.T).softmax(dim=-1) @ stored_patterns
+        return retrieved / retrieved.norm(dim=1, keepdim=True)
+
+    def info_loob(x, y, i):
+        tau = 1 / inv_tau
+        k = x @ y.T / tau
+        positives = -torch.mean(torch.sum(k * i, dim=1))
+        arg_lse = k * torch.logical_not(i) + i * -1000.0
+        negatives = torch.mean(torch.logsumexp(arg_lse, dim=1))
+        return tau * (positives + negatives)
+
+    p_xx, p_yy = hopfield(image_features, image_features), hopfield(text_features, text_features)
+    p_xy, p_yx = hopfield(text_features, image_features), hopfield(image_features, text_features)
+    i = torch.eye(p_xx.shape[0]) > 0.5
+    return info_loob(p_xx, p_xy, i) + info_loob(p_yy, p_yx, i)
+
+
+def cloob_case(objective, image, text):
+    """(our loss, our input gradients, logit_scale's gradient) on raw features that ``represent`` normalises."""
+    towers = IdentityTowers(1.0)
+    objective.apply_init(towers)
+    image, text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    parts = objective.loss(objective.represent(towers, {"image": image, "text": text}), towers)
+    parts["loss"].backward()
+    return parts, (image.grad, text.grad), towers.logit_scale.grad
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"beta": 3.0, "inv_tau": 12.0, "image_weight": 0.7, "text_weight": 0.2}],
+)
+def test_cloob_loss_and_gradients_are_the_papers_equations(kwargs):
+    from vlhub.objectives.cloob import CloobObjective
+
+    objective = CloobObjective(**kwargs)
+    image, text = randn(6, 8), randn(6, 8, seed=1)
+    parts, grads, scale_grad = cloob_case(objective, image, text)
+    assert objective.inv_tau == kwargs.get("inv_tau", 14.3) and objective.beta == kwargs.get("beta", 14.3)
+    assert scale_grad is None  # 1/tau is fixed: the model's logit_scale is read, never trained
+
+    # The reference runs in fp64 on the same (upcast) inputs, so what is compared is our fp32 rounding alone.
+    raw = image.double().requires_grad_(), text.double().requires_grad_()
+    weights = kwargs.get("image_weight", 0.5), kwargs.get("text_weight", 0.5)
+    x, y = F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1)
+    expected = paper_cloob(x, y, objective.beta, objective.inv_tau, *weights)
+    expected.backward()
+    assert abs(parts["loss"].double() - expected).item() <= 1e-6
+    for ours, theirs in zip(grads, (raw[0].grad, raw[1].grad), strict=True):
+        assert ((ours.double() - theirs).norm() / theirs.norm()).item() <= 1e-6
+
+
+def test_cloob_is_the_authors_code_with_their_loss_weights_in_any_batch_order():
+    from vlhub.objectives.cloob import CloobObjective
+
+    inv_tau, beta = 30.0, 8.0  # their CC run's
+    objective = CloobObjective(beta=beta, inv_tau=inv_tau, image_weight=1 / inv_tau, text_weight=1 / inv_tau)
+    image, text = randn(8, 16, seed=4), randn(8, 16, seed=5)
+    parts, grads, _ = cloob_case(objective, image, text)
+    # Their gather puts this rank's rows first: rank 1 of 2 sees the batch rotated by 4.
+    raw = image.roll(4, 0).requires_grad_(), text.roll(4, 0).requires_grad_()
+    theirs = authors_cloob(F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1), inv_tau, beta)
+    theirs.backward()
+    exact = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(parts["loss"], theirs, **exact)
+    torch.testing.assert_close(grads[0], raw[0].grad.roll(-4, 0), **exact)
+    torch.testing.assert_close(grads[1], raw[1].grad.roll(-4, 0), **exact)
+
+
+def test_cloob_starts_at_the_authors_temperature_and_scores_zero_shot_as_the_paper():
+    from vlhub.eval.scoring import EmbeddingScorer
+
     model, objective = prepared_objective("cloob")
-    dim, scale = model.embed_dim, 6.0
-    with torch.no_grad():  # non-identity heads, so the two spaces differ
-        objective.image_extra.weight.copy_(randn(dim, dim, seed=2) / dim**0.5)
-        objective.text_extra.weight.copy_(randn(dim, dim, seed=3) / dim**0.5)
-    image, text, ids = randn(6, dim), randn(6, dim, seed=1), text_ids(6, 5)
-    clip = tiny_xclip(dim, ids, text, scale, extra_latent_projection=True)
-    clip.to_visual_latent_extra.load_state_dict(objective.image_extra.state_dict())
-    clip.to_text_latent_extra.load_state_dict(objective.text_extra.state_dict())
-    theirs = clip(ids, image, return_loss=True)
-    towers = IdentityTowers(scale)
-    ours = objective.loss(objective.represent(towers, {"image": image, "text": text}), towers)
-    assert_close(ours["loss"], theirs)
-    # The heads matter: with them as the identity, the loss is CLIP's and differs.
-    plain = open_clip.ClipLoss()(F.normalize(image, dim=-1), F.normalize(text, dim=-1), torch.tensor(scale))
-    assert not torch.allclose(ours["loss"], plain, **TOL)
+    assert model.temperature_scale().item() == pytest.approx(14.3, rel=1e-6)  # the authors' --init-inv-tau, fixed
+    scorer = objective.scoring(model).zero_shot  # cosine of the normalised embeddings, no retrieval
+    assert type(scorer) is EmbeddingScorer and scorer.text_head is None and scorer.image_head is None
+    with pytest.raises(ValueError, match="objective.inv_tau=200.0 is above the model's max_logit_scale"):
+        type(objective)(inv_tau=200.0).apply_to_model(model)
+    with pytest.raises(ValueError, match="objective.beta must be a positive number"):
+        type(objective)(beta=0)
 
 
 # -- 4. FILIP --------------------------------------------------------------------------------
@@ -267,26 +362,51 @@ CAPTIONS = [
 ]
 
 
-class MaskedTextTower(nn.Module):
-    """x_clip's MLM transformer: vlhub's text tower, its mask embedding where x_clip wrote
-    ``mask_token_id``, the token features behind one dummy leading position (x_clip drops it)."""
+class OpenClipMaskedText(nn.Module):
+    """x_clip's MLM transformer: open_clip's own ``TextTransformer`` built causal or, with
+    ``both_ways``, with ``no_causal_mask=True, use_pad_mask=True`` (open_clip's bidirectional tower,
+    padding masked as keys), holding the vlhub text tower's weights; vlhub's mask embedding where
+    x_clip wrote ``mask_token_id``; the token features projected as vlhub's tower projects them,
+    behind one dummy leading position (x_clip drops it)."""
 
-    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, expected_replaced: torch.Tensor):
+    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, both_ways: bool):
         super().__init__()
-        self.model, self.mlm, self.mask_token_id, self.expected_replaced = model, mlm, mask_token_id, expected_replaced
+        tower = model.text_tower.module
+        self.text = open_clip.transformer.TextTransformer(
+            context_length=tower.context_length,
+            vocab_size=tower.vocab_size,
+            width=tower.width,
+            heads=tower.heads,
+            layers=len(tower.transformer.resblocks),
+            output_dim=model.embed_dim,
+            no_causal_mask=both_ways,
+            use_pad_mask=both_ways,
+            output_tokens=True,
+        )
+        self.text.load_state_dict(tower.state_dict())
+        self.mlm, self.mask_token_id = mlm, mask_token_id
 
     def forward(self, masked_seq, **kwargs):
         replaced = masked_seq == self.mask_token_id
-        assert torch.equal(replaced, self.expected_replaced)
-        with self.mlm._masked_embeddings(self.model, replaced):
-            tokens = self.model(text=masked_seq, output_tokens=True)["text_tokens"]
+
+        def overwrite(module, inputs, output):
+            return torch.where(replaced[..., None], self.mlm.mask_embedding, output)
+
+        handle = self.text.token_embedding.register_forward_hook(overwrite)
+        try:
+            _, tokens = self.text(masked_seq)
+        finally:
+            handle.remove()
+        tokens = tokens @ self.text.text_projection
         return torch.cat([torch.zeros_like(tokens[:, :1]), tokens], dim=1)
 
 
-def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
-    model, objective = prepared_objective("mlm")
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_matches_x_clip_mlm_on_open_clips_own_tower_attending_the_same_way(monkeypatch, attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
     mlm = objective.mlm
     text = model.tokenize(CAPTIONS)
+    assert (text == 0).any()  # padding present: bidirectional, it must be masked as a key
     sample_id = torch.arange(len(CAPTIONS)) + 1000
     chosen, replaced = mlm.masks(text, sample_id)
     assert replaced.any() and (chosen & ~replaced).any()  # both kinds of chosen token present
@@ -306,7 +426,7 @@ def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
     mask_token_id = 1
     assert not (text == mask_token_id).any()
     reference = x_clip.mlm.MLM(
-        MaskedTextTower(model, mlm, mask_token_id, replaced),
+        OpenClipMaskedText(model, mlm, mask_token_id, both_ways=attention == "bidirectional"),
         dim=model.text_tower.token_dim,
         num_tokens=model.text_tower.vocab_size,
         mask_prob=mlm.mask_prob,

@@ -53,6 +53,60 @@ def test_mlm_masks_are_a_function_of_the_sample_not_of_the_batch():
     assert not torch.equal(other.masks(batch["text"], batch["sample_id"] + 1000)[0], chosen)
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_logits_at_a_masked_position_see_the_right_context_only_when_bidirectional(attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
+    mlm, masked, right = objective.mlm, 2, 4
+    text = model.tokenize(["a small red triangle on a dark background"])
+    changed = text.clone()
+    changed[0, right] = text[0, right] + 1  # another real token, to the right of the masked one
+    changed_left = text.clone()
+    changed_left[0, masked - 1] = text[0, masked - 1] + 1
+    replaced = torch.zeros_like(text, dtype=torch.bool)
+    replaced[0, masked] = True
+
+    def logits(tokens):
+        with torch.no_grad():
+            return mlm.head(mlm.token_features(model, tokens, replaced))[0, masked]
+
+    assert not torch.allclose(logits(changed_left), logits(text))  # the left side counts either way
+    assert torch.allclose(logits(changed), logits(text)) == (attention == "causal")
+    # The contrastive pass keeps the causal mask, before and after an MLM pass.
+    with torch.no_grad():
+        tokens = [model(text=t, output_tokens=True)["text_tokens"][0, masked] for t in (text, changed)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_padding_as_attention_keys_does_not_move_the_real_tokens(attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
+    mlm = objective.mlm
+    text = model.tokenize(["two green squares", "a small yellow triangle next to a large purple circle"])
+    padding = text == 0
+    assert padding.any(dim=1).all()  # padding in every row
+    replaced = torch.zeros_like(text, dtype=torch.bool)
+    replaced[:, 2] = True
+    noise = torch.randn(*text.shape, model.text_tower.module.width, generator=torch.Generator().manual_seed(0))
+
+    def noisy_padding(module, inputs, output):  # whatever the padding tokens carry, as keys they are unseen
+        return torch.where(padding[..., None], output + noise, output)
+
+    with torch.no_grad():
+        clean = mlm.token_features(model, text, replaced)
+        handle = model.text_tower.module.token_embedding.register_forward_hook(noisy_padding)
+        try:
+            noisy = mlm.token_features(model, text, replaced)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(noisy[~padding], clean[~padding])
+    assert not torch.allclose(noisy[padding], clean[padding])  # the noise did reach the padding positions
+
+
+def test_mlm_attention_key_is_checked():
+    with pytest.raises(ValueError, match="objective.mlm_attention must be one of bidirectional, causal"):
+        OBJECTIVES.build("mlm", mlm_attention="both")
+
+
 def _evaluate(model, objective, num_samples=30):
     context = EvalContext("synthetic", _eval_transform(model), CPU, batch_size=16, scoring=objective.scoring(model))
     return SyntheticZeroShot(num_samples=num_samples, image_size=32).run(model, context)

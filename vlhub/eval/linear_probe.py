@@ -1,6 +1,8 @@
 """Linear probe and k-NN on frozen image features, so image-only models compare with contrastive ones.
 
-Features come from ``encode_image`` alone and are L2-normalised. The probe is scikit-learn's
+Features follow one rule for every objective (``scoring.PROBE_FEATURES``, recorded as
+``scoring.linear_probe`` with the metrics): ``encode_image``, the image tower's pooled embedding
+after its projection, L2-normalised; never an objective's token or head outputs. The probe is scikit-learn's
 multinomial ``LogisticRegression`` (L-BFGS, L2 penalty with inverse strength ``C``) on the
 normalised features standardised with the train split's mean and variance, as in CLIP's
 linear-probe protocol. Given several ``C`` values, the probe picks the one with the best

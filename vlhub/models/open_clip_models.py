@@ -114,9 +114,11 @@ def build_open_clip_model(
         apply_grad_checkpointing(clip.text, "text")
     if pretrained:
         _load_pretrained(clip, arch, pretrained)
+    tower_loaded = []  # vlhub's state-dict keys that the tower files set
     for which, source, tower in (("image", image_pretrained, clip.visual), ("text", text_pretrained, clip.text)):
         if source:
-            load_tower_pretrained(tower, source, which, arch, pretrained_skip or ())
+            report = load_tower_pretrained(tower, source, which, arch, pretrained_skip or ())
+            tower_loaded += [f"{which}_tower.module.{key}" for key in report["loaded"]]
 
     preprocess = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
     size = vision_cfg.get("image_size", 224)
@@ -140,6 +142,11 @@ def build_open_clip_model(
         model.logit_scale.copy_(clip.logit_scale.reshape(()))
         if model.logit_bias is not None:
             model.logit_bias.copy_(clip.logit_bias.reshape(()))
+    if pretrained:  # a whole open_clip checkpoint, loaded strictly: every key, the temperature included
+        model.loaded_keys.update(model.state_dict())
+    if timm_backbone is not None and timm_pretrained:  # timm's weights for the trunk (not the projection)
+        model.loaded_keys.update(k for k in model.state_dict() if k.startswith("image_tower.module.trunk."))
+    model.loaded_keys.update(tower_loaded)
     return model
 
 

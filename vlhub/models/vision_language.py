@@ -67,6 +67,9 @@ class VisionLanguageModel(nn.Module):
         # A plain dict, not submodules: a wrapper (DDP) holds its tower, and registering it here would
         # put a second copy of every weight, under other names, into state_dict and parameters().
         self.tower_wrappers: dict[str, nn.Module] = {}
+        # State-dict keys whose values came from weights (model.pretrained, a tower's file, timm's, a
+        # checkpoint): an objective's apply_init leaves them as loaded (vlhub.objectives.base.set_by_weights).
+        self.loaded_keys: set[str] = set()
 
     @property
     def embed_dim(self) -> int:
@@ -166,7 +169,9 @@ class VisionLanguageModel(nn.Module):
         return {oc_key: own[key].detach().clone() for key, oc_key in self._open_clip_key_map().items()}
 
     def load_open_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.load_state_dict(self.state_dict_from_open_clip(state_dict))
+        own = self.state_dict_from_open_clip(state_dict)
+        self.load_state_dict(own)
+        self.loaded_keys.update(own)
 
     def state_dict_from_open_clip(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights under open_clip's names renamed to this model's (``load_state_dict``'s keys)."""

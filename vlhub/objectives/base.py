@@ -14,7 +14,8 @@ global batch. Per-sample random draws (MLM masks) come from ``batch["sample_id"]
 
 Before training, ``apply_to_data`` sees the data source (``ce`` reads its classes) and
 ``apply_to_model`` the model (heads sized from the towers, locks), and on a fresh run
-``apply_init`` sets initial values the objective prescribes. The first two raise
+``apply_init`` sets initial values the objective prescribes, but never on a model value that
+pretrained weights or a checkpoint set (:func:`set_by_weights`). The first two raise
 :class:`IncompatibleObjective` with the reason when the pair cannot work; the launcher names the
 config choices. ``spec()`` is what a checkpoint stores to rebuild the objective through the
 registry; ``scoring(model)`` says how evaluation scores images for it.
@@ -22,6 +23,7 @@ registry; ``scoring(model)`` says how evaluation scores images for it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +32,17 @@ from torch import nn
 from vlhub.data.batch import Batch
 from vlhub.eval.scoring import EmbeddingScorer, Scoring
 from vlhub.registry import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+
+def set_by_weights(model: nn.Module, key: str, setting: str) -> bool:
+    """Whether the model's ``key`` (a state-dict key) came from loaded weights (``model.loaded_keys``);
+    if so ``apply_init`` must keep it, and this says that the objective's ``setting`` is not applied."""
+    if key not in getattr(model, "loaded_keys", ()):
+        return False
+    log.info("objective.%s not applied: %s keeps the value the loaded weights gave it", setting, key)
+    return True
 
 
 def token_nll_per_sample(nll: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +72,9 @@ class Objective(nn.Module):
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
 
+    #: Whether the loss trains the model's temperature (``logit_scale``) where it reads it; cloob holds it fixed.
+    trains_temperature: bool = True
+
     #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
     #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
     init_from_model: bool = False
@@ -81,7 +97,8 @@ class Objective(nn.Module):
 
     def apply_init(self, model: nn.Module) -> None:
         """Set the initial values this objective starts from (SigLIP's temperature), on a fresh run
-        only: never on resume or when a trained checkpoint is loaded. Default: nothing."""
+        only: never on resume, and never on a model value that loaded weights set (check each with
+        :func:`set_by_weights`). Default: nothing."""
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -94,7 +111,12 @@ class Objective(nn.Module):
         """How evaluation scores images: CLIP's zero-shot for text-bearing objectives, else a probe."""
         if self.needs_text:
             return Scoring(zero_shot=EmbeddingScorer(model))
-        return Scoring(zero_shot=None, probe=True)
+        return Scoring(zero_shot=None, probe=True, absent=self.no_text_reason())
+
+    def no_text_reason(self) -> str:
+        """Why an image-only objective has no zero-shot or retrieval (one line, for skip messages)."""
+        name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
+        return f"objective {name} trains no text tower, so image-text scores would read an untrained one"
 
     def resolved_kwargs(self) -> dict[str, Any]:
         """Constructor arguments resolved from the data (``ce``'s classes), stored to rebuild it."""

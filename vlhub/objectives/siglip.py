@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlhub.objectives.base import set_by_weights
 from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.objectives.tiled import tiled_sigmoid_loss
 from vlhub.registry import OBJECTIVES
@@ -19,8 +20,9 @@ class SiglipObjective(ContrastiveObjective):
 
     The paper's start, temperature t = 10 and bias b = -10, is the objective's config:
     ``init_logit_scale`` (log t) is written into the model's temperature on a fresh run
-    (``apply_init``), and the bias is the objective's own parameter, unless the model already
-    carries one (an open_clip SigLIP checkpoint, ``model.init_logit_bias``), which is then trained.
+    (``apply_init``) unless pretrained weights set it (then theirs is kept), and the bias is the
+    objective's own parameter, unless the model already carries one (an open_clip SigLIP
+    checkpoint, ``model.init_logit_bias``), which is then trained.
     ``loss_tiles`` computes the same sum R rows at a time (:func:`vlhub.objectives.tiled.tiled_sigmoid_loss`).
     """
 
@@ -38,7 +40,8 @@ class SiglipObjective(ContrastiveObjective):
             self.logit_bias = nn.Parameter(torch.tensor(float(self.init_logit_bias)))
 
     def apply_init(self, model: nn.Module) -> None:
-        if self.init_logit_scale is not None:
+        # A pretrained checkpoint's temperature is kept (it was trained with its towers).
+        if self.init_logit_scale is not None and not set_by_weights(model, "logit_scale", "init_logit_scale"):
             with torch.no_grad():
                 model.logit_scale.fill_(self.init_logit_scale)
 

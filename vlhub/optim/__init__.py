@@ -1,5 +1,9 @@
 """Optimizer recipes: an optimizer bound later to param groups, and an lr schedule by name.
 
+``lr`` and ``warmup_steps`` are what the optimizer and the schedule get, whoever set them. Only when
+``scale_with_batch`` asks for a rule is the lr (never the warmup) moved from ``reference_batch_size``
+to the run's global batch, and the start of the run logs both values.
+
 With no per-tower key and no ``layer_decay`` set, the groups are the two of :func:`build_param_groups`
 (decayed, undecayed); otherwise the named groups of :mod:`vlhub.optim.groups`.
 """
@@ -25,15 +29,13 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 log = logging.getLogger(__name__)
 
 
-def scale_for_batch(lr: float, warmup_steps: int, reference_batch_size: int, batch_size: int) -> tuple[float, int]:
-    """A recipe published at ``reference_batch_size``, moved to a smaller global batch.
-
-    The square-root rule for Adam: lr times sqrt(batch / reference) and warmup steps times
-    sqrt(reference / batch), so the lr summed over the warmup stays the same. A batch at or
-    above the reference keeps the published values (never a larger lr than was published).
-    """
-    ratio = min(1.0, batch_size / reference_batch_size)
-    return lr * math.sqrt(ratio), round(warmup_steps / math.sqrt(ratio))
+# lr multiplier as a function of global batch / reference batch. sqrt: the square-root rule for
+# Adam (Malladi et al. 2022); linear: Goyal et al. 2017. Both scale up as well as down.
+BATCH_SCALING: dict[str, Callable[[float], float]] = {
+    "none": lambda ratio: 1.0,
+    "sqrt": math.sqrt,
+    "linear": lambda ratio: ratio,
+}
 
 
 def build_param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
@@ -64,7 +66,8 @@ class OptimRecipe:
     weight_decay: float  # values live in configs/optim/*.yaml: no second default here
     scheduler: str
     warmup_steps: int
-    reference_batch_size: int | None = None  # set: lr and warmup_steps are for this global batch
+    scale_with_batch: str = "none"  # none | sqrt | linear (BATCH_SCALING): the lr only, when asked
+    reference_batch_size: int | None = None  # the global batch lr was chosen for; read only when scaling
     # Keys of configs/optim/shared/groups.yaml; None (unset) here keeps the plain two groups.
     image: Mapping[str, float | None] | None = None  # {lr, weight_decay}: null = optim.lr / optim.weight_decay
     text: Mapping[str, float | None] | None = None
@@ -78,8 +81,15 @@ class OptimRecipe:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.reference_batch_size is not None and self.reference_batch_size <= 0:
-            raise ValueError(f"optim.reference_batch_size must be > 0 or null, got {self.reference_batch_size}")
+        if self.scale_with_batch not in BATCH_SCALING:
+            raise ValueError(
+                f"optim.scale_with_batch={self.scale_with_batch!r} is not a rule (known: {', '.join(BATCH_SCALING)})"
+            )
+        if self.scale_with_batch != "none" and (self.reference_batch_size or 0) <= 0:
+            raise ValueError(
+                f"optim.scale_with_batch={self.scale_with_batch} needs optim.reference_batch_size > 0 "
+                f"(the global batch optim.lr was chosen for), got {self.reference_batch_size}"
+            )
         for tower in TOWERS:
             settings = dict(getattr(self, tower) or {})
             unknown = set(settings) - {"lr", "weight_decay"}
@@ -93,11 +103,14 @@ class OptimRecipe:
         if unknown_towers:
             raise ValueError(f"optim.layer_decay_towers: unknown towers {sorted(unknown_towers)} (known: image, text)")
 
-    def for_batch(self, batch_size: int | None) -> tuple[float, int]:
-        """(lr, warmup steps) at global batch ``batch_size``: scaled when a reference batch is set."""
-        if self.reference_batch_size is None or batch_size is None:
-            return self.lr, self.warmup_steps
-        return scale_for_batch(self.lr, self.warmup_steps, self.reference_batch_size, batch_size)
+    def lr_for_batch(self, batch_size: int | None) -> float:
+        """The base lr at global batch ``batch_size``: ``lr`` itself unless ``scale_with_batch`` asks."""
+        if self.scale_with_batch == "none":
+            return self.lr
+        if batch_size is None:
+            raise ValueError(f"optim.scale_with_batch={self.scale_with_batch} needs the run's global batch size")
+        assert self.reference_batch_size is not None  # checked in __post_init__
+        return self.lr * BATCH_SCALING[self.scale_with_batch](batch_size / self.reference_batch_size)
 
     def tower_settings(self, tower: str) -> tuple[float, float]:
         """(lr, weight decay) of ``tower``: its own keys, else optim.lr / optim.weight_decay."""
@@ -157,25 +170,25 @@ class OptimRecipe:
         groups = self.param_groups(modules)
         if not groups:
             raise ValueError("nothing to train: every parameter is frozen")
-        lr, warmup_steps = self.for_batch(batch_size)
-        if (lr, warmup_steps) != (self.lr, self.warmup_steps):
+        lr = self.lr_for_batch(batch_size)
+        if self.scale_with_batch != "none":
             log.info(
-                "optim: lr %.3g and %d warmup steps are for batch %d; at batch %d: lr %.3g, %d warmup steps "
-                "(square-root rule; optim.reference_batch_size=null keeps them as given)",
+                "optim.scale_with_batch=%s: lr %.4g at reference batch %d -> lr %.4g at global batch %d "
+                "(optim.warmup_steps=%d, unscaled)",
+                self.scale_with_batch,
                 self.lr,
-                self.warmup_steps,
                 self.reference_batch_size,
-                batch_size,
                 lr,
-                warmup_steps,
+                batch_size,
+                self.warmup_steps,
             )
-        if warmup_steps >= max_steps:
-            log.warning("optim: %d warmup steps in a %d-step run: the lr never peaks", warmup_steps, max_steps)
+        if self.warmup_steps >= max_steps:
+            log.warning("optim: %d warmup steps in a %d-step run: the lr never peaks", self.warmup_steps, max_steps)
         for group in groups:  # per-tower and layer-decayed lrs scale with the base lr
             if "lr" in group:
                 group["lr"] *= lr / self.lr
         optimizer = self.optimizer(groups, lr=lr, **self.kernel_options(groups))
-        return optimizer, build_scheduler(optimizer, self.scheduler, warmup_steps, max_steps)
+        return optimizer, build_scheduler(optimizer, self.scheduler, self.warmup_steps, max_steps)
 
 
 def _mixes_sharded_and_plain(params: list[torch.Tensor]) -> bool:
