@@ -490,21 +490,21 @@ class Passthrough(nn.Module):
 def test_declip_simsiam_and_multiview_terms_match_x_clip():
     model, objective = prepared_objective("declip", ssl_projection_dim=8, ssl_hidden_dim=16)
     dim, batch, scale = model.image_tower.output_dim, 6, 7.0
-    view1, view2, text, ids = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=2), text_ids(6, 5)
+    base, text, ids = randn(batch, dim, seed=3), randn(batch, dim, seed=2), text_ids(6, 5)
+    view2, view3 = randn(batch, dim), randn(batch, dim, seed=1)
     reps = {
-        "image_features": F.normalize(view1, dim=-1),
-        "view2_image_features": F.normalize(view2, dim=-1),
+        "image_features": F.normalize(base, dim=-1),
         "text_features": F.normalize(text, dim=-1),
-        "view1_features": view1,
         "view2_features": view2,
+        "view3_features": view3,
         "mlm_nll": torch.ones(batch),
         "mlm_tokens": torch.ones(batch),
     }
     objective.train()
     parts = objective.loss(reps, IdentityTowers(scale))
 
-    # SimSiam: x_clip's module on the stacked views, each "augmentation" picking one; its mock
-    # forward on [2, channels, D, D] sizes the projector for inputs of width D.
+    # SimSiam on the two strong views: x_clip's module on the stacked views, each "augmentation" picking
+    # one; its mock forward on [2, channels, D, D] sizes the projector for inputs of width D.
     simsiam = SimSiam(
         Passthrough(),
         image_size=dim,
@@ -517,14 +517,15 @@ def test_declip_simsiam_and_multiview_terms_match_x_clip():
     ).train()
     simsiam.online_encoder.projector.load_state_dict(objective.ssl_head.projector.state_dict())
     simsiam.online_predictor.load_state_dict(objective.ssl_head.predictor.state_dict())
-    assert_close(parts["ssl_loss"], simsiam(torch.stack([view1, view2], dim=1)))
+    assert_close(parts["ssl_loss"], simsiam(torch.stack([view2, view3], dim=1)))
 
-    # Multi-view: x_clip's CLIP with the second view as aug_image: 0.9 x CL(text, view 1) + 0.1 x CL(text, view 2).
+    # CLIP on the base view; multi-view: the mean over the strong views of x_clip's CLIP with that
+    # view as aug_image (multiview_loss_weight 1: its CL weight is then 0, the multi-view term alone).
     clip = tiny_xclip(dim, ids, text, scale, multiview_loss_weight=0.1)
-    theirs = clip(ids, view1, return_loss=True, aug_image=view2)
-    assert_close(0.9 * parts["contrastive_loss"] + 0.1 * parts["multiview_loss"], theirs)
-    clip.multiview_loss_weight = 1.0  # its CL weight is then 0: the multi-view term alone
-    assert_close(parts["multiview_loss"], clip(ids, view1, return_loss=True, aug_image=view2))
+    assert_close(parts["contrastive_loss"], clip(ids, base, return_loss=True))
+    clip.multiview_loss_weight = 1.0
+    per_view = [clip(ids, base, return_loss=True, aug_image=view) for view in (view2, view3)]
+    assert_close(parts["multiview_loss"], (per_view[0] + per_view[1]) / 2)
 
 
 # -- 7. SimCLR and SLIP ----------------------------------------------------------------------
@@ -555,21 +556,22 @@ def test_nt_xent_is_the_brute_force_one_and_x_clips():
 def test_simclr_and_slip_ssl_terms_are_nt_xent_on_the_projections(name):
     if name == "simclr":
         model, objective = prepared_objective("simclr", projection_dim=8, hidden_dim=16, temperature=0.2)
-        head = objective.head
+        head, dim = objective.head, model.image_tower.output_dim
     else:
         model, objective = prepared_objective(
             "slip", ssl_projection_dim=8, ssl_hidden_dim=16, clip_weight=0.3, ssl_weight=0.6
         )
-        head = objective.ssl_head
-    dim, batch, scale = model.image_tower.output_dim, 6, 9.0
-    view1, view2, text = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=2)
-    reps = {"view1_features": view1, "view2_features": view2}
+        head, dim = objective.ssl_head, model.image_tower.unprojected_dim  # the encoder's own features
+    batch, scale, width = 6, 9.0, model.image_tower.output_dim
+    view2, view3 = randn(batch, dim), randn(batch, dim, seed=1)
+    base, text = randn(batch, width, seed=3), randn(batch, width, seed=2)
+    reps = {"view2_features": view2, "view3_features": view3}
     if name == "slip":
-        reps |= {"image_features": F.normalize(view1, dim=-1), "text_features": F.normalize(text, dim=-1)}
+        reps |= {"image_features": F.normalize(base, dim=-1), "text_features": F.normalize(text, dim=-1)}
     objective.train()
     parts = objective.loss(reps, IdentityTowers(scale))
-    # The projector (BatchNorm in training mode: batch statistics) runs on each view's batch.
-    expected = brute_force_nt_xent(head.projector(view1), head.projector(view2), head.temperature)
+    # The projector (BatchNorm in training mode: batch statistics) runs on each strong view's batch.
+    expected = brute_force_nt_xent(head.projector(view2), head.projector(view3), head.temperature)
     assert_close(parts["ssl_loss"], expected)
     if name == "simclr":
         assert head.temperature == 0.2
@@ -579,6 +581,28 @@ def test_simclr_and_slip_ssl_terms_are_nt_xent_on_the_projections(name):
         clip = open_clip.ClipLoss()(reps["image_features"], reps["text_features"], torch.tensor(scale))
         assert_close(parts["contrastive_loss"], clip)
         assert_close(parts["loss"], 0.3 * clip + 0.6 * expected)
+
+
+def test_slips_projector_is_the_papers_and_x_clips_at_two_layers():
+    from x_clip.visual_ssl import MLP
+
+    from vlhub.objectives.ssl import mlp_projector
+
+    # SLIP's _build_mlp(in, 4096, 256): Linear, BN, ReLU, Linear, BN, ReLU, Linear, on the encoder's width.
+    from vlhub.registry import OBJECTIVES
+
+    model, objective = micro_model(), OBJECTIVES.build("slip")  # its defaults, not the tests' narrow head
+    objective.apply_to_model(model)
+    layers = list(objective.ssl_head.projector)
+    kinds = [type(layer).__name__ for layer in layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    widths = [(layer.in_features, layer.out_features) for layer in layers if isinstance(layer, nn.Linear)]
+    assert widths == [(model.image_tower.unprojected_dim, 4096), (4096, 4096), (4096, 256)]
+    assert objective.ssl_head.temperature == 0.1
+    # At two layers it is x_clip's MLP: the same keys, the same outputs.
+    ours, theirs = mlp_projector(6, 3, 5, layers=2).train(), MLP(6, 3, 5).train()
+    theirs.load_state_dict(ours.state_dict())
+    assert_close(ours(randn(4, 6)), theirs(randn(4, 6)))
 
 
 # -- 8. CoCa ---------------------------------------------------------------------------------

@@ -170,11 +170,11 @@ def test_ce_classifier_is_scored_on_the_task_classes_by_name():
     [
         (["objective=filip", "model=rn50"], "objective=filip with model=rn50.*needs token features"),
         (["objective=coca", "model=rn50"], "objective=coca with model=rn50.*needs token features"),
-        (["objective=simclr", "augment=none"], "objective=simclr.*augment=none.*identical"),
+        (["objective=simclr", "augment_views=none"], "objective=simclr.*augment_views=none.*identical"),
     ],
 )
 def test_an_objective_that_cannot_work_fails_at_launch_naming_both(tmp_path, overrides, message):
-    choices = {"model": "tiny", "data": "synthetic", "augment": "clip"}
+    choices = {"model": "tiny", "data": "synthetic", "augment": "clip", "augment_views": "simclr"}
     choices.update(dict(o.split("=") for o in overrides))
     with pytest.raises(IncompatibleObjective, match=message):
         run_train(overrides, tmp_path, choices)
@@ -215,12 +215,36 @@ def test_siglip_starts_from_the_papers_temperature_and_bias():
     assert objective.logit_bias.item() == -10.0
 
 
-def test_a_two_view_objective_gets_independent_views_and_the_command_line_wins_over_its_augment(tmp_path):
-    from tests.conftest import compose_train
+# Which loss parts each view moves: image-text terms read the base view only, SSL terms the strong ones.
+CLIP_PARTS = {"contrastive_loss", "image_to_text_loss", "text_to_image_loss"}
+VIEW_READERS = {
+    "slip": (CLIP_PARTS, {"ssl_loss"}, {}),
+    "declip": (CLIP_PARTS, {"ssl_loss", "multiview_loss"}, {"ssl_projection_dim": 8, "ssl_hidden_dim": 16}),
+    "simclr": (set(), {"ssl_loss"}, {}),
+}
 
-    assert "simclr" in compose_train(["objective=slip"]).augment._target_
-    assert "clip" in compose_train(["objective=slip", "augment=clip"]).augment._target_
-    model, objective = prepared_objective("slip")
-    batch = objective_batch(model, objective, size=4)
-    assert batch["image_view2"].shape == batch["image"].shape
-    assert not torch.equal(batch["image_view2"], batch["image"])
+
+@pytest.mark.parametrize("name", list(VIEW_READERS))
+def test_image_text_terms_see_the_base_view_and_ssl_terms_the_strong_views(name):
+    base_parts, strong_parts, kwargs = VIEW_READERS[name]
+    model, objective = prepared_objective(name, **kwargs)
+    batch = objective_batch(model, objective, size=8)
+    objective.train()
+
+    def parts(batch):
+        with torch.no_grad():
+            out = objective.loss(objective.represent(model, batch), model)
+        return {key: value for key, value in out.items() if key.endswith("_loss")}
+
+    before = parts(batch)
+    assert base_parts | strong_parts <= set(before)
+    for key, movers in (("image", base_parts), ("image_view2", strong_parts), ("image_view3", strong_parts)):
+        after = parts({**batch, key: batch[key].roll(1, dims=0)})  # pairs broken in this view only
+        moved = {part for part in before if not torch.equal(before[part], after[part])}
+        assert moved == movers, (key, moved)
+    if name == "slip":  # the SSL head reads the image tower's features before its projection
+        with torch.no_grad():
+            proj = model.image_tower.module.proj
+            proj.add_(0.1 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
+        moved = {part for part, value in parts(batch).items() if not torch.equal(before[part], value)}
+        assert moved == CLIP_PARTS

@@ -103,6 +103,17 @@ class Tower(nn.Module):
         """Freeze all but the last ``unlocked_groups`` layer groups (LiT)."""
         raise NotImplementedError(f"{type(self).__name__} does not support locking")
 
+    @property
+    def unprojected_dim(self) -> int:
+        """The width of :meth:`forward_unprojected`'s features."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose features before its projection")
+
+    def forward_unprojected(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, unprojected_dim] before the projection into the shared embedding space
+        (the encoder's own representation, what SLIP's SSL head reads). Called through
+        :func:`unprojected_calls`, so that a wrapper (DDP, FSDP) around the tower runs it."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose features before its projection")
+
 
 class OpenClipImageTower(Tower):
     """open_clip's ``visual`` module: VisionTransformer, ModifiedResNet or TimmModel."""
@@ -142,6 +153,33 @@ class OpenClipImageTower(Tower):
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
         # open_clip implements group-wise locking for ViT, ModifiedResNet and timm trunks.
         self.module.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_norm_stats)
+
+    @property
+    def unprojected_dim(self) -> int:
+        visual = self.module
+        if hasattr(visual, "trunk"):  # open_clip's TimmModel: the trunk's pre-logits width
+            return int(getattr(visual.trunk, "head_hidden_size", None) or visual.trunk.num_features)
+        if hasattr(visual, "attnpool"):  # ModifiedResNet: layer4's channels
+            return int(visual.attnpool.k_proj.in_features)
+        projection = getattr(visual, "proj", None)
+        return int(projection.shape[0]) if projection is not None else self.output_dim
+
+    def forward_unprojected(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A ViT's pooled token before ``proj`` (after ``ln_post``); a timm trunk's pre-logits features
+        (before open_clip's ``head``, or the trunk's classifier when that is the projection); for a
+        ModifiedResNet, whose attention pool ends in its projection, layer4 averaged over space.
+        Built from open_clip 3.x's own steps (``_embeds``, ``transformer``, ``_pool``), so patch dropout
+        and gradient checkpointing act as in ``forward``; ``trainer.compile`` does not cover this path."""
+        visual = self.module
+        if hasattr(visual, "trunk"):
+            features = visual.trunk.forward_head(visual.trunk.forward_features(inputs), pre_logits=True)
+            return features.flatten(2).mean(-1) if features.ndim > 2 else features  # attention-pool trunks
+        if hasattr(visual, "attnpool"):
+            x = visual.stem(inputs)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            return x.mean(dim=(2, 3))
+        pooled, _ = visual._pool(visual.transformer(visual._embeds(inputs)))
+        return pooled
 
 
 class OpenClipTextTower(Tower):
@@ -197,3 +235,21 @@ class OpenClipTextTower(Tower):
             yield
         finally:
             self.module.attn_mask, self.module.use_pad_mask = saved
+
+
+@contextlib.contextmanager
+def unprojected_calls(tower: Tower) -> Iterator[None]:
+    """Within the block, calling ``tower`` (or a DDP / FSDP wrapper around it, which calls the tower's
+    ``forward``) returns ``TowerOutput(pooled=tower.forward_unprojected(inputs))``. Going through the
+    wrapper's own call is what keeps its gradient hooks and parameter gathering in effect."""
+
+    def forward(inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
+        if output_tokens:
+            raise ValueError("unprojected features are pooled only: output_tokens must be False")
+        return TowerOutput(pooled=tower.forward_unprojected(inputs))
+
+    tower.forward = forward  # an instance attribute, found before the class's forward
+    try:
+        yield
+    finally:
+        del tower.forward

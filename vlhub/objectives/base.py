@@ -65,8 +65,10 @@ class IncompatibleObjective(ValueError):
 class Objective(nn.Module):
     #: Whether batches must carry tokenized text.
     needs_text: bool = True
-    #: How many augmented views of each image the batches must carry (1 or 2).
-    image_views: int = 1
+    #: How many extra, strongly augmented views of each image its self-supervised terms need (0, 1 or
+    #: 2): drawn with ``augment_views`` after the base view ``image`` (the run's ``augment``, the one
+    #: every image-text term sees), they reach ``represent`` as ``image_view2`` and ``image_view3``.
+    strong_views: int = 0
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
 
@@ -76,6 +78,11 @@ class Objective(nn.Module):
     #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
     #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
     init_from_model: bool = False
+
+    @property
+    def image_views(self) -> int:
+        """How many views of each image the batches carry: the base view and the strong ones."""
+        return 1 + self.strong_views
 
     def apply_to_data(self, source: Any) -> None:
         """Check (and read what is needed from) the training source; default: labels if needed."""

@@ -1,10 +1,13 @@
 """DeCLIP: CLIP plus MLM, SimSiam on two image views, and multi-view contrast (Li et al. 2021).
 
-As x_clip's ``CLIP(use_mlm=True, use_visual_ssl=True, visual_ssl_type="simsiam")`` called with
-``aug_image``: the total is ``contrastive_weight`` x CLIP(text, view 1) + ``mlm_weight`` x MLM
-+ ``ssl_weight`` x SimSiam(view 1, view 2) + ``multiview_weight`` x CLIP(text, view 2). The
-defaults are x_clip's effective weights (0.8, 0.05, 0.05, 0.1). Captions are not augmented
-(DeCLIP's EDA text views are not part of this objective).
+Three views of each image: the base view ``image`` (the run's ``augment``, as every objective's
+image-text terms) and two strong views ``image_view2``, ``image_view3`` (``augment_views``). As x_clip's
+``CLIP(use_mlm=True, use_visual_ssl=True, visual_ssl_type="simsiam")`` called with ``aug_image``, the
+total is ``contrastive_weight`` x CLIP(text, base) + ``mlm_weight`` x MLM(on the base pass's captions)
++ ``ssl_weight`` x SimSiam(view 2, view 3) + ``multiview_weight`` x the mean of CLIP(text, view 2) and
+CLIP(text, view 3) (the paper's image views x text, with one text view). The defaults are x_clip's
+effective weights (0.8, 0.05, 0.05, 0.1). Captions are not augmented (DeCLIP's EDA text views and its
+nearest-neighbour supervision are not part of this objective).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from vlhub.registry import OBJECTIVES
 
 @OBJECTIVES.register("declip")
 class DeclipObjective(ContrastiveObjective):
-    image_views = 2
+    strong_views = 2
     supports_loss_tiles = True  # both image-text terms are CLIP's
 
     def __init__(
@@ -51,33 +54,33 @@ class DeclipObjective(ContrastiveObjective):
             self.ssl_head = SimsiamHead(model.image_tower.output_dim, self.ssl_projection_dim, self.ssl_hidden_dim)
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        out = model(image=torch.cat([batch["image"], batch["image_view2"]]), text=batch["text"])
-        view1, view2 = out["image_features"].chunk(2)
+        images = torch.cat([batch["image"], batch["image_view2"], batch["image_view3"]])
+        out = model(image=images, text=batch["text"])
+        base, view2, view3 = out["image_features"].chunk(3)
         return {
-            "image_features": F.normalize(view1, dim=-1),
-            "view2_image_features": F.normalize(view2, dim=-1),
+            "image_features": F.normalize(base, dim=-1),
             "text_features": F.normalize(out["text_features"], dim=-1),
-            "view1_features": view1,
             "view2_features": view2,
+            "view3_features": view3,
             **self.mlm.represent(model, batch),
         }
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        image, view2, text, raw1, raw2, nll, tokens = self.gather_all(
+        image, text, view2, view3, nll, tokens = self.gather_all(
             reps["image_features"],
-            reps["view2_image_features"],
             reps["text_features"],
-            reps["view1_features"],
             reps["view2_features"],
+            reps["view3_features"],
             reps["mlm_nll"],
             reps["mlm_tokens"],
         )
         scale = model.temperature_scale()
         parts = self.clip_loss(image, text, scale, 0.5, 0.5)
         contrastive = parts["loss"]
-        multiview = self.clip_loss(view2, text, scale, 0.5, 0.5)["loss"]
+        per_view = [self.clip_loss(F.normalize(v, dim=-1), text, scale, 0.5, 0.5)["loss"] for v in (view2, view3)]
+        multiview = (per_view[0] + per_view[1]) / 2
         mlm = self.mlm.loss(nll, tokens)
-        ssl = self.ssl_head(raw1, raw2)
+        ssl = self.ssl_head(view2, view3)
         total = (
             self.contrastive_weight * contrastive
             + self.mlm_weight * mlm
