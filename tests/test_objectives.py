@@ -179,7 +179,11 @@ def test_no_objective_changes_augment_and_every_view_is_its_own_draw():
 CLIP_PARTS = {"contrastive_loss", "image_to_text_loss", "text_to_image_loss"}
 VIEW_READERS = {
     "slip": (CLIP_PARTS, {"ssl_loss"}, {"ssl_hidden_dim": 32}),
-    "declip": (CLIP_PARTS, {"ssl_loss", "multiview_loss"}, {"ssl_projection_dim": 8, "ssl_hidden_dim": 16}),
+    "declip": (
+        CLIP_PARTS,
+        {"ssl_loss", "multiview_loss", "nn_loss"},
+        {"ssl_projection_dim": 8, "ssl_hidden_dim": 16, "queue_size": 16},
+    ),
     "simclr": (set(), {"ssl_loss"}, {}),
 }
 
@@ -190,6 +194,8 @@ def test_image_text_terms_see_the_base_view_and_ssl_terms_the_strong_views(name)
     model, objective = prepared_objective(name, **kwargs)
     batch = objective_batch(model, objective, size=8)
     objective.train()
+    if getattr(objective, "text_queue", None) is not None:  # DeCLIP: neighbours in the queue
+        objective.text_queue.push(torch.randn(16, model.embed_dim, generator=torch.Generator().manual_seed(0)))
 
     def parts(batch):
         with torch.no_grad():
