@@ -491,10 +491,11 @@ def test_declip_simsiam_and_multiview_terms_match_x_clip():
     model, objective = prepared_objective("declip", ssl_projection_dim=8, ssl_hidden_dim=16)
     dim, batch, scale = model.image_tower.output_dim, 6, 7.0
     base, text, ids = randn(batch, dim, seed=3), randn(batch, dim, seed=2), text_ids(6, 5)
-    view2, view3 = randn(batch, dim), randn(batch, dim, seed=1)
+    view2, view3, text_view = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=4)
     reps = {
         "image_features": F.normalize(base, dim=-1),
         "text_features": F.normalize(text, dim=-1),
+        "text_view_features": F.normalize(text_view, dim=-1),
         "view2_features": view2,
         "view3_features": view3,
         "mlm_nll": torch.ones(batch),
@@ -519,13 +520,12 @@ def test_declip_simsiam_and_multiview_terms_match_x_clip():
     simsiam.online_predictor.load_state_dict(objective.ssl_head.predictor.state_dict())
     assert_close(parts["ssl_loss"], simsiam(torch.stack([view2, view3], dim=1)))
 
-    # CLIP on the base view; multi-view: the mean over the strong views of x_clip's CLIP with that
-    # view as aug_image (multiview_loss_weight 1: its CL weight is then 0, the multi-view term alone).
-    clip = tiny_xclip(dim, ids, text, scale, multiview_loss_weight=0.1)
+    # CLIP on the base view; multi-view: the mean of x_clip's CLIP over {view2, view3} x {caption, text view}.
+    clip = tiny_xclip(dim, ids, text, scale)
     assert_close(parts["contrastive_loss"], clip(ids, base, return_loss=True))
-    clip.multiview_loss_weight = 1.0
-    per_view = [clip(ids, base, return_loss=True, aug_image=view) for view in (view2, view3)]
-    assert_close(parts["multiview_loss"], (per_view[0] + per_view[1]) / 2)
+    clips = [clip, tiny_xclip(dim, ids, text_view, scale)]
+    pairs = [one(ids, view, return_loss=True) for view in (view2, view3) for one in clips]
+    assert_close(parts["multiview_loss"], torch.stack(pairs).mean())
 
 
 # -- 7. SimCLR and SLIP ----------------------------------------------------------------------

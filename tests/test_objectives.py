@@ -219,7 +219,11 @@ def test_siglip_starts_from_the_papers_temperature_and_bias():
 CLIP_PARTS = {"contrastive_loss", "image_to_text_loss", "text_to_image_loss"}
 VIEW_READERS = {
     "slip": (CLIP_PARTS, {"ssl_loss"}, {}),
-    "declip": (CLIP_PARTS, {"ssl_loss", "multiview_loss"}, {"ssl_projection_dim": 8, "ssl_hidden_dim": 16}),
+    "declip": (
+        CLIP_PARTS,
+        {"ssl_loss", "multiview_loss", "nn_loss"},
+        {"ssl_projection_dim": 8, "ssl_hidden_dim": 16, "queue_size": 16},
+    ),
     "simclr": (set(), {"ssl_loss"}, {}),
 }
 
@@ -230,6 +234,8 @@ def test_image_text_terms_see_the_base_view_and_ssl_terms_the_strong_views(name)
     model, objective = prepared_objective(name, **kwargs)
     batch = objective_batch(model, objective, size=8)
     objective.train()
+    if getattr(objective, "text_queue", None) is not None:  # DeCLIP: neighbours in the queue
+        objective.text_queue.push(torch.randn(16, model.embed_dim, generator=torch.Generator().manual_seed(0)))
 
     def parts(batch):
         with torch.no_grad():

@@ -107,6 +107,10 @@ class Objective(nn.Module):
         """``{"loss": total, <named parts>...}``; ``model`` gives the temperature and bias."""
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called once after each applied optimizer step (never after a skipped one), for the
+        objective's own state that follows training (DeCLIP's queue of text embeddings). Default: nothing."""
+
     def scoring(self, model: nn.Module) -> Scoring:
         """How evaluation scores images: CLIP's zero-shot for text-bearing objectives, else a probe."""
         if self.needs_text:
