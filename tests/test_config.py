@@ -15,10 +15,12 @@ from vlhub.objectives import Objective
 from vlhub.train import PLAIN_KEYS
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS_ROOT = Path(__file__).resolve().parents[1] / "experiments"  # the experiment group's search-path root
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+    root = EXPERIMENTS_ROOT if group == "experiment" else CONFIG_ROOT
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
 def test_groups_offer_the_options_the_spec_names():

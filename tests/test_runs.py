@@ -125,6 +125,11 @@ def test_configs_are_found_from_a_built_wheel(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout
+    # The presets ship too (vlhub.experiments on configs/train.yaml's search path): +experiment=NAME.
+    preset = [sys.executable, "-m", "vlhub.train", "--cfg", "job", "+experiment=openclip_vit_b32_laion400m"]
+    result = subprocess.run(preset, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch_size: 32768" in result.stdout and "lr: 0.0005" in result.stdout
 
 
 def test_bad_data_or_eval_folders_fail_before_the_model_is_built(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
 from omegaconf import OmegaConf
 
 # Groups chosen another way than group=option, and how.
@@ -21,12 +22,16 @@ def list_config_groups() -> str:
     """One line per group: ``group  option, [chosen], ...``; internal sub-folders are left out."""
     loader = GlobalHydra.instance().config_loader()
     chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    groups = sorted(group for group in loader.list_groups("") if group != "hydra") + ["hydra/launcher"]
+    # Naming the primary config applies its hydra.searchpath, where the presets (experiment/) live.
+    primary = HydraConfig.get().job.config_name if HydraConfig.initialized() else "train"
+    found = loader.get_group_options("", results_filter=ObjectType.GROUP, config_name=primary)
+    groups = sorted(group for group in found if group != "hydra") + ["hydra/launcher"]
     width = max(len(group) for group in groups)
     lines = []
     for group in groups:
         usage = f"   ({USAGE[group]})" if group in USAGE else ""
-        names = [f"[{name}]" if chosen.get(group) == name else name for name in loader.get_group_options(group)]
+        options = loader.get_group_options(group, config_name=primary)
+        names = [f"[{name}]" if chosen.get(group) == name else name for name in options]
         lines.append(f"{group:<{width}}  {', '.join(names)}{usage}")
     return "\n".join(lines)
 
