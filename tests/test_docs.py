@@ -61,7 +61,7 @@ def with_tiny_settings(args: list[str], tiny: dict[str, str]) -> list[str]:
     return args + extra
 
 
-def run_command(line: str) -> None:
+def run_command(line: str, page: str) -> None:
     """Run one documented command in this process (``python -m MODULE`` or ``python -c CODE``)."""
     words = shlex.split(line, comments=True)
     assert words[0] == "python", f"only python commands are run here: {line}"
@@ -79,7 +79,7 @@ def run_command(line: str) -> None:
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=False)
     except SystemExit as stop:
-        assert stop.code in (0, None), f"{line!r} exited with {stop.code}"
+        assert stop.code in (0, None), f"docs/{page}: {line!r} exited with {stop.code}"
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
@@ -89,7 +89,8 @@ def test_the_site_builds_strictly(tmp_path):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
         pytest.skip("mkdocs and mkdocstrings are not installed (pip install -e '.[dev]' installs them)")
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     api = (tmp_path / "site/api/index.html").read_text()
     # mkdocstrings read the docstrings: the interfaces' methods and the registries are on the page.
@@ -111,7 +112,7 @@ def test_the_docs_cpu_commands_run(tmp_path, monkeypatch):
     assert {page for page, _ in commands} >= {"index.md", "data.md", "evaluation.md", "runs.md", "recipes.md"}
     monkeypatch.chdir(tmp_path)  # one folder for all, in nav order: a later block may use an earlier run
     for page, line in commands:
-        run_command(line)
+        run_command(line, page)
     assert (tmp_path / "runs/my_run/checkpoints/latest.pt").is_file()
     records = (tmp_path / "runs/my_run/results.jsonl").read_text().splitlines()
     assert '"step": 4' in records[-1]  # the resumed run went on from 2 to 4
