@@ -155,10 +155,11 @@ def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folde
 
 
 def readme_block(marker: str) -> str:
-    """The README's fenced python block holding ``marker``: the test runs what a reader copies."""
+    """The fenced python block holding ``marker`` in the README or the docs: the test runs what a reader copies."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    readme = "".join(page.read_text() for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     blocks = readme.split("```python\n")[1:]
     return next(block.split("```")[0] for block in blocks if marker in block)
 
