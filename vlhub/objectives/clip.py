@@ -1,4 +1,8 @@
-"""CLIP: symmetric InfoNCE with a learnable, clamped temperature; LiT is CLIP with locks."""
+"""CLIP: symmetric InfoNCE with a learnable, clamped temperature; LiT is CLIP with locks.
+
+Departs from the papers (Radford et al. 2021; Zhai et al. 2022 for LiT): nothing in the loss. The two
+directions' weights are keys (``image_weight``, ``text_weight``), defaulting to the paper's equal mean.
+"""
 
 from __future__ import annotations
 

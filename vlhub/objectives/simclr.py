@@ -5,6 +5,9 @@ batch's base view ``image`` is drawn first as in every job (so these are the ver
 term gets from the same seed) and not used.
 
 Evaluated by linear probe and k-NN (``Scoring.probe``), never by reading features as logits.
+
+Departs from the paper: the projector reads the image tower's projected embedding (the paper's reads
+the encoder's features, as SLIP's does here); it trains with the run's optimizer (AdamW by default), not LARS.
 """
 
 from __future__ import annotations
