@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import queue
 import re
 import shutil
@@ -46,6 +47,7 @@ from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
 POINTER = "latest.json"
+REMOTE_CHECKPOINT = re.compile(r"^checkpoints/step_\d+\.pt$")  # the only form a pointer may name
 STAGING = ".remote_upload"
 LOGS = ("results.jsonl", "run.json", "config.yaml")  # with every file under tensorboard/
 MASK = "***"
@@ -122,6 +124,26 @@ class RemoteStore:
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
 
+    def inside(self, relative: str) -> str:
+        """The full path of ``relative``, refused unless it stays under the prefix once ``..`` and, on a
+        local or mounted folder, symlinks are resolved: nothing read from the remote points elsewhere."""
+        full = posixpath.normpath(self.path(relative))
+        if relative.startswith("/") or not full.startswith(f"{self.root}/"):
+            raise RemoteError(f"checkpoint.remote={self.url}: {relative!r} leads outside the remote prefix: refused")
+        if self.local:
+            real, root = os.path.realpath(full), os.path.realpath(self.root)
+            if not real.startswith(f"{root}{os.sep}"):
+                raise RemoteError(
+                    f"checkpoint.remote={self.url}: {relative!r} is a link to {real}, outside the remote prefix: "
+                    "refused"
+                )
+        return full
+
+    @property
+    def local(self) -> bool:
+        """A local or mounted folder (file://), where a path can be a symlink."""
+        return "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol)
+
     def probe(self) -> None:
         """A small write and delete under the prefix: fails at launch, not after the first checkpoint."""
         target = self.path(f".vlhub-probe-{uuid.uuid4().hex}")
@@ -137,7 +159,7 @@ class RemoteStore:
     def read_pointer(self) -> dict[str, Any] | None:
         try:
             self.fs.invalidate_cache()
-            pointer = json.loads(self.fs.cat_file(self.path(POINTER)))
+            pointer = json.loads(self.fs.cat_file(self.inside(POINTER)))
         except FileNotFoundError:
             return None
         except ValueError as error:
@@ -170,7 +192,7 @@ class RemoteStore:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.download.tmp")
         try:
-            self.fs.get_file(self.path(relative), str(tmp))
+            self.fs.get_file(self.inside(relative), str(tmp))
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
@@ -200,6 +222,11 @@ def restore_from_remote(store: RemoteStore, run_dir: Path, checkpoint_dir: Path,
             "use another checkpoint.remote prefix for this run"
         )
     relative = str(pointer["path"])
+    if not REMOTE_CHECKPOINT.match(relative):
+        raise RemoteError(
+            f"checkpoint.remote={store.url}: {POINTER} names {relative!r}, not a checkpoint of the form "
+            "checkpoints/step_<N>.pt under the prefix: refused (point checkpoint.remote elsewhere, or fix the pointer)"
+        )
     log.info("restoring step %s from %s/%s", pointer.get("step"), store.url, relative)
     local = checkpoint_dir / Path(relative).name
     store.get(relative, local)
