@@ -332,3 +332,25 @@ def test_a_remote_pointer_never_opens_a_file_outside_the_prefix(tmp_path, how):
     assert ("latest.json" in str(caught.value)) == (how in ("dotdot", "other_name"))  # the pointer is named
     assert OPENED and not [p for p in OPENED if os.path.realpath(p) == str(outside.resolve())]
     assert not [p for p in run_dir.rglob("*") if p.is_file() and p.read_bytes() == outside.read_bytes()]
+
+
+def test_a_refused_url_with_credentials_leaves_them_in_no_hydra_file(tmp_path):
+    url = f"s3://AKIAFAKE:{SECRET}@{BUCKET}/x"
+    overrides = ["eval=none", f"checkpoint.remote={url}"]
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    for run_dir in (made, kept):  # what Hydra wrote before vlhub ran
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (run_dir / ".hydra/config.yaml").write_text(yaml.safe_dump({"checkpoint": {"remote": url}}))
+        hydra = {"hydra": {"job": {"override_dirname": ",".join(overrides)}, "overrides": {"task": overrides}}}
+        (run_dir / ".hydra/hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (kept / "notes.txt").write_text("here before the launch\n")  # not this launch's folder: kept, masked
+    for run_dir in (made, kept):
+        with pytest.raises(RemoteError, match="must not carry credentials") as caught:
+            run_train(overrides, run_dir)
+        assert SECRET not in str(caught.value)
+    assert not made.exists()
+    assert sorted(p.name for p in (kept / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert not [p for p in kept.rglob("*") if p.is_file() and SECRET in p.read_text()]
+    assert yaml.safe_load((kept / ".hydra/config.yaml").read_text())["checkpoint"]["remote"] == f"s3://***@{BUCKET}/x"
+    assert mask_overrides([f"checkpoint.remote={url}"]) == [f"checkpoint.remote=s3://***@{BUCKET}/x"]

@@ -187,6 +187,116 @@ def test_two_launches_at_once_the_second_fails_and_the_first_finishes_alone(tmp_
     assert not (tmp_path / "run.lock").exists()
 
 
+def _hydra_wrote(run_dir, text="{}\n"):
+    """What Hydra writes into the run folder before vlhub runs."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        (run_dir / ".hydra" / name).write_text(text)
+    (run_dir / "train.log").write_text("[INFO] - launched\n")
+
+
+def _files(run_dir):
+    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+
+
+def _launch(cfg, run_dir, errors):
+    try:
+        vlhub.train.train(cfg, run_dir, {"model": "tiny", "objective": "clip"})
+    except BaseException as error:  # noqa: BLE001 (the test reads it)
+        errors.append(error)
+
+
+@pytest.mark.parametrize("attempt", range(10 if os.environ.get("VLHUB_LONG_TESTS") else 2))
+def test_two_launches_at_the_same_moment_the_loser_removes_nothing_of_the_winner(tmp_path, monkeypatch, attempt):
+    from vlhub.engine.trainer import Trainer
+
+    real_fit, in_fit, loser_done = Trainer.fit, threading.Event(), threading.Event()
+
+    def fit_once_the_loser_failed(self):
+        in_fit.set()
+        assert loser_done.wait(60)
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_once_the_loser_failed)
+    _hydra_wrote(tmp_path)
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")]
+    configs = [compose_train([*fast, *BASE]) for _ in range(3)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+    launches = [
+        threading.Thread(target=lambda c=c: (barrier.wait(), _launch(c, tmp_path, errors))) for c in configs[:2]
+    ]
+    for launch in launches:
+        launch.start()
+    deadline = time.time() + 60
+    while not (in_fit.is_set() and errors) and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(errors) == 1 and isinstance(errors[0], RunFolderError) and "in use by another run" in str(errors[0])
+    winner = _files(tmp_path)
+    assert {".hydra/config.yaml", "train.log", "run.lock", "run.json", "config.yaml"} <= set(winner)
+    with pytest.raises(RunFolderError, match="in use by another run"):  # a third launch: still locked
+        vlhub.train.train(configs[2], tmp_path, {"model": "tiny", "objective": "clip"})
+    assert _files(tmp_path) == winner
+    loser_done.set()
+    for launch in launches:
+        launch.join()
+    assert len(errors) == 1  # the winner trained to the end
+    assert {".hydra/config.yaml", "train.log", "run.json", "config.yaml", "checkpoints/step_2.pt"} <= set(
+        _files(tmp_path)
+    )
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path, monkeypatch):
+    from vlhub.engine.trainer import Trainer
+
+    real_fit, real_refresh = Trainer.fit, RunLock.refresh
+    suspended, in_fit = threading.Event(), threading.Event()
+    suspended.set()
+
+    def fit_after_the_suspension(self):
+        in_fit.set()
+        while suspended.is_set():
+            time.sleep(0.01)
+        return real_fit(self)
+
+    def refresh(self):  # a suspended (SIGSTOP) process refreshes no heartbeat
+        return True if suspended.is_set() else real_refresh(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_after_the_suspension)
+    monkeypatch.setattr(RunLock, "refresh", refresh)
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")]
+    cfg = compose_train([*fast, *BASE, "trainer.max_steps=4", "checkpoint.lock_stale_after_s=0.4"])
+    errors: list[BaseException] = []
+    first = threading.Thread(target=_launch, args=(cfg, tmp_path, errors))
+    first.start()
+    assert in_fit.wait(60)
+    time.sleep(0.5)
+    second = RunLock.acquire(tmp_path / "run.lock", stale_after_s=0.4)  # the second launch takes it over
+    suspended.clear()
+    first.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], RunFolderError), errors
+    assert "was taken over by another launch" in str(errors[0]) and "checkpoint.lock_stale_after_s" in str(errors[0])
+    assert not list(tmp_path.glob("checkpoints/*"))  # stopped before its first write after the takeover
+    assert json.loads((tmp_path / "run.lock").read_text())["token"] == second.token  # the new holder's lock stays
+    assert (tmp_path / "run.json").is_file()
+    second.release()
+
+
+@pytest.mark.parametrize("refused", [["trainer.max_steps=0"], ["data=csv"]], ids=["max_steps_0", "data_root_unset"])
+def test_a_refused_launch_removes_the_run_folder_it_made_and_no_other(tmp_path, refused):
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    _hydra_wrote(made)
+    _hydra_wrote(kept)
+    (kept / "notes.txt").write_text("the user's notes, here before the launch\n")
+    for run_dir in (made, kept):
+        with pytest.raises(Exception, match="trainer.max_steps|data.root"):
+            run_train([*BASE, *refused], run_dir)
+    assert not made.exists()
+    before = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "notes.txt", "train.log"}
+    assert before <= set(_files(kept))
+
+
 def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch):
     _foreign_lock(tmp_path, age_s=600)
     RunLock.acquire(tmp_path / "run.lock").release()
@@ -203,10 +313,7 @@ def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch)
 
 
 def test_the_heartbeat_is_refreshed_while_the_run_lives(tmp_path, monkeypatch):
-    import vlhub.engine.run_folder as run_folder
-
-    monkeypatch.setattr(run_folder, "HEARTBEAT_S", 0.02)
-    lock = RunLock.acquire(tmp_path / "run.lock")
+    lock = RunLock.acquire(tmp_path / "run.lock", stale_after_s=0.08)  # a heartbeat every 0.02 s
     first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
     deadline = time.time() + 10
     while json.loads((tmp_path / "run.lock").read_text())["heartbeat"] == first and time.time() < deadline:
@@ -265,7 +372,7 @@ def test_a_failed_launch_leaves_no_empty_run_folder(tmp_path):
     assert not run_dir.exists()
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "results.jsonl").write_text("{}\n")  # something trained here: kept
-    remove_failed_launch(run_dir)
+    remove_failed_launch(run_dir, created=True)
     assert run_dir.exists()
 
 

@@ -128,6 +128,7 @@ class Checkpointer:
         remote_options: dict[str, Any] | None = None,
         remote_retries: int = 5,
         remote_backoff_s: float = 1.0,
+        lock_stale_after_s: float = 120.0,
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
@@ -146,6 +147,10 @@ class Checkpointer:
         self.remote, self.remote_options = remote, dict(remote_options or {})
         self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
         self.after_save: Callable[[int, Path], None] | None = None
+        # The run folder's lock (engine/run_folder.py): stale after this long; before_write raises once
+        # another launch took it over, so a run that lost its folder stops instead of writing into it.
+        self.lock_stale_after_s = lock_stale_after_s
+        self.before_write: Callable[[], None] | None = None
 
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -177,6 +182,8 @@ class Checkpointer:
         return sorted(found, key=lambda item: (item[0], item[1].is_dir(), item[1].name != LATEST), reverse=True)
 
     def save(self, payload: dict[str, Any]) -> Path:
+        if self.before_write is not None:
+            self.before_write()
         path = self.folder / f"step_{payload['step']}.pt"
         save_atomic({**payload, "run_id": self.run_id}, path)
         _link_atomic(path, self.folder / LATEST)

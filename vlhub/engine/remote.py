@@ -52,6 +52,7 @@ STAGING = ".remote_upload"
 LOGS = ("results.jsonl", "run.json", "config.yaml")  # with every file under tensorboard/
 MASK = "***"
 SECRET_OVERRIDE = re.compile(r"(checkpoint\.remote_options[\w.]*=)(\{[^}]*\}|[^,\s]*)")
+URL_CREDENTIALS = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s'\"]*@")  # s3://KEY:SECRET@bucket -> s3://***@bucket
 
 
 class RemoteError(ConfigError):
@@ -80,8 +81,10 @@ def mask_overrides(overrides: list[str]) -> list[str]:
 
 
 def _mask_text(text: str) -> str:
-    """``checkpoint.remote_options...=VALUE`` (a word, or a ``{...}`` dict) -> ``...=***``, anywhere in text
-    (Hydra also joins the overrides into ``hydra.job.override_dirname``)."""
+    """``checkpoint.remote_options...=VALUE`` (a word, or a ``{...}`` dict) -> ``...=***``, and the
+    credentials of a URL (``s3://KEY:SECRET@bucket``, refused at launch) -> ``s3://***@bucket``, anywhere
+    in text (Hydra also joins the overrides into ``hydra.job.override_dirname``)."""
+    text = URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{MASK}@", text)
     return SECRET_OVERRIDE.sub(lambda m: f"{m.group(1)}{MASK}", text)
 
 
@@ -97,7 +100,7 @@ def scrub_hydra_files(run_dir: Path) -> None:
     """Hydra wrote the launch's config and overrides into ``.hydra/`` before vlhub ran: mask them."""
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         path = run_dir / ".hydra" / name
-        if path.is_file() and "remote_options" in path.read_text():
+        if path.is_file() and ("remote_options" in path.read_text() or URL_CREDENTIALS.search(path.read_text())):
             path.write_text(yaml.safe_dump(_scrub(yaml.safe_load(path.read_text())), sort_keys=False))
 
 

@@ -35,7 +35,7 @@ from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
 
 log = logging.getLogger(__name__)
 LOCK, IDENTITY, RECORD, RESULTS = "run.lock", "run.json", "config.yaml", "results.jsonl"
-STALE_AFTER_S, HEARTBEAT_S = 120.0, 30.0
+STALE_AFTER_S = 120.0  # checkpoint.lock_stale_after_s's default; the heartbeat comes every quarter of it
 # Keys a resumed run may change without asking (the number of ranks is not in the config).
 ALLOWED_ON_RESUME = (
     "trainer.max_steps",
@@ -63,10 +63,10 @@ def _holder_text(holder: dict[str, Any]) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM job {job}, heartbeat {age:.0f}s ago"
 
 
-def _stale_reason(holder: dict[str, Any]) -> str | None:
+def _stale_reason(holder: dict[str, Any], stale_after_s: float) -> str | None:
     """Why a lock no longer protects a live run, or None while it does."""
-    if time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S:
-        return f"its heartbeat is older than {STALE_AFTER_S:.0f}s"
+    if time.time() - float(holder.get("heartbeat", 0)) > stale_after_s:
+        return f"its heartbeat is older than {stale_after_s:g}s"
     job = os.environ.get("SLURM_JOB_ID")
     if job and holder.get("slurm_job_id") == job:
         return f"it carries this SLURM job's own id {job} (a requeued job)"
@@ -81,10 +81,11 @@ def _stale_reason(holder: dict[str, Any]) -> str | None:
 
 
 class RunLock:
-    """Rank 0's lock on a run folder for the run's life, refreshed by a daemon thread."""
+    """Rank 0's lock on a run folder for the run's life, refreshed by a daemon thread every quarter
+    of ``stale_after_s`` (``checkpoint.lock_stale_after_s``: another launch takes it over after that)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.token = path, uuid.uuid4().hex
+    def __init__(self, path: Path, stale_after_s: float = STALE_AFTER_S) -> None:
+        self.path, self.token, self.stale_after_s = path, uuid.uuid4().hex, stale_after_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="vlhub-run-lock", daemon=True)
 
@@ -98,9 +99,11 @@ class RunLock:
         }
 
     @classmethod
-    def acquire(cls, path: Path) -> RunLock:
+    def acquire(cls, path: Path, stale_after_s: float = STALE_AFTER_S) -> RunLock:
         """Take the lock, taking over a stale one; a live holder fails at once, named."""
-        lock = cls(path)
+        if not stale_after_s > 0:
+            raise ValueError(f"checkpoint.lock_stale_after_s must be > 0, got {stale_after_s}")
+        lock = cls(path, stale_after_s)
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             try:
@@ -109,15 +112,16 @@ class RunLock:
                 holder = lock._read()
                 if holder is None:  # being written right now, or torn: look again shortly
                     time.sleep(0.2)
-                    if lock._read() is None and time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                    if lock._read() is None and time.time() - path.stat().st_mtime > stale_after_s:
                         path.unlink(missing_ok=True)
                     continue
-                reason = _stale_reason(holder)
+                reason = _stale_reason(holder, stale_after_s)
                 if reason is None:
                     raise RunFolderError(
                         f"run folder {path.parent} is in use by another run ({_holder_text(holder)}): "
                         f"wait for it to end or use another folder (run.name=... or hydra.run.dir=...); "
-                        f"its lock {path} is taken over once the heartbeat is {STALE_AFTER_S:.0f}s old"
+                        f"its lock {path} is taken over once the heartbeat is {stale_after_s:g}s old "
+                        "(checkpoint.lock_stale_after_s)"
                     ) from None
                 log.warning("taking over the lock %s of %s: %s", path, _holder_text(holder), reason)
                 path.unlink(missing_ok=True)
@@ -144,11 +148,28 @@ class RunLock:
         os.replace(tmp, self.path)
         return True
 
+    def check(self) -> None:
+        """Before each write of the run: stop, saying why, once another launch took the lock over
+        (this run was suspended or cut off past ``stale_after_s``), so two runs never write one folder."""
+        holder = self._read()
+        if holder is None or holder.get("token") != self.token:
+            self._stop.set()
+            taker = _holder_text(holder) if holder is not None else "the lock file is gone"
+            raise RunFolderError(
+                f"the run lock {self.path} was taken over by another launch ({taker}) after this run's heartbeat "
+                f"was older than {self.stale_after_s:g}s (checkpoint.lock_stale_after_s): this run stops "
+                "without writing more into the folder"
+            )
+
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.stale_after_s / 4):
             if not self.refresh():
                 log.warning("the run lock %s was taken over by another launch", self.path)
                 return
+
+    def holds(self) -> bool:
+        holder = self._read()
+        return holder is not None and holder.get("token") == self.token
 
     def release(self) -> None:
         self._stop.set()
@@ -251,18 +272,35 @@ def move_aside(run_dir: Path, files: list[Path] | None = None) -> Path:
     return target
 
 
-def remove_failed_launch(run_dir: Path, trained: bool = False) -> None:
-    """A Hydra run folder where nothing trained (only ``.hydra/``, logs, and what the launch wrote)
-    is removed when the launch fails, so it does not look like a run."""
-    if trained or not (run_dir / ".hydra").is_dir():
+def holds_only_launch_files(run_dir: Path) -> bool:
+    """Only what Hydra writes at launch (``.hydra/`` and logs) is there: this launch made the folder."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def remove_failed_launch(
+    run_dir: Path, created: bool, lock: RunLock | None = None, stale_after_s: float = STALE_AFTER_S
+) -> None:
+    """A run folder this launch made (``created``: see :func:`holds_only_launch_files`) where nothing
+    trained is removed when the launch fails, so it does not look like a run; only under this launch's
+    lock (``lock``, or taken now), so a launch that lost the race for the folder removes nothing."""
+    if not created or not (run_dir / ".hydra").is_dir():
         return
-    launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints"}
-    for path in run_dir.iterdir():
-        if path.name == "checkpoints" and path.is_dir() and not any(path.iterdir()):
-            continue
-        if path.name not in launch_only - {"checkpoints"} and path.suffix != ".log":
-            return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if lock is None or not lock.holds():
+        try:
+            lock = RunLock.acquire(run_dir / LOCK, stale_after_s)
+        except (RunFolderError, OSError):
+            return  # another launch holds the folder: its files are not ours
+    lock._stop.set()  # the folder and its lock go together
+    try:
+        launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints", "tensorboard"}
+        for path in run_dir.iterdir():
+            if path.name == "checkpoints" and path.is_dir() and not any(path.iterdir()):
+                continue
+            if path.name not in launch_only - {"checkpoints"} and path.suffix != ".log":
+                return
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def _foreign_message(run_dir: Path, foreign: list[tuple[int, Path, str | None]], why: str) -> str:
@@ -342,7 +380,8 @@ def open_run(
     rank 0 under the lock (``checkpoint.remote`` restores an empty folder there)."""
     start, error = None, None
     if dist_info.is_main:
-        lock = RunLock.acquire(run_dir / LOCK)
+        lock = RunLock.acquire(run_dir / LOCK, checkpointer.lock_stale_after_s)
+        checkpointer.before_write = lock.check  # a run whose lock was taken over writes nothing more
         try:
             if before_decide is not None:
                 before_decide()
