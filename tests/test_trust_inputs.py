@@ -360,3 +360,27 @@ def test_20_7_dev_zero_a_fifo_a_folder_a_nul_byte_and_an_oversized_file_are_bad_
     assert any("folder.png is not a regular file" in r for r in reasons)
     assert any("embedded null byte" in r and "bad\\x00name.png" in r for r in reasons)
     assert any("big.png is over data.max_image_bytes=3000" in r for r in reasons)
+
+
+# -- issue 20, 10: a batch without negatives, or repeating a sample, is refused at launch ------------------
+@pytest.mark.parametrize("objective", ["clip", "cloob", "dcl", "siglip", "simclr"])
+def test_20_10_a_global_batch_of_one_is_refused_for_every_contrastive_objective(tmp_path, capsys, objective):
+    from vlhub.registry import OBJECTIVES
+
+    # The effect the refusal prevents: at one sample the contrastive loss has nothing to push apart.
+    if objective in ("clip", "cloob"):
+        features = torch.nn.functional.normalize(torch.randn(1, 8, requires_grad=True), dim=-1)
+        assert torch.nn.functional.cross_entropy(features @ features.T * 10, torch.tensor([0])).item() == 0.0
+    overrides = [f"objective={objective}", "trainer.batch_size=1", "eval=none"]
+    if objective == "simclr":
+        overrides.append("augment=simclr")
+    err = _reported(capsys, lambda: run_train(overrides, tmp_path, {"objective": objective}))
+    assert err.startswith(f"error: trainer.batch_size=1 x 1 rank(s) is a global batch of 1: objective={objective}")
+    assert OBJECTIVES.build(objective).min_global_batch == 2
+    assert OBJECTIVES.build("ce").min_global_batch == 1  # a classifier learns from one sample
+
+
+def test_20_10_a_csv_smaller_than_one_batch_is_refused_naming_trainer_batch_size(tmp_path, capsys):
+    csv = SyntheticShapes(num_samples=5).write_csv(tmp_path / "data")
+    err = _reported(capsys, lambda: run_train(["data=csv", f"data.root={csv}", "trainer.batch_size=8"], tmp_path / "r"))
+    assert "5 samples are fewer than one global batch (trainer.batch_size=8 x 1 rank(s))" in err

@@ -31,6 +31,7 @@ from vlhub.engine.preemption import Preemption
 from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
 from vlhub.engine.run_folder import holds_only_launch_files, open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
+from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 from vlhub.objectives import IncompatibleObjective, Objective
@@ -199,6 +200,13 @@ def build_trainer(
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
+    global_batch = settings["batch_size"] * dist_info.world_size
+    if global_batch < objective.min_global_batch:
+        raise ConfigError(
+            f"trainer.batch_size={settings['batch_size']} x {dist_info.world_size} rank(s) is a global batch of "
+            f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
+            f"of the batch and needs at least {objective.min_global_batch} (raise trainer.batch_size)"
+        )
     transforms = instantiate(cfg.augment)(model.image_stats)
     prepare_objective(objective, source, model, transforms, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}

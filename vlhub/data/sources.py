@@ -91,7 +91,13 @@ class PairSource(Dataset):
         pin_memory: bool = False,
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
-        (batches in page-locked memory with ``pin_memory``, for a CUDA device)."""
+        (batches in page-locked memory with ``pin_memory``, for a CUDA device). A source smaller than
+        one global batch is refused: its batches would repeat samples, each its own negative."""
+        if len(self) < batch_size * world_size:
+            raise ValueError(
+                f"data: {len(self)} samples are fewer than one global batch (trainer.batch_size={batch_size} x "
+                f"{world_size} rank(s)): a batch would hold a sample twice; lower trainer.batch_size or add data"
+            )
         return build_train_loader(
             self, image_transform, tokenizer, batch_size, seed, start_sample, image_views, rank, world_size, pin_memory
         )

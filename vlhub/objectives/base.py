@@ -69,6 +69,9 @@ class Objective(nn.Module):
     image_views: int = 1
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
+    #: The smallest global batch the loss means something at: 2 for an objective whose negatives are
+    #: the batch's other samples (at 1 its contrastive loss is a constant), checked at launch.
+    min_global_batch: int = 1
 
     #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
     #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
