@@ -201,7 +201,7 @@ def build_trainer(
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     global_batch = settings["batch_size"] * dist_info.world_size
-    if global_batch < objective.min_global_batch:
+    if 0 < global_batch < objective.min_global_batch:  # (<= 0: the trainer names the key)
         raise ConfigError(
             f"trainer.batch_size={settings['batch_size']} x {dist_info.world_size} rank(s) is a global batch of "
             f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
