@@ -321,3 +321,39 @@ def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
         f"a sample of shard {url}, lost with it",
         f"a sample of shard {url}, lost with it",
     ]
+
+
+# -- issue 20, 11: weights that cannot be sampled, and a schema that is no YAML, fail at launch -----------
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ("[inf,1]", r"data.weights\[0\]=inf: a weight must be a finite number > 0"),
+        ("[1e308,1e308]", r"data.weights: the weights \[1e\+308, 1e\+308\] sum past the largest float"),
+        ("[true,1]", r"data.weights=\[True, 1\]: expected a list of float or null"),
+        ("[.inf,1]", r"data.weights=\['.inf', 1\]: expected a list of float or null"),
+    ],
+)
+def test_weights_that_the_sampler_cannot_use_fail_at_launch_naming_the_key(tmp_path, weights, match):
+    from tests.conftest import run_train
+
+    root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=4)
+    overrides = ["data=wds", f'data.root="{root}::{root}"', f"data.weights={weights}", "data.workers=0"]
+    with pytest.raises(Exception, match=match):
+        run_train(overrides, tmp_path / "run")
+
+
+def test_a_schema_with_bad_weights_or_bad_yaml_fails_naming_the_file_and_the_line(tmp_path):
+    root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=1)
+    schema = tmp_path / "blend.yaml"
+    for weight, problem in ((".inf", "=inf"), ("true", "=True")):
+        schema.write_text(f"sources:\n  - name: a\n    root: '{root}'\n    num_samples: 4\n    weight: {weight}\n")
+        with pytest.raises(ValueError, match=rf"data.schema={schema}: sources\[0\] \(a\).weight{problem} \(line 5\)"):
+            BlendedShards(str(schema))
+    two = "".join(f"  - {{name: {n}, root: '{root}', num_samples: 4, weight: 1.0e+308}}\n" for n in "ab")
+    schema.write_text("sources:\n" + two)
+    with pytest.raises(ValueError, match=rf"data.schema={schema}: sources: the weights .* sum past the largest float"):
+        BlendedShards(str(schema))
+    schema.write_text(f"sources:\n  - {{name: a, root: '{root}', num_samples: 4, weight: 1\n  - oops: [\n")
+    with pytest.raises(ValueError, match=rf"^data.schema={schema}: line 3, column \d+: ") as caught:
+        BlendedShards(str(schema))
+    assert "Mark object" not in str(caught.value)

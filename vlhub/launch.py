@@ -147,6 +147,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arm) for arm in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if typing.get_origin(hint) in (list, collections.abc.Sequence) and typing.get_args(hint):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"  # not just "list": the items are wrong
     return getattr(hint, "__name__", None) or str(hint)
 
 
