@@ -357,3 +357,34 @@ def test_a_schema_with_bad_weights_or_bad_yaml_fails_naming_the_file_and_the_lin
     with pytest.raises(ValueError, match=rf"^data.schema={schema}: line 3, column \d+: ") as caught:
         BlendedShards(str(schema))
     assert "Mark object" not in str(caught.value)
+
+
+# -- issue 20, 12: the shard writer names its own flags, fails when nothing was read, never mixes old shards --
+def test_the_shard_writer_names_its_flags_refuses_an_empty_result_and_old_shards(tmp_path, capsys):
+    def fails(*args: str) -> str:
+        with pytest.raises(SystemExit) as caught:
+            write_shards_main(list(args))
+        assert caught.value.code not in (0, None)
+        return str(caught.value.code)
+
+    assert fails("--source", "csv", "--root", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")) == (
+        f"error: --root={tmp_path / 'nope.csv'}: no such CSV file"
+    )
+    assert fails("--source", "synthetic", "--num-samples", "0", "--out", str(tmp_path / "o")).startswith(
+        "error: --num-samples must be > 0"
+    )
+    assert "data." not in fails("--source", "csv", "--out", str(tmp_path / "o"))  # --root missing
+    (tmp_path / "pairs.csv").write_text("filepath,title\ngone1.png,a\ngone2.png,b\n")
+    message = fails("--source", "csv", "--root", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "empty"))
+    assert message == "error: none of the 2 samples could be read (see the warnings above): no shards written"
+    assert not list((tmp_path / "empty").glob("*"))
+    out = tmp_path / "shards"
+    write_shards_main(["--source", "synthetic", "--num-samples", "6", "--out", str(out), "--shard-size", "2"])
+    assert "already holds 4 shard file(s)" in fails(
+        "--source", "synthetic", "--num-samples", "2", "--out", str(out), "--shard-size", "2"
+    )
+    write_shards_main(
+        ["--source", "synthetic", "--num-samples", "2", "--out", str(out), "--shard-size", "2", "--overwrite"]
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "sizes.json"]
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 2}
