@@ -393,3 +393,107 @@ def test_a_resume_file_that_is_no_training_checkpoint_is_named(tmp_path, monkeyp
     _never_build(monkeypatch)
     with pytest.raises(RunFolderError, match=r"checkpoint.resume=.*weights.pt is not a vlhub training checkpoint"):
         run_train([*BASE, f"checkpoint.resume={tmp_path / 'weights.pt'}"], tmp_path / "run")
+
+
+# -- issue 20, 9: checkpoint faults are one line naming the file ----------------------------------------
+def _one_line(capsys, action) -> str:
+    from vlhub.launch import errors_reported
+
+    with pytest.raises(SystemExit) as exit_info, errors_reported():
+        action()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line[line.find("error: ") :] if "error: " in line else line for line in err.splitlines()]
+    lines = [line for line in lines if line.strip() and not line.startswith("train:")]  # the progress bar
+    assert "Traceback (most recent call last)" not in err and len(lines) == 2 and lines[1].startswith("hint: "), err
+    return lines[0]
+
+
+def test_a_truncated_resume_file_is_one_line_without_a_traceback(trained, tmp_path, capsys):
+    whole = (trained / "checkpoints/latest.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(whole[: len(whole) // 3])
+    line = _one_line(capsys, lambda: run_train([*BASE, f"checkpoint.resume={tmp_path / 'torn.pt'}"], tmp_path / "r"))
+    assert line.startswith(f"error: checkpoint.resume={tmp_path / 'torn.pt'} is not a readable checkpoint")
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_naming_the_file_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+
+    import vlhub.engine.checkpoint as checkpoint_module
+
+    real_fdopen, saves = os.fdopen, []
+
+    class FullDisk(io.RawIOBase):  # the disk fills 1000 bytes into the second checkpoint
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if len(saves) == 2 and self.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+        def fileno(self):
+            return self.handle.fileno()
+
+        def close(self):
+            self.handle.close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        handle = real_fdopen(fd, mode, *args, **kwargs)
+        if mode == "wb":
+            saves.append(1)
+            return FullDisk(handle)
+        return handle
+
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", fdopen)
+    line = _one_line(capsys, lambda: run_train(BASE, tmp_path))
+    assert line == f"error: no space left on device writing the checkpoint {tmp_path / 'checkpoints/step_2.pt'} " + (
+        "(nothing of it was kept; the previous checkpoints are whole): free space, or lower checkpoint.keep, and resume"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.pt", "step_1.pt"]
+    assert torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)["step"] == 1
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_fails_at_launch(run_copy, monkeypatch, capsys):
+    import tempfile
+
+    import vlhub.engine.checkpoint as checkpoint_module
+
+    def read_only(*args, dir=None, **kwargs):  # tests run as root, which chmod cannot stop
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "NamedTemporaryFile", read_only)
+    _never_build(monkeypatch)
+    line = _one_line(capsys, lambda: run_train([*BASE, "trainer.max_steps=4"], run_copy))
+    assert line == (
+        f"error: the checkpoint folder {run_copy / 'checkpoints'} is not writable (Permission denied): fix its "
+        "permissions, or use another run folder (run.name=... or hydra.run.dir=...)"
+    )
+    monkeypatch.setattr(checkpoint_module.tempfile, "NamedTemporaryFile", tempfile.NamedTemporaryFile)
+
+
+def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_file_everywhere(trained, tmp_path):
+    from tests.test_evaluate import FAST_EVAL, compose_evaluate
+    from vlhub.api import build_model, read_checkpoint
+    from vlhub.engine.checkpoint import CheckpointError
+    from vlhub.evaluate import evaluate
+
+    saved = torch.load(trained / "checkpoints/latest.pt", weights_only=True)
+    saved["state_dict"]["positional_embedding"] = saved["state_dict"]["positional_embedding"][:-1]
+    bad = tmp_path / "bad_shape.pt"
+    torch.save(saved, bad)
+    fits = r"does not fit this model: size mismatch for .*positional_embedding"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint={bad} {fits}"):
+        build_model(str(bad), None, read_checkpoint(str(bad)))  # what the CLIP_benchmark bridge calls
+    with pytest.raises(CheckpointError, match=rf"^checkpoint={bad} {fits}"):
+        evaluate(compose_evaluate([f"checkpoint={bad}", *FAST_EVAL]), tmp_path / "eval")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint.resume={bad} {fits}"):
+        run_train([*BASE, "trainer.max_steps=4", f"checkpoint.resume={bad}"], tmp_path / "run")

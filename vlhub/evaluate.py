@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.engine.checkpoint import weights_from
 from vlhub.errors import ConfigError
 from vlhub.eval.wise_ft import PROVENANCE_KEYS
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
@@ -94,7 +95,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     require_finite(model.state_dict(), f"checkpoint={cfg.checkpoint}" if cfg.checkpoint else _weights(cfg))
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
+    with weights_from(f"checkpoint={cfg.checkpoint}"):
+        objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
     scoring = objective.scoring(model) if objective is not None else None  # None: CLIP's
     metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval", scoring)
     run_info = (checkpoint or {}).get("run_info", {})

@@ -385,6 +385,7 @@ def open_run(
         try:
             if before_decide is not None:
                 before_decide()
+            checkpointer.check_writable()
             start = _decide(run_dir, checkpointer, config)
             start.lock = lock
             if not start.finished:
@@ -406,4 +407,5 @@ def open_run(
     if start.checkpoint_path is not None and not start.finished:
         key = "checkpoint.resume" if checkpointer.resume not in (None, "auto") else "checkpoint"
         checkpointer.resume_checkpoint = read_checkpoint_file(start.checkpoint_path, key)
+        checkpointer.resume_from = f"{key}={start.checkpoint_path}"
     return start
