@@ -497,3 +497,22 @@ def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_file_everywhere(traine
         evaluate(compose_evaluate([f"checkpoint={bad}", *FAST_EVAL]), tmp_path / "eval")
     with pytest.raises(CheckpointError, match=rf"^checkpoint.resume={bad} {fits}"):
         run_train([*BASE, "trainer.max_steps=4", f"checkpoint.resume={bad}"], tmp_path / "run")
+
+
+def test_a_run_folder_where_the_log_cannot_be_written_is_one_line(tmp_path):
+    import logging.config
+
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    handler = OmegaConf.to_container(cfg.hydra.job_logging.handlers.file, resolve=False)
+    (tmp_path / "train.log").mkdir()  # as root, chmod cannot make the folder read-only; this fails the same way
+    handler.update(filename=str(tmp_path / "train.log"))
+    handler.pop("formatter", None)
+    with pytest.raises(SystemExit) as caught:  # the factory Hydra's logging set-up calls, and what it gets
+        logging.config.DictConfigurator({"version": 1}).configure_handler(handler)
+    assert str(caught.value.code) == (
+        f"error: the run folder {tmp_path} is not writable: its log {tmp_path / 'train.log'} cannot be opened "
+        "(Is a directory)\nhint: fix its permissions, or use another run folder (run.name=... or hydra.run.dir=...)"
+    )
