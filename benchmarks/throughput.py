@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlhub.check.speed import matmul_flops, timed  # the measuring code python -m vlhub.check uses
 from vlhub.engine import GradCache, PlainGradients, Precision, train_step
 from vlhub.engine.compile import compile_towers
 from vlhub.models import build_open_clip_model
@@ -59,11 +58,6 @@ class Setup:
         return {"arch": self.arch} if self.arch else {"config": TINY}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_batch(model, size: int, device: torch.device, on_host: bool) -> dict[str, torch.Tensor]:
     """Images as the loader gives them (uint8) on the host for the gradient cache, else normalised
     floats on the device; random token ids. A host batch repeats one random block of up to 4,096
@@ -87,36 +81,6 @@ def random_batch(model, size: int, device: torch.device, on_host: bool) -> dict[
         batch["image"][start:stop] = image[: stop - start]
         batch["text"][start:stop] = text[: stop - start]
     return batch
-
-
-def timed(step: Callable[[], None], setup: Setup, steps: int, warmup: int) -> float:
-    """Median seconds per step after ``warmup`` steps (the first of which compiles)."""
-    for _ in range(warmup):
-        step()
-    synchronize(setup.device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(setup.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_flops(device: torch.device, smoke: bool) -> float:
-    """FLOP/s of a square matmul (bf16 on CUDA, fp32 on CPU), the best of a few timed runs."""
-    size = 8192 if device.type == "cuda" else (512 if smoke else 2048)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(10 if device.type == "cuda" else 3):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * size**3 / best
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -147,7 +111,7 @@ def open_clip_row(setup: Setup, compiled: bool) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return setup.batch / timed(step, setup, setup.steps, setup.warmup)
+    return setup.batch / timed(step, setup.device, setup.steps, setup.warmup)
 
 
 def vlhub_row(
@@ -176,7 +140,7 @@ def vlhub_row(
         train_step(model, objective, batch, optimizer, scheduler, setup.precision, strategy, None)
 
     steps, warmup = (setup.cache_steps, 1) if logical else (setup.steps, setup.warmup)
-    return size / timed(step, setup, steps, warmup)
+    return size / timed(step, setup.device, steps, warmup)
 
 
 def flops_per_sample(setup: Setup) -> float:
@@ -252,7 +216,7 @@ def main() -> None:
     precision = Precision(args.precision or ("amp_bf16" if device.type == "cuda" else "fp32"), device)
     setup = Setup(device, precision, args.arch, args.batch, args.warmup, args.steps, args.cache_steps)
 
-    peak = peak_flops(device, args.smoke)
+    peak = matmul_flops(device)
     flops = flops_per_sample(setup)
     print(
         f"device={device} model={args.arch or 'tiny'} precision={precision.name} batch={args.batch} "

@@ -21,6 +21,8 @@ from vlhub import benchmark_bridge
 from vlhub.data import ImageFolderPairs, SyntheticShapes
 from vlhub.eval import EvalContext, ImageFolderZeroShot, LinearProbeTask, RetrievalTask, topk_accuracy
 from vlhub.eval.linear_probe import extract_features
+from vlhub.eval.scoring import PROBE_FEATURES
+from vlhub.objectives.filip import TokenScorer
 
 pytest.importorskip("clip_benchmark")  # the optional extra (in .[dev])
 from clip_benchmark.metrics import linear_probe, zeroshot_classification  # noqa: E402
@@ -87,6 +89,7 @@ def test_zeroshot_classification_equals_vlhub_zeroshot(checkpoint, folder_set, t
     assert theirs["acc5"] == pytest.approx(ours["folder-zeroshot-top5"])
     assert theirs["mean_per_class_recall"] == pytest.approx(ours["folder-zeroshot-mean_per_class_recall"])
     assert 0 < theirs["acc1"] < 1 and theirs["acc5"] > theirs["acc1"]  # a real comparison, not two trivial scores
+    assert theirs["scoring"] == "cosine of pooled embeddings"
 
 
 def _write_flickr_layout(root, paths, captions):
@@ -98,7 +101,12 @@ def _write_flickr_layout(root, paths, captions):
     (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_zeroshot_retrieval_equals_vlhub_retrieval(checkpoint, tmp_path):
+@pytest.mark.parametrize("objective", ["clip", "filip"])
+def test_zeroshot_retrieval_equals_vlhub_retrieval(objective, request, tmp_path):
+    if objective == "clip":
+        checkpoint = request.getfixturevalue("checkpoint")
+    else:
+        checkpoint = request.getfixturevalue("trained")[objective] / "checkpoints" / "latest.pt"
     task = RetrievalTask(str(write_karpathy_set(tmp_path / "coco", num_test=12, image_size=32)))
     flickr = tmp_path / "flickr"
     flickr.mkdir()
@@ -108,8 +116,11 @@ def test_zeroshot_retrieval_equals_vlhub_retrieval(checkpoint, tmp_path):
         "--task zeroshot_retrieval --recall_k 1 5 10 --batch_size 5",
         tmp_path / "retrieval.json",
     )
-    model, preprocess, _ = vlhub.load(checkpoint)
-    ours = task.run(model, EvalContext("retrieval", preprocess, torch.device("cpu"), batch_size=5))
+    loaded = vlhub.load(checkpoint)
+    context = EvalContext("retrieval", loaded.preprocess, torch.device("cpu"), batch_size=5, scoring=loaded.scoring)
+    ours = task.run(loaded.model, context)
+    expected = "cosine of pooled embeddings" if objective == "clip" else TokenScorer.name
+    assert theirs.pop("scoring") == expected
     assert set(theirs) == {key.removeprefix("retrieval-") for key in ours}
     for key, value in theirs.items():
         assert ours[f"retrieval-{key}"] == pytest.approx(value), key
@@ -174,6 +185,91 @@ def test_linear_probe_equals_vlhub_linear_probe(checkpoint, folder_set, tmp_path
     ours_x, _ = extract_features(model, ImageFolderPairs(str(folder_set / "train")), preprocess, torch.device("cpu"))
     on_gpu = {"atol": 2e-3, "rtol": 0} if torch.cuda.is_available() else {}  # TF32 convolutions there
     torch.testing.assert_close(cached.cpu(), ours_x, **on_gpu)
+
+
+# -- scoring as the objective does ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One run folder per objective: one step, then the default evaluation (60 generated shapes)."""
+    runs = {}
+    for name in ("filip", "ce", "simclr"):
+        runs[name] = tmp_path_factory.mktemp(name)
+        run_train([f"objective={name}", "trainer.max_steps=1"], runs[name], {"model": "tiny", "objective": name})
+    return runs
+
+
+def _zeroshot_args(checkpoint, folder_set):
+    return (
+        f"--pretrained {checkpoint} --dataset imagenet1k-unverified --dataset_root {folder_set} "
+        f"--custom_classname_file {folder_set / 'classnames.json'} "
+        f"--custom_template_file {folder_set / 'templates.json'} --task zeroshot_classification --batch_size 7"
+    )
+
+
+def test_filip_zero_shot_through_the_bridge_equals_vlhub_evaluate(trained, folder_set, tmp_path):
+    from tests.test_evaluate import compose_evaluate
+    from vlhub.evaluate import evaluate
+
+    checkpoint = trained["filip"] / "checkpoints" / "latest.pt"
+    theirs = _run_cli(_zeroshot_args(checkpoint, folder_set), tmp_path / "zeroshot.json")
+    templates = "[" + ",".join(f'"{t}"' for t in TEMPLATES) + "]"
+    cfg = compose_evaluate(
+        [f"checkpoint={checkpoint}", "eval=imagefolder", f"eval.imagefolder.root={folder_set / 'val'}",
+         f"eval.imagefolder.templates={templates}", "eval.batch_size=5", "eval.workers=0", "device=cpu"]
+    )  # fmt: skip
+    ours = evaluate(cfg, tmp_path / "evaluate", model_given=False)
+    assert theirs["acc1"] == pytest.approx(ours["imagefolder-zeroshot-top1"])
+    assert theirs["acc5"] == pytest.approx(ours["imagefolder-zeroshot-top5"])
+    assert theirs["mean_per_class_recall"] == pytest.approx(ours["imagefolder-zeroshot-mean_per_class_recall"])
+    assert f"zeroshot={theirs['scoring']};" in ours["scoring"] and theirs["scoring"].startswith("token-wise (FILIP)")
+
+
+@pytest.mark.parametrize("name", ["ce", "simclr"])
+def test_bridge_refuses_zero_shot_for_image_only_objectives_in_one_line(name, trained, folder_set, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        _run_cli(_zeroshot_args(trained[name] / "checkpoints" / "latest.pt", folder_set), tmp_path / "out.json")
+    assert str(refused.value) == (
+        f"vlhub.benchmark_bridge: zero-shot classification refused: objective {name} trains no text tower, "
+        "so image-text scores would read an untrained one"
+    )
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_every_training_record_says_which_scoring_produced_it(trained):
+    records = {name: json.loads((run / "results.jsonl").read_text().splitlines()[-1]) for name, run in trained.items()}
+    for record in records.values():  # one flat string: kind=scoring; ...
+        record["scoring"] = dict(part.split("=", 1) for part in record["scoring"].split("; "))
+    assert records["filip"]["scoring"]["zeroshot"].startswith("token-wise (FILIP)")
+    assert records["filip"]["scoring"]["retrieval"] == records["filip"]["scoring"]["zeroshot"]
+    assert "synthetic-zeroshot-top1" in records["filip"]
+    for name in ("ce", "simclr"):
+        assert records[name]["scoring"]["zeroshot"] == f"none: objective {name} trains no text tower, " + (
+            "so image-text scores would read an untrained one"
+        )
+        assert not any("zeroshot" in key for key in records[name])
+    assert "synthetic-classifier-top1" in records["ce"] and "classifier" in records["ce"]["scoring"]
+    assert "synthetic-linear_probe-top1" in records["simclr"]
+    assert records["simclr"]["scoring"]["linear_probe"] == PROBE_FEATURES
+
+
+def test_caption_selection_through_the_scorer_equals_clip_benchmarks_own_for_clip(checkpoint):
+    from clip_benchmark.metrics import image_caption_selection
+
+    benchmark_bridge.register()
+    scored, preprocess, tokenizer = benchmark_bridge.load_vlhub(pretrained=str(checkpoint))
+    # SugarCrepe's shape: one image, its caption and a wrong one, per instance.
+    source = SyntheticShapes(num_samples=24, split="val", image_size=32)
+    samples = [source.load(i) for i in range(24)]
+    images = torch.stack([preprocess(s.image) for s in samples])
+    captions = [[s.caption, samples[(i + 7) % 24].caption] for i, s in enumerate(samples)]
+    batches = [(images[i : i + 8], captions[i : i + 8]) for i in range(0, 24, 8)]
+    theirs = benchmark_bridge._ORIGINAL["caption_selection_evaluate"](
+        scored.model, batches, tokenizer, "cpu", amp=False
+    )
+    ours = image_caption_selection.evaluate(scored, batches, tokenizer, "cpu", amp=False)
+    assert ours.pop("scoring") == "cosine of pooled embeddings"
+    assert ours == pytest.approx(theirs)
+    assert 0 < theirs["text_acc"] < 1  # a real comparison
 
 
 # -- the accuracy shim --------------------------------------------------------------------------

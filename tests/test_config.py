@@ -68,12 +68,12 @@ def test_every_model_option_instantiates(model):
         assert built.encode_text(tokens).shape == (1, built.embed_dim)
 
 
-@pytest.mark.parametrize("group", ["objective", "augment", "optim"])
+@pytest.mark.parametrize("group", ["objective", "augment", "augment_views", "optim"])
 def test_every_other_group_option_instantiates(group, tiny_model):
     for option in options(group):
         cfg = compose_train([f"{group}={option}"])
         built = instantiate(cfg[group])
-        if group == "augment":
+        if group.startswith("augment"):
             transforms = built(tiny_model.image_stats)
             assert transforms.train(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
         elif group == "objective":

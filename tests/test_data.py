@@ -1,5 +1,7 @@
 """Data sources and the step-indexed loader: determinism, layouts, bad input."""
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
@@ -126,3 +128,88 @@ def test_an_empty_caption_is_a_bad_sample(tmp_path):
     path.write_text("filepath,title\na.png,\na.png,a caption\n")
     loaded = next(_loader(CsvPairs(str(path)), 2))
     assert loaded.bad_samples == 1 and loaded.batch["text_raw"] == ["a caption"]
+
+
+# -- views: the base view is the same whatever extra views an objective asks for ----------------
+
+
+def _jpeg_csv(folder, count=12, size=64):
+    """Synthetic shapes as JPEGs (large enough for draft decoding of a 32 px crop) and ``pairs.csv``."""
+    import csv
+
+    shapes = SyntheticShapes(num_samples=count, image_size=size)
+    (folder / "images").mkdir(parents=True)
+    with (folder / "pairs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filepath", "title"])
+        for index in range(count):
+            shapes.load(index).image.save(folder / f"images/{index}.jpg", quality=90)
+            writer.writerow([f"images/{index}.jpg", shapes.load(index).caption])
+    return CsvPairs(str(folder / "pairs.csv"))
+
+
+@functools.cache
+def _job_views(objective: str):
+    """A job's image transforms and view count: its augment, augment_views and objective composed and
+    instantiated as ``vlhub.train`` does (for the tiny model's 32 px), and its seed."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+    from vlhub.models.vision_language import ImageStats
+
+    cfg = compose_train([f"objective={objective}"])
+    stats = ImageStats(32, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    transforms, views = instantiate(cfg.augment)(stats), instantiate(cfg.augment_views)(stats)
+    return transforms.train, views.train, instantiate(cfg.objective).image_views, cfg.trainer.seed
+
+
+def _job_batches(source, objective, count=2):
+    """The first ``count`` batches a job with ``objective=...`` trains on, from the source's own loader."""
+    base, strong, image_views, seed = _job_views(objective)
+    loader = source.build_loader(base, None, 4, seed, image_views=image_views, view_transform=strong)
+    return [loaded.batch for loaded, _ in zip(loader, range(count), strict=False)]
+
+
+@pytest.mark.parametrize("layout", ["csv", "wds"])
+def test_views_a_clip_and_a_slip_job_train_on_bit_identical_base_images(tmp_path, layout):
+    from vlhub.data import WebDatasetPairs
+    from vlhub.data.write_shards import write_shards
+
+    if layout == "csv":  # map-style slots (vlhub.data.loader)
+        source = _jpeg_csv(tmp_path)
+    else:  # streamed shards (vlhub.data.stream)
+        shapes = SyntheticShapes(num_samples=12, image_size=64)
+        write_shards((shapes.load(i) for i in range(12)), tmp_path, shard_size=6)
+        source = WebDatasetPairs(f"{tmp_path}/shard-{{000000..000001}}.tar", num_samples=12, shuffle_buffer=4)
+    clip, slip, simclr = (_job_batches(source, objective) for objective in ("clip", "slip", "simclr"))
+    for clip_batch, slip_batch, simclr_batch in zip(clip, slip, simclr, strict=True):
+        assert set(clip_batch) & {"image_view2", "image_view3"} == set()
+        assert clip_batch["image"].dtype == torch.uint8 and torch.equal(clip_batch["image"], slip_batch["image"])
+        for key in ("image", "image_view2", "image_view3"):  # simclr's strong views are slip's
+            assert torch.equal(slip_batch[key], simclr_batch[key]), key
+        strong = slip_batch["image_view2"], slip_batch["image_view3"]
+        assert not torch.equal(strong[0], strong[1]) and not torch.equal(strong[0], slip_batch["image"])
+
+
+def test_views_extra_views_start_from_the_whole_image_when_the_base_view_drafts(tmp_path):
+    from vlhub.augment import build_clip_transforms, build_simclr_transforms
+    from vlhub.models.vision_language import ImageStats
+
+    source = _jpeg_csv(tmp_path)
+    stats = ImageStats(32, (0.5,) * 3, (0.5,) * 3)
+    base, strong = build_clip_transforms(stats).train, build_simclr_transforms(stats).train
+    loader = build_train_loader(source, base, None, 4, seed=5, image_views=3, view_transform=strong)
+    batch = next(iter(loader)).batch
+    for row, slot in enumerate(batch["sample_id"].tolist()):
+        # By hand: the slot's generator; the base view drafts a JPEG (64 px for a 32 px crop: 1/2 scale),
+        # then both strong views are drawn from the whole image, decoded at full size.
+        raw = source.load(loader.dataset.position(slot)[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(5 * 7_919 + slot)
+            drafted = source.load(loader.dataset.position(slot)[1]).image
+            expected = [base(drafted)]
+            assert drafted.size == (32, 32)  # the base view really drafted
+            whole = raw.image.convert("RGB")
+            expected += [strong(whole), strong(whole)]
+        for key, view in zip(("image", "image_view2", "image_view3"), expected, strict=True):
+            assert torch.equal(batch[key][row], view), (key, slot)

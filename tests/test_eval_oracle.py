@@ -59,7 +59,7 @@ def tasks(tmp_path_factory):
 
 
 def evaluate(task, name, permutation=None, templates="simple", subset=None):
-    evaluator = Evaluator(batch_size=512, templates=templates, subset=subset, **{name: task})
+    evaluator = Evaluator(batch_size=512, workers=0, templates=templates, subset=subset, **{name: task})
     model = NameOracle(task, resolve_templates(templates, task.templates), permutation)
     return evaluator.run(model, pixels, torch.device("cpu"))
 
@@ -126,13 +126,15 @@ def test_results_do_not_depend_on_task_order_or_on_earlier_runs(tasks, tmp_path)
         model.vector.update(other.vector)
         model.text_name.update(other.text_name)
         model.image_name.update(other.image_name)
-    forward = Evaluator(batch_size=256, templates="simple", subset="in100", **{n: tasks[n] for n in chosen})
-    backward = Evaluator(batch_size=256, templates="simple", subset="in100", **{n: tasks[n] for n in reversed(chosen)})
+    forward = Evaluator(batch_size=256, workers=0, templates="simple", subset="in100", **{n: tasks[n] for n in chosen})
+    backward = Evaluator(
+        batch_size=256, workers=0, templates="simple", subset="in100", **{n: tasks[n] for n in reversed(chosen)}
+    )
     first = forward.run(model, pixels, torch.device("cpu"))
     second = backward.run(model, pixels, torch.device("cpu"))
     alone = {}
     for name in chosen:
-        alone |= Evaluator(batch_size=256, templates="simple", subset="in100", **{name: tasks[name]}).run(
+        alone |= Evaluator(batch_size=256, workers=0, templates="simple", subset="in100", **{name: tasks[name]}).run(
             model, pixels, torch.device("cpu")
         )
     assert first == second == alone == forward.run(model, pixels, torch.device("cpu"))
@@ -141,6 +143,7 @@ def test_results_do_not_depend_on_task_order_or_on_earlier_runs(tasks, tmp_path)
 
 def test_extended_metrics_land_in_each_tasks_folder(tasks, tmp_path):
     evaluator = Evaluator(
+        workers=0,
         templates="simple",
         subset="in100",
         extended_metrics=True,

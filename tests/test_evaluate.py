@@ -19,7 +19,7 @@ from vlhub.eval.tasks import EvalContext
 from vlhub.evaluate import evaluate, render_report
 
 REPO = Path(__file__).resolve().parents[1]
-FAST_EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64", "device=cpu"]
+FAST_EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64", "eval.workers=0", "device=cpu"]
 
 
 @pytest.fixture(scope="module")

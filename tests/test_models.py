@@ -48,3 +48,41 @@ def test_a_resnet_image_tower_refuses_token_features_clearly():
     )
     with pytest.raises(NotImplementedError, match="ModifiedResNet does not expose token features"):
         model(image=torch.randn(1, 3, 32, 32), output_tokens=True)
+
+
+def _resnet_model():
+    return build_open_clip_model(
+        config={
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        }
+    )
+
+
+def _timm_model(backbone):
+    text = {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    return build_open_clip_model(
+        config={"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": text}, timm_backbone=backbone
+    )
+
+
+@pytest.mark.parametrize("kind", ["vit", "timm_vit", "resnet"])
+def test_image_towers_give_their_features_before_the_projection(kind):
+    torch.manual_seed(0)
+    model = {"vit": micro_model, "timm_vit": lambda: _timm_model("test_vit"), "resnet": _resnet_model}[kind]()
+    model.eval()
+    tower, images = model.image_tower, torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = model(image=images, image_unprojected=True)["image_features"]
+        assert features.shape == (3, tower.unprojected_dim) and "forward" not in vars(tower)  # restored
+        pooled = model(image=images)["image_features"]
+        if kind == "vit":  # open_clip: pooled = ln_post(cls token) @ proj
+            torch.testing.assert_close(features @ tower.module.proj, pooled)
+        elif kind == "timm_vit":  # open_clip's TimmModel: head(trunk(x)), the head its projection
+            torch.testing.assert_close(tower.module.head(features), pooled)
+        else:  # ModifiedResNet: its attention pool ends in its projection; layer4 averaged over space
+            seen = []
+            tower.module.layer4.register_forward_hook(lambda module, args, out: seen.append(out))
+            tower.module(images)
+            torch.testing.assert_close(features, seen[0].mean(dim=(2, 3)))

@@ -1,9 +1,9 @@
 """Each objective's loss against an independent reference, on identical inputs, in one process.
 
-References: open_clip's SigLipLoss and CoCaLoss; x_clip's CLIP (DCL, CLOOB's extra projections,
-FILIP, multi-view), its MLM and its SimSiam modules, driven on the same features by replacing
-their encoders with modules that return given tensors; brute-force NT-Xent, token similarity
-and cross-entropy written here. fp32, tiny tensors.
+References: open_clip's SigLipLoss and CoCaLoss; x_clip's CLIP (DCL, FILIP, multi-view), its MLM
+and its SimSiam modules, driven on the same features by replacing their encoders with modules that
+return given tensors; CLOOB from the paper's equations and from the authors' code's logic;
+brute-force NT-Xent, token similarity and cross-entropy written here. fp32, tiny tensors.
 """
 
 from __future__ import annotations
@@ -167,26 +167,121 @@ def test_dcl_matches_x_clip_decoupled_contrastive_learning():
     assert_close(ours["loss"], theirs)
 
 
-# -- 3. CLOOB-style extra projections ---------------------------------------------------------
+# -- 3. CLOOB ---------------------------------------------------------------------------------
 
 
-def test_cloob_matches_x_clip_extra_latent_projection():
+def paper_cloob(x, y, beta, inv_tau, image_weight, text_weight):
+    """CLOOB from the paper's equations, one sample at a time: x, y normalised [N, D]; memories U = x, V = y.
+
+    U_x_i = U softmax(beta U^T x_i), renormalised (likewise U_y, V_x, V_y), and
+    InfoLOOB(a, b) = -1/N sum_i ln exp(s a_i.b_i) / sum_{j != i} exp(s a_i.b_j).
+    """
+    count = x.shape[0]
+
+    def retrieve(state, memory):
+        weights = torch.stack([beta * torch.dot(memory[j], state) for j in range(count)]).softmax(dim=0)
+        retrieved = sum(weights[j] * memory[j] for j in range(count))
+        return retrieved / retrieved.norm()
+
+    def info_loob(anchors, others):
+        total = 0.0
+        for i in range(count):
+            negatives = torch.stack([inv_tau * torch.dot(anchors[i], others[j]) for j in range(count) if j != i])
+            total = total - (inv_tau * torch.dot(anchors[i], others[i]) - negatives.logsumexp(dim=0))
+        return total / count
+
+    u_x = torch.stack([retrieve(x[i], x) for i in range(count)])
+    u_y = torch.stack([retrieve(y[i], x) for i in range(count)])
+    v_x = torch.stack([retrieve(x[i], y) for i in range(count)])
+    v_y = torch.stack([retrieve(y[i], y) for i in range(count)])
+    return image_weight * info_loob(u_x, u_y) + text_weight * info_loob(v_y, v_x)
+
+
+def authors_cloob(image_features, text_features, inv_tau, scale_hopfield):
+    """The logic of ml-jku/cloob's ``src/training/methods.py`` (``cloob``, ``hopfield_retrieval``,
+    ``infoLOOB_loss``), transcribed; its hflayers ``Hopfield`` layer (one head, no projections nor
+    normalisations, ``scaling=scale_hopfield``) computes softmax(scaling state stored^T) stored."""
+
+    def hopfield(state_patterns, stored_patterns):
+        retrieved = (scale_hopfield * state_patterns @ stored_patterns.T).softmax(dim=-1) @ stored_patterns
+        return retrieved / retrieved.norm(dim=1, keepdim=True)
+
+    def info_loob(x, y, i):
+        tau = 1 / inv_tau
+        k = x @ y.T / tau
+        positives = -torch.mean(torch.sum(k * i, dim=1))
+        arg_lse = k * torch.logical_not(i) + i * -1000.0
+        negatives = torch.mean(torch.logsumexp(arg_lse, dim=1))
+        return tau * (positives + negatives)
+
+    p_xx, p_yy = hopfield(image_features, image_features), hopfield(text_features, text_features)
+    p_xy, p_yx = hopfield(text_features, image_features), hopfield(image_features, text_features)
+    i = torch.eye(p_xx.shape[0]) > 0.5
+    return info_loob(p_xx, p_xy, i) + info_loob(p_yy, p_yx, i)
+
+
+def cloob_case(objective, image, text):
+    """(our loss, our input gradients, logit_scale's gradient) on raw features that ``represent`` normalises."""
+    towers = IdentityTowers(1.0)
+    objective.apply_init(towers)
+    image, text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    parts = objective.loss(objective.represent(towers, {"image": image, "text": text}), towers)
+    parts["loss"].backward()
+    return parts, (image.grad, text.grad), towers.logit_scale.grad
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"beta": 3.0, "inv_tau": 12.0, "image_weight": 0.7, "text_weight": 0.2}],
+)
+def test_cloob_loss_and_gradients_are_the_papers_equations(kwargs):
+    from vlhub.objectives.cloob import CloobObjective
+
+    objective = CloobObjective(**kwargs)
+    image, text = randn(6, 8), randn(6, 8, seed=1)
+    parts, grads, scale_grad = cloob_case(objective, image, text)
+    assert objective.inv_tau == kwargs.get("inv_tau", 14.3) and objective.beta == kwargs.get("beta", 14.3)
+    assert scale_grad is None  # 1/tau is fixed: the model's logit_scale is read, never trained
+
+    # The reference runs in fp64 on the same (upcast) inputs, so what is compared is our fp32 rounding alone.
+    raw = image.double().requires_grad_(), text.double().requires_grad_()
+    weights = kwargs.get("image_weight", 0.5), kwargs.get("text_weight", 0.5)
+    x, y = F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1)
+    expected = paper_cloob(x, y, objective.beta, objective.inv_tau, *weights)
+    expected.backward()
+    assert abs(parts["loss"].double() - expected).item() <= 1e-6
+    for ours, theirs in zip(grads, (raw[0].grad, raw[1].grad), strict=True):
+        assert ((ours.double() - theirs).norm() / theirs.norm()).item() <= 1e-6
+
+
+def test_cloob_is_the_authors_code_with_their_loss_weights_in_any_batch_order():
+    from vlhub.objectives.cloob import CloobObjective
+
+    inv_tau, beta = 30.0, 8.0  # their CC run's
+    objective = CloobObjective(beta=beta, inv_tau=inv_tau, image_weight=1 / inv_tau, text_weight=1 / inv_tau)
+    image, text = randn(8, 16, seed=4), randn(8, 16, seed=5)
+    parts, grads, _ = cloob_case(objective, image, text)
+    # Their gather puts this rank's rows first: rank 1 of 2 sees the batch rotated by 4.
+    raw = image.roll(4, 0).requires_grad_(), text.roll(4, 0).requires_grad_()
+    theirs = authors_cloob(F.normalize(raw[0], dim=-1), F.normalize(raw[1], dim=-1), inv_tau, beta)
+    theirs.backward()
+    exact = {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(parts["loss"], theirs, **exact)
+    torch.testing.assert_close(grads[0], raw[0].grad.roll(-4, 0), **exact)
+    torch.testing.assert_close(grads[1], raw[1].grad.roll(-4, 0), **exact)
+
+
+def test_cloob_starts_at_the_authors_temperature_and_scores_zero_shot_as_the_paper():
+    from vlhub.eval.scoring import EmbeddingScorer
+
     model, objective = prepared_objective("cloob")
-    dim, scale = model.embed_dim, 6.0
-    with torch.no_grad():  # non-identity heads, so the two spaces differ
-        objective.image_extra.weight.copy_(randn(dim, dim, seed=2) / dim**0.5)
-        objective.text_extra.weight.copy_(randn(dim, dim, seed=3) / dim**0.5)
-    image, text, ids = randn(6, dim), randn(6, dim, seed=1), text_ids(6, 5)
-    clip = tiny_xclip(dim, ids, text, scale, extra_latent_projection=True)
-    clip.to_visual_latent_extra.load_state_dict(objective.image_extra.state_dict())
-    clip.to_text_latent_extra.load_state_dict(objective.text_extra.state_dict())
-    theirs = clip(ids, image, return_loss=True)
-    towers = IdentityTowers(scale)
-    ours = objective.loss(objective.represent(towers, {"image": image, "text": text}), towers)
-    assert_close(ours["loss"], theirs)
-    # The heads matter: with them as the identity, the loss is CLIP's and differs.
-    plain = open_clip.ClipLoss()(F.normalize(image, dim=-1), F.normalize(text, dim=-1), torch.tensor(scale))
-    assert not torch.allclose(ours["loss"], plain, **TOL)
+    assert model.temperature_scale().item() == pytest.approx(14.3, rel=1e-6)  # the authors' --init-inv-tau, fixed
+    scorer = objective.scoring(model).zero_shot  # cosine of the normalised embeddings, no retrieval
+    assert type(scorer) is EmbeddingScorer and scorer.text_head is None and scorer.image_head is None
+    with pytest.raises(ValueError, match="objective.inv_tau=200.0 is above the model's max_logit_scale"):
+        type(objective)(inv_tau=200.0).apply_to_model(model)
+    with pytest.raises(ValueError, match="objective.beta must be a positive number"):
+        type(objective)(beta=0)
 
 
 # -- 4. FILIP --------------------------------------------------------------------------------
@@ -267,26 +362,51 @@ CAPTIONS = [
 ]
 
 
-class MaskedTextTower(nn.Module):
-    """x_clip's MLM transformer: vlhub's text tower, its mask embedding where x_clip wrote
-    ``mask_token_id``, the token features behind one dummy leading position (x_clip drops it)."""
+class OpenClipMaskedText(nn.Module):
+    """x_clip's MLM transformer: open_clip's own ``TextTransformer`` built causal or, with
+    ``both_ways``, with ``no_causal_mask=True, use_pad_mask=True`` (open_clip's bidirectional tower,
+    padding masked as keys), holding the vlhub text tower's weights; vlhub's mask embedding where
+    x_clip wrote ``mask_token_id``; the token features projected as vlhub's tower projects them,
+    behind one dummy leading position (x_clip drops it)."""
 
-    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, expected_replaced: torch.Tensor):
+    def __init__(self, model, mlm: MaskedLanguageModel, mask_token_id: int, both_ways: bool):
         super().__init__()
-        self.model, self.mlm, self.mask_token_id, self.expected_replaced = model, mlm, mask_token_id, expected_replaced
+        tower = model.text_tower.module
+        self.text = open_clip.transformer.TextTransformer(
+            context_length=tower.context_length,
+            vocab_size=tower.vocab_size,
+            width=tower.width,
+            heads=tower.heads,
+            layers=len(tower.transformer.resblocks),
+            output_dim=model.embed_dim,
+            no_causal_mask=both_ways,
+            use_pad_mask=both_ways,
+            output_tokens=True,
+        )
+        self.text.load_state_dict(tower.state_dict())
+        self.mlm, self.mask_token_id = mlm, mask_token_id
 
     def forward(self, masked_seq, **kwargs):
         replaced = masked_seq == self.mask_token_id
-        assert torch.equal(replaced, self.expected_replaced)
-        with self.mlm._masked_embeddings(self.model, replaced):
-            tokens = self.model(text=masked_seq, output_tokens=True)["text_tokens"]
+
+        def overwrite(module, inputs, output):
+            return torch.where(replaced[..., None], self.mlm.mask_embedding, output)
+
+        handle = self.text.token_embedding.register_forward_hook(overwrite)
+        try:
+            _, tokens = self.text(masked_seq)
+        finally:
+            handle.remove()
+        tokens = tokens @ self.text.text_projection
         return torch.cat([torch.zeros_like(tokens[:, :1]), tokens], dim=1)
 
 
-def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
-    model, objective = prepared_objective("mlm")
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_matches_x_clip_mlm_on_open_clips_own_tower_attending_the_same_way(monkeypatch, attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
     mlm = objective.mlm
     text = model.tokenize(CAPTIONS)
+    assert (text == 0).any()  # padding present: bidirectional, it must be masked as a key
     sample_id = torch.arange(len(CAPTIONS)) + 1000
     chosen, replaced = mlm.masks(text, sample_id)
     assert replaced.any() and (chosen & ~replaced).any()  # both kinds of chosen token present
@@ -306,7 +426,7 @@ def test_mlm_matches_x_clip_mlm_on_the_same_masks(monkeypatch):
     mask_token_id = 1
     assert not (text == mask_token_id).any()
     reference = x_clip.mlm.MLM(
-        MaskedTextTower(model, mlm, mask_token_id, replaced),
+        OpenClipMaskedText(model, mlm, mask_token_id, both_ways=attention == "bidirectional"),
         dim=model.text_tower.token_dim,
         num_tokens=model.text_tower.vocab_size,
         mask_prob=mlm.mask_prob,
@@ -370,21 +490,22 @@ class Passthrough(nn.Module):
 def test_declip_simsiam_and_multiview_terms_match_x_clip():
     model, objective = prepared_objective("declip", ssl_projection_dim=8, ssl_hidden_dim=16)
     dim, batch, scale = model.image_tower.output_dim, 6, 7.0
-    view1, view2, text, ids = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=2), text_ids(6, 5)
+    base, text, ids = randn(batch, dim, seed=3), randn(batch, dim, seed=2), text_ids(6, 5)
+    view2, view3, text_view = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=4)
     reps = {
-        "image_features": F.normalize(view1, dim=-1),
-        "view2_image_features": F.normalize(view2, dim=-1),
+        "image_features": F.normalize(base, dim=-1),
         "text_features": F.normalize(text, dim=-1),
-        "view1_features": view1,
+        "text_view_features": F.normalize(text_view, dim=-1),
         "view2_features": view2,
+        "view3_features": view3,
         "mlm_nll": torch.ones(batch),
         "mlm_tokens": torch.ones(batch),
     }
     objective.train()
     parts = objective.loss(reps, IdentityTowers(scale))
 
-    # SimSiam: x_clip's module on the stacked views, each "augmentation" picking one; its mock
-    # forward on [2, channels, D, D] sizes the projector for inputs of width D.
+    # SimSiam on the two strong views: x_clip's module on the stacked views, each "augmentation" picking
+    # one; its mock forward on [2, channels, D, D] sizes the projector for inputs of width D.
     simsiam = SimSiam(
         Passthrough(),
         image_size=dim,
@@ -397,14 +518,14 @@ def test_declip_simsiam_and_multiview_terms_match_x_clip():
     ).train()
     simsiam.online_encoder.projector.load_state_dict(objective.ssl_head.projector.state_dict())
     simsiam.online_predictor.load_state_dict(objective.ssl_head.predictor.state_dict())
-    assert_close(parts["ssl_loss"], simsiam(torch.stack([view1, view2], dim=1)))
+    assert_close(parts["ssl_loss"], simsiam(torch.stack([view2, view3], dim=1)))
 
-    # Multi-view: x_clip's CLIP with the second view as aug_image: 0.9 x CL(text, view 1) + 0.1 x CL(text, view 2).
-    clip = tiny_xclip(dim, ids, text, scale, multiview_loss_weight=0.1)
-    theirs = clip(ids, view1, return_loss=True, aug_image=view2)
-    assert_close(0.9 * parts["contrastive_loss"] + 0.1 * parts["multiview_loss"], theirs)
-    clip.multiview_loss_weight = 1.0  # its CL weight is then 0: the multi-view term alone
-    assert_close(parts["multiview_loss"], clip(ids, view1, return_loss=True, aug_image=view2))
+    # CLIP on the base view; multi-view: the mean of x_clip's CLIP over {view2, view3} x {caption, text view}.
+    clip = tiny_xclip(dim, ids, text, scale)
+    assert_close(parts["contrastive_loss"], clip(ids, base, return_loss=True))
+    clips = [clip, tiny_xclip(dim, ids, text_view, scale)]
+    pairs = [one(ids, view, return_loss=True) for view in (view2, view3) for one in clips]
+    assert_close(parts["multiview_loss"], torch.stack(pairs).mean())
 
 
 # -- 7. SimCLR and SLIP ----------------------------------------------------------------------
@@ -435,21 +556,22 @@ def test_nt_xent_is_the_brute_force_one_and_x_clips():
 def test_simclr_and_slip_ssl_terms_are_nt_xent_on_the_projections(name):
     if name == "simclr":
         model, objective = prepared_objective("simclr", projection_dim=8, hidden_dim=16, temperature=0.2)
-        head = objective.head
+        head, dim = objective.head, model.image_tower.output_dim
     else:
         model, objective = prepared_objective(
             "slip", ssl_projection_dim=8, ssl_hidden_dim=16, clip_weight=0.3, ssl_weight=0.6
         )
-        head = objective.ssl_head
-    dim, batch, scale = model.image_tower.output_dim, 6, 9.0
-    view1, view2, text = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=2)
-    reps = {"view1_features": view1, "view2_features": view2}
+        head, dim = objective.ssl_head, model.image_tower.unprojected_dim  # the encoder's own features
+    batch, scale, width = 6, 9.0, model.image_tower.output_dim
+    view2, view3 = randn(batch, dim), randn(batch, dim, seed=1)
+    base, text = randn(batch, width, seed=3), randn(batch, width, seed=2)
+    reps = {"view2_features": view2, "view3_features": view3}
     if name == "slip":
-        reps |= {"image_features": F.normalize(view1, dim=-1), "text_features": F.normalize(text, dim=-1)}
+        reps |= {"image_features": F.normalize(base, dim=-1), "text_features": F.normalize(text, dim=-1)}
     objective.train()
     parts = objective.loss(reps, IdentityTowers(scale))
-    # The projector (BatchNorm in training mode: batch statistics) runs on each view's batch.
-    expected = brute_force_nt_xent(head.projector(view1), head.projector(view2), head.temperature)
+    # The projector (BatchNorm in training mode: batch statistics) runs on each strong view's batch.
+    expected = brute_force_nt_xent(head.projector(view2), head.projector(view3), head.temperature)
     assert_close(parts["ssl_loss"], expected)
     if name == "simclr":
         assert head.temperature == 0.2
@@ -459,6 +581,28 @@ def test_simclr_and_slip_ssl_terms_are_nt_xent_on_the_projections(name):
         clip = open_clip.ClipLoss()(reps["image_features"], reps["text_features"], torch.tensor(scale))
         assert_close(parts["contrastive_loss"], clip)
         assert_close(parts["loss"], 0.3 * clip + 0.6 * expected)
+
+
+def test_slips_projector_is_the_papers_and_x_clips_at_two_layers():
+    from x_clip.visual_ssl import MLP
+
+    from vlhub.objectives.ssl import mlp_projector
+
+    # SLIP's _build_mlp(in, 4096, 256): Linear, BN, ReLU, Linear, BN, ReLU, Linear, on the encoder's width.
+    from vlhub.registry import OBJECTIVES
+
+    model, objective = micro_model(), OBJECTIVES.build("slip")  # its defaults, not the tests' narrow head
+    objective.apply_to_model(model)
+    layers = list(objective.ssl_head.projector)
+    kinds = [type(layer).__name__ for layer in layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    widths = [(layer.in_features, layer.out_features) for layer in layers if isinstance(layer, nn.Linear)]
+    assert widths == [(model.image_tower.unprojected_dim, 4096), (4096, 4096), (4096, 256)]
+    assert objective.ssl_head.temperature == 0.1
+    # At two layers it is x_clip's MLP: the same keys, the same outputs.
+    ours, theirs = mlp_projector(6, 3, 5, layers=2).train(), MLP(6, 3, 5).train()
+    theirs.load_state_dict(ours.state_dict())
+    assert_close(ours(randn(4, 6)), theirs(randn(4, 6)))
 
 
 # -- 8. CoCa ---------------------------------------------------------------------------------

@@ -53,6 +53,60 @@ def test_mlm_masks_are_a_function_of_the_sample_not_of_the_batch():
     assert not torch.equal(other.masks(batch["text"], batch["sample_id"] + 1000)[0], chosen)
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_logits_at_a_masked_position_see_the_right_context_only_when_bidirectional(attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
+    mlm, masked, right = objective.mlm, 2, 4
+    text = model.tokenize(["a small red triangle on a dark background"])
+    changed = text.clone()
+    changed[0, right] = text[0, right] + 1  # another real token, to the right of the masked one
+    changed_left = text.clone()
+    changed_left[0, masked - 1] = text[0, masked - 1] + 1
+    replaced = torch.zeros_like(text, dtype=torch.bool)
+    replaced[0, masked] = True
+
+    def logits(tokens):
+        with torch.no_grad():
+            return mlm.head(mlm.token_features(model, tokens, replaced))[0, masked]
+
+    assert not torch.allclose(logits(changed_left), logits(text))  # the left side counts either way
+    assert torch.allclose(logits(changed), logits(text)) == (attention == "causal")
+    # The contrastive pass keeps the causal mask, before and after an MLM pass.
+    with torch.no_grad():
+        tokens = [model(text=t, output_tokens=True)["text_tokens"][0, masked] for t in (text, changed)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_mlm_padding_as_attention_keys_does_not_move_the_real_tokens(attention):
+    model, objective = prepared_objective("mlm", mlm_attention=attention)
+    mlm = objective.mlm
+    text = model.tokenize(["two green squares", "a small yellow triangle next to a large purple circle"])
+    padding = text == 0
+    assert padding.any(dim=1).all()  # padding in every row
+    replaced = torch.zeros_like(text, dtype=torch.bool)
+    replaced[:, 2] = True
+    noise = torch.randn(*text.shape, model.text_tower.module.width, generator=torch.Generator().manual_seed(0))
+
+    def noisy_padding(module, inputs, output):  # whatever the padding tokens carry, as keys they are unseen
+        return torch.where(padding[..., None], output + noise, output)
+
+    with torch.no_grad():
+        clean = mlm.token_features(model, text, replaced)
+        handle = model.text_tower.module.token_embedding.register_forward_hook(noisy_padding)
+        try:
+            noisy = mlm.token_features(model, text, replaced)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(noisy[~padding], clean[~padding])
+    assert not torch.allclose(noisy[padding], clean[padding])  # the noise did reach the padding positions
+
+
+def test_mlm_attention_key_is_checked():
+    with pytest.raises(ValueError, match="objective.mlm_attention must be one of bidirectional, causal"):
+        OBJECTIVES.build("mlm", mlm_attention="both")
+
+
 def _evaluate(model, objective, num_samples=30):
     context = EvalContext("synthetic", _eval_transform(model), CPU, batch_size=16, scoring=objective.scoring(model))
     return SyntheticZeroShot(num_samples=num_samples, image_size=32).run(model, context)
@@ -116,11 +170,11 @@ def test_ce_classifier_is_scored_on_the_task_classes_by_name():
     [
         (["objective=filip", "model=rn50"], "objective=filip with model=rn50.*needs token features"),
         (["objective=coca", "model=rn50"], "objective=coca with model=rn50.*needs token features"),
-        (["objective=simclr", "augment=none"], "objective=simclr.*augment=none.*identical"),
+        (["objective=simclr", "augment_views=none"], "objective=simclr.*augment_views=none.*identical"),
     ],
 )
 def test_an_objective_that_cannot_work_fails_at_launch_naming_both(tmp_path, overrides, message):
-    choices = {"model": "tiny", "data": "synthetic", "augment": "clip"}
+    choices = {"model": "tiny", "data": "synthetic", "augment": "clip", "augment_views": "simclr"}
     choices.update(dict(o.split("=") for o in overrides))
     with pytest.raises(IncompatibleObjective, match=message):
         run_train(overrides, tmp_path, choices)
@@ -161,12 +215,42 @@ def test_siglip_starts_from_the_papers_temperature_and_bias():
     assert objective.logit_bias.item() == -10.0
 
 
-def test_a_two_view_objective_gets_independent_views_and_the_command_line_wins_over_its_augment(tmp_path):
-    from tests.conftest import compose_train
+# Which loss parts each view moves: image-text terms read the base view only, SSL terms the strong ones.
+CLIP_PARTS = {"contrastive_loss", "image_to_text_loss", "text_to_image_loss"}
+VIEW_READERS = {
+    "slip": (CLIP_PARTS, {"ssl_loss"}, {}),
+    "declip": (
+        CLIP_PARTS,
+        {"ssl_loss", "multiview_loss", "nn_loss"},
+        {"ssl_projection_dim": 8, "ssl_hidden_dim": 16, "queue_size": 16},
+    ),
+    "simclr": (set(), {"ssl_loss"}, {}),
+}
 
-    assert "simclr" in compose_train(["objective=slip"]).augment._target_
-    assert "clip" in compose_train(["objective=slip", "augment=clip"]).augment._target_
-    model, objective = prepared_objective("slip")
-    batch = objective_batch(model, objective, size=4)
-    assert batch["image_view2"].shape == batch["image"].shape
-    assert not torch.equal(batch["image_view2"], batch["image"])
+
+@pytest.mark.parametrize("name", list(VIEW_READERS))
+def test_image_text_terms_see_the_base_view_and_ssl_terms_the_strong_views(name):
+    base_parts, strong_parts, kwargs = VIEW_READERS[name]
+    model, objective = prepared_objective(name, **kwargs)
+    batch = objective_batch(model, objective, size=8)
+    objective.train()
+    if getattr(objective, "text_queue", None) is not None:  # DeCLIP: neighbours in the queue
+        objective.text_queue.push(torch.randn(16, model.embed_dim, generator=torch.Generator().manual_seed(0)))
+
+    def parts(batch):
+        with torch.no_grad():
+            out = objective.loss(objective.represent(model, batch), model)
+        return {key: value for key, value in out.items() if key.endswith("_loss")}
+
+    before = parts(batch)
+    assert base_parts | strong_parts <= set(before)
+    for key, movers in (("image", base_parts), ("image_view2", strong_parts), ("image_view3", strong_parts)):
+        after = parts({**batch, key: batch[key].roll(1, dims=0)})  # pairs broken in this view only
+        moved = {part for part in before if not torch.equal(before[part], after[part])}
+        assert moved == movers, (key, moved)
+    if name == "slip":  # the SSL head reads the image tower's features before its projection
+        with torch.no_grad():
+            proj = model.image_tower.module.proj
+            proj.add_(0.1 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
+        moved = {part for part, value in parts(batch).items() if not torch.equal(before[part], value)}
+        assert moved == CLIP_PARTS

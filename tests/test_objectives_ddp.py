@@ -4,8 +4,11 @@ the gradient cache (replays under ``no_sync``). Objectives that call a tower twi
 SimCLR's views) and objective-owned parameters used in ``represent`` (CoCa's decoder, MLM's head,
 FILIP's heads) or in ``loss`` (temperature, SigLIP's bias, SSL heads) are all covered; ``lit`` locks
 the image tower, which DDP then leaves unwrapped. The tiled losses (``objective.loss_tiles``) are
-checked the same way, against the untiled loss of one process."""
+checked the same way, against the untiled loss of one process. The objective's own state after the
+step (``after_step``: DeCLIP's queue of text embeddings, filled beforehand so that its nearest-neighbour
+term is live) must also equal one process's."""
 
+import copy
 import functools
 import os
 from pathlib import Path
@@ -31,8 +34,23 @@ CASES = {name: (name, {}) for name in OBJECTIVES.names()} | {
     "clip-tiled": ("clip", {"loss_tiles": 3}),
     "clip-tiled-local": ("clip", {"loss_tiles": 3, "local_loss": True}),
     "siglip-tiled": ("siglip", {"loss_tiles": 5}),
+    "declip": ("declip", {"queue_size": 24}),  # 20 entries before the step, 16 pushed: the queue wraps
 }
-Result = tuple[dict[str, torch.Tensor], float]
+Result = tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]
+
+
+def _prepared(case: str, **kwargs):
+    model, objective = prepared_objective(CASES[case][0], **kwargs)
+    if getattr(objective, "text_queue", None) is not None:  # neighbours from the start
+        rows = torch.randn(20, model.embed_dim, generator=torch.Generator().manual_seed(7))
+        objective.text_queue.push(torch.nn.functional.normalize(rows, dim=-1))
+    return model, objective
+
+
+def _after_step(objective) -> dict[str, torch.Tensor]:
+    """The objective's buffers once the step is applied (its queue, its heads' statistics)."""
+    objective.after_step()
+    return {name: value.detach().clone() for name, value in objective.named_buffers()}
 
 
 def _grads(model, objective) -> dict[str, torch.Tensor]:
@@ -43,30 +61,30 @@ def _grads(model, objective) -> dict[str, torch.Tensor]:
 @functools.cache
 def _reference(case: str) -> Result:
     """One process, the whole batch, plain gradients, untiled."""
-    name, kwargs = CASES[case]
-    kwargs = {k: v for k, v in kwargs.items() if k != "loss_tiles"}
-    model, objective = prepared_objective(name, **kwargs)
+    kwargs = {k: v for k, v in CASES[case][1].items() if k != "loss_tiles"}
+    model, objective = _prepared(case, **kwargs)
     batch = objective_batch(model, objective, size=BATCH)
     parts = PlainGradients()(model, objective, batch, Precision("fp32", torch.device("cpu")))
-    return _grads(model, objective), float(parts["loss"])
+    return _grads(model, objective), float(parts["loss"]), _after_step(objective)
 
 
 def _under_ddp(case: str, rank: int) -> dict[str, object]:
     """This rank's half under DDP: plain gradients, then (same wrapped model) the gradient cache."""
-    name, kwargs = CASES[case]
-    model, objective = prepared_objective(name, **kwargs)
+    model, objective = _prepared(case, **CASES[case][1])
     half = BATCH // 2
     batch = slice_batch(objective_batch(model, objective, size=BATCH), rank * half, (rank + 1) * half)
     parallel = TowerDDP(DistInfo(rank, 2, rank, torch.device("cpu")))
     parallel.setup(model, objective)
     params = [*model.parameters(), *objective.parameters()]
     result: dict[str, object] = {"wrapped": sorted(parallel.wrappers)}
+    before = copy.deepcopy(objective.state_dict())
     for label, gradients in (("plain", PlainGradients()), ("grad_cache", GradCache(2))):
+        objective.load_state_dict(before)  # each strategy starts from the same state
         for param in params:
             param.grad = None
         parts = gradients(model, objective, batch, Precision("fp32", torch.device("cpu")), no_sync=parallel.no_sync)
         parallel.finish_gradients(params)
-        result[label] = (_grads(model, objective), float(parts["loss"]))
+        result[label] = (_grads(model, objective), float(parts["loss"]), _after_step(objective))
     return result
 
 
@@ -145,8 +163,8 @@ def two_rank_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("gradients", ["plain", "grad_cache"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, case, gradients):
-    reference, reference_loss = _reference(case)
-    grads, loss = two_rank_results[case][gradients]
+    reference, reference_loss, reference_state = _reference(case)
+    grads, loss, state = two_rank_results[case][gradients]
     if not CASES[case][1].get("local_loss"):  # with local_loss each rank's loss is its own rows' (open_clip)
         assert loss == pytest.approx(reference_loss, rel=1e-5)  # the global batch's loss, negatives from both ranks
     assert grads.keys() == reference.keys()  # nothing reached on no rank stays without a gradient
@@ -154,6 +172,12 @@ def test_two_ranks_at_half_the_batch_match_one_process(two_rank_results, case, g
     loss_only = [k for k in ("logit_scale", "logit_bias") if k in reference]  # averaged by hand, not by DDP
     for key in loss_only:
         assert torch.allclose(grads[key], reference[key], rtol=1e-5, atol=1e-8), key
+    assert state.keys() == reference_state.keys()  # the queue saw the same global batch in the same order
+    for key, value in reference_state.items():
+        assert torch.allclose(state[key].double(), value.double(), rtol=1e-5, atol=1e-6), key
+    if case == "declip":
+        assert int(state["text_queue.filled"]) == 24 and int(state["text_queue.pointer"]) == 12
+        assert grads.keys() == reference.keys() and loss > 0
 
 
 @pytest.mark.slow
@@ -161,7 +185,7 @@ def test_a_locked_or_unused_tower_is_left_out_of_ddp(two_rank_results):
     assert two_rank_results["lit"]["wrapped"] == ["text"]
     assert two_rank_results["clip"]["wrapped"] == ["image", "text"]
     assert two_rank_results["simclr"]["wrapped"] == ["image"]  # an image-only objective
-    grads, _ = two_rank_results["lit"]["plain"]
+    grads, _, _ = two_rank_results["lit"]["plain"]
     assert not any(k.startswith("image_tower.") for k in grads)
 
 

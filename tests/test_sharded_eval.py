@@ -38,7 +38,7 @@ def _evaluate(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         "val": PairValidationTask(SyntheticShapes(num_samples=50, split="val", image_size=32)),
         "retrieval": RetrievalTask(str(root)),
     }
-    evaluator = Evaluator(batch_size=BATCH, **tasks)
+    evaluator = Evaluator(batch_size=BATCH, workers=0, **tasks)
     # The probe on the zero-shot task too (how image-only objectives are scored).
     scoring = Scoring(zero_shot=EmbeddingScorer(model), probe=True)
     metrics = evaluator.run(model, transform, torch.device("cpu"), None, scoring)

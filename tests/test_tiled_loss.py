@@ -13,7 +13,7 @@ from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
 from vlhub.launch import errors_reported
-from vlhub.objectives import ClipObjective, FilipObjective, SiglipObjective
+from vlhub.objectives import ClipObjective, CloobObjective, FilipObjective, SiglipObjective
 from vlhub.objectives.tiled import tiled_row_cross_entropy, tiled_sigmoid_loss, tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
 
@@ -161,6 +161,12 @@ def test_filip_refuses_tiles_and_says_why():
     assert FilipObjective().loss_tiles is None
 
 
+def test_cloob_refuses_tiles_and_says_why():
+    with pytest.raises(ValueError, match="objective.loss_tiles is not supported by objective=cloob: .*Hopfield"):
+        CloobObjective(loss_tiles=8)
+    assert CloobObjective().loss_tiles is None
+
+
 def test_loss_tiles_zero_fails_at_launch_naming_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit), errors_reported():
         run_train(["objective.loss_tiles=0"], tmp_path)
@@ -174,7 +180,7 @@ def test_loss_tiles_zero_fails_at_launch_naming_the_key(tmp_path, capsys):
 def test_the_key_has_one_home_and_reaches_every_contrastive_objective():
     from hydra.utils import instantiate
 
-    for name in ["clip", "lit", "siglip", "coca", "declip", "dcl", "cloob", "slip", "mlm"]:
+    for name in ["clip", "lit", "siglip", "coca", "declip", "dcl", "slip", "mlm"]:
         cfg = compose_train([f"objective={name}", "objective.loss_tiles=32"])
         assert instantiate(cfg.objective).loss_tiles == 32, name
     assert compose_train().objective.loss_tiles is None

@@ -268,7 +268,7 @@ def test_14_cuda_without_a_gpu_is_one_line_and_a_hint(tmp_path, capsys):
 
 
 def test_14_the_librarys_own_config_errors_are_one_line(tmp_path, capsys):
-    err = _reported(capsys, lambda: run_train(["objective=simclr", "augment=none"], tmp_path))
+    err = _reported(capsys, lambda: run_train(["objective=simclr", "augment_views=none"], tmp_path))
     assert err.startswith("error: objective=clip with model=tiny") and "identical" in err
     err = _reported(capsys, lambda: run_train(["trainer.batch_size=0"], tmp_path))  # a Trainer check
     assert err.startswith("error: trainer.batch_size must be > 0")

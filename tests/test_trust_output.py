@@ -141,8 +141,9 @@ def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folde
     groups = dict(
         line.split(None, 1) for line in result.stdout.split("== Config groups")[1].split("==")[1].strip().splitlines()
     )
-    assert set(groups) == {"augment", "data", "eval", "experiment", "model", "objective", "optim", "hydra/launcher"}
-    for group in ("augment", "data", "eval", "experiment", "model", "objective", "optim"):
+    groups_here = ("augment", "augment_views", "data", "eval", "experiment", "model", "objective", "optim")
+    assert set(groups) == {*groups_here, "hydra/launcher"}
+    for group in groups_here:
         listed = set(groups[group].split("(")[0].replace("[", "").replace("]", "").replace(",", " ").split())
         assert listed == set(options(group)), group
     assert {"local", "slurm", "[basic]"} <= set(groups["hydra/launcher"].replace(",", " ").split())

@@ -11,7 +11,7 @@ from vlhub.api import build_model, read_checkpoint
 from vlhub.eval.wise_ft import interpolate
 from vlhub.wise_ft import wise_ft
 
-EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64"]
+EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64", "eval.workers=0"]
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,8 @@ def test_evaluator_results_do_not_depend_on_task_order(tiny_model):
 
     transform = build_plain_transforms(tiny_model.image_stats).eval
     a, b = SyntheticZeroShot(num_samples=30), SyntheticZeroShot(num_samples=60, seed=1)
-    first = Evaluator(batch_size=16, x=a, y=b).run(tiny_model, transform, torch.device("cpu"))
+    first = Evaluator(batch_size=16, workers=0, x=a, y=b).run(tiny_model, transform, torch.device("cpu"))
     b2, a2 = SyntheticZeroShot(num_samples=60, seed=1), SyntheticZeroShot(num_samples=30)
-    second = Evaluator(batch_size=16, y=b2, x=a2).run(tiny_model, transform, torch.device("cpu"))
+    second = Evaluator(batch_size=16, workers=0, y=b2, x=a2).run(tiny_model, transform, torch.device("cpu"))
     assert first == second
     assert set(first) == {f"{t}-zeroshot-{m}" for t in "xy" for m in ("top1", "top5", "mean_per_class_recall")}

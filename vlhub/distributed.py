@@ -97,6 +97,18 @@ def get_dist_info(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch.device(device), local_world_size)
 
 
+MAX_LOADER_WORKERS = 8  # past this, decoding is rarely what an evaluation waits on
+
+
+def loader_workers(local_world_size: int | None = None) -> int:
+    """DataLoader workers sized to this machine: the cores this process may run on, shared by the
+    node's ranks, less one for the rank itself (0 on a single core), at most :data:`MAX_LOADER_WORKERS`.
+    ``local_world_size`` defaults to what the launcher's environment says (:func:`get_dist_info`)."""
+    ranks = local_world_size if local_world_size is not None else get_dist_info("cpu").local_world_size
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_LOADER_WORKERS, cores // max(1, ranks) - 1))
+
+
 def _export_slurm_rendezvous() -> None:
     """MASTER_ADDR / MASTER_PORT for a SLURM job's tasks (srun or submitit): the job's first
     node, and a port derived from the job id (the same on every task), unless already set."""

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.engine.checkpoint import weights_from
 from vlhub.errors import ConfigError
+from vlhub.eval.scoring import default_scoring
 from vlhub.eval.wise_ft import PROVENANCE_KEYS
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 
@@ -95,9 +96,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     require_finite(model.state_dict(), f"checkpoint={cfg.checkpoint}" if cfg.checkpoint else _weights(cfg))
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    with weights_from(f"checkpoint={cfg.checkpoint}"):
+    with weights_from(f"checkpoint={cfg.checkpoint}"):  # a head of the wrong shape names the file
         objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
-    scoring = objective.scoring(model) if objective is not None else None  # None: CLIP's
+    scoring = objective.scoring(model) if objective is not None else default_scoring(model)
     metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval", scoring)
     run_info = (checkpoint or {}).get("run_info", {})
     record = {
@@ -107,6 +108,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
         "epoch": (checkpoint or {}).get("epoch"),
         "objective": run_info.get("objective"),
         "model": run_info.get("model", model_choice),
+        "scoring": scoring.record(),  # which scoring produced each kind of metric
         **metrics,
     }
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -83,18 +83,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_objective(objective: Objective, source, model, transforms, choices: dict[str, str]) -> None:
-    """Fit the objective to the data and model, or fail naming the config choices and why."""
+def prepare_objective(objective: Objective, source, model, views, choices: dict[str, str]) -> None:
+    """Fit the objective to the data and model, or fail naming the config choices and why.
+    ``views`` are the extra views' transforms (``augment_views``)."""
     try:
-        if objective.image_views > 1 and not transforms.random:
+        if objective.strong_views > 1 and not views.random:
             raise IncompatibleObjective(
-                "compares two augmented views of each image, and this augment makes them identical "
-                "(use augment=simclr or augment=clip)"
+                "compares strongly augmented views of each image, and these augment_views make them identical "
+                "(use augment_views=simclr or augment_views=clip)"
             )
         objective.apply_to_data(source)
         objective.apply_to_model(model)
     except IncompatibleObjective as error:
-        names = ", ".join(f"{group}={choices.get(group, '?')}" for group in ("model", "data", "augment"))
+        groups = ("model", "data", "augment") + (("augment_views",) if objective.strong_views else ())
+        names = ", ".join(f"{group}={choices.get(group, '?')}" for group in groups)
         raise IncompatibleObjective(f"objective={choices.get('objective', '?')} with {names}: {error}") from None
     objective.apply_init(model)  # a resumed run's checkpoint overwrites these
 
@@ -207,8 +209,12 @@ def build_trainer(
             f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
             f"of the batch and needs at least {objective.min_global_batch} (raise trainer.batch_size)"
         )
-    transforms = instantiate(cfg.augment)(model.image_stats)
-    prepare_objective(objective, source, model, transforms, choices)
+    transforms = instantiate(cfg.augment)(model.image_stats)  # the base view: every image-text term's images
+    try:  # the extra views of self-supervised terms; the builders' errors name augment.*, so say which group
+        views = instantiate(cfg.augment_views)(model.image_stats)
+    except ValueError as error:
+        raise ValueError(f"augment_views: {error}") from None
+    prepare_objective(objective, source, model, views, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None
@@ -235,6 +241,7 @@ def build_trainer(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         pin_memory=dist_info.device.type == "cuda",
+        view_transform=views.train,
     )
     return Trainer(
         model,

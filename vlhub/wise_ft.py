@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.eval.scoring import default_scoring
 from vlhub.eval.wise_ft import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
 from vlhub.evaluate import require_finite, resolve_device
 from vlhub.launch import errors_reported
@@ -70,9 +71,9 @@ def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         model.load_open_clip_state_dict(weights)
         if objective is not None:
             objective.load_state_dict(interpolate(zeroshot["objective"], finetuned["objective"], alpha))
-        scoring = objective.scoring(model) if objective is not None else None  # None: CLIP's
+        scoring = objective.scoring(model) if objective is not None else default_scoring(model)
         metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval" / f"alpha_{alpha}", scoring)
-        rows.append({"alpha": alpha, **metrics})
+        rows.append({"alpha": alpha, "scoring": scoring.record(), **metrics})
         log.info("alpha %s: %s", alpha, {k: round(v, 4) for k, v in metrics.items()})
     write_outputs(run_dir, rows, list(evaluator.tasks), id_tasks, str(cfg.zeroshot), str(cfg.finetuned))
     return rows

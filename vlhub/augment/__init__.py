@@ -55,7 +55,7 @@ DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers through 
 class Transforms:
     train: ImageTransform  # -> uint8 [3, H, W]; normalised on the device
     eval: ImageTransform  # -> float [3, H, W], normalised
-    random: bool = True  # whether two draws of ``train`` differ (two-view objectives need it)
+    random: bool = True  # whether two draws of ``train`` differ (objectives comparing augment_views need it)
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:

@@ -25,7 +25,8 @@ class Batch(TypedDict, total=False):
     """
 
     image: torch.Tensor  # [B, 3, H, W]: uint8 from the training loader, normalised float on the device
-    image_view2: torch.Tensor  # [B, 3, H, W], second augmented view (SSL objectives), likewise
+    image_view2: torch.Tensor  # [B, 3, H, W]: the first extra view (augment_views), likewise; see IMAGE_KEYS
+    image_view3: torch.Tensor  # [B, 3, H, W]: the second extra view, likewise
     text: torch.Tensor  # [B, L] token ids
     label: torch.Tensor  # [B] int64 class index (-1 when the source has none, or the row has several)
     labels: torch.Tensor  # [B, C] float multi-hot, only with data.label_from_caption (see below)
@@ -62,7 +63,11 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return {key: value[start:stop] for key, value in batch.items()}  # type: ignore[return-value]
 
 
-IMAGE_KEYS = ("image", "image_view2")
+# The image views a batch may carry, in the order they are drawn from the sample's seeded generator:
+# the base view ``image`` (the run's ``augment``, the view every image-text term sees) first, then the
+# extra views of self-supervised terms (``augment_views``). Each view is its own key, so slicing (the
+# gradient cache), moving and normalising (``move_batch``) and DDP treat every view alike.
+IMAGE_KEYS = ("image", "image_view2", "image_view3")
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -17,14 +17,16 @@ loader is built, so batches stay full and positions stay exact; the counts are l
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlhub.data.batch import BadSample, Batch, Filtered, LoadedBatch, RawSample
+from vlhub.data.batch import IMAGE_KEYS, BadSample, Batch, Filtered, LoadedBatch, RawSample
 from vlhub.data.captions import CaptionPipeline
 from vlhub.data.images import DECODE_ERRORS
 
@@ -60,23 +62,46 @@ def transform_sample(
     image_transform: ImageTransform,
     image_views: int,
     captions: CaptionPipeline = _PLAIN_CAPTIONS,
+    view_transform: ImageTransform | None = None,
 ) -> dict | Filtered | BadSample:
     """One decoded sample, its augmentation and caption transforms seeded by its global position ``slot``.
+
+    ``image_views`` views are drawn from one generator seeded by the slot: the base view with
+    ``image_transform`` first, then the extra views with ``view_transform`` (default: the same). The
+    base view is thus the same whatever else an objective asks for: a job with extra views and a job
+    without get bit-identical ``image`` tensors from the same seed.
 
     JPEGs may be decoded here, by the transform (draft decoding), not by the source: an image that
     fails to decode is a bad sample."""
     caption = captions.prepare(raw.caption, seed * 7_919 + slot)
     if caption is None:
         return Filtered(raw.caption)
+    transforms = [image_transform] + [view_transform or image_transform] * (image_views - 1)
     with torch.random.fork_rng(devices=[]):
         # The CPU generator only: torch.manual_seed also queues a CUDA seeding call, which records
         # a stack trace every time (milliseconds per sample) while CUDA is not initialised.
         torch.default_generator.manual_seed(seed * 7_919 + slot)
         try:
-            views = [image_transform(raw.image) for _ in range(image_views)]
+            views = draw_views(raw.image, transforms)
         except DECODE_ERRORS as error:
             return BadSample(f"undecodable image (sample at position {slot}): {error}")
     return {"views": views, "caption": caption, "label": raw.label, "epoch": epoch, "slot": slot}
+
+
+def draw_views(image: Image.Image, transforms: list[ImageTransform]) -> list[torch.Tensor]:
+    """Each transform applied to ``image``, in order (the base view first).
+
+    A view drafted from an undecoded JPEG (``augment.draft``) leaves the image decoded at the reduced
+    scale; the next view then starts from a fresh copy of the undecoded file, so extra views never see
+    the base view's reduced pixels (and the base view is exactly what it is without extra views).
+    """
+    undecoded = getattr(image, "fp", None)  # open_image's BytesIO until PIL decodes (then fp is None)
+    size, views = image.size, []
+    for transform in transforms:
+        if views and isinstance(undecoded, io.BytesIO) and image.size != size:  # drafted: start again
+            image = Image.open(io.BytesIO(undecoded.getvalue()))
+        views.append(transform(image))
+    return views
 
 
 def kept_indices(source: PairSource) -> list[int] | None:
@@ -107,9 +132,16 @@ def kept_indices(source: PairSource) -> list[int] | None:
 class _SlotDataset(Dataset):
     """Maps a slot to (epoch, index), decodes and transforms with slot-seeded randomness."""
 
-    def __init__(self, source: PairSource, seed: int, image_transform: ImageTransform, image_views: int) -> None:
+    def __init__(
+        self,
+        source: PairSource,
+        seed: int,
+        image_transform: ImageTransform,
+        image_views: int,
+        view_transform: ImageTransform | None = None,
+    ) -> None:
         self.source, self.seed = source, seed
-        self.image_transform, self.image_views = image_transform, image_views
+        self.image_transform, self.image_views, self.view_transform = image_transform, image_views, view_transform
         self.indices = kept_indices(source)  # None: every sample
         self.size = len(source) if self.indices is None else len(self.indices)
         self._permutation: tuple[int, torch.Tensor] | None = None
@@ -129,8 +161,22 @@ class _SlotDataset(Dataset):
         except BadSample as bad:
             return bad
         return transform_sample(
-            raw, slot, epoch, self.seed, self.image_transform, self.image_views, self.source.caption_pipeline
+            raw,
+            slot,
+            epoch,
+            self.seed,
+            self.image_transform,
+            self.image_views,
+            self.source.caption_pipeline,
+            self.view_transform,
         )
+
+
+def check_image_views(image_views: int) -> None:
+    """How many views a batch can carry: one key each in ``IMAGE_KEYS``."""
+    if not 1 <= image_views <= len(IMAGE_KEYS):
+        keys = ", ".join(IMAGE_KEYS)
+        raise ValueError(f"image_views must be in [1, {len(IMAGE_KEYS)}] (one key each: {keys}), got {image_views}")
 
 
 class Collate:
@@ -139,6 +185,7 @@ class Collate:
     def __init__(
         self, tokenizer: Tokenizer | None, image_views: int, captions: CaptionPipeline = _PLAIN_CAPTIONS
     ) -> None:
+        check_image_views(image_views)
         self.tokenizer, self.image_views, self.captions = tokenizer, image_views, captions
 
     def __call__(self, items: list) -> LoadedBatch:
@@ -147,9 +194,8 @@ class Collate:
         filtered = sum(isinstance(item, Filtered) for item in items)
         batch: Batch = {}
         if good:
-            batch["image"] = torch.stack([item["views"][0] for item in good])
-            if self.image_views > 1:
-                batch["image_view2"] = torch.stack([item["views"][1] for item in good])
+            for index, key in enumerate(IMAGE_KEYS[: self.image_views]):  # image, image_view2, image_view3
+                batch[key] = torch.stack([item["views"][index] for item in good])  # type: ignore[literal-required]
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
             # text_raw and text; with data.label_from_caption, label and labels from the captions
@@ -169,14 +215,18 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    view_transform: ImageTransform | None = None,
 ) -> DataLoader:
     """An endless loader of :class:`LoadedBatch`, from global slot ``start_sample`` on.
+
+    Each sample carries ``image_views`` views: the base view ``image`` from ``image_transform``, then
+    ``image_view2``, ``image_view3`` from ``view_transform`` (default: ``image_transform``).
 
     ``pin_memory`` (when training on CUDA): batches arrive in page-locked memory, so their copy
     to the device is asynchronous and can overlap the previous step (``vlhub.engine.prefetch``).
     """
     return DataLoader(
-        _SlotDataset(source, seed, image_transform, image_views),
+        _SlotDataset(source, seed, image_transform, image_views, view_transform),
         batch_sampler=StepBatchSampler(batch_size, start_sample, rank, world_size),
         collate_fn=Collate(tokenizer, image_views, source.caption_pipeline),
         num_workers=source.workers,

@@ -89,15 +89,28 @@ class PairSource(Dataset):
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        view_transform: ImageTransform | None = None,
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
-        (batches in page-locked memory with ``pin_memory``, for a CUDA device). A source smaller than
-        one global batch is refused: its batches would repeat samples, each its own negative."""
+        (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views
+        of each image, the base view from ``image_transform``, the rest from ``view_transform``. A
+        source smaller than one global batch is refused: its batches would repeat samples, each its
+        own negative."""
         if len(self) < batch_size * world_size:
             raise ValueError(
                 f"data: {len(self)} samples are fewer than one global batch (trainer.batch_size={batch_size} x "
                 f"{world_size} rank(s)): a batch would hold a sample twice; lower trainer.batch_size or add data"
             )
         return build_train_loader(
-            self, image_transform, tokenizer, batch_size, seed, start_sample, image_views, rank, world_size, pin_memory
+            self,
+            image_transform,
+            tokenizer,
+            batch_size,
+            seed,
+            start_sample,
+            image_views,
+            rank,
+            world_size,
+            pin_memory,
+            view_transform,
         )

@@ -155,8 +155,9 @@ class ShardStream(IterableDataset):
         resampled: bool,
         shuffle_buffer: int,
         max_image_pixels: int | None,
+        view_transform: ImageTransform | None = None,
     ) -> None:
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.view_transform = max_image_pixels, view_transform
         self.sources, self.captions = list(sources), captions
         self.collate = Collate(tokenizer, image_views, captions)
         self.image_transform, self.image_views = image_transform, image_views
@@ -197,7 +198,9 @@ class ShardStream(IterableDataset):
             sample = decode_sample(raw, self.max_image_pixels)
         except BadSample as bad:
             return bad
-        return transform_sample(sample, slot, epoch, self.seed, self.image_transform, self.image_views, self.captions)
+        return transform_sample(
+            sample, slot, epoch, self.seed, self.image_transform, self.image_views, self.captions, self.view_transform
+        )
 
 
 def build_stream_loader(
@@ -217,8 +220,10 @@ def build_stream_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    view_transform: ImageTransform | None = None,
 ) -> DataLoader:
-    """An endless loader of this rank's :class:`LoadedBatch` from global position ``start_sample``."""
+    """An endless loader of this rank's :class:`LoadedBatch` from global position ``start_sample``
+    (``image_views`` and ``view_transform``: as :func:`vlhub.data.loader.build_train_loader`)."""
     lanes, global_batch = max(1, workers), batch_size * world_size
     batches_per_epoch = num_samples // global_batch
     if batches_per_epoch < 1:
@@ -257,6 +262,7 @@ def build_stream_loader(
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
         max_image_pixels=max_image_pixels,
+        view_transform=view_transform,
     )
     return DataLoader(
         stream,

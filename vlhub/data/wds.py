@@ -75,9 +75,11 @@ class ShardSource:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        view_transform: ImageTransform | None = None,
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
-        (batches in page-locked memory with ``pin_memory``, for a CUDA device)."""
+        (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views
+        of each image, the base view from ``image_transform``, the rest from ``view_transform``."""
         return build_stream_loader(
             self.sources,
             self.caption_pipeline,
@@ -95,6 +97,7 @@ class ShardSource:
             rank,
             world_size,
             pin_memory,
+            view_transform,
         )
 
 

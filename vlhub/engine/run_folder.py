@@ -2,7 +2,8 @@
 
 At launch rank 0 locks the folder (``run.lock``: host, pid, SLURM job id, a heartbeat), removes
 the temporary files of a killed write, and decides what this start is: a fresh run (a new run
-id) or the continuation of the run the folder holds (``run.json``). Checkpoints carry the run id,
+id) or the continuation of the run the folder holds (``run.json``, which also lists each launch's
+code revision, torch release, device and number of ranks). Checkpoints carry the run id,
 so rotation and auto-resume only look at the run's own files, and another run's checkpoints in
 the folder stop a launch (``checkpoint.move_aside=true`` moves them into ``moved_<date>/``).
 A resumed config is compared with the checkpoint's: only the keys in ``ALLOWED_ON_RESUME`` may
@@ -32,6 +33,7 @@ import yaml
 
 from vlhub.distributed import DistInfo, broadcast_object
 from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
+from vlhub.engine.environment import launch_environment
 
 log = logging.getLogger(__name__)
 LOCK, IDENTITY, RECORD, RESULTS = "run.lock", "run.json", "config.yaml", "results.jsonl"
@@ -356,9 +358,22 @@ def _decide(run_dir: Path, checkpointer: Checkpointer, config: dict[str, Any]) -
     return start
 
 
-def _record_start(run_dir: Path, start: RunStart, config: dict[str, Any]) -> None:
-    """Identity, the config that trains the weights from here, and the results trimmed to the step."""
-    (run_dir / IDENTITY).write_text(json.dumps({"run_id": start.run_id}) + "\n")
+def _launches(identity: Path, run_id: str) -> list[dict[str, Any]]:
+    """The launches ``run.json`` lists for this run (none for another run's file or an older one)."""
+    try:
+        held = json.loads(identity.read_text())
+    except (OSError, ValueError):
+        return []
+    launches = held.get("launches") if isinstance(held, dict) and held.get("run_id") == run_id else None
+    return launches if isinstance(launches, list) else []
+
+
+def _record_start(run_dir: Path, start: RunStart, config: dict[str, Any], environment: dict[str, Any]) -> None:
+    """Identity and each launch's environment (code, torch, device, ranks: vlhub/engine/environment.py),
+    the config that trains the weights from here, and the results trimmed to the step."""
+    identity = run_dir / IDENTITY
+    launches = [*_launches(identity, start.run_id), {"step": start.step, **environment}]
+    identity.write_text(json.dumps({"run_id": start.run_id, "launches": launches}) + "\n")
     (run_dir / RECORD).write_text(yaml.safe_dump(config, sort_keys=False))
     drop_results_after(run_dir, start.step)
     if start.changes:
@@ -389,7 +404,7 @@ def open_run(
             start = _decide(run_dir, checkpointer, config)
             start.lock = lock
             if not start.finished:
-                _record_start(run_dir, start, config)
+                _record_start(run_dir, start, config, launch_environment(dist_info))
         except Exception as caught:
             lock.release()
             error = caught

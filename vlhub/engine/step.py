@@ -102,6 +102,7 @@ def train_step(
     if grad_clip_norm is not None:
         parts["grad_norm"] = parallel.clip_gradients_(params, grad_clip_norm)
     precision.step(optimizer)
+    objective.after_step()  # the step was applied: the objective's own state follows (a queue)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return parts

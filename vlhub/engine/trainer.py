@@ -16,6 +16,7 @@ from vlhub.data.batch import BadSampleMonitor, LoadedBatch, batch_size_of
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_module_
 from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, weights_from
 from vlhub.engine.compile import CompiledTowers
+from vlhub.engine.flops import count_flops
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
@@ -107,6 +108,10 @@ class Trainer:
         self.max_nonfinite_steps, self.nonfinite_steps, self.nonfinite_in_a_row = max_nonfinite_steps, 0, 0
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
+        # The run's cost, in every results.jsonl record: training time summed over launches (the
+        # loop's steps, data included; evaluation and checkpoints not), and the FLOPs per sample
+        # of one step, counted on this launch's first step.
+        self.wall_seconds, self.flops_per_sample = 0.0, None
         self.preemption = preemption if preemption is not None else Preemption()  # default: no signal handled
 
     # -- the loop ---------------------------------------------------------------------------
@@ -137,13 +142,14 @@ class Trainer:
             if empty:  # some rank has no (or too few) good samples in this batch: every rank skips the step
                 log.warning("skipped a step: a rank's whole batch was bad (%d bad so far)", self.bad_samples.bad)
                 continue
-            parts = self.train_step(loaded.batch)
+            parts = self.counted_step(loaded.batch)
             if parts is None:  # a non-finite loss: nothing was updated; stops after a few in a row
                 self.skip_nonfinite_step()
                 continue
             self.nonfinite_in_a_row = 0
             self.step, self.epoch = self.step + 1, loaded.epoch
             step_time = time.perf_counter() - tick
+            self.wall_seconds += step_time
             self.after_step(parts, len(loaded.batch["image"]), data_time, step_time, progress)
             if self.evaluator.due(self.step):
                 metrics = self.evaluate()
@@ -178,6 +184,15 @@ class Trainer:
         if self.compiled is None:
             return step()
         return self.compiled.run(step, reset=lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def counted_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
+        """One training step; the first that trains is run under the FLOP counter (vlhub/engine/flops.py)."""
+        if self.flops_per_sample is not None:
+            return self.train_step(batch)
+        parts, flops = count_flops(lambda: self.train_step(batch))
+        if parts is not None:
+            self.flops_per_sample = flops / batch_size_of(batch)
+        return parts
 
     def stop_on_signal(self, start_step: int) -> dict[str, float]:
         """Save this step (unless it was just saved) and return once it is written; no evaluation."""
@@ -245,6 +260,7 @@ class Trainer:
         Every rank evaluates its share of each dataset (the metrics, gathered, are the same on
         every rank); rank 0 alone writes the record."""
         metrics: dict[str, float] = {}
+        described: dict[str, str] = {}  # which scoring produced each kind of metric
         if self.evaluator.tasks:
             # A sharding strategy hands every rank an unsharded copy (sharded forwards are collectives).
             with self.parallel.evaluation_model(self.model) as model:
@@ -252,6 +268,7 @@ class Trainer:
                 metrics = self.evaluator.run(
                     model, self.eval_transform, self.dist.device, self.run_dir / "eval", scoring
                 )
+                described = {"scoring": scoring.record()} if metrics else {}
         if not self.dist.is_main:
             return metrics
         record = {
@@ -262,6 +279,10 @@ class Trainer:
             "data/samples_read": self.bad_samples.read,
             "data/filtered_samples": self.filtered_samples,
             "train/nonfinite_steps": self.nonfinite_steps,
+            "train/samples_seen": self.samples_consumed,  # all ranks, from the run's start
+            "train/wall_seconds": self.wall_seconds,
+            "train/flops_per_sample": self.flops_per_sample,
+            **described,
             **metrics,
         }
         log.info("step %d: %d bad samples of %d read", self.step, self.bad_samples.bad, self.bad_samples.read)
@@ -288,6 +309,7 @@ class Trainer:
                 "filtered_samples": self.filtered_samples,
                 "nonfinite_steps": self.nonfinite_steps,
                 "samples_consumed": self.samples_consumed,
+                "wall_seconds": self.wall_seconds,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
             },
@@ -339,6 +361,7 @@ class Trainer:
         self.filtered_samples = int(data.get("filtered_samples", 0))
         self.nonfinite_steps = int(data.get("nonfinite_steps", 0))  # counted over the run, not per launch
         self.samples_consumed = int(data["samples_consumed"])
+        self.wall_seconds = float(data.get("wall_seconds", 0.0))  # training time summed over launches
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:
             restore_rng_state(per_rank[self.dist.rank])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vlhub.distributed import rank
+from vlhub.distributed import loader_workers, rank
 from vlhub.eval.context import EvalContext
 from vlhub.eval.prompts import TEMPLATE_SETS, ClassNameTransform, read_template_file
 from vlhub.eval.scoring import Scoring
@@ -23,6 +23,7 @@ class Evaluator:
     """Runs every task (in name order) every ``every_n_steps`` steps and at the end of training.
 
     A task's name is its key (``eval.<name>``), and its metrics are keyed ``<name>-...``.
+    ``workers`` decode images in DataLoader workers; ``auto`` sizes them to the machine.
     ``templates``, ``subset``, ``classnames`` and ``extended_metrics`` are shared by every task
     and handed to each through a fresh :class:`EvalContext`.
 
@@ -36,7 +37,7 @@ class Evaluator:
         self,
         every_n_steps: int = 0,
         batch_size: int = 256,
-        workers: int = 0,
+        workers: int | str = "auto",
         templates: str = "openai",
         subset: str | None = None,
         extended_metrics: bool = False,
@@ -48,8 +49,10 @@ class Evaluator:
             raise ValueError(f"eval.every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size <= 0:
             raise ValueError(f"eval.batch_size must be > 0, got {batch_size}")
-        if workers < 0:
-            raise ValueError(f"eval.workers must be >= 0, got {workers}")
+        if workers == "auto":  # as many as this machine gives each rank (vlhub.distributed.loader_workers)
+            workers = loader_workers()
+        if not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"eval.workers must be an integer >= 0 or 'auto', got {workers!r}")
         if templates not in TEMPLATE_SETS:
             read_template_file(templates)  # fail now, not at the first evaluation
         self.every_n_steps, self.batch_size, self.workers = every_n_steps, batch_size, workers

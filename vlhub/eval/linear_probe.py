@@ -1,6 +1,8 @@
 """Linear probe and k-NN on frozen image features, so image-only models compare with contrastive ones.
 
-Features come from ``encode_image`` alone and are L2-normalised. The probe is scikit-learn's
+Features follow one rule for every objective (``scoring.PROBE_FEATURES``, recorded as
+``scoring.linear_probe`` with the metrics): ``encode_image``, the image tower's pooled embedding
+after its projection, L2-normalised; never an objective's token or head outputs. The probe is scikit-learn's
 multinomial ``LogisticRegression`` (L-BFGS, L2 penalty with inverse strength ``C``) on the
 normalised features standardised with the train split's mean and variance, as in CLIP's
 linear-probe protocol. Given several ``C`` values, the probe picks the one with the best
@@ -14,13 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
 from vlhub.data.sources import PairSource
 from vlhub.distributed import broadcast_object, patient_group, rank
@@ -28,6 +27,10 @@ from vlhub.eval.context import EvalContext
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
 from vlhub.eval.zeroshot import compute_image_logits
 from vlhub.registry import EVAL_TASKS
+
+if TYPE_CHECKING:  # sklearn is imported where a probe is fitted: training and vlhub.check never load it
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ def _fit(
     C: float,
     max_iter: int,
 ) -> tuple[StandardScaler, LogisticRegression]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(features)
     probe = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(features), labels)
     return scaler, probe
@@ -62,6 +68,8 @@ def _select_C(
     features: np.ndarray, labels: np.ndarray, Cs: Sequence[float], val_fraction: float, max_iter: int, seed: int
 ) -> float:
     """The C with the best accuracy on a stratified held-out part of the train split."""
+    from sklearn.model_selection import train_test_split
+
     stratify = labels if np.bincount(labels).min(initial=0) >= 2 else None
     fit_x, val_x, fit_y, val_y = train_test_split(
         features, labels, test_size=val_fraction, random_state=seed, stratify=stratify

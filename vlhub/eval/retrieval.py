@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,40 +31,65 @@ from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
 from vlhub.data.images import DECODE_ERRORS
 from vlhub.data.sources import PairSource
+from vlhub.distributed import rank
 from vlhub.eval.context import EvalContext
-from vlhub.eval.scoring import encode_prompts
-from vlhub.eval.sharding import dataset_share, gather_rows, list_share
+from vlhub.eval.scoring import (
+    DotProduct,
+    PairScorer,
+    Reps,
+    Scoring,
+    default_scoring,
+    encode_prompts,
+    reps_count,
+    score_blocks,
+)
+from vlhub.eval.sharding import dataset_share, gather_reps, gather_rows, list_share
 from vlhub.eval.sources import RootNotSet
 from vlhub.registry import EVAL_TASKS
 
+log = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
 
 
 # -- metrics ----------------------------------------------------------------------------------
+def _as_reps(features: torch.Tensor | Reps) -> Reps:
+    return {"embedding": features} if isinstance(features, torch.Tensor) else features
+
+
 @torch.no_grad()
 def retrieval_recall(
-    text_features: torch.Tensor,
-    image_features: torch.Tensor,
+    text_features: torch.Tensor | Reps,
+    image_features: torch.Tensor | Reps,
     text_to_image: torch.Tensor,
     ks: Sequence[int] = RECALL_KS,
     chunk_size: int = 1024,
+    scorer: PairScorer | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """CLIP_benchmark's ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``.
 
     ``image_retrieval``: each caption queries the images; a hit when its image is in the top k,
     averaged over captions. ``text_retrieval``: each image queries the captions; a hit when any
-    of its captions is in the top k, averaged over images. Scores are dot products (pass
-    normalised features for cosine). Rows are scored ``chunk_size`` at a time, so memory is
-    ``chunk_size x max(#texts, #images)``, never the whole ``#texts x #images`` matrix.
+    of its captions is in the top k, averaged over images. Scores are ``scorer``'s (its reps as
+    features); without one, dot products of feature tensors (pass normalised ones for cosine).
+    Scores are made ``chunk_size`` queries by ``chunk_size`` keys at a time on ``device``
+    (:func:`~vlhub.eval.scoring.score_blocks`), never the whole ``#texts x #images`` matrix at once.
     """
+    scorer = scorer or DotProduct()
+    texts, images = _as_reps(text_features), _as_reps(image_features)
+    device = device or torch.device("cpu")
     text_to_image = text_to_image.to(torch.long).cpu()
     max_k = max(ks)
     # Per query, the owner of its top-max_k results: hits for every k come from one topk call.
     image_hits = _topk_hits(
-        text_features, image_features, max_k, chunk_size, lambda rows, top: top == text_to_image[rows, None]
+        score_blocks(scorer.text_to_image, texts, images, device, chunk_size),
+        max_k,
+        lambda rows, top: top == text_to_image[rows, None],
     )
     text_hits = _topk_hits(
-        image_features, text_features, max_k, chunk_size, lambda rows, top: text_to_image[top] == rows[:, None]
+        score_blocks(scorer.image_to_text, images, texts, device, chunk_size),
+        max_k,
+        lambda rows, top: text_to_image[top] == rows[:, None],
     )
     metrics = {}
     for k in ks:
@@ -72,38 +98,44 @@ def retrieval_recall(
     return metrics
 
 
-def _topk_hits(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int, is_hit) -> torch.Tensor:
+def _topk_hits(blocks, k: int, is_hit) -> torch.Tensor:
     """[#queries, k] bool: whether each query's j-th best key is a positive (k capped at #keys)."""
-    k = min(k, keys.shape[0])
     hits = []
-    for start in range(0, queries.shape[0], chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, queries.shape[0]))
-        top = (queries[rows] @ keys.T).topk(k, dim=1).indices.cpu()
+    for start, scores in blocks:
+        rows = torch.arange(start, start + scores.shape[0])
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices.cpu()
         hits.append(is_hit(rows, top))
     return torch.cat(hits)
 
 
 @torch.no_grad()
 def clip_val_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, chunk_size: int = 1024
+    image_features: torch.Tensor | Reps,
+    text_features: torch.Tensor | Reps,
+    chunk_size: int = 1024,
+    scorer: PairScorer | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """open_clip's ``get_clip_metrics`` on paired features (row i of each is a pair), chunked.
+    """open_clip's ``get_clip_metrics`` on paired features (row i of each is a pair), in blocks.
 
     Keys ``image_to_text_mean_rank``, ``_median_rank``, ``_R@{1,5,10}`` and the same for
     ``text_to_image``. A rank is 1 + the number of candidates scoring strictly higher than the
-    true pair (open_clip's argsort position, up to the order of exact ties).
+    true pair (open_clip's argsort position, up to the order of exact ties). Scores are
+    ``scorer``'s, each direction its own (dot products of feature tensors without one).
     """
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(f"paired features differ in length: {image_features.shape[0]} vs {text_features.shape[0]}")
+    scorer = scorer or DotProduct()
+    images, texts = _as_reps(image_features), _as_reps(text_features)
+    if reps_count(images) != reps_count(texts):
+        raise ValueError(f"paired features differ in length: {reps_count(images)} vs {reps_count(texts)}")
+    device = device or torch.device("cpu")
     metrics: dict[str, float] = {}
-    for name, queries, keys in (
-        ("image_to_text", image_features, text_features),
-        ("text_to_image", text_features, image_features),
+    for name, score, queries, keys in (
+        ("image_to_text", scorer.image_to_text, images, texts),
+        ("text_to_image", scorer.text_to_image, texts, images),
     ):
         positions = []
-        for start in range(0, queries.shape[0], chunk_size):
-            scores = queries[start : start + chunk_size] @ keys.T
-            rows = torch.arange(scores.shape[0])
+        for start, scores in score_blocks(score, queries, keys, device, chunk_size):
+            rows = torch.arange(scores.shape[0], device=scores.device)
             true_scores = scores[rows, rows + start]
             positions.append((scores > true_scores[:, None]).sum(dim=1).cpu())
         preds = torch.cat(positions).numpy()  # 0-based rank of the true pair
@@ -190,13 +222,30 @@ class _Images(Dataset):
             raise RuntimeError(f"retrieval set image {self.paths[index]} cannot be read: {error}") from error
 
 
+def _on_cpu(reps: Reps) -> Reps:
+    return {key: value.cpu() for key, value in reps.items()}
+
+
 @torch.no_grad()
-def encode_images(model, images: Dataset, device: torch.device, batch_size: int, workers: int = 0) -> torch.Tensor:
-    """Normalised ``encode_image`` features [N, D] (fp32, on CPU) of a dataset of image tensors.
+def encode_image_set(
+    scorer: PairScorer, images: Dataset, device: torch.device, batch_size: int, workers: int = 0
+) -> Reps:
+    """``scorer``'s image reps (on CPU) of a dataset of image tensors.
 
     Under a process group each rank encodes its share and every rank returns all of them."""
     loader = DataLoader(dataset_share(images, batch_size), batch_size=batch_size, num_workers=workers)
-    return gather_rows([model.encode_image(batch.to(device), normalize=True).float().cpu() for batch in loader])
+    return gather_reps([_on_cpu(scorer.image_reps(batch.to(device))) for batch in loader])
+
+
+@torch.no_grad()
+def encode_text_set(scorer: PairScorer, tokenize, texts: list[str], device: torch.device, batch_size: int) -> Reps:
+    """``scorer``'s text reps (on CPU) of ``texts``, each rank encoding its share (every rank returns all)."""
+    share = list_share(texts, batch_size)
+    parts = [
+        _on_cpu(scorer.text_reps(tokenize(list(share[start : start + batch_size])).to(device)))
+        for start in range(0, len(share), batch_size)
+    ]
+    return gather_reps(parts)
 
 
 @torch.no_grad()
@@ -210,6 +259,14 @@ def encode_texts_sharded(model, texts: list[str], device: torch.device, batch_si
     """:func:`encode_texts` of all ``texts``, each rank encoding its share (every rank returns all)."""
     share = list(list_share(texts, batch_size))
     return gather_rows([encode_texts(model, share, device, batch_size)] if share else [])
+
+
+def pair_scorer(model, context: EvalContext) -> PairScorer | None:
+    """The objective's pair scorer; None (logged once, with the reason) when it has none."""
+    scoring: Scoring = context.scoring or default_scoring(model)
+    if scoring.pairs is None and rank() == 0:
+        log.info("eval %s: skipped: %s", context.name, scoring.absent)
+    return scoring.pairs
 
 
 @EVAL_TASKS.register("retrieval")
@@ -236,14 +293,19 @@ class RetrievalTask:
         self.chunk_size = chunk_size
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        """Metrics keyed ``<context.name>-image_retrieval_recall@k`` / ``-text_retrieval_recall@k``."""
-        images = encode_images(
-            model, _Images(self.image_paths, context.transform), context.device, context.batch_size, context.workers
+        """Metrics keyed ``<context.name>-image_retrieval_recall@k`` / ``-text_retrieval_recall@k``,
+        scored as the objective scores pairs (nothing, with one log line, when it has no such score)."""
+        scorer = pair_scorer(model, context)
+        if scorer is None:
+            return {}
+        device, batch_size = context.device, context.batch_size
+        images = encode_image_set(
+            scorer, _Images(self.image_paths, context.transform), device, batch_size, context.workers
         )
         texts = [caption for captions in self.captions for caption in captions]
         owners = torch.tensor([i for i, captions in enumerate(self.captions) for _ in captions])
-        text_features = encode_texts_sharded(model, texts, context.device, context.batch_size)
-        metrics = retrieval_recall(text_features, images, owners, chunk_size=self.chunk_size)
+        text_reps = encode_text_set(scorer, model.tokenize, texts, device, batch_size)
+        metrics = retrieval_recall(text_reps, images, owners, chunk_size=self.chunk_size, scorer=scorer, device=device)
         return {f"{context.name}-{key}": value for key, value in metrics.items()}
 
 
@@ -274,15 +336,20 @@ class PairValidationTask:
 
     @torch.no_grad()
     def run(self, model, context: EvalContext) -> dict[str, float]:
-        """Metrics keyed ``<context.name>-image_to_text_R@1``, ``-text_to_image_mean_rank`` etc."""
-        loader = DataLoader(  # this rank's share of the pairs; the features are gathered below
+        """Metrics keyed ``<context.name>-image_to_text_R@1``, ``-text_to_image_mean_rank`` etc., scored
+        as the objective scores pairs (nothing, with one log line, when it has no such score)."""
+        scorer = pair_scorer(model, context)
+        if scorer is None:
+            return {}
+        loader = DataLoader(  # this rank's share of the pairs; the reps are gathered below
             dataset_share(_Pairs(self.source, context.transform, self.count), context.batch_size),
             batch_size=context.batch_size,
             num_workers=context.workers,
         )
         images, texts = [], []
         for batch_images, captions in loader:
-            images.append(model.encode_image(batch_images.to(context.device), normalize=True).float().cpu())
-            texts.append(encode_texts(model, list(captions), context.device, context.batch_size))
-        metrics = clip_val_metrics(gather_rows(images), gather_rows(texts), self.chunk_size)
+            images.append(_on_cpu(scorer.image_reps(batch_images.to(context.device))))
+            texts.append(_on_cpu(scorer.text_reps(model.tokenize(list(captions)).to(context.device))))
+        image_reps, text_reps = gather_reps(images), gather_reps(texts)
+        metrics = clip_val_metrics(image_reps, text_reps, self.chunk_size, scorer, context.device)
         return {f"{context.name}-{key}": value for key, value in metrics.items()}

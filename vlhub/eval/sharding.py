@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from torch.utils.data import Dataset, Subset
 
-from vlhub.distributed import all_gather_rows, all_reduce_sum, rank, world_size
+from vlhub.distributed import all_gather_object, all_gather_rows, all_reduce_sum, rank, world_size
 
 T = TypeVar("T")
 
@@ -48,3 +48,12 @@ def gather_rows(parts: list[torch.Tensor]) -> torch.Tensor | None:
 
 def sum_over_ranks(count: int) -> int:
     return all_reduce_sum([count])[0]
+
+
+def gather_reps(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-key :func:`gather_rows` of this rank's batches of reps (a rank with no batch learns the keys)."""
+    keys = next((list(part) for part in parts), None)
+    keys = next((k for k in all_gather_object(keys) if k is not None), None)
+    if keys is None:
+        raise ValueError("no rows to gather on any rank")
+    return {key: gather_rows([part[key] for part in parts]) for key in keys}

@@ -105,6 +105,8 @@ class ZeroShotTask:
         metrics: dict[str, float] = {}
         if scoring.zero_shot is not None:
             metrics.update(self._zero_shot(scoring, view, context))
+        elif rank() == 0:
+            log.info("eval %s: zero-shot skipped: %s", view.prefix, scoring.absent)
         if scoring.classifier is not None:
             metrics.update(self._classifier(scoring, view, context))
         if scoring.probe:

@@ -88,13 +88,15 @@ def accuracy_metric(metrics: Sequence[str], task: str) -> str | None:
 
 def render_wise_ft_table(rows: Sequence[Mapping[str, Any]], zeroshot: str, finetuned: str) -> str:
     """Markdown: one row per alpha (as given), every metric as a fraction with 4 decimals."""
-    metrics = [key for key in rows[0] if key != "alpha"] if rows else []
+    metrics = [key for key in rows[0] if key not in ("alpha", "scoring")] if rows else []
+    scoring = [f"scoring: {rows[0]['scoring']}", ""] if rows and "scoring" in rows[0] else []
     lines = [
         "# WiSE-FT",
         "",
         f"theta(alpha) = (1 - alpha) * theta_zeroshot + alpha * theta_finetuned; zeroshot=`{zeroshot}`, "
         f"finetuned=`{finetuned}`",
         "",
+        *scoring,
         "| alpha | " + " | ".join(metrics) + " |",
         "|---:|" + "---:|" * len(metrics),
     ]

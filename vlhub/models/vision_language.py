@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlhub.models.towers import Tower
+from vlhub.models.towers import Tower, unprojected_calls
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -94,8 +94,12 @@ class VisionLanguageModel(nn.Module):
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         output_tokens: bool = False,
+        image_unprojected: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Raw (unnormalised) tower outputs, keyed ``image_*`` and ``text_*``."""
+        """Raw (unnormalised) tower outputs, keyed ``image_*`` and ``text_*``. ``image_unprojected``:
+        ``image_features`` are the image tower's features before its projection
+        (:meth:`~vlhub.models.towers.Tower.forward_unprojected`), for heads on the encoder's own
+        features (SLIP's SSL head)."""
         out: dict[str, torch.Tensor] = {}
         for name, tower, inputs in (("image", self.image_tower, image), ("text", self.text_tower, text)):
             if inputs is None:
@@ -104,7 +108,11 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError(f"this model has no {name} tower")
             if torch.is_grad_enabled():
                 tower = self.tower_wrappers.get(name, tower)
-            result = tower(inputs, output_tokens=output_tokens)
+            if name == "image" and image_unprojected:
+                with unprojected_calls(self.image_tower):
+                    result = tower(inputs)
+            else:
+                result = tower(inputs, output_tokens=output_tokens)
             out[f"{name}_features"] = result.pooled
             if result.tokens is not None:
                 out[f"{name}_tokens"] = result.tokens

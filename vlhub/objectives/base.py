@@ -65,17 +65,27 @@ class IncompatibleObjective(ValueError):
 class Objective(nn.Module):
     #: Whether batches must carry tokenized text.
     needs_text: bool = True
-    #: How many augmented views of each image the batches must carry (1 or 2).
-    image_views: int = 1
+    #: How many extra, strongly augmented views of each image its self-supervised terms need (0, 1 or
+    #: 2): drawn with ``augment_views`` after the base view ``image`` (the run's ``augment``, the one
+    #: every image-text term sees), they reach ``represent`` as ``image_view2`` and ``image_view3``.
+    strong_views: int = 0
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
     #: The smallest global batch the loss means something at: 2 for an objective whose negatives are
     #: the batch's other samples (at 1 its contrastive loss is a constant), checked at launch.
     min_global_batch: int = 1
 
+    #: Whether the loss trains the model's temperature (``logit_scale``) where it reads it; cloob holds it fixed.
+    trains_temperature: bool = True
+
     #: Whether ``apply_init`` sets this objective's own parameters from the model alone (a zero-shot
     #: head), so a fresh one on a zero-shot model is the start of its fine-tune (WiSE-FT's alpha = 0).
     init_from_model: bool = False
+
+    @property
+    def image_views(self) -> int:
+        """How many views of each image the batches carry: the base view and the strong ones."""
+        return 1 + self.strong_views
 
     def apply_to_data(self, source: Any) -> None:
         """Check (and read what is needed from) the training source; default: labels if needed."""
@@ -100,11 +110,20 @@ class Objective(nn.Module):
         """``{"loss": total, <named parts>...}``; ``model`` gives the temperature and bias."""
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called once after each applied optimizer step (never after a skipped one), for the
+        objective's own state that follows training (DeCLIP's queue of text embeddings). Default: nothing."""
+
     def scoring(self, model: nn.Module) -> Scoring:
         """How evaluation scores images: CLIP's zero-shot for text-bearing objectives, else a probe."""
         if self.needs_text:
             return Scoring(zero_shot=EmbeddingScorer(model))
-        return Scoring(zero_shot=None, probe=True)
+        return Scoring(zero_shot=None, probe=True, absent=self.no_text_reason())
+
+    def no_text_reason(self) -> str:
+        """Why an image-only objective has no zero-shot or retrieval (one line, for skip messages)."""
+        name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
+        return f"objective {name} trains no text tower, so image-text scores would read an untrained one"
 
     def resolved_kwargs(self) -> dict[str, Any]:
         """Constructor arguments resolved from the data (``ce``'s classes), stored to rebuild it."""

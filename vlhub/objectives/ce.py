@@ -119,7 +119,7 @@ class CrossEntropyObjective(Objective):
         return {"loss": loss, "cross_entropy": loss.detach()}
 
     def scoring(self, model: nn.Module) -> Scoring:
-        return Scoring(zero_shot=None, classifier=HeadClassifier(model, self))
+        return Scoring(zero_shot=None, classifier=HeadClassifier(model, self), absent=self.no_text_reason())
 
     def resolved_kwargs(self) -> dict[str, Any]:
         resolved = {"num_classes": self.num_classes, "class_names": list(self.class_names or [])}

@@ -8,6 +8,7 @@ from torch import nn
 
 from vlhub import distributed
 from vlhub.data.batch import Batch
+from vlhub.models.towers import VIT_TOWERS
 from vlhub.objectives.base import IncompatibleObjective, Objective
 from vlhub.objectives.tiled import check_tile_rows, tiled_row_cross_entropy, tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
@@ -121,11 +122,13 @@ class ContrastiveObjective(Objective):
         """Token-level objectives need token features from both towers: say so now, not mid-forward."""
         if model.text_tower is None:
             raise IncompatibleObjective("needs a text tower, and this model has none")
-        for name, tower in (("image", model.image_tower), ("text", model.text_tower)):
+        for name, tower, works in (
+            ("image", model.image_tower, VIT_TOWERS),
+            ("text", model.text_tower, "use open_clip's text transformer or a Hugging Face text encoder"),
+        ):
             if not tower.has_tokens:
                 raise IncompatibleObjective(
-                    f"needs token features, and this model's {name} tower "
-                    f"({type(tower.module).__name__}) has none: use a ViT image tower (e.g. model=vit_b32)"
+                    f"needs token features, and this model's {name} tower ({tower.describe()}) has none: {works}"
                 )
 
 

@@ -10,7 +10,8 @@ All B x B similarities of a global batch are computed in blocks of ``block_size`
 ``block_size`` texts, each block under activation checkpointing, so the peak memory of the
 loss grows with B^2 (the similarity matrices) plus one block's b^2 N L, never with B^2 N L.
 
-Zero-shot scores a class by the mean over its templates of the image-to-text similarity.
+Evaluation scores the same way (:class:`TokenScorer`): zero-shot scores a class by the mean over its
+templates of the image-to-text similarity; retrieval and val pairs use each query's direction.
 """
 
 from __future__ import annotations
@@ -64,7 +65,14 @@ def token_similarity(
 
 
 class TokenScorer:
-    """FILIP's zero-shot: per class, the mean over templates of the image-to-text token similarity."""
+    """FILIP's scoring: token-wise similarity, image to text and text to image (the objective's own).
+
+    Zero-shot scores a class by the mean over its templates of the image-to-text similarity;
+    pairs (retrieval, val pairs) by the similarity of the query's direction. Blocks of
+    ``objective.block_size`` bound the memory of one score block.
+    """
+
+    name = "token-wise (FILIP): mean over one side's tokens of the max over the other's"
 
     def __init__(self, model: nn.Module, objective: FilipObjective) -> None:
         self.model, self.objective = model, objective
@@ -74,20 +82,37 @@ class TokenScorer:
         self, class_names: list[str], templates: list[str], device: torch.device, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         texts = [template.format(name) for name in class_names for template in templates]
-        tokens, masks = [], []
-        for start in range(0, len(texts), batch_size):
-            prompts = self.model.tokenize(texts[start : start + batch_size]).to(device)
-            features, mask = self.objective.text_tokens(self.model, prompts)
-            tokens.append(features.float())
-            masks.append(mask)
-        return torch.cat(tokens), torch.cat(masks), len(templates)
+        parts = [
+            self.text_reps(self.model.tokenize(texts[start : start + batch_size]).to(device))
+            for start in range(0, len(texts), batch_size)
+        ]
+        return torch.cat([p["tokens"] for p in parts]), torch.cat([p["mask"] for p in parts]), len(templates)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, classifier: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
         text_tokens, text_mask, templates = classifier
-        image_tokens = self.objective.image_tokens(self.model, images).float()
+        image_tokens = self.image_reps(images)["tokens"]
         image_to_text, _ = token_similarity(image_tokens, text_tokens, text_mask, self.objective.block_size)
         return 100.0 * image_to_text.view(images.shape[0], -1, templates).mean(dim=2)
+
+    @torch.no_grad()
+    def image_reps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": self.objective.image_tokens(self.model, images).float()}
+
+    @torch.no_grad()
+    def text_reps(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, mask = self.objective.text_tokens(self.model, tokens)
+        return {"tokens": features.float(), "mask": mask}
+
+    @torch.no_grad()
+    def image_to_text(self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor]) -> torch.Tensor:
+        block = self.objective.block_size
+        return token_similarity(images["tokens"], texts["tokens"], texts["mask"], block)[0]
+
+    @torch.no_grad()
+    def text_to_image(self, texts: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> torch.Tensor:
+        block = self.objective.block_size
+        return token_similarity(images["tokens"], texts["tokens"], texts["mask"], block)[1].T
 
 
 @OBJECTIVES.register("filip")

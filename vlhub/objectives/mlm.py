@@ -5,16 +5,26 @@ are chosen; ``replace_prob`` of those become the mask token, the rest stay as th
 predicts the original token at every chosen position from the text tower's token features.
 The loss is the mean cross-entropy over all chosen tokens of the global batch.
 
+The MLM pass attends in both directions (``attention="bidirectional"``, the default), as BERT and
+DeCLIP do: open_clip's text transformer is causal, and run as it is, a masked token would be
+predicted from the tokens to its left only, while each of the 10% of chosen tokens left unchanged
+would be predicted from itself (next-token prediction plus a copy task). So the masked captions go
+through the same tower, same weights, with its causal mask lifted and padding masked as an
+attention key instead (:meth:`vlhub.models.towers.OpenClipTextTower.attending_both_ways`); the
+contrastive pass keeps the causal mask. ``attention="causal"`` runs the MLM pass as the contrastive
+one, the behaviour before this option existed.
+
 CLIP's vocabulary has no mask token, so the mask token is an embedding the objective owns,
 written over the token embedding's output at the chosen positions (a forward hook, for that
 call only): the text tower keeps open_clip's key layout and vocabulary, and a checkpoint still
 loads with ``open_clip.create_model``. Which tokens are chosen and replaced is drawn from the
 sample's id (:mod:`vlhub.objectives.draws`), so the gradient cache, ranks and one process draw
-the same masks. open_clip's text transformer is causal: a masked token is predicted from itself
-(the mask token) and the tokens before it.
+the same masks.
 
-x_clip's ``MLM`` draws its masks from the global generator, so vlhub reuses its recipe and
-checks its loss against it (tests), not its module.
+Where this departs from the papers: the mask token is a learned embedding rather than a vocabulary
+entry (CLIP's vocabulary has none), and chosen tokens are never replaced by random tokens (x_clip's default
+recipe: 90% mask token, 10% unchanged; BERT's is 80/10/10). x_clip's ``MLM`` draws its masks from
+the global generator, so vlhub reuses its recipe and checks its loss against it (tests), not its module.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from vlhub.objectives.draws import sample_uniform
 from vlhub.registry import OBJECTIVES
 
 CHOOSE_STREAM, REPLACE_STREAM = 1, 2
+ATTENTIONS = ("bidirectional", "causal")
 
 
 def choose_tokens(maskable: torch.Tensor, sample_id: torch.Tensor, mask_prob: float) -> torch.Tensor:
@@ -47,12 +58,14 @@ def choose_tokens(maskable: torch.Tensor, sample_id: torch.Tensor, mask_prob: fl
 class MaskedLanguageModel(nn.Module):
     """The MLM term: its mask embedding, its vocabulary head, its masks and its per-sample loss."""
 
-    def __init__(self, mask_prob: float = 0.15, replace_prob: float = 0.9) -> None:
+    def __init__(self, mask_prob: float = 0.15, replace_prob: float = 0.9, attention: str = "bidirectional") -> None:
         super().__init__()
         for name, value in (("mask_prob", mask_prob), ("replace_prob", replace_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"objective.{name} must be in [0, 1], got {value}")
-        self.mask_prob, self.replace_prob = mask_prob, replace_prob
+        if attention not in ATTENTIONS:
+            raise ValueError(f"objective.mlm_attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.mask_prob, self.replace_prob, self.attention = mask_prob, replace_prob, attention
         self.mask_embedding: nn.Parameter | None = None
         self.head: nn.Linear | None = None
         self.special_ids: tuple[int, ...] = ()
@@ -61,6 +74,9 @@ class MaskedLanguageModel(nn.Module):
         tower = model.text_tower
         if tower is None or not tower.has_tokens or not hasattr(tower.module, "token_embedding"):
             raise IncompatibleObjective("masked language modelling needs open_clip's text transformer (token features)")
+        if self.attention == "bidirectional" and not getattr(tower, "can_attend_both_ways", False):
+            name = type(tower.module).__name__
+            raise IncompatibleObjective(f"bidirectional MLM needs a text tower whose causal mask lifts, not {name}")
         if self.head is None:
             width = tower.module.token_embedding.embedding_dim
             self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02)
@@ -91,8 +107,10 @@ class MaskedLanguageModel(nn.Module):
             handle.remove()
 
     def token_features(self, model: nn.Module, text: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] text tower token features of the masked captions."""
-        with self._masked_embeddings(model, replaced):
+        """[B, L, D] text tower token features of the masked captions, attending as ``attention`` says."""
+        both_ways = self.attention == "bidirectional"
+        attending = model.text_tower.attending_both_ways() if both_ways else contextlib.nullcontext()
+        with self._masked_embeddings(model, replaced), attending:
             return model(text=text, output_tokens=True)["text_tokens"]
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -116,12 +134,19 @@ class MaskedLanguageModel(nn.Module):
 
 @OBJECTIVES.register("mlm")
 class MlmObjective(ClipObjective):
-    """``clip`` + ``mlm_weight`` x the MLM term."""
+    """``clip`` + ``mlm_weight`` x the MLM term; ``mlm_attention``: how the MLM pass attends (see the module)."""
 
-    def __init__(self, mlm_weight: float = 0.05, mask_prob: float = 0.15, replace_prob: float = 0.9, **clip) -> None:
+    def __init__(
+        self,
+        mlm_weight: float = 0.05,
+        mask_prob: float = 0.15,
+        replace_prob: float = 0.9,
+        mlm_attention: str = "bidirectional",
+        **clip,
+    ) -> None:
         super().__init__(**clip)
         self.mlm_weight = mlm_weight
-        self.mlm = MaskedLanguageModel(mask_prob, replace_prob)
+        self.mlm = MaskedLanguageModel(mask_prob, replace_prob, mlm_attention)
 
     def apply_to_model(self, model: nn.Module) -> None:
         super().apply_to_model(model)

@@ -1,4 +1,8 @@
-"""SimCLR: image-only contrastive learning between two augmented views (Chen et al. 2020).
+"""SimCLR: image-only contrastive learning between two strong views (Chen et al. 2020).
+
+Its only term sees the strong views ``image_view2`` and ``image_view3`` (``augment_views``); the
+batch's base view ``image`` is drawn first as in every job (so these are the very views SLIP's SSL
+term gets from the same seed) and not used.
 
 Evaluated by linear probe and k-NN (``Scoring.probe``), never by reading features as logits.
 """
@@ -24,7 +28,7 @@ class SimclrObjective(Objective):
     """
 
     needs_text = False
-    image_views = 2
+    strong_views = 2
     min_global_batch = 2  # the other samples of the batch are the negatives
 
     def __init__(self, projection_dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1) -> None:
@@ -34,16 +38,17 @@ class SimclrObjective(Objective):
 
     def apply_to_model(self, model: nn.Module) -> None:
         if self.head is None:
-            self.head = SimclrHead(model.image_tower.output_dim, self.projection_dim, self.hidden_dim, self.temperature)
+            width = model.image_tower.output_dim
+            self.head = SimclrHead(width, self.projection_dim, self.hidden_dim, self.temperature, prefix="objective.")
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return {
-            "view1_features": model(image=batch["image"])["image_features"],
             "view2_features": model(image=batch["image_view2"])["image_features"],
+            "view3_features": model(image=batch["image_view3"])["image_features"],
         }
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        first = distributed.gather_features(reps["view1_features"])[0]
-        second = distributed.gather_features(reps["view2_features"])[0]
+        first = distributed.gather_features(reps["view2_features"])[0]
+        second = distributed.gather_features(reps["view3_features"])[0]
         ssl = self.head(first, second)
         return {"loss": ssl, "ssl_loss": ssl.detach()}

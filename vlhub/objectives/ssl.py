@@ -1,10 +1,10 @@
 """Image self-supervision on two views: SimCLR's NT-Xent and SimSiam, with x_clip's heads.
 
-The heads are x_clip's (``visual_ssl.MLP`` for SimCLR's projector and SimSiam's predictor,
-``visual_ssl.SimSiamMLP`` for SimSiam's projector); their BatchNorm layers see the whole
-(gathered) batch, so they run in ``loss``, never per chunk. Their input width is the image
-tower's embedding width, read from the model, never fixed. The losses are written here
-(x_clip's ``SimCLR`` / ``SimSiam`` modules run their own augmentations on one image batch).
+The heads are x_clip's (``visual_ssl.MLP`` for SimSiam's predictor, ``visual_ssl.SimSiamMLP`` for
+SimSiam's projector) or laid out as they are (SimCLR's projector, :func:`mlp_projector`: x_clip's
+``MLP`` at 2 layers, SLIP's at 3); their BatchNorm layers see the whole (gathered) batch, so they run
+in ``loss``, never per chunk. Their input width is read from the model, never fixed. The losses are
+written here (x_clip's ``SimCLR`` / ``SimSiam`` modules run their own augmentations on one image batch).
 """
 
 from __future__ import annotations
@@ -25,14 +25,39 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     return F.cross_entropy(logits, partners)
 
 
-class SimclrHead(nn.Module):
-    """SimCLR: an MLP projector (x_clip's, with BatchNorm) and NT-Xent at ``temperature``."""
+def mlp_projector(in_dim: int, out_dim: int, hidden_dim: int, layers: int) -> nn.Sequential:
+    """``layers`` Linear layers, each but the last followed by BatchNorm and ReLU: x_clip's ``MLP``
+    (same modules, same order, same state_dict keys) at 2, SLIP's ``_build_mlp`` at 3."""
+    widths = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    modules: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        modules.append(nn.Linear(width_in, width_out))
+        if index < layers - 1:
+            modules += [nn.BatchNorm1d(width_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*modules)
 
-    def __init__(self, in_dim: int, projection_dim: int, hidden_dim: int | None, temperature: float) -> None:
+
+class SimclrHead(nn.Module):
+    """SimCLR: an MLP projector (BatchNorm between its ``layers`` Linear layers) and NT-Xent at ``temperature``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        projection_dim: int,
+        hidden_dim: int | None,
+        temperature: float,
+        layers: int = 2,
+        prefix: str = "objective.ssl_",
+    ) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"objective.ssl_temperature must be > 0, got {temperature}")
-        self.projector = MLP(in_dim, projection_dim, hidden_dim or in_dim)
+            raise ValueError(f"{prefix}temperature must be > 0, got {temperature}")
+        if layers < 1:
+            raise ValueError(f"{prefix}layers must be >= 1, got {layers}")
+        for name, width in (("projection_dim", projection_dim), ("hidden_dim", hidden_dim or in_dim)):
+            if width < 1:
+                raise ValueError(f"{prefix}{name} must be >= 1, got {width}")
+        self.projector = mlp_projector(in_dim, projection_dim, hidden_dim or in_dim, layers)
         self.temperature = temperature
 
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""What a launch ran on, beyond its config: recorded in ``run.json`` at every launch.
+
+Two jobs with the same config can still differ in the code that ran them, the torch release, the
+device or the number of ranks; ``python -m vlhub.compare`` reads these records and reports any
+such difference between the jobs it compares as a confound. (The precision is a config key,
+``trainer.precision``, so it is compared with the config.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vlhub
+from vlhub.distributed import DistInfo
+
+
+def vlhub_revision() -> str:
+    """``git describe --always --dirty`` of the checkout vlhub is imported from; the package
+    version when it is not a git checkout (an installed wheel) or git is unavailable."""
+    root = Path(vlhub.__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a folder, or a file in a git worktree
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            return f"git {done.stdout.strip()}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"version {vlhub.__version__}"
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: the accelerator's model, not only its kind."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def launch_environment(dist_info: DistInfo) -> dict[str, Any]:
+    """This launch's code, torch release, device and number of ranks."""
+    return {
+        "vlhub": vlhub_revision(),
+        "torch": torch.__version__,
+        "device": device_name(dist_info.device),
+        "world_size": dist_info.world_size,
+    }
