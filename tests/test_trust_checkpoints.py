@@ -283,15 +283,23 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path, m
     second.release()
 
 
-@pytest.mark.parametrize("refused", [["trainer.max_steps=0"], ["data=csv"]], ids=["max_steps_0", "data_root_unset"])
+@pytest.mark.parametrize("refused", ["max_steps_0", "data_root_unset", "too_few_shards"])
 def test_a_refused_launch_removes_the_run_folder_it_made_and_no_other(tmp_path, refused):
+    from tests.test_wds import tagged_shards
+
+    shards = tagged_shards(tmp_path / "shards", "s", shards=1, per_shard=16)  # 1 shard for 2 workers
+    overrides = {
+        "max_steps_0": ["trainer.max_steps=0"],  # refused when the trainer is built, under the run's lock
+        "data_root_unset": ["data=csv"],  # refused by the launch check, before the lock
+        "too_few_shards": ["data=wds", f'data.root="{shards}"', "data.workers=2"],  # when the loader is built
+    }[refused]
     made, kept = tmp_path / "made", tmp_path / "kept"
     _hydra_wrote(made)
     _hydra_wrote(kept)
     (kept / "notes.txt").write_text("the user's notes, here before the launch\n")
     for run_dir in (made, kept):
-        with pytest.raises(Exception, match="trainer.max_steps|data.root"):
-            run_train([*BASE, *refused], run_dir)
+        with pytest.raises(Exception, match="trainer.max_steps|data.root|fewer than ranks x workers"):
+            run_train([*BASE, *overrides], run_dir)
     assert not made.exists()
     before = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "notes.txt", "train.log"}
     assert before <= set(_files(kept))
