@@ -17,7 +17,8 @@ import vlhub.engine.remote as remote_module
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
-from vlhub.engine.remote import RemoteError, mask_overrides, scrub_hydra_files
+from vlhub.engine.remote import RemoteError
+from vlhub.engine.secrets import mask_overrides, scrub_hydra_files
 from vlhub.errors import ConfigError
 
 BUCKET = "vlhub-test"

@@ -28,8 +28,9 @@ from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_str
 from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.parallel import ParallelStrategy, build_parallel
 from vlhub.engine.preemption import Preemption
-from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
+from vlhub.engine.remote import open_remote
 from vlhub.engine.run_folder import holds_only_launch_files, open_run, remove_failed_launch
+from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files
 from vlhub.engine.step import GradientStrategy
 from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask

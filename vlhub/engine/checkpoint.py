@@ -183,7 +183,7 @@ class Checkpointer:
         self.remote, self.remote_options = remote, dict(remote_options or {})
         self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
         self.after_save: Callable[[int, Path], None] | None = None
-        # The run folder's lock (engine/run_folder.py): stale after this long; before_write raises once
+        # The run folder's lock (engine/run_lock.py): stale after this long; before_write raises once
         # another launch took it over, so a run that lost its folder stops instead of writing into it.
         self.lock_stale_after_s = lock_stale_after_s
         self.before_write: Callable[[], None] | None = None

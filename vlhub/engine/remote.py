@@ -17,7 +17,7 @@ small write, so an unreachable or read-only remote fails before anything trains.
 
 Endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ...) or ``checkpoint.remote_options`` (keyword arguments of the fsspec filesystem), never from
-the URL; ``mask_secrets`` hides the options' values wherever the config is stored or logged.
+the URL; ``engine/secrets.py`` hides the options' values wherever the config is stored or logged.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
-import yaml
 
 from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
+from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files  # noqa: F401 (their first home)
 from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,58 +50,11 @@ POINTER = "latest.json"
 REMOTE_CHECKPOINT = re.compile(r"^checkpoints/step_\d+\.pt$")  # the only form a pointer may name
 STAGING = ".remote_upload"
 LOGS = ("results.jsonl", "run.json", "config.yaml")  # with every file under tensorboard/
-MASK = "***"
-SECRET_OVERRIDE = re.compile(r"(checkpoint\.remote_options[\w.]*=)(\{[^}]*\}|[^,\s]*)")
-URL_CREDENTIALS = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s'\"]*@")  # s3://KEY:SECRET@bucket -> s3://***@bucket
 
 
 class RemoteError(ConfigError):
     """The remote cannot be used (unreachable, not writable, credentials in the URL, another run's),
     or the run's last checkpoint never reached it: one line naming ``checkpoint.remote``."""
-
-
-# -- keeping credentials out of configs, logs and results ------------------------------------------
-def _mask_values(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _mask_values(item) for key, item in value.items()}
-    return MASK if value not in (None, "") else value
-
-
-def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the composed config with every value under ``checkpoint.remote_options`` masked."""
-    checkpoint = config.get("checkpoint")
-    if not isinstance(checkpoint, dict) or not checkpoint.get("remote_options"):
-        return config
-    return {**config, "checkpoint": {**checkpoint, "remote_options": _mask_values(checkpoint["remote_options"])}}
-
-
-def mask_overrides(overrides: list[str]) -> list[str]:
-    """Command-line overrides with the value of any ``checkpoint.remote_options`` one masked."""
-    return [_mask_text(override) for override in overrides]
-
-
-def _mask_text(text: str) -> str:
-    """``checkpoint.remote_options...=VALUE`` (a word, or a ``{...}`` dict) -> ``...=***``, and the
-    credentials of a URL (``s3://KEY:SECRET@bucket``, refused at launch) -> ``s3://***@bucket``, anywhere
-    in text (Hydra also joins the overrides into ``hydra.job.override_dirname``)."""
-    text = URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{MASK}@", text)
-    return SECRET_OVERRIDE.sub(lambda m: f"{m.group(1)}{MASK}", text)
-
-
-def _scrub(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _mask_values(v) if k == "remote_options" else _scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(item) for item in value]
-    return _mask_text(value) if isinstance(value, str) else value
-
-
-def scrub_hydra_files(run_dir: Path) -> None:
-    """Hydra wrote the launch's config and overrides into ``.hydra/`` before vlhub ran: mask them."""
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        path = run_dir / ".hydra" / name
-        if path.is_file() and ("remote_options" in path.read_text() or URL_CREDENTIALS.search(path.read_text())):
-            path.write_text(yaml.safe_dump(_scrub(yaml.safe_load(path.read_text())), sort_keys=False))
 
 
 # -- the remote store ----------------------------------------------------------------------------
