@@ -35,6 +35,7 @@ class ContrastiveObjective(Objective):
 
     #: Whether this objective's loss can be computed in tiles (``loss_tiles``).
     supports_loss_tiles: bool = False
+    min_global_batch = 2  # the other samples of the batch are the negatives
     #: Why not, when it cannot (said in the error).
     loss_tiles_refusal: str = "its loss is not a softmax or sigmoid over a B x B dot-product similarity"
     #: Whether ``loss`` reads ``local_loss`` (local rows against global columns); the others refuse it

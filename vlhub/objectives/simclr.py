@@ -32,6 +32,7 @@ class SimclrObjective(Objective):
 
     needs_text = False
     strong_views = 2
+    min_global_batch = 2  # the other samples of the batch are the negatives
 
     def __init__(self, projection_dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1) -> None:
         super().__init__()
