@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 
 import fsspec
@@ -16,7 +17,8 @@ import vlhub.engine.remote as remote_module
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
-from vlhub.engine.remote import RemoteError, mask_overrides, scrub_hydra_files
+from vlhub.engine.remote import RemoteError
+from vlhub.engine.secrets import mask_overrides, scrub_hydra_files
 from vlhub.errors import ConfigError
 
 BUCKET = "vlhub-test"
@@ -287,3 +289,69 @@ def test_slow_uploads_do_not_stall_training(s3, tmp_path, monkeypatch):
     # Four checkpoints, each upload at least 3 s: the loop ran on while they were uploaded.
     assert fit_time[0] < 3 <= time.perf_counter() - started
     assert _pointer(s3, "slow")["step"] == 4
+
+
+# -- issue 20: a pointer or listing that leads outside the prefix reads nothing ------------------------
+OPENED: list[str] = []  # every path opened while a test records (an audit hook cannot be removed)
+_RECORDING: list[bool] = []
+
+
+def _record_opens(event, args):
+    if _RECORDING and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink", "linked_log", "other_name"])
+def test_a_remote_pointer_never_opens_a_file_outside_the_prefix(tmp_path, how):
+    from vlhub.engine.remote import RemoteStore, restore_from_remote
+
+    outside = tmp_path / "srv/secret.txt"
+    outside.parent.mkdir(parents=True)
+    outside.write_text("root:$6$hash:19000::::::\n")
+    prefix = tmp_path / "srv/remote/run"
+    (prefix / "checkpoints").mkdir(parents=True)
+    path = {"dotdot": "../../../../../../../../.." + str(outside), "other_name": "checkpoint.remote"}.get(
+        how, "checkpoints/step_5.pt"
+    )
+    if how == "symlink":
+        (prefix / "checkpoints/step_5.pt").symlink_to(outside)
+    if how == "linked_log":  # a genuine checkpoint, but a log beside it links outside
+        torch.save({"step": 5, "run_id": "abc"}, prefix / "checkpoints/step_5.pt")
+        (prefix / "results.jsonl").symlink_to(outside)
+    (prefix / "latest.json").write_text(json.dumps({"step": 5, "path": path, "run_id": "abc"}))
+    store, run_dir = RemoteStore(f"file://{prefix}"), tmp_path / "run"
+    OPENED.clear()
+    _RECORDING.append(True)
+    try:
+        with pytest.raises(RemoteError, match=r"checkpoint.remote=file://.*refused") as caught:
+            restore_from_remote(store, run_dir, run_dir / "checkpoints", None)
+    finally:
+        _RECORDING.clear()
+    assert ("latest.json" in str(caught.value)) == (how in ("dotdot", "other_name"))  # the pointer is named
+    assert OPENED and not [p for p in OPENED if os.path.realpath(p) == str(outside.resolve())]
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and p.read_bytes() == outside.read_bytes()]
+
+
+def test_a_refused_url_with_credentials_leaves_them_in_no_hydra_file(tmp_path):
+    url = f"s3://AKIAFAKE:{SECRET}@{BUCKET}/x"
+    overrides = ["eval=none", f"checkpoint.remote={url}"]
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    for run_dir in (made, kept):  # what Hydra wrote before vlhub ran
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (run_dir / ".hydra/config.yaml").write_text(yaml.safe_dump({"checkpoint": {"remote": url}}))
+        hydra = {"hydra": {"job": {"override_dirname": ",".join(overrides)}, "overrides": {"task": overrides}}}
+        (run_dir / ".hydra/hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (kept / "notes.txt").write_text("here before the launch\n")  # not this launch's folder: kept, masked
+    for run_dir in (made, kept):
+        with pytest.raises(RemoteError, match="must not carry credentials") as caught:
+            run_train(overrides, run_dir)
+        assert SECRET not in str(caught.value)
+    assert not made.exists()
+    assert sorted(p.name for p in (kept / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert not [p for p in kept.rglob("*") if p.is_file() and SECRET in p.read_text()]
+    assert yaml.safe_load((kept / ".hydra/config.yaml").read_text())["checkpoint"]["remote"] == f"s3://***@{BUCKET}/x"
+    assert mask_overrides([f"checkpoint.remote={url}"]) == [f"checkpoint.remote=s3://***@{BUCKET}/x"]

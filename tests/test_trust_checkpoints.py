@@ -187,6 +187,124 @@ def test_two_launches_at_once_the_second_fails_and_the_first_finishes_alone(tmp_
     assert not (tmp_path / "run.lock").exists()
 
 
+def _hydra_wrote(run_dir, text="{}\n"):
+    """What Hydra writes into the run folder before vlhub runs."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        (run_dir / ".hydra" / name).write_text(text)
+    (run_dir / "train.log").write_text("[INFO] - launched\n")
+
+
+def _files(run_dir):
+    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+
+
+def _launch(cfg, run_dir, errors):
+    try:
+        vlhub.train.train(cfg, run_dir, {"model": "tiny", "objective": "clip"})
+    except BaseException as error:  # noqa: BLE001 (the test reads it)
+        errors.append(error)
+
+
+@pytest.mark.parametrize("attempt", range(10 if os.environ.get("VLHUB_LONG_TESTS") else 2))
+def test_two_launches_at_the_same_moment_the_loser_removes_nothing_of_the_winner(tmp_path, monkeypatch, attempt):
+    from vlhub.engine.trainer import Trainer
+
+    real_fit, in_fit, loser_done = Trainer.fit, threading.Event(), threading.Event()
+
+    def fit_once_the_loser_failed(self):
+        in_fit.set()
+        assert loser_done.wait(60)
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_once_the_loser_failed)
+    _hydra_wrote(tmp_path)
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")]
+    configs = [compose_train([*fast, *BASE]) for _ in range(3)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+    launches = [
+        threading.Thread(target=lambda c=c: (barrier.wait(), _launch(c, tmp_path, errors))) for c in configs[:2]
+    ]
+    for launch in launches:
+        launch.start()
+    deadline = time.time() + 60
+    while not (in_fit.is_set() and errors) and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(errors) == 1 and isinstance(errors[0], RunFolderError) and "in use by another run" in str(errors[0])
+    winner = _files(tmp_path)
+    assert {".hydra/config.yaml", "train.log", "run.lock", "run.json", "config.yaml"} <= set(winner)
+    with pytest.raises(RunFolderError, match="in use by another run"):  # a third launch: still locked
+        vlhub.train.train(configs[2], tmp_path, {"model": "tiny", "objective": "clip"})
+    assert _files(tmp_path) == winner
+    loser_done.set()
+    for launch in launches:
+        launch.join()
+    assert len(errors) == 1  # the winner trained to the end
+    assert {".hydra/config.yaml", "train.log", "run.json", "config.yaml", "checkpoints/step_2.pt"} <= set(
+        _files(tmp_path)
+    )
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path, monkeypatch):
+    from vlhub.engine.trainer import Trainer
+
+    real_fit, real_refresh = Trainer.fit, RunLock.refresh
+    suspended, in_fit = threading.Event(), threading.Event()
+    suspended.set()
+
+    def fit_after_the_suspension(self):
+        in_fit.set()
+        while suspended.is_set():
+            time.sleep(0.01)
+        return real_fit(self)
+
+    def refresh(self):  # a suspended (SIGSTOP) process refreshes no heartbeat
+        return True if suspended.is_set() else real_refresh(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_after_the_suspension)
+    monkeypatch.setattr(RunLock, "refresh", refresh)
+    fast = [o for o in FAST if not o.startswith("eval.synthetic")]
+    cfg = compose_train([*fast, *BASE, "trainer.max_steps=4", "checkpoint.lock_stale_after_s=0.4"])
+    errors: list[BaseException] = []
+    first = threading.Thread(target=_launch, args=(cfg, tmp_path, errors))
+    first.start()
+    assert in_fit.wait(60)
+    time.sleep(0.5)
+    second = RunLock.acquire(tmp_path / "run.lock", stale_after_s=0.4)  # the second launch takes it over
+    suspended.clear()
+    first.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], RunFolderError), errors
+    assert "was taken over by another launch" in str(errors[0]) and "checkpoint.lock_stale_after_s" in str(errors[0])
+    assert not list(tmp_path.glob("checkpoints/*"))  # stopped before its first write after the takeover
+    assert json.loads((tmp_path / "run.lock").read_text())["token"] == second.token  # the new holder's lock stays
+    assert (tmp_path / "run.json").is_file()
+    second.release()
+
+
+@pytest.mark.parametrize("refused", ["max_steps_0", "data_root_unset", "too_few_shards"])
+def test_a_refused_launch_removes_the_run_folder_it_made_and_no_other(tmp_path, refused):
+    from tests.test_wds import tagged_shards
+
+    shards = tagged_shards(tmp_path / "shards", "s", shards=1, per_shard=16)  # 1 shard for 2 workers
+    overrides = {
+        "max_steps_0": ["trainer.max_steps=0"],  # refused when the trainer is built, under the run's lock
+        "data_root_unset": ["data=csv"],  # refused by the launch check, before the lock
+        "too_few_shards": ["data=wds", f'data.root="{shards}"', "data.workers=2"],  # when the loader is built
+    }[refused]
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    _hydra_wrote(made)
+    _hydra_wrote(kept)
+    (kept / "notes.txt").write_text("the user's notes, here before the launch\n")
+    for run_dir in (made, kept):
+        with pytest.raises(Exception, match="trainer.max_steps|data.root|fewer than ranks x workers"):
+            run_train([*BASE, *overrides], run_dir)
+    assert not made.exists()
+    before = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "notes.txt", "train.log"}
+    assert before <= set(_files(kept))
+
+
 def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch):
     _foreign_lock(tmp_path, age_s=600)
     RunLock.acquire(tmp_path / "run.lock").release()
@@ -203,10 +321,7 @@ def test_a_stale_lock_or_this_jobs_own_lock_is_taken_over(tmp_path, monkeypatch)
 
 
 def test_the_heartbeat_is_refreshed_while_the_run_lives(tmp_path, monkeypatch):
-    import vlhub.engine.run_folder as run_folder
-
-    monkeypatch.setattr(run_folder, "HEARTBEAT_S", 0.02)
-    lock = RunLock.acquire(tmp_path / "run.lock")
+    lock = RunLock.acquire(tmp_path / "run.lock", stale_after_s=0.08)  # a heartbeat every 0.02 s
     first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
     deadline = time.time() + 10
     while json.loads((tmp_path / "run.lock").read_text())["heartbeat"] == first and time.time() < deadline:
@@ -265,7 +380,7 @@ def test_a_failed_launch_leaves_no_empty_run_folder(tmp_path):
     assert not run_dir.exists()
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "results.jsonl").write_text("{}\n")  # something trained here: kept
-    remove_failed_launch(run_dir)
+    remove_failed_launch(run_dir, created=True)
     assert run_dir.exists()
 
 
@@ -286,3 +401,126 @@ def test_a_resume_file_that_is_no_training_checkpoint_is_named(tmp_path, monkeyp
     _never_build(monkeypatch)
     with pytest.raises(RunFolderError, match=r"checkpoint.resume=.*weights.pt is not a vlhub training checkpoint"):
         run_train([*BASE, f"checkpoint.resume={tmp_path / 'weights.pt'}"], tmp_path / "run")
+
+
+# -- issue 20, 9: checkpoint faults are one line naming the file ----------------------------------------
+def _one_line(capsys, action) -> str:
+    from vlhub.launch import errors_reported
+
+    with pytest.raises(SystemExit) as exit_info, errors_reported():
+        action()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line[line.find("error: ") :] if "error: " in line else line for line in err.splitlines()]
+    lines = [line for line in lines if line.strip() and not line.startswith("train:")]  # the progress bar
+    assert "Traceback (most recent call last)" not in err and len(lines) == 2 and lines[1].startswith("hint: "), err
+    return lines[0]
+
+
+def test_a_truncated_resume_file_is_one_line_without_a_traceback(trained, tmp_path, capsys):
+    whole = (trained / "checkpoints/latest.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(whole[: len(whole) // 3])
+    line = _one_line(capsys, lambda: run_train([*BASE, f"checkpoint.resume={tmp_path / 'torn.pt'}"], tmp_path / "r"))
+    assert line.startswith(f"error: checkpoint.resume={tmp_path / 'torn.pt'} is not a readable checkpoint")
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_naming_the_file_and_keeps_the_previous(tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+
+    import vlhub.engine.checkpoint as checkpoint_module
+
+    real_fdopen, saves = os.fdopen, []
+
+    class FullDisk(io.RawIOBase):  # the disk fills 1000 bytes into the second checkpoint
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if len(saves) == 2 and self.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+        def fileno(self):
+            return self.handle.fileno()
+
+        def close(self):
+            self.handle.close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        handle = real_fdopen(fd, mode, *args, **kwargs)
+        if mode == "wb":
+            saves.append(1)
+            return FullDisk(handle)
+        return handle
+
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", fdopen)
+    line = _one_line(capsys, lambda: run_train(BASE, tmp_path))
+    assert line == f"error: no space left on device writing the checkpoint {tmp_path / 'checkpoints/step_2.pt'} " + (
+        "(nothing of it was kept; the previous checkpoints are whole): free space, or lower checkpoint.keep, and resume"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.pt", "step_1.pt"]
+    assert torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)["step"] == 1
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_fails_at_launch(run_copy, monkeypatch, capsys):
+    import tempfile
+
+    import vlhub.engine.checkpoint as checkpoint_module
+
+    def read_only(*args, dir=None, **kwargs):  # tests run as root, which chmod cannot stop
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "NamedTemporaryFile", read_only)
+    _never_build(monkeypatch)
+    line = _one_line(capsys, lambda: run_train([*BASE, "trainer.max_steps=4"], run_copy))
+    assert line == (
+        f"error: the checkpoint folder {run_copy / 'checkpoints'} is not writable (Permission denied): fix its "
+        "permissions, or use another run folder (run.name=... or hydra.run.dir=...)"
+    )
+    monkeypatch.setattr(checkpoint_module.tempfile, "NamedTemporaryFile", tempfile.NamedTemporaryFile)
+
+
+def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_file_everywhere(trained, tmp_path):
+    from tests.test_evaluate import FAST_EVAL, compose_evaluate
+    from vlhub.api import build_model, read_checkpoint
+    from vlhub.engine.checkpoint import CheckpointError
+    from vlhub.evaluate import evaluate
+
+    saved = torch.load(trained / "checkpoints/latest.pt", weights_only=True)
+    saved["state_dict"]["positional_embedding"] = saved["state_dict"]["positional_embedding"][:-1]
+    bad = tmp_path / "bad_shape.pt"
+    torch.save(saved, bad)
+    fits = r"does not fit this model: size mismatch for .*positional_embedding"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint={bad} {fits}"):
+        build_model(str(bad), None, read_checkpoint(str(bad)))  # what the CLIP_benchmark bridge calls
+    with pytest.raises(CheckpointError, match=rf"^checkpoint={bad} {fits}"):
+        evaluate(compose_evaluate([f"checkpoint={bad}", *FAST_EVAL]), tmp_path / "eval")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint.resume={bad} {fits}"):
+        run_train([*BASE, "trainer.max_steps=4", f"checkpoint.resume={bad}"], tmp_path / "run")
+
+
+def test_a_run_folder_where_the_log_cannot_be_written_is_one_line(tmp_path):
+    import logging.config
+
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    handler = OmegaConf.to_container(cfg.hydra.job_logging.handlers.file, resolve=False)
+    (tmp_path / "train.log").mkdir()  # as root, chmod cannot make the folder read-only; this fails the same way
+    handler.update(filename=str(tmp_path / "train.log"))
+    handler.pop("formatter", None)
+    with pytest.raises(SystemExit) as caught:  # the factory Hydra's logging set-up calls, and what it gets
+        logging.config.DictConfigurator({"version": 1}).configure_handler(handler)
+    assert str(caught.value.code) == (
+        f"error: the run folder {tmp_path} is not writable: its log {tmp_path / 'train.log'} cannot be opened "
+        "(Is a directory)\nhint: fix its permissions, or use another run folder (run.name=... or hydra.run.dir=...)"
+    )

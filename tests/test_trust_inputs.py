@@ -292,3 +292,95 @@ def test_15_evaluate_without_a_checkpoint_or_pretrained_weights_refuses(tmp_path
     record = evaluate(compose_evaluate([*FAST_EVAL, "allow_random_model=true"]), tmp_path / "random")
     assert record["checkpoint"] is None and record["weights"] == "random initialisation (allow_random_model=true)"
     assert "random initialisation (allow_random_model=true)" in (tmp_path / "random/report.md").read_text()
+
+
+# -- issue 20, 6: 16-bit and float greyscale are converted by a stated rule, never clipped silently --
+def _wide_grey_images():
+    """A 16-bit greyscale PNG and a float TIFF over their whole ranges (float beyond [0, 1] and a NaN)."""
+    import numpy as np
+
+    wide = (np.arange(32 * 32, dtype=np.int64) * 64 + 7).clip(0, 65535).astype(np.uint16).reshape(32, 32)
+    floats = np.linspace(-0.25, 1.25, 32 * 32, dtype=np.float32).reshape(32, 32)
+    floats[0, 0] = np.nan
+    encoded = {}
+    for name, array, fmt in (("wide.png", wide, "PNG"), ("float.tif", floats, "TIFF")):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt)
+        encoded[name] = buffer.getvalue()
+    # The rule, written out pixel by pixel: 16-bit value / 257; float clipped to [0, 1] x 255, NaN 0.
+    expected = {
+        "wide.png": [[round(int(v) / 257) for v in row] for row in wide],
+        "float.tif": [[0 if v != v else round(min(max(float(v), 0.0), 1.0) * 255) for v in row] for row in floats],
+    }
+    return encoded, expected
+
+
+def test_20_6_sixteen_bit_and_float_greyscale_follow_the_stated_rule_in_files_and_shards(tmp_path):
+    encoded, expected = _wide_grey_images()
+    assert Image.open(io.BytesIO(encoded["wide.png"])).mode == "I;16"
+    assert Image.open(io.BytesIO(encoded["float.tif"])).mode == "F"
+    for name, data in encoded.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "pairs.csv").write_text("filepath,title\nwide.png,a wide one\nfloat.tif,a float one\n")
+    source = CsvPairs(str(tmp_path / "pairs.csv"))
+    for index, name in enumerate(encoded):
+        from_file = source.load(index).image
+        from_shard = decode_sample({"__key__": "k", "png": encoded[name], "txt": b"x"}).image  # PIL reads the content
+        for image in (from_file, from_shard):
+            assert image.mode == "RGB"
+            pixels = torch.tensor(list(image.getdata()), dtype=torch.int64).reshape(32, 32, 3)
+            assert torch.equal(pixels, torch.tensor(expected[name]).unsqueeze(-1).expand(32, 32, 3)), name
+
+
+# -- issue 20, 7: a path that is no regular file is one bad sample, never a hang or a crash --------------
+def test_20_7_dev_zero_a_fifo_a_folder_a_nul_byte_and_an_oversized_file_are_bad_samples(tmp_path):
+    import os
+    import threading
+
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "big.png").write_bytes(_png(40, 40) + b"\0" * 4000)  # a valid PNG, padded over the cap
+    rows = ["good.png", "/dev/zero", "pipe.png", "folder.png", "bad\0name.png", "big.png"]
+    (tmp_path / "pairs.csv").write_text(
+        "filepath,title\n" + "".join(f"{row},caption {i}\n" for i, row in enumerate(rows))
+    )
+    source = CsvPairs(str(tmp_path / "pairs.csv"), max_image_bytes=3000)
+    loaded = []
+    reader = threading.Thread(target=lambda: loaded.append(_first_batch(source, len(rows))), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert loaded, "reading the batch hung (a FIFO opened for reading waits for a writer)"
+    batch = loaded[0]
+    assert (batch.samples_read, batch.bad_samples) == (6, 5) and batch.batch["text_raw"] == ["caption 0"]
+    reasons = sorted(batch.bad_reasons)
+    assert len(reasons) == 5
+    assert any("/dev/zero is not a regular file" in r for r in reasons)
+    assert any("pipe.png is not a regular file" in r for r in reasons)
+    assert any("folder.png is not a regular file" in r for r in reasons)
+    assert any("embedded null byte" in r and "bad\\x00name.png" in r for r in reasons)
+    assert any("big.png is over data.max_image_bytes=3000" in r for r in reasons)
+
+
+# -- issue 20, 10: a batch without negatives, or repeating a sample, is refused at launch ------------------
+@pytest.mark.parametrize("objective", ["clip", "cloob", "dcl", "siglip", "simclr"])
+def test_20_10_a_global_batch_of_one_is_refused_for_every_contrastive_objective(tmp_path, capsys, objective):
+    from vlhub.registry import OBJECTIVES
+
+    # The effect the refusal prevents: at one sample the contrastive loss has nothing to push apart.
+    if objective in ("clip", "cloob"):
+        features = torch.nn.functional.normalize(torch.randn(1, 8, requires_grad=True), dim=-1)
+        assert torch.nn.functional.cross_entropy(features @ features.T * 10, torch.tensor([0])).item() == 0.0
+    overrides = [f"objective={objective}", "trainer.batch_size=1", "eval=none"]
+    if objective == "simclr":
+        overrides.append("augment=simclr")
+    err = _reported(capsys, lambda: run_train(overrides, tmp_path, {"objective": objective}))
+    assert err.startswith(f"error: trainer.batch_size=1 x 1 rank(s) is a global batch of 1: objective={objective}")
+    assert OBJECTIVES.build(objective).min_global_batch == 2
+    assert OBJECTIVES.build("ce").min_global_batch == 1  # a classifier learns from one sample
+
+
+def test_20_10_a_csv_smaller_than_one_batch_is_refused_naming_trainer_batch_size(tmp_path, capsys):
+    csv = SyntheticShapes(num_samples=5).write_csv(tmp_path / "data")
+    err = _reported(capsys, lambda: run_train(["data=csv", f"data.root={csv}", "trainer.batch_size=8"], tmp_path / "r"))
+    assert "5 samples are fewer than one global batch (trainer.batch_size=8 x 1 rank(s))" in err

@@ -321,3 +321,70 @@ def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
         f"a sample of shard {url}, lost with it",
         f"a sample of shard {url}, lost with it",
     ]
+
+
+# -- issue 20, 11: weights that cannot be sampled, and a schema that is no YAML, fail at launch -----------
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ("[inf,1]", r"data.weights\[0\]=inf: a weight must be a finite number > 0"),
+        ("[1e308,1e308]", r"data.weights: the weights \[1e\+308, 1e\+308\] sum past the largest float"),
+        ("[true,1]", r"data.weights=\[True, 1\]: expected a list of float or null"),
+        ("[.inf,1]", r"data.weights=\['.inf', 1\]: expected a list of float or null"),
+    ],
+)
+def test_weights_that_the_sampler_cannot_use_fail_at_launch_naming_the_key(tmp_path, weights, match):
+    from tests.conftest import run_train
+
+    root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=4)
+    overrides = ["data=wds", f'data.root="{root}::{root}"', f"data.weights={weights}", "data.workers=0"]
+    with pytest.raises(Exception, match=match):
+        run_train(overrides, tmp_path / "run")
+
+
+def test_a_schema_with_bad_weights_or_bad_yaml_fails_naming_the_file_and_the_line(tmp_path):
+    root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=1)
+    schema = tmp_path / "blend.yaml"
+    for weight, problem in ((".inf", "=inf"), ("true", "=True")):
+        schema.write_text(f"sources:\n  - name: a\n    root: '{root}'\n    num_samples: 4\n    weight: {weight}\n")
+        with pytest.raises(ValueError, match=rf"data.schema={schema}: sources\[0\] \(a\).weight{problem} \(line 5\)"):
+            BlendedShards(str(schema))
+    two = "".join(f"  - {{name: {n}, root: '{root}', num_samples: 4, weight: 1.0e+308}}\n" for n in "ab")
+    schema.write_text("sources:\n" + two)
+    with pytest.raises(ValueError, match=rf"data.schema={schema}: sources: the weights .* sum past the largest float"):
+        BlendedShards(str(schema))
+    schema.write_text(f"sources:\n  - {{name: a, root: '{root}', num_samples: 4, weight: 1\n  - oops: [\n")
+    with pytest.raises(ValueError, match=rf"^data.schema={schema}: line 3, column \d+: ") as caught:
+        BlendedShards(str(schema))
+    assert "Mark object" not in str(caught.value)
+
+
+# -- issue 20, 12: the shard writer names its own flags, fails when nothing was read, never mixes old shards --
+def test_the_shard_writer_names_its_flags_refuses_an_empty_result_and_old_shards(tmp_path, capsys):
+    def fails(*args: str) -> str:
+        with pytest.raises(SystemExit) as caught:
+            write_shards_main(list(args))
+        assert caught.value.code not in (0, None)
+        return str(caught.value.code)
+
+    assert fails("--source", "csv", "--root", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")) == (
+        f"error: --root={tmp_path / 'nope.csv'}: no such CSV file"
+    )
+    assert fails("--source", "synthetic", "--num-samples", "0", "--out", str(tmp_path / "o")).startswith(
+        "error: --num-samples must be > 0"
+    )
+    assert "data." not in fails("--source", "csv", "--out", str(tmp_path / "o"))  # --root missing
+    (tmp_path / "pairs.csv").write_text("filepath,title\ngone1.png,a\ngone2.png,b\n")
+    message = fails("--source", "csv", "--root", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "empty"))
+    assert message == "error: none of the 2 samples could be read (see the warnings above): no shards written"
+    assert not list((tmp_path / "empty").glob("*"))
+    out = tmp_path / "shards"
+    write_shards_main(["--source", "synthetic", "--num-samples", "6", "--out", str(out), "--shard-size", "2"])
+    assert "already holds 4 shard file(s)" in fails(
+        "--source", "synthetic", "--num-samples", "2", "--out", str(out), "--shard-size", "2"
+    )
+    write_shards_main(
+        ["--source", "synthetic", "--num-samples", "2", "--out", str(out), "--shard-size", "2", "--overwrite"]
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "sizes.json"]
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 2}

@@ -84,3 +84,35 @@ def test_a_ce_fine_tune_from_the_zero_shot_head_interpolates_a_classifier(checkp
     assert rows[0]["synthetic-classifier-top1"] == pytest.approx(zs_metrics["synthetic-zeroshot-top1"], abs=1e-6)
     assert {k: rows[-1][k] for k in ft_metrics} == pytest.approx(ft_metrics, abs=1e-6)
     assert [row["alpha"] for row in rows] == [0, 0.25, 0.5, 0.75, 1]
+
+
+# -- issue 20, 10: extrapolated or overflowing alphas, and NaN weights, are refused rather than scored ---
+def test_alphas_outside_0_1_are_refused_unless_asked_and_non_finite_weights_are_refused(checkpoints, tmp_path):
+    ends = [f"zeroshot={checkpoints['zeroshot'][0]}", f"finetuned={checkpoints['finetuned'][0]}", *EVAL]
+    for alphas in ("[-1,2]", "[1e30]"):
+        with pytest.raises(ValueError, match=r"lie outside \[0, 1\].*extrapolate=true"):
+            wise_ft(compose_wise_ft([*ends, f"alphas={alphas}"]), tmp_path / "a")
+    # Asked for, -1 is evaluated; and weights that come out non-finite are refused, naming the alpha.
+    rows = wise_ft(compose_wise_ft([*ends, "alphas=[-1]", "extrapolate=true"]), tmp_path / "c")
+    assert [row["alpha"] for row in rows] == [-1]
+    broken = torch.load(checkpoints["finetuned"][0], weights_only=True)
+    key = next(k for k, v in broken["state_dict"].items() if v.is_floating_point())
+    broken["state_dict"][key] = torch.full_like(broken["state_dict"][key], float("inf"))
+    torch.save(broken, tmp_path / "inf.pt")
+    ends[1] = f"finetuned={tmp_path / 'inf.pt'}"
+    with pytest.raises(
+        ValueError, match=rf"alphas: alpha=0.5: 1 weight tensor\(s\) hold NaN or infinite values \({key}\)"
+    ):
+        wise_ft(compose_wise_ft([*ends, "alphas=[0.5]"]), tmp_path / "b")
+
+
+def test_evaluate_refuses_a_checkpoint_with_nan_weights_naming_it(checkpoints, tmp_path):
+    from tests.test_evaluate import FAST_EVAL, compose_evaluate
+    from vlhub.evaluate import evaluate
+
+    saved = torch.load(checkpoints["zeroshot"][0], weights_only=True)
+    saved["state_dict"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+    torch.save(saved, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=rf"checkpoint={tmp_path / 'nan.pt'}: \d+ weight tensor\(s\) hold NaN"):
+        evaluate(compose_evaluate([f"checkpoint={tmp_path / 'nan.pt'}", *FAST_EVAL]), tmp_path / "eval")
+    assert not (tmp_path / "eval/results.json").exists()

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from vlhub.augment import build_plain_transforms
-from vlhub.engine.checkpoint import read_checkpoint_file
+from vlhub.engine.checkpoint import read_checkpoint_file, weights_from
 from vlhub.engine.sharded_checkpoint import MARKER as SHARDED_MARKER
 from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.models import VisionLanguageModel
@@ -103,7 +103,8 @@ def build_model(
         # its open_clip-named state_dict exactly.
         node, key = (stored, f"config.model of checkpoint={checkpoint_path}") if model is None else (model, "model")
         built = build_model_from_config(node, key, pretrained=None, image_pretrained=None, text_pretrained=None)
-        built.load_open_clip_state_dict(checkpoint["state_dict"])
+        with weights_from(f"checkpoint={checkpoint_path}"):  # a wrong shape names the file
+            built.load_open_clip_state_dict(checkpoint["state_dict"])
         return built
     if model is None:
         raise ValueError(

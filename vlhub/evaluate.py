@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.engine.checkpoint import weights_from
 from vlhub.errors import ConfigError
 from vlhub.eval.scoring import default_scoring
 from vlhub.eval.wise_ft import PROVENANCE_KEYS
@@ -57,6 +58,17 @@ def require_weights(checkpoint: str | None, pretrained: str | None, allow_random
 PLAIN_KEYS: PlainKeys = {"": [(resolve_device, ""), (require_weights, "")]}
 
 
+def require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Weights with a NaN or an infinity score at chance: refuse them, naming the first such tensor."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ConfigError(
+            f"{what}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}); "
+            "their scores would be meaningless",
+            hint="evaluate an earlier checkpoint of the run (checkpoints/step_<N>.pt)",
+        )
+
+
 def _model_config(cfg: DictConfig, checkpoint: dict | None, model_given: bool, model_choice: str) -> dict | None:
     """The model config to build from: the command line's unless a vlhub checkpoint stores one."""
     given: dict = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
@@ -81,9 +93,11 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     evaluator = instantiate(cfg.eval)  # before the model: a missing dataset folder fails fast
     checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     model = build_model(cfg.checkpoint, _model_config(cfg, checkpoint, model_given, model_choice), checkpoint)
+    require_finite(model.state_dict(), f"checkpoint={cfg.checkpoint}" if cfg.checkpoint else _weights(cfg))
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
+    with weights_from(f"checkpoint={cfg.checkpoint}"):  # a head of the wrong shape names the file
+        objective = build_trained_objective(checkpoint, model) if checkpoint is not None else None
     scoring = objective.scoring(model) if objective is not None else default_scoring(model)
     metrics = evaluator.run(model, eval_transform(model), device, run_dir / "eval", scoring)
     run_info = (checkpoint or {}).get("run_info", {})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import inspect
+import logging
 import os
 import sys
 import traceback
@@ -147,6 +148,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arm) for arm in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if typing.get_origin(hint) in (list, collections.abc.Sequence) and typing.get_args(hint):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"  # not just "list": the items are wrong
     return getattr(hint, "__name__", None) or str(hint)
 
 
@@ -181,6 +184,22 @@ def describe_error(error: BaseException) -> tuple[str, str]:
     if isinstance(error, FileNotFoundError):
         return line, "check the path (a relative path is read from the folder the command runs in)"
     return line, "fix the key named above; --help lists every group's options (HYDRA_FULL_ERROR=1: the traceback)"
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's log file (``hydra.job_logging.handlers.file``): a run folder where it cannot be
+    written ends the launch with one line, not Hydra's "Unable to configure handler 'file'"
+    (SystemExit passes through ``logging.config`` and Hydra, which catch Exception)."""
+
+    def __init__(self, filename: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(filename, *args, **kwargs)
+        except OSError as error:
+            raise SystemExit(
+                f"error: the run folder {Path(filename).parent} is not writable: its log {filename} cannot be "
+                f"opened ({error.strerror or error})\nhint: fix its permissions, or use another run folder "
+                "(run.name=... or hydra.run.dir=...)"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -28,9 +28,11 @@ from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_str
 from vlhub.engine.loggers import format_metrics_table
 from vlhub.engine.parallel import ParallelStrategy, build_parallel
 from vlhub.engine.preemption import Preemption
-from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub_hydra_files
-from vlhub.engine.run_folder import open_run, remove_failed_launch
+from vlhub.engine.remote import open_remote
+from vlhub.engine.run_folder import holds_only_launch_files, open_run, remove_failed_launch
+from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files
 from vlhub.engine.step import GradientStrategy
+from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
 from vlhub.objectives import IncompatibleObjective, Objective
@@ -113,21 +115,23 @@ def train(
     overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
     ``preemption``, installed, stops the trainer at a step boundary on its signals (with a checkpoint).
     """
-    check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
-    settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    check_device(settings["device"], "trainer.device")
-    dist_info = get_dist_info(settings.pop("device"))
-    init_distributed(dist_info)
-    run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
-    if dist_info.is_main:
-        log.info("run folder: %s", run_dir.resolve())
-    config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
-    if dist_info.is_main:
-        scrub_hydra_files(run_dir)
-    # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
-    # A launch that fails before a training step leaves no run folder behind (Hydra made it).
-    start, trainer, remote = None, None, None
+    # A launch that fails before a training step leaves no run folder behind when Hydra made it for
+    # this launch (removed under the run's lock: a launch that lost the folder to another removes nothing).
+    main, created = get_dist_info("cpu").is_main, holds_only_launch_files(run_dir)
+    if main:
+        scrub_hydra_files(run_dir)  # Hydra wrote the overrides before vlhub ran: no credentials there
+    start, trainer, remote, stale_after_s = None, None, None, float(cfg.checkpoint.get("lock_stale_after_s", 120))
     try:
+        check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
+        settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+        check_device(settings["device"], "trainer.device")
+        dist_info = get_dist_info(settings.pop("device"))
+        init_distributed(dist_info)
+        run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
+        if dist_info.is_main:
+            log.info("run folder: %s", run_dir.resolve())
+        config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
+        # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
         gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
         parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
         checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
@@ -160,8 +164,9 @@ def train(
             log.info("run folder: %s", run_dir.resolve())
         return metrics
     except BaseException:
-        if dist_info.is_main and (start is None or start.step == 0):
-            remove_failed_launch(run_dir, trained=trainer is not None and trainer.step > 0)
+        trained = trainer is not None and trainer.step > 0
+        if main and (start is None or start.step == 0) and not trained:
+            remove_failed_launch(run_dir, created, start.lock if start else None, stale_after_s)
         raise
     finally:
         if remote is not None:
@@ -198,6 +203,13 @@ def build_trainer(
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
+    global_batch = settings["batch_size"] * dist_info.world_size
+    if 0 < global_batch < objective.min_global_batch:  # (<= 0: the trainer names the key)
+        raise ConfigError(
+            f"trainer.batch_size={settings['batch_size']} x {dist_info.world_size} rank(s) is a global batch of "
+            f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
+            f"of the batch and needs at least {objective.min_global_batch} (raise trainer.batch_size)"
+        )
     transforms = instantiate(cfg.augment)(model.image_stats)  # the base view: every image-text term's images
     try:  # the extra views of self-supervised terms; the builders' errors name augment.*, so say which group
         views = instantiate(cfg.augment_views)(model.image_stats)
@@ -216,6 +228,7 @@ def build_trainer(
             wandb_mode=cfg.logger.wandb.mode,
             run_name=cfg.run.name,
             config=config,
+            before_write=checkpointer.before_write,  # stops once another launch took the run's lock over
         )
     # This rank's batches from a given step on: what the trainer needs to know of the data.
     # The source builds its own loader (map-style slots or a shard stream).

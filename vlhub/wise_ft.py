@@ -26,24 +26,30 @@ from omegaconf import DictConfig, OmegaConf
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.eval.scoring import default_scoring
 from vlhub.eval.wise_ft import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
-from vlhub.evaluate import resolve_device
+from vlhub.evaluate import require_finite, resolve_device
 from vlhub.launch import errors_reported
 from vlhub.objectives import Objective, build_objective
 
 log = logging.getLogger("vlhub.wise_ft")
 
 
-def _alphas(values: Any) -> list[int | float]:
+def _alphas(values: Any, extrapolate: bool = False) -> list[int | float]:
     alphas = list(values) if isinstance(values, list | tuple) or OmegaConf.is_list(values) else [values]
     bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a)]
     if not alphas or bad:
         raise ValueError(f"alphas must be a non-empty list of numbers, e.g. 'alphas=[0,0.5,1]'; got {values}")
+    outside = [a for a in alphas if not 0 <= a <= 1]
+    if outside and not extrapolate:
+        raise ValueError(
+            f"alphas={list(alphas)}: {outside} lie outside [0, 1], beyond the two checkpoints (extrapolation); "
+            "pass extrapolate=true to evaluate them anyway"
+        )
     return alphas
 
 
 def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Check both checkpoints and the tasks, then evaluate every alpha; returns one row per alpha."""
-    alphas = _alphas(cfg.alphas)
+    alphas = _alphas(cfg.alphas, bool(cfg.get("extrapolate", False)))
     evaluator = instantiate(cfg.eval)  # before the models: a missing dataset folder fails fast
     id_tasks = list(cfg.wise_ft.id_tasks)
     unknown = sorted(set(id_tasks) - set(evaluator.tasks))
@@ -60,7 +66,9 @@ def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     _check_same_architecture(cfg, zeroshot, finetuned, configs)
     rows = []
     for alpha in alphas:
-        model.load_open_clip_state_dict(interpolate(zeroshot["state_dict"], finetuned["state_dict"], alpha))
+        weights = interpolate(zeroshot["state_dict"], finetuned["state_dict"], alpha)
+        require_finite(weights, f"alphas: alpha={alpha}")  # an extrapolation can overflow
+        model.load_open_clip_state_dict(weights)
         if objective is not None:
             objective.load_state_dict(interpolate(zeroshot["objective"], finetuned["objective"], alpha))
         scoring = objective.scoring(model) if objective is not None else default_scoring(model)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from vlhub.data.batch import BadSample, RawSample
-from vlhub.data.images import DEFAULT_MAX_PIXELS, open_image
+from vlhub.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, open_image
 from vlhub.data.sources import PairSource
 from vlhub.registry import DATASETS
 
@@ -23,12 +25,32 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
-def read_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An RGB image (see :func:`~vlhub.data.images.open_image`), or ``BadSample`` naming ``path``."""
+def read_image(
+    path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_BYTES
+) -> Image.Image:
+    """An RGB image (see :func:`~vlhub.data.images.open_image`), or ``BadSample`` naming ``path``.
+
+    Only a regular file is read, and at most ``max_bytes`` of it (``data.max_image_bytes``): a row
+    naming ``/dev/zero``, a FIFO or a folder, or a path with a NUL byte, is one bad sample with its
+    reason, never a hang or an out-of-memory. The file is opened without blocking (a FIFO would
+    wait for a writer) and checked through its open handle (nothing can swap it in between)."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError) as error:  # missing, no permission, a NUL byte in the path
+        raise BadSample(f"unreadable image {str(path)!r}: {error}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSample(f"image {path} is not a regular file (mode {stat.filemode(info.st_mode)}): not read")
+        limit = -1 if max_bytes is None else max_bytes + 1
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit)
     except OSError as error:
         raise BadSample(f"unreadable image {path}: {error}") from error
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BadSample(f"image {path} is over data.max_image_bytes={max_bytes} bytes")
     return open_image(data, f"image {path}", max_pixels)
 
 
@@ -138,7 +160,7 @@ class CsvPairs(PairSource):
         caption = self.captions[index].strip()
         if not caption:
             raise BadSample(f"empty caption for {self.image_paths[index]}")
-        image = read_image(self.image_paths[index], self.max_image_pixels)
+        image = read_image(self.image_paths[index], self.max_image_pixels, self.max_image_bytes)
         return RawSample(image=image, caption=caption, label=self.labels[index] if self.labels else -1)
 
 
@@ -199,4 +221,6 @@ class ImageFolderPairs(PairSource):
     def load(self, index: int) -> RawSample:
         path, label = self.samples[index]
         caption = self.caption_template.format(self.class_names[label])
-        return RawSample(image=read_image(path, self.max_image_pixels), caption=caption, label=label)
+        return RawSample(
+            image=read_image(path, self.max_image_pixels, self.max_image_bytes), caption=caption, label=label
+        )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from vlhub.data.batch import BadSample
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS
+DEFAULT_MAX_BYTES = 512 * 2**20  # a file over 512 MiB is no training image (and would be read whole)
 # What PIL raises for pixels it cannot decode. A JPEG from open_image is decoded later, by the
 # transform, so whoever applies the transform catches these too (a JPEG corrupt past its header).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError)
@@ -32,6 +34,20 @@ def open_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXE
             raise BadSample(f"{name} is {image.width}x{image.height} pixels, over data.max_image_pixels={max_pixels}")
         if image.format == "JPEG" and image.mode == "RGB":
             return image
+        if image.mode.startswith("I") or image.mode == "F":
+            return _wide_grey_to_rgb(image)
         return image.convert("RGB")
     except (*DECODE_ERRORS, Image.DecompressionBombError) as error:
         raise BadSample(f"unreadable {name}: {error}") from error
+
+
+def _wide_grey_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale (PNG ``I;16``, TIFF ``I;16``/``I``/``F``), which ``convert("RGB")``
+    clips to white or black, by a stated rule: integers are 16-bit, value / 257 (0..65535 -> 0..255,
+    clipped to that range); floats are clipped to [0, 1] x 255 (NaN -> 0); both rounded to nearest."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255.0
+    else:
+        values = np.clip(values, 0.0, 65535.0) / 257.0
+    return Image.fromarray(np.rint(values).astype(np.uint8)).convert("RGB")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample, RawSample, check_bad_input_keys
 from vlhub.data.captions import CaptionPipeline
-from vlhub.data.images import DEFAULT_MAX_PIXELS
+from vlhub.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from vlhub.data.loader import ImageTransform, Tokenizer, build_train_loader
 
 
@@ -23,7 +23,8 @@ class PairSource(Dataset):
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
     ``workers`` and the bad-input keys (``max_bad_fraction``, ``bad_fraction_min_samples``,
     ``max_empty_batches``: see :class:`~vlhub.data.batch.BadSampleMonitor`; ``max_image_pixels``:
-    see :func:`~vlhub.data.images.open_image`) say how the training stream reads it; ``val`` is an
+    see :func:`~vlhub.data.images.open_image`; ``max_image_bytes``: see
+    :func:`~vlhub.data.files.read_image`) say how the training stream reads it; ``val`` is an
     optional source of held-out pairs that travels with it (``data.val``), evaluated with
     open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
     ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
@@ -41,6 +42,7 @@ class PairSource(Dataset):
         bad_fraction_min_samples: int = 500,
         max_empty_batches: int = 20,
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int | None = DEFAULT_MAX_BYTES,
         **captions: Any,
     ) -> None:
         if workers < 0:
@@ -50,6 +52,9 @@ class PairSource(Dataset):
         self.val = val
         self.max_bad_fraction, self.bad_fraction_min_samples = max_bad_fraction, bad_fraction_min_samples
         self.max_empty_batches, self.max_image_pixels = max_empty_batches, max_image_pixels
+        if max_image_bytes is not None and max_image_bytes <= 0:
+            raise ValueError(f"data.max_image_bytes must be > 0 or null, got {max_image_bytes}")
+        self.max_image_bytes = max_image_bytes  # image files are read up to this size (vlhub.data.files)
         self.caption_pipeline = CaptionPipeline(**captions)
 
     @property
@@ -88,7 +93,14 @@ class PairSource(Dataset):
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
         (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views
-        of each image, the base view from ``image_transform``, the rest from ``view_transform``."""
+        of each image, the base view from ``image_transform``, the rest from ``view_transform``. A
+        source smaller than one global batch is refused: its batches would repeat samples, each its
+        own negative."""
+        if len(self) < batch_size * world_size:
+            raise ValueError(
+                f"data: {len(self)} samples are fewer than one global batch (trainer.batch_size={batch_size} x "
+                f"{world_size} rank(s)): a batch would hold a sample twice; lower trainer.batch_size or add data"
+            )
         return build_train_loader(
             self,
             image_transform,

@@ -8,6 +8,7 @@ shards). They are read by the stream of ``vlhub.data.stream``; see there for the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,7 @@ class WebDatasetPairs(ShardSource):
                     f"data.weights has {len(weights)} entries for {len(patterns)} sources in data.root "
                     "(joined by '::'): give one weight per source"
                 )
-            for i, weight in enumerate(weights):
-                if not weight > 0:
-                    raise ValueError(f"data.weights[{i}]={weight}: weights must be > 0")
+            check_weights(weights, [f"data.weights[{i}]" for i in range(len(weights))], "data.weights")
             sets = [
                 _with_sizes(f"data.root source {i + 1}", group, float(w))
                 for i, (group, w) in enumerate(zip(urls, weights, strict=True))
@@ -166,12 +165,46 @@ class WebDatasetPairs(ShardSource):
         super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
 
 
+def check_weights(weights: list[Any], keys: list[str], total_key: str, line: int | None = None) -> None:
+    """Each weight a finite number > 0 (not a boolean), and their sum finite: else the sampler
+    fails later, in a loader worker, naming nothing the user set. ``line``: where a schema gave it."""
+    for weight, key in zip(weights, keys, strict=True):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            at = f" (line {line})" if line else ""
+            raise ValueError(f"{key}={weight!r}{at}: a weight must be a finite number > 0")
+    if not math.isfinite(sum(float(w) for w in weights)):  # (fsum raises on the overflow instead)
+        raise ValueError(f"{total_key}: the weights {weights} sum past the largest float; scale them down")
+
+
+def _schema_lines(text: str) -> list[dict[str, int]]:
+    """For each entry under ``sources:``, the 1-based line of each of its keys (for the messages)."""
+    root = yaml.compose(text)
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if key.value == "sources" and isinstance(value, yaml.SequenceNode):
+            return [
+                {k.value: k.start_mark.line + 1 for k, _ in entry.value} if isinstance(entry, yaml.MappingNode) else {}
+                for entry in value.value
+            ]
+    return []
+
+
 def read_schema(path: str) -> list[ShardSet]:
     """``sources: [{name, root, num_samples, weight}, ...]`` -> checked shard sets."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"data.schema={path}: no such file")
-    document = yaml.safe_load(file.read_text()) or {}
+    try:
+        text = file.read_text()
+        document, lines = yaml.safe_load(text) or {}, _schema_lines(text)
+    except yaml.YAMLError as error:  # its text carries the line and column, its repr only an object
+        mark = getattr(error, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "not YAML"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"data.schema={path}: {at}: {problem}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"data.schema={path}: not UTF-8 text ({error})") from None
     entries = document.get("sources") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"data.schema={path}: expected a non-empty list under 'sources:'")
@@ -187,12 +220,13 @@ def read_schema(path: str) -> list[ShardSet]:
         if unknown:
             raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SCHEMA_KEYS)}")
         name, weight, count = str(entry["name"]), entry["weight"], entry["num_samples"]
-        if not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{where} ({name}).weight={weight!r}: must be a number > 0")
+        line = lines[i].get("weight") if i < len(lines) else None
+        check_weights([weight], [f"{where} ({name}).weight"], "", line)
         if not isinstance(count, int) or count <= 0:
             raise ValueError(f"{where} ({name}).num_samples={count!r}: must be an integer > 0")
         urls = expand_shards(str(entry["root"]), f"{where} ({name}).root")
         sets.append(ShardSet(name, urls, float(weight), count, shard_sizes(urls)))
+    check_weights([s.weight for s in sets], [f"{s.name}.weight" for s in sets], f"data.schema={path}: sources")
     return sets
 
 

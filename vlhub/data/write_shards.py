@@ -46,14 +46,24 @@ def write_shards(
     image_format: str = "jpg",
     quality: int = 95,
     with_labels: bool = True,
+    overwrite: bool = False,
 ) -> tuple[list[Path], int]:
-    """Write ``samples`` into shards of ``shard_size``; returns (shard paths, samples skipped)."""
+    """Write ``samples`` into shards of ``shard_size``; returns (shard paths, samples skipped).
+    ``out`` must hold no shards yet (``overwrite``: its ``shard-*.tar`` and ``sizes.json`` are removed)."""
     if shard_size <= 0:
         raise ValueError(f"--shard-size must be > 0, got {shard_size}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"--format must be jpg or png, got {image_format!r}")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    old = sorted(folder.glob("shard-*.tar")) + sorted(folder.glob("sizes.json"))
+    if old and not overwrite:  # new shards beside old ones, and a sizes.json listing only the new
+        raise ValueError(
+            f"--out {folder} already holds {len(old)} shard file(s) ({old[0].name}, ...): use an empty folder, "
+            "or --overwrite to remove them first"
+        )
+    for path in old:
+        path.unlink()
     paths: list[Path] = []
     sizes: dict[str, int] = {}
     writer, written, skipped = None, 0, 0
@@ -79,6 +89,8 @@ def write_shards(
     finally:
         if writer is not None:
             writer.close()
+    if written == 0:
+        raise ValueError(f"none of the {skipped} samples could be read (see the warnings above): no shards written")
     (folder / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     return paths, skipped
 
@@ -91,11 +103,31 @@ def read_all(source: PairSource) -> Iterable[RawSample | BadSample]:
             yield bad
 
 
+# The sources name their training config keys; this command's user gave its flags.
+FLAGS = {
+    "data.root": "--root",
+    "data.num_samples": "--num-samples",
+    "data.image_size": "--image-size",
+    "data.image_key": "--image-key",
+    "data.caption_key": "--caption-key",
+    "data.label_key": "--label-key",
+    "data.separator": "--separator",
+    "data.caption_template": "--caption-template",
+}
+
+
+def as_flags(message: str) -> str:
+    """A source's message with its config keys (``data.root``) replaced by this command's flags."""
+    for key in sorted(FLAGS, key=len, reverse=True):
+        message = message.replace(key, FLAGS[key])
+    return message
+
+
 def build_source(args: argparse.Namespace) -> PairSource:
     if args.source == "synthetic":
         return SyntheticShapes(num_samples=args.num_samples, seed=args.seed, image_size=args.image_size)
     if args.root is None:
-        raise SystemExit(f"--source {args.source} needs --root")
+        raise ValueError(f"--source {args.source} needs --root")
     if args.source == "csv":
         return CsvPairs(args.root, args.image_key, args.caption_key, args.label_key, args.separator)
     return ImageFolderPairs(args.root, args.caption_template)
@@ -117,10 +149,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--label-key", default=None, help="csv: integer label column (written as .cls)")
     parser.add_argument("--separator", default=",", help="csv: separator")
     parser.add_argument("--caption-template", default="a photo of a {}.", help="imagefolder: caption template")
+    parser.add_argument("--overwrite", action="store_true", help="remove the shards already in --out first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    source = build_source(args)
-    paths, skipped = write_shards(read_all(source), args.out, args.shard_size, args.format, args.quality)
+    try:  # a mistake is one line naming the flag, exit code 1
+        source = build_source(args)
+        samples = read_all(source)
+        paths, skipped = write_shards(
+            samples, args.out, args.shard_size, args.format, args.quality, True, args.overwrite
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {as_flags(str(error))}") from None
     total = len(source) - skipped
     spec = f"{Path(args.out).resolve()}/shard-{{000000..{len(paths) - 1:06d}}}.tar"
     print(f"wrote {total} samples in {len(paths)} shards to {args.out} ({skipped} unreadable samples skipped)")

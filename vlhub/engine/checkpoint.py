@@ -16,13 +16,15 @@ directory together.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,17 @@ import torch
 from torch import nn
 
 from vlhub.engine.sharded_checkpoint import MARKER, SHARDED_DIR, TRAINER_STATE, is_sharded_dir, write_sharded
+from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 LATEST = "latest.pt"
+MISMATCH = ("size mismatch", "Missing key", "Unexpected key")  # how torch's load_state_dict says it
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read (truncated, or not a file ``torch.save`` wrote)."""
+class CheckpointError(ConfigError, RuntimeError):
+    """A checkpoint file that cannot be read (truncated, or not a file ``torch.save`` wrote), or
+    written (no space left): one line naming the key or the file, no traceback (``vlhub.launch``)."""
 
 
 def read_checkpoint_file(path: str | Path, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
@@ -85,6 +90,21 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached))
 
 
+@contextlib.contextmanager
+def weights_from(where: str) -> Iterator[None]:
+    """Loading the weights of ``where`` (``checkpoint.resume=PATH``): a tensor of another shape, or a
+    missing or extra one, fails naming the file and the tensor (torch names only the tensor)."""
+    try:
+        yield
+    except (RuntimeError, KeyError) as error:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        found = [line for line in lines if line.startswith(MISMATCH) or "does not match this model" in line]
+        if isinstance(error, CheckpointError) or not found:
+            raise
+        raise CheckpointError(f"{where} does not fit this model: {found[0]}") from None
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +115,24 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _no_space(error):  # torch says "enforce fail at inline_container.cc"; the cause is chained
+            raise CheckpointError(
+                f"no space left on device writing the checkpoint {path} (nothing of it was kept; the previous "
+                "checkpoints are whole): free space, or lower checkpoint.keep, and resume"
+            ) from error
         raise
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` or an error in its chain is a full disk or quota."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _link_atomic(source: Path, target: Path) -> None:
@@ -128,6 +163,7 @@ class Checkpointer:
         remote_options: dict[str, Any] | None = None,
         remote_retries: int = 5,
         remote_backoff_s: float = 1.0,
+        lock_stale_after_s: float = 120.0,
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
@@ -141,11 +177,30 @@ class Checkpointer:
         self.move_aside, self.allow_config_change = move_aside, allow_config_change
         self.run_id: str | None = None
         self.resume_checkpoint: dict[str, Any] | None = None  # chosen when the run opens
+        self.resume_from = "checkpoint.resume"  # ``KEY=PATH`` of that choice, for the messages
         self.opened = False
         # checkpoint.remote (engine/remote.py): read by train.py; after_save(step, path) queues an upload.
         self.remote, self.remote_options = remote, dict(remote_options or {})
         self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
         self.after_save: Callable[[int, Path], None] | None = None
+        # The run folder's lock (engine/run_lock.py): stale after this long; before_write raises once
+        # another launch took it over, so a run that lost its folder stops instead of writing into it.
+        self.lock_stale_after_s = lock_stale_after_s
+        self.before_write: Callable[[], None] | None = None
+
+    def check_writable(self) -> None:
+        """At launch: an existing checkpoint folder that cannot be written fails now, not at the
+        first checkpoint (a missing one is made in the run folder, which the launch already wrote)."""
+        if not self.folder.is_dir():
+            return
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".write-probe.", suffix=".tmp"):
+                pass
+        except OSError as error:
+            raise CheckpointError(
+                f"the checkpoint folder {self.folder} is not writable ({error.strerror or error}): fix its "
+                "permissions, or use another run folder (run.name=... or hydra.run.dir=...)"
+            ) from None
 
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -177,6 +232,8 @@ class Checkpointer:
         return sorted(found, key=lambda item: (item[0], item[1].is_dir(), item[1].name != LATEST), reverse=True)
 
     def save(self, payload: dict[str, Any]) -> Path:
+        if self.before_write is not None:
+            self.before_write()
         path = self.folder / f"step_{payload['step']}.pt"
         save_atomic({**payload, "run_id": self.run_id}, path)
         _link_atomic(path, self.folder / LATEST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ class MetricLogger:
         wandb_mode: str = "online",
         run_name: str | None = None,
         config: dict | None = None,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
-        self.run_dir = run_dir
+        self.run_dir, self.before_write = run_dir, before_write  # raises once the run lost its folder
         run_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = run_dir / "results.jsonl"
         self._tensorboard = None
@@ -67,6 +69,8 @@ class MetricLogger:
 
     def log_results(self, record: dict[str, Any]) -> None:
         """One flat JSON object per evaluation (SPEC section 6)."""
+        if self.before_write is not None:
+            self.before_write()
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.results_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")

@@ -17,7 +17,7 @@ small write, so an unreachable or read-only remote fails before anything trains.
 
 Endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ...) or ``checkpoint.remote_options`` (keyword arguments of the fsspec filesystem), never from
-the URL; ``mask_secrets`` hides the options' values wherever the config is stored or logged.
+the URL; ``engine/secrets.py`` hides the options' values wherever the config is stored or logged.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import queue
 import re
 import shutil
@@ -39,64 +40,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
-import yaml
 
 from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
+from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files  # noqa: F401 (their first home)
 from vlhub.errors import ConfigError
 
 log = logging.getLogger(__name__)
 POINTER = "latest.json"
+REMOTE_CHECKPOINT = re.compile(r"^checkpoints/step_\d+\.pt$")  # the only form a pointer may name
 STAGING = ".remote_upload"
 LOGS = ("results.jsonl", "run.json", "config.yaml")  # with every file under tensorboard/
-MASK = "***"
-SECRET_OVERRIDE = re.compile(r"(checkpoint\.remote_options[\w.]*=)(\{[^}]*\}|[^,\s]*)")
 
 
 class RemoteError(ConfigError):
     """The remote cannot be used (unreachable, not writable, credentials in the URL, another run's),
     or the run's last checkpoint never reached it: one line naming ``checkpoint.remote``."""
-
-
-# -- keeping credentials out of configs, logs and results ------------------------------------------
-def _mask_values(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _mask_values(item) for key, item in value.items()}
-    return MASK if value not in (None, "") else value
-
-
-def mask_secrets(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the composed config with every value under ``checkpoint.remote_options`` masked."""
-    checkpoint = config.get("checkpoint")
-    if not isinstance(checkpoint, dict) or not checkpoint.get("remote_options"):
-        return config
-    return {**config, "checkpoint": {**checkpoint, "remote_options": _mask_values(checkpoint["remote_options"])}}
-
-
-def mask_overrides(overrides: list[str]) -> list[str]:
-    """Command-line overrides with the value of any ``checkpoint.remote_options`` one masked."""
-    return [_mask_text(override) for override in overrides]
-
-
-def _mask_text(text: str) -> str:
-    """``checkpoint.remote_options...=VALUE`` (a word, or a ``{...}`` dict) -> ``...=***``, anywhere in text
-    (Hydra also joins the overrides into ``hydra.job.override_dirname``)."""
-    return SECRET_OVERRIDE.sub(lambda m: f"{m.group(1)}{MASK}", text)
-
-
-def _scrub(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _mask_values(v) if k == "remote_options" else _scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(item) for item in value]
-    return _mask_text(value) if isinstance(value, str) else value
-
-
-def scrub_hydra_files(run_dir: Path) -> None:
-    """Hydra wrote the launch's config and overrides into ``.hydra/`` before vlhub ran: mask them."""
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        path = run_dir / ".hydra" / name
-        if path.is_file() and "remote_options" in path.read_text():
-            path.write_text(yaml.safe_dump(_scrub(yaml.safe_load(path.read_text())), sort_keys=False))
 
 
 # -- the remote store ----------------------------------------------------------------------------
@@ -122,6 +80,26 @@ class RemoteStore:
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
 
+    def inside(self, relative: str) -> str:
+        """The full path of ``relative``, refused unless it stays under the prefix once ``..`` and, on a
+        local or mounted folder, symlinks are resolved: nothing read from the remote points elsewhere."""
+        full = posixpath.normpath(self.path(relative))
+        if relative.startswith("/") or not full.startswith(f"{self.root}/"):
+            raise RemoteError(f"checkpoint.remote={self.url}: {relative!r} leads outside the remote prefix: refused")
+        if self.local:
+            real, root = os.path.realpath(full), os.path.realpath(self.root)
+            if not real.startswith(f"{root}{os.sep}"):
+                raise RemoteError(
+                    f"checkpoint.remote={self.url}: {relative!r} is a link to {real}, outside the remote prefix: "
+                    "refused"
+                )
+        return full
+
+    @property
+    def local(self) -> bool:
+        """A local or mounted folder (file://), where a path can be a symlink."""
+        return "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol)
+
     def probe(self) -> None:
         """A small write and delete under the prefix: fails at launch, not after the first checkpoint."""
         target = self.path(f".vlhub-probe-{uuid.uuid4().hex}")
@@ -137,7 +115,7 @@ class RemoteStore:
     def read_pointer(self) -> dict[str, Any] | None:
         try:
             self.fs.invalidate_cache()
-            pointer = json.loads(self.fs.cat_file(self.path(POINTER)))
+            pointer = json.loads(self.fs.cat_file(self.inside(POINTER)))
         except FileNotFoundError:
             return None
         except ValueError as error:
@@ -170,7 +148,7 @@ class RemoteStore:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.download.tmp")
         try:
-            self.fs.get_file(self.path(relative), str(tmp))
+            self.fs.get_file(self.inside(relative), str(tmp))
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
@@ -200,6 +178,11 @@ def restore_from_remote(store: RemoteStore, run_dir: Path, checkpoint_dir: Path,
             "use another checkpoint.remote prefix for this run"
         )
     relative = str(pointer["path"])
+    if not REMOTE_CHECKPOINT.match(relative):
+        raise RemoteError(
+            f"checkpoint.remote={store.url}: {POINTER} names {relative!r}, not a checkpoint of the form "
+            "checkpoints/step_<N>.pt under the prefix: refused (point checkpoint.remote elsewhere, or fix the pointer)"
+        )
     log.info("restoring step %s from %s/%s", pointer.get("step"), store.url, relative)
     local = checkpoint_dir / Path(relative).name
     store.get(relative, local)

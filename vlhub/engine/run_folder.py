@@ -1,6 +1,6 @@
 """A run folder holds one run: its identity, its lock, its record, and what a killed run left.
 
-At launch rank 0 locks the folder (``run.lock``: host, pid, SLURM job id, a heartbeat), removes
+At launch rank 0 locks the folder (``run.lock``, ``engine/run_lock.py``), removes
 the temporary files of a killed write, and decides what this start is: a fresh run (a new run
 id) or the continuation of the run the folder holds (``run.json``, which also lists each launch's
 code revision, torch release, device and number of ranks). Checkpoints carry the run id,
@@ -18,11 +18,7 @@ import datetime
 import fnmatch
 import json
 import logging
-import os
 import shutil
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +30,10 @@ import yaml
 from vlhub.distributed import DistInfo, broadcast_object
 from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
 from vlhub.engine.environment import launch_environment
+from vlhub.engine.run_lock import LOCK, STALE_AFTER_S, RunFolderError, RunLock
 
 log = logging.getLogger(__name__)
-LOCK, IDENTITY, RECORD, RESULTS = "run.lock", "run.json", "config.yaml", "results.jsonl"
-STALE_AFTER_S, HEARTBEAT_S = 120.0, 30.0
+IDENTITY, RECORD, RESULTS = "run.json", "config.yaml", "results.jsonl"
 # Keys a resumed run may change without asking (the number of ranks is not in the config).
 ALLOWED_ON_RESUME = (
     "trainer.max_steps",
@@ -52,111 +48,6 @@ ALLOWED_ON_RESUME = (
     "hydra.*",
     "run.name",  # only names the folder
 )
-
-
-class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked (locked, another run's files, a changed config)."""
-
-
-# -- the lock -----------------------------------------------------------------------------------
-def _holder_text(holder: dict[str, Any]) -> str:
-    age = time.time() - float(holder.get("heartbeat", 0))
-    job = holder.get("slurm_job_id") or "none"
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM job {job}, heartbeat {age:.0f}s ago"
-
-
-def _stale_reason(holder: dict[str, Any]) -> str | None:
-    """Why a lock no longer protects a live run, or None while it does."""
-    if time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S:
-        return f"its heartbeat is older than {STALE_AFTER_S:.0f}s"
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and holder.get("slurm_job_id") == job:
-        return f"it carries this SLURM job's own id {job} (a requeued job)"
-    if holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return "its process is gone"
-        except (OSError, ValueError, KeyError):
-            pass
-    return None
-
-
-class RunLock:
-    """Rank 0's lock on a run folder for the run's life, refreshed by a daemon thread."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.token = path, uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="vlhub-run-lock", daemon=True)
-
-    def _payload(self) -> dict[str, Any]:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "token": self.token,
-            "heartbeat": time.time(),
-        }
-
-    @classmethod
-    def acquire(cls, path: Path) -> RunLock:
-        """Take the lock, taking over a stale one; a live holder fails at once, named."""
-        lock = cls(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = lock._read()
-                if holder is None:  # being written right now, or torn: look again shortly
-                    time.sleep(0.2)
-                    if lock._read() is None and time.time() - path.stat().st_mtime > STALE_AFTER_S:
-                        path.unlink(missing_ok=True)
-                    continue
-                reason = _stale_reason(holder)
-                if reason is None:
-                    raise RunFolderError(
-                        f"run folder {path.parent} is in use by another run ({_holder_text(holder)}): "
-                        f"wait for it to end or use another folder (run.name=... or hydra.run.dir=...); "
-                        f"its lock {path} is taken over once the heartbeat is {STALE_AFTER_S:.0f}s old"
-                    ) from None
-                log.warning("taking over the lock %s of %s: %s", path, _holder_text(holder), reason)
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(lock._payload(), handle)
-            lock._thread.start()
-            return lock
-        raise RunFolderError(f"could not take the lock {path}: other launches keep replacing it")
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def refresh(self) -> bool:
-        """Rewrite the heartbeat while the lock is still ours; False once it was taken over."""
-        holder = self._read()
-        if holder is None or holder.get("token") != self.token:
-            return False
-        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
-        tmp.write_text(json.dumps(self._payload()))
-        os.replace(tmp, self.path)
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            if not self.refresh():
-                log.warning("the run lock %s was taken over by another launch", self.path)
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        holder = self._read()
-        if holder is not None and holder.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
 
 
 # -- the config record ----------------------------------------------------------------------------
@@ -253,18 +144,35 @@ def move_aside(run_dir: Path, files: list[Path] | None = None) -> Path:
     return target
 
 
-def remove_failed_launch(run_dir: Path, trained: bool = False) -> None:
-    """A Hydra run folder where nothing trained (only ``.hydra/``, logs, and what the launch wrote)
-    is removed when the launch fails, so it does not look like a run."""
-    if trained or not (run_dir / ".hydra").is_dir():
+def holds_only_launch_files(run_dir: Path) -> bool:
+    """Only what Hydra writes at launch (``.hydra/`` and logs) is there: this launch made the folder."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def remove_failed_launch(
+    run_dir: Path, created: bool, lock: RunLock | None = None, stale_after_s: float = STALE_AFTER_S
+) -> None:
+    """A run folder this launch made (``created``: see :func:`holds_only_launch_files`) where nothing
+    trained is removed when the launch fails, so it does not look like a run; only under this launch's
+    lock (``lock``, or taken now), so a launch that lost the race for the folder removes nothing."""
+    if not created or not (run_dir / ".hydra").is_dir():
         return
-    launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints"}
-    for path in run_dir.iterdir():
-        if path.name == "checkpoints" and path.is_dir() and not any(path.iterdir()):
-            continue
-        if path.name not in launch_only - {"checkpoints"} and path.suffix != ".log":
-            return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if lock is None or not lock.holds():
+        try:
+            lock = RunLock.acquire(run_dir / LOCK, stale_after_s)
+        except (RunFolderError, OSError):
+            return  # another launch holds the folder: its files are not ours
+    lock._stop.set()  # the folder and its lock go together
+    try:
+        launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints", "tensorboard"}
+        for path in run_dir.iterdir():
+            if path.name == "checkpoints" and path.is_dir() and not any(path.iterdir()):
+                continue
+            if path.name not in launch_only - {"checkpoints"} and path.suffix != ".log":
+                return
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def _foreign_message(run_dir: Path, foreign: list[tuple[int, Path, str | None]], why: str) -> str:
@@ -357,10 +265,12 @@ def open_run(
     rank 0 under the lock (``checkpoint.remote`` restores an empty folder there)."""
     start, error = None, None
     if dist_info.is_main:
-        lock = RunLock.acquire(run_dir / LOCK)
+        lock = RunLock.acquire(run_dir / LOCK, checkpointer.lock_stale_after_s)
+        checkpointer.before_write = lock.check  # a run whose lock was taken over writes nothing more
         try:
             if before_decide is not None:
                 before_decide()
+            checkpointer.check_writable()
             start = _decide(run_dir, checkpointer, config)
             start.lock = lock
             if not start.finished:
@@ -382,4 +292,5 @@ def open_run(
     if start.checkpoint_path is not None and not start.finished:
         key = "checkpoint.resume" if checkpointer.resume not in (None, "auto") else "checkpoint"
         checkpointer.resume_checkpoint = read_checkpoint_file(start.checkpoint_path, key)
+        checkpointer.resume_from = f"{key}={start.checkpoint_path}"
     return start

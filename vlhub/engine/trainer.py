@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch, batch_size_of
 from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_module_
-from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, weights_from
 from vlhub.engine.compile import CompiledTowers
 from vlhub.engine.flops import count_flops
 from vlhub.engine.grad_cache import GradCache
@@ -343,8 +343,9 @@ class Trainer:
         if SHARDED in checkpoint:  # a sharded directory: each rank reads its part, whichever strategy wrote it
             load_sharded_(checkpoint[SHARDED], state_root(self.model, self.objective), self.optimizer)
         else:
-            self.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
-            self.objective.load_state_dict(checkpoint["objective"])
+            with weights_from(self.checkpointer.resume_from):  # a wrong shape names the file
+                self.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
+                self.objective.load_state_dict(checkpoint["objective"])
             self.parallel.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         # A resumed run may raise max_steps: recompute the lr from this run's schedule.

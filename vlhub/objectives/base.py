@@ -71,6 +71,9 @@ class Objective(nn.Module):
     strong_views: int = 0
     #: Whether batches must carry class labels (``batch["label"]`` >= 0).
     needs_labels: bool = False
+    #: The smallest global batch the loss means something at: 2 for an objective whose negatives are
+    #: the batch's other samples (at 1 its contrastive loss is a constant), checked at launch.
+    min_global_batch: int = 1
 
     #: Whether the loss trains the model's temperature (``logit_scale``) where it reads it; cloob holds it fixed.
     trains_temperature: bool = True

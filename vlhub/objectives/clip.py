@@ -1,4 +1,8 @@
-"""CLIP: symmetric InfoNCE with a learnable, clamped temperature; LiT is CLIP with locks."""
+"""CLIP: symmetric InfoNCE with a learnable, clamped temperature; LiT is CLIP with locks.
+
+Departs from the papers (Radford et al. 2021; Zhai et al. 2022 for LiT): nothing in the loss. The two
+directions' weights are keys (``image_weight``, ``text_weight``), defaulting to the paper's equal mean.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class ContrastiveObjective(Objective):
 
     #: Whether this objective's loss can be computed in tiles (``loss_tiles``).
     supports_loss_tiles: bool = False
+    min_global_batch = 2  # the other samples of the batch are the negatives
     #: Why not, when it cannot (said in the error).
     loss_tiles_refusal: str = "its loss is not a softmax or sigmoid over a B x B dot-product similarity"
     #: Whether ``loss`` reads ``local_loss`` (local rows against global columns); the others refuse it

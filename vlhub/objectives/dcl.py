@@ -1,4 +1,8 @@
-"""DCL: decoupled contrastive loss, the positive pair removed from the denominator (Yeh et al. 2022)."""
+"""DCL: decoupled contrastive loss, the positive pair removed from the denominator (Yeh et al. 2022).
+
+Departs from the paper: applied image-text (both directions) with CLIP's learnable temperature, where
+the paper trains SimCLR-style image views at a fixed temperature; its weighted variant (DCLW) is not offered.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ loss grows with B^2 (the similarity matrices) plus one block's b^2 N L, never wi
 
 Evaluation scores the same way (:class:`TokenScorer`): zero-shot scores a class by the mean over its
 templates of the image-to-text similarity; retrieval and val pairs use each query's direction.
+
+Departs from the paper: every token enters the loss. FILIP keeps, per worker, the 25% of image
+tokens with the highest token-wise similarity and gathers them in fp16 at width 256 to cut communication;
+vlhub gathers all tokens at the model's width and precision (memory is bounded by the blocks instead).
 """
 
 from __future__ import annotations

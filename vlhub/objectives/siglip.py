@@ -1,4 +1,8 @@
-"""SigLIP: the sigmoid pairwise loss, with a learnable temperature and bias (Zhai et al. 2023)."""
+"""SigLIP: the sigmoid pairwise loss, with a learnable temperature and bias (Zhai et al. 2023).
+
+Departs from the paper: nothing in the loss. The paper passes text features round the devices in
+chunks to save memory; vlhub gathers every rank's features (the same sum), or tiles it (``loss_tiles``).
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ batch's base view ``image`` is drawn first as in every job (so these are the ver
 term gets from the same seed) and not used.
 
 Evaluated by linear probe and k-NN (``Scoring.probe``), never by reading features as logits.
+
+Departs from the paper: the projector reads the image tower's projected embedding (the paper's reads
+the encoder's features, as SLIP's does here); it trains with the run's optimizer (AdamW by default), not LARS.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class SimclrObjective(Objective):
 
     needs_text = False
     strong_views = 2
+    min_global_batch = 2  # the other samples of the batch are the negatives
 
     def __init__(self, projection_dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1) -> None:
         super().__init__()

@@ -7,6 +7,9 @@ without its projection (the encoder's own features, ``Tower.forward_unprojected`
 of ``ssl_layers`` Linear layers (BatchNorm and ReLU between them; ``ssl_hidden_dim`` wide, ``ssl_projection_dim``
 out; on the gathered batch) and NT-Xent at ``ssl_temperature``. The defaults are the paper's: 3 layers,
 4,096 hidden, 256 out, temperature 0.1; ``clip_weight`` and ``ssl_weight`` (the paper's ssl_scale) 1.0.
+
+Departs from the paper: the base view is the run's ``augment`` (the paper's is a RandomResizedCrop of
+scale 0.5-1), so that every objective of a sweep sees the same image-text view.
 """
 
 from __future__ import annotations
