@@ -4,6 +4,7 @@ API object that does not resolve fails), and every command block marked ``<!-- c
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import runpy
@@ -29,6 +30,7 @@ TINY_TRAIN = {
     "logger.tensorboard": "false",
     "optim.warmup_steps": "1",
 }
+RUN_NUMBERS = itertools.count()
 TINY_EVALUATE = {"eval.workers": "0", "eval.batch_size": "64"}
 
 
@@ -72,6 +74,9 @@ def run_command(line: str, page: str) -> None:
     module, args = words[2], words[3:]
     if module == "vlhub.train" and "--help" not in args:
         args = with_tiny_settings(args, TINY_TRAIN)
+        if not any(arg.startswith(("run.name=", "hydra.run.dir=")) for arg in args):
+            # Runs named by the second they start would share a folder when two start in one second.
+            args.append(f"hydra.run.dir=runs/docs_{next(RUN_NUMBERS)}")
     elif module == "vlhub.evaluate":
         args = with_tiny_settings(args, TINY_EVALUATE)
     saved = sys.argv

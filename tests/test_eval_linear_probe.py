@@ -112,3 +112,27 @@ def test_task_rejects_bad_settings_and_unlabelled_sources(tmp_path):
     task = LinearProbeTask(csv, csv)
     with pytest.raises(ValueError, match="labelled source"):
         task.run(LabelOracle([source], 30), EvalContext("csv", _to_tensor, torch.device("cpu")))
+
+
+def test_a_folder_probe_is_the_linear_probe_on_those_folders_named_after_the_data(tmp_path, tiny_model):
+    import shutil
+
+    from vlhub.api import eval_transform
+    from vlhub.data import ImageFolderPairs
+    from vlhub.eval.linear_probe import FolderProbeTask
+
+    for split in ("train", "val"):  # 150 samples: every one of the 30 classes in both splits
+        SyntheticShapes(num_samples=150, split=split, image_size=16).write_imagefolder(tmp_path / "pets" / split)
+    train, val = str(tmp_path / "pets/train"), str(tmp_path / "pets/val")
+
+    def context(name):
+        return EvalContext(name, eval_transform(tiny_model), torch.device("cpu"), batch_size=32)
+
+    folder = FolderProbeTask(train, val, k=3).run(tiny_model, context("probe"))
+    reference = LinearProbeTask(ImageFolderPairs(train), ImageFolderPairs(val), k=3).run(tiny_model, context("pets"))
+    assert folder == reference and "pets-linear_probe-top1" in folder  # the folders' parent names the keys
+    named = FolderProbeTask(train, val, name="mine", k=3).run(tiny_model, context("probe"))
+    assert named == {key.replace("pets-", "mine-"): value for key, value in reference.items()}
+    shutil.rmtree(next(p for p in (tmp_path / "pets/val").iterdir()))  # a class missing from the test folder
+    with pytest.raises(ValueError, match="eval.probe.train=.* and eval.probe.test=.* must hold the same class"):
+        FolderProbeTask(train, val)

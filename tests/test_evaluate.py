@@ -190,3 +190,22 @@ def test_model_given_differing_only_in_where_weights_came_from_is_not_reported(c
         assert "differs" not in caplog.text
         _model_config(other, checkpoint, True, "timm")
     assert "differs from the model stored" in caplog.text
+
+
+def test_an_evaluation_where_every_task_skips_itself_is_an_error_not_a_silent_success(tmp_path):
+    from PIL import Image
+
+    from vlhub.errors import ConfigError
+    from vlhub.evaluate import evaluate
+
+    run_train(["objective=ce", "eval=none"], tmp_path / "ce")  # a classifier of the 30 synthetic classes
+    folder = tmp_path / "other"
+    for name in ("cat", "dog"):  # classes it was never trained on: its scoring skips the task
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), "red" if name == "cat" else "blue").save(folder / name / "0.png")
+    cfg = compose_evaluate(
+        [f"checkpoint={tmp_path / 'ce/checkpoints/latest.pt'}", "eval=imagefolder", f"eval.imagefolder.root={folder}"]
+    )
+    with pytest.raises(ConfigError, match="none of imagefolder produced a metric"):
+        evaluate(cfg, tmp_path / "eval")
+    assert (tmp_path / "eval/results.json").is_file()  # the record is still written

@@ -115,6 +115,13 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     (run_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (run_dir / "report.md").write_text(render_report(record, list(evaluator.tasks), run_dir))
     log.info("wrote %s and %s", run_dir / "results.json", run_dir / "report.md")
+    if evaluator.tasks and not metrics:  # every task skipped itself: not a success that scored nothing
+        raise ConfigError(
+            f"eval: none of {', '.join(evaluator.tasks)} produced a metric (the log lines above say why each "
+            "was skipped)",
+            "objective=ce scores only classes it was trained on (objective.class_names); "
+            "eval=probe eval.probe.train=DIR/train eval.probe.test=DIR/val works for every objective",
+        )
     return record
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -160,6 +161,32 @@ class LinearProbeTask:
 
     def run(self, model, context: EvalContext) -> dict[str, float]:
         return probe_metrics(model, self.train, self.test, context, context.name, self.settings)
+
+
+@EVAL_TASKS.register("probe")
+class FolderProbeTask(LinearProbeTask):
+    """Linear probe and k-NN on your own ImageFolder pair: ``train`` and ``test`` are folders of
+    class sub-folders (the same classes). Keys are named after the data, ``<name>-linear_probe-top1``
+    etc.: ``name`` when given, else the folders' parent (``pets`` for ``pets/train``, ``pets/val``)."""
+
+    def __init__(self, train: str, test: str, name: str | None = None, **settings: Any) -> None:
+        from vlhub.data import ImageFolderPairs
+
+        if not train or not test:
+            raise ValueError("eval.probe needs eval.probe.train=DIR/train and eval.probe.test=DIR/val")
+        train_set = ImageFolderPairs(root=train, root_key="eval.probe.train")
+        test_set = ImageFolderPairs(root=test, root_key="eval.probe.test")
+        if train_set.class_names != test_set.class_names:
+            only = sorted(set(train_set.class_names) ^ set(test_set.class_names))[:5]
+            raise ValueError(
+                f"eval.probe.train={train} and eval.probe.test={test} must hold the same class folders "
+                f"(in one but not the other: {only})"
+            )
+        super().__init__(train_set, test_set, **settings)
+        self.name = name or Path(train).resolve().parent.name or Path(train).name
+
+    def run(self, model, context: EvalContext) -> dict[str, float]:
+        return probe_metrics(model, self.train, self.test, context, self.name, self.settings)
 
 
 def probe_metrics(
