@@ -122,3 +122,20 @@ def test_the_docs_cpu_commands_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs/my_run/checkpoints/latest.pt").is_file()
     records = (tmp_path / "runs/my_run/results.jsonl").read_text().splitlines()
     assert '"step": 4' in records[-1]  # the resumed run went on from 2 to 4
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_help_puts_checkpoint_first_and_describes_each_plain_key_from_its_yaml(capsys):
+    for module in ("vlhub.evaluate", "vlhub.train"):
+        run_command(f"python -m {module} --help", "help")
+    evaluate_help, train_help = capsys.readouterr().out.split("python -m vlhub.train", 1)
+    assert evaluate_help.splitlines()[0].startswith("python -m vlhub.evaluate checkpoint=PATH")
+    groups = evaluate_help.split("== Config groups")[1].split("==")[1].strip().splitlines()
+    assert [line.split()[0] for line in groups] == ["eval", "model"]  # not the training-only groups
+    for name, text in (("evaluate", evaluate_help), ("train", train_help)):
+        # Each plain key with its comment, as the YAML says it (one place), e.g. trainer.batch_size's "per rank".
+        yaml_lines = (ROOT / "configs" / f"{name}.yaml").read_text().splitlines()
+        keys = text.split("== Plain keys")[1].split("==")[1]
+        for line in yaml_lines:
+            if "#" in line and line.startswith(("checkpoint:", "device:", "  batch_size:", "  resume:")):
+                assert line in keys.splitlines(), line

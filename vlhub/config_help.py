@@ -9,6 +9,8 @@ installed launcher plugins.
 
 from __future__ import annotations
 
+import importlib.resources
+
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
@@ -18,14 +20,17 @@ from omegaconf import OmegaConf
 USAGE = {"experiment": "+experiment=NAME", "hydra/launcher": "hydra/launcher=NAME, with -m"}
 
 
-def list_config_groups() -> str:
-    """One line per group: ``group  option, [chosen], ...``; internal sub-folders are left out."""
+def list_config_groups(*only: str) -> str:
+    """One line per group: ``group  option, [chosen], ...``; internal sub-folders are left out.
+    ``only`` names the groups to list (``vlhub.evaluate`` shows model and eval); none: every group."""
     loader = GlobalHydra.instance().config_loader()
     chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     # Naming the primary config applies its hydra.searchpath, where the presets (experiment/) live.
     primary = HydraConfig.get().job.config_name if HydraConfig.initialized() else "train"
     found = loader.get_group_options("", results_filter=ObjectType.GROUP, config_name=primary)
     groups = sorted(group for group in found if group != "hydra") + ["hydra/launcher"]
+    if only:
+        groups = [group for group in groups if group in only]
     width = max(len(group) for group in groups)
     lines = []
     for group in groups:
@@ -36,4 +41,19 @@ def list_config_groups() -> str:
     return "\n".join(lines)
 
 
+def plain_keys(config_name: str) -> str:
+    """The primary config's own keys with their comments, as written in its YAML (``configs/<name>.yaml``
+    without its defaults list and ``hydra:`` block): what each key does, from the one place it is said."""
+    text = importlib.resources.files("vlhub.configs").joinpath(f"{config_name}.yaml").read_text()
+    lines, keep = [], False
+    for line in text.splitlines():
+        top_level = line[:1] not in ("", " ", "#")
+        if top_level:
+            keep = not line.startswith(("defaults:", "hydra:"))
+        if keep and line.strip():
+            lines.append(line)
+    return "\n".join(lines)
+
+
 OmegaConf.register_new_resolver("vlhub_config_groups", list_config_groups, replace=True)
+OmegaConf.register_new_resolver("vlhub_plain_keys", plain_keys, replace=True)

@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import vlhub.config_help  # noqa: F401  (registers the resolvers of --help)
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.engine.checkpoint import weights_from
 from vlhub.errors import ConfigError
