@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlhub.torch_pair import check_torch_pair
+
 __version__ = "0.1.0"
 __all__ = ["load"]
+
+check_torch_pair()  # a mismatched torch/torchvision pair: one line naming both, not torchvision's traceback
 
 
 def __getattr__(name: str) -> Any:
