@@ -184,7 +184,7 @@ def test_a_shard_cut_at_a_sample_boundary_counts_its_lost_samples_from_sizes_jso
         (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1]), "data.weights has 1 entries for 2 sources"),
         (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1, 0]), r"data.weights\[1\]=0"),
         (lambda t, r: WebDatasetPairs(r.replace("{000000..000003}", "{}")), "do not exist"),
-        (lambda t, r: WebDatasetPairs(r), "data.num_samples is not set.*no sizes.json"),
+        (lambda t, r: WebDatasetPairs(f"pipe:cat {r}"), "data.num_samples is not set.*remote shards"),
         (lambda t, r: BlendedShards(_schema(t, f"{{name: a, root: '{r}', weight: 1}}")), "sources.0. .*num_samples"),
         (
             lambda t, r: BlendedShards(_schema(t, f"{{name: a, root: '{r}', num_samples: 4, weight: -1}}")),

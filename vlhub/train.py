@@ -32,7 +32,7 @@ from vlhub.engine.remote import mask_overrides, mask_secrets, open_remote, scrub
 from vlhub.engine.run_folder import open_run, remove_failed_launch
 from vlhub.engine.step import GradientStrategy
 from vlhub.eval.retrieval import PairValidationTask
-from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
 
 log = logging.getLogger("vlhub.train")
@@ -259,6 +259,7 @@ def build_trainer(
     )
 
 
+@shard_overrides_checked  # an unquoted brace pattern in data.root: one line naming it, before Hydra's parse error
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
