@@ -29,11 +29,13 @@ class TarHeaderError(ValueError):
 
 @dataclass(frozen=True)
 class Span:
-    """One sample: its key and the byte range ``[start, end)`` of its members (headers included)."""
+    """One sample: its key, the byte range ``[start, end)`` of its members (headers included), and each
+    member's (extension, data offset, size)."""
 
     key: str
     start: int
     end: int
+    members: tuple[tuple[str, int, int], ...] = ()
 
 
 def _number(field: bytes, what: str, offset: int) -> int:
@@ -130,7 +132,7 @@ def scan(file: BinaryIO) -> tuple[list[Span], TarHeaderError | None]:
     file.seek(0, 2)
     length = file.tell()
     spans: list[Span] = []
-    key, start, end = None, 0, 0
+    key, start, end, found = None, 0, 0, []
     try:
         for header, name, data, size in members(read_at):
             if data + size > length:
@@ -140,31 +142,34 @@ def scan(file: BinaryIO) -> tuple[list[Span], TarHeaderError | None]:
                 continue
             if member_key != key:
                 if key is not None:
-                    spans.append(Span(key, start, end))
-                key, start = member_key, header
+                    spans.append(Span(key, start, end, tuple(found)))
+                key, start, found = member_key, header, []
             end = data + -(-size // BLOCK) * BLOCK
+            found.append((base_plus_ext(name)[1].lower(), data, size))
     except TarHeaderError as error:  # the sample being walked may lack members: it is lost with the rest
         return spans, error
     if key is not None:
-        spans.append(Span(key, start, end))
+        spans.append(Span(key, start, end, tuple(found)))
     return spans, None
 
 
 def read_span(file: BinaryIO, span: Span, url: str) -> dict:
-    """One sample as webdataset groups it: ``{"__key__", "__url__", <extension>: bytes, ...}``."""
+    """One sample as webdataset groups it (``{"__key__", "__url__", <extension>: bytes, ...}``): one
+    seek, one read of its byte range."""
     file.seek(span.start)
     buffer = file.read(span.end - span.start)
     if len(buffer) < span.end - span.start:
         raise TarHeaderError(f"sample {span.key} cut short: the file ends before byte {span.end}")
     sample: dict = {"__key__": span.key, "__url__": url}
-    view = memoryview(buffer)
-
-    def read_at(offset: int, size: int) -> bytes:
-        return bytes(view[offset - span.start : offset - span.start + size])
-
-    for _, name, data, size in members(read_at, span.start, span.end):
-        if _sample_key(name) != span.key:
-            continue
-        extension = base_plus_ext(name)[1]
-        sample[extension.lower()] = read_at(data, size)
+    for extension, data, size in span.members:
+        sample[extension] = buffer[data - span.start : data - span.start + size]
     return sample
+
+
+def read_member(file: BinaryIO, span: Span, extension: str) -> bytes | None:
+    """One member of a sample (a caption, to filter on), without reading the others."""
+    for name, data, size in span.members:
+        if name == extension:
+            file.seek(data)
+            return file.read(size)
+    return None

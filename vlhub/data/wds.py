@@ -59,6 +59,7 @@ class ShardSource:
         self.bad_fraction_min_samples, self.max_empty_batches = bad_fraction_min_samples, max_empty_batches
         self.max_image_pixels = max_image_pixels
         self.caption_pipeline = CaptionPipeline(**captions)
+        self.whole_passes = False  # set by a source whose epoch is its shards' count: one pass an epoch
 
     def __len__(self) -> int:
         """Samples per epoch."""
@@ -76,10 +77,12 @@ class ShardSource:
         world_size: int = 1,
         pin_memory: bool = False,
         view_transform: ImageTransform | None = None,
+        layout: dict | None = None,
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
         (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views
-        of each image, the base view from ``image_transform``, the rest from ``view_transform``."""
+        of each image, the base view from ``image_transform``, the rest from ``view_transform``. ``layout``:
+        the checkpoint's record of the stream's layout (``vlhub.data.stream``); the loader's is its ``layout``."""
         return build_stream_loader(
             self.sources,
             self.caption_pipeline,
@@ -98,6 +101,8 @@ class ShardSource:
             world_size,
             pin_memory,
             view_transform,
+            layout,
+            self.whole_passes,
         )
 
 
@@ -165,6 +170,7 @@ class WebDatasetPairs(ShardSource):
             ]
         length = _epoch_length(num_samples, sets, "data.num_samples")
         super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
+        self.whole_passes = num_samples is None
 
 
 def read_schema(path: str) -> list[ShardSet]:

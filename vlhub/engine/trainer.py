@@ -107,13 +107,16 @@ class Trainer:
         self.max_nonfinite_steps, self.nonfinite_steps, self.nonfinite_in_a_row = max_nonfinite_steps, 0, 0
         self.filtered_samples = 0
         self.step, self.epoch, self.samples_consumed = 0, 0, 0
+        self.data_layout: dict | None = None  # what a shard stream's order depends on (checked at resume)
         self.preemption = preemption if preemption is not None else Preemption()  # default: no signal handled
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.restore()
         start_step, metrics = self.step, {}
-        loader = iter(self.make_loader(self.samples_consumed))  # this rank's batches from there on
+        built = self.make_loader(self.samples_consumed, layout=self.data_layout)  # this rank's batches from there on
+        self.data_layout = getattr(built, "layout", None)
+        loader = iter(built)
         if self.gradients.batch_on_device:  # the next batch's copy overlaps this step
             loader = prefetch(loader, self.dist.device)
         progress = tqdm(
@@ -290,6 +293,7 @@ class Trainer:
                 "samples_consumed": self.samples_consumed,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
+                "layout": self.data_layout,
             },
             "rng": rng_states[0],
             "rng_per_rank": rng_states,
@@ -338,6 +342,7 @@ class Trainer:
         self.filtered_samples = int(data.get("filtered_samples", 0))
         self.nonfinite_steps = int(data.get("nonfinite_steps", 0))  # counted over the run, not per launch
         self.samples_consumed = int(data["samples_consumed"])
+        self.data_layout = data.get("layout")
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:
             restore_rng_state(per_rank[self.dist.rank])
