@@ -68,7 +68,7 @@ def test_one_epoch_reads_every_sample_once_across_two_ranks_of_two_workers(tmp_p
 def test_a_resume_gives_the_same_stream_whatever_data_workers_before_and_after(tmp_path):
     root = unequal_shards(tmp_path / "u")
     straight = batches(WebDatasetPairs(root, shuffle_buffer=6, workers=2), 12, 4)  # past the epoch's end (9)
-    for workers in (0, 3):
+    for workers in (0, 1):
         resumed = batches(WebDatasetPairs(root, shuffle_buffer=6, workers=workers), 7, 4, start_sample=5 * 4)
         for expected, got in zip(straight[5:], resumed, strict=True):
             assert got.batch["text_raw"] == expected.batch["text_raw"] and got.epoch == expected.epoch
