@@ -56,7 +56,7 @@ def _stats_count(shard: Path) -> int | None:
 
 def count_tar(path: Path) -> int:
     """Samples in one tar, from its headers (a corrupt header ends the count: what precedes it)."""
-    with open(path, "rb") as file:
+    with open(path, "rb", buffering=0) as file:  # unbuffered: each header read is 512 bytes, not 8 KB
         spans, error = scan(file)
     if error is not None:
         log.warning("shard %s: %s; %d samples before it are counted", path, error, len(spans))
