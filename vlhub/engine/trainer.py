@@ -20,7 +20,7 @@ from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
-from vlhub.engine.preemption import Preemption
+from vlhub.engine.preemption import Preemption, WaitInterrupted
 from vlhub.engine.prefetch import prefetch
 from vlhub.engine.sharded_checkpoint import MARKER as SHARDED
 from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
@@ -125,13 +125,19 @@ class Trainer:
         self.model.train()
         tick, stop = time.perf_counter(), 0
         while self.step < self.max_steps:
-            loaded = next(loader)
+            try:  # a stop signal ends a wait for data that may never end
+                with self.preemption.interruptible():
+                    loaded = next(loader)
+            except WaitInterrupted:
+                loaded = None
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
-            counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
+            counts = [0, 0, 0, 0]
+            if loaded is not None:
+                unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
+                counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
             read, bad, empty, filtered, stop = all_reduce_sum([*counts, int(self.preemption.requested)])
-            if stop:  # some rank was signalled (preemption, time limit): all stop before this batch, and save
+            if stop or loaded is None:  # some rank was signalled (preemption, time limit): all stop, and save
                 break
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
