@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -48,100 +47,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlhub.data.batch import BadSample, Filtered, LoadedBatch
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.lanes import lane_stream, skip, take
 from vlhub.data.layout import StreamLayout, layout_record, resume_anchor
 from vlhub.data.loader import Collate, ImageTransform, Tokenizer, transform_sample
 from vlhub.data.shard_reader import LocalShards
-from vlhub.data.shards import ShardSet, decode_sample, read_shard
+from vlhub.data.shards import ShardSet, decode_sample
 
 log = logging.getLogger(__name__)
-
-
-def _rng(*parts: object) -> random.Random:
-    return random.Random("/".join(map(str, parts)))  # str seeds hash with sha512: stable everywhere
-
-
-def shard_order(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, lanes: int, resampled: bool):
-    """The endless sequence of shard urls lane ``lane`` of ``lanes`` reads from one source."""
-    urls = shards.urls
-    if resampled:
-        rng = _rng(seed, epoch, index, lane, "resample")
-        while True:
-            yield urls[rng.randrange(len(urls))]
-    order = list(range(len(urls)))
-    _rng(seed, epoch, index, "order").shuffle(order)
-    mine = [urls[i] for i in order[lane::lanes]]
-    yield from mine
-    for sweep in itertools.count(1):  # the lane ran out before the epoch's end: its own shards again
-        _rng(seed, epoch, index, lane, sweep).shuffle(mine)
-        yield from mine
-
-
-def source_samples(shards: ShardSet, index: int, seed: int, epoch: int, lane: int, lanes: int, resampled: bool):
-    """A lane's samples from one source; a source whose shards yield nothing fails (never a silent hang)."""
-    empty, limit = 0, (4 * len(shards.urls) + 8) if resampled else len(shards.urls)
-    for url in shard_order(shards, index, seed, epoch, lane, lanes, resampled):
-        read = 0
-        for read, sample in enumerate(read_shard(url, shards.sizes.get(url) if shards.sizes else None), 1):  # noqa: B007
-            yield sample
-        empty = 0 if read else empty + 1
-        if empty >= limit:
-            raise ValueError(f"data source {shards.name!r}: {empty} shards in a row hold no sample ({url} the last)")
-
-
-def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """A seeded shuffle buffer: once full, each new item takes the place of a random one it evicts."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = rng.randrange(size)
-        buffer[slot], item = item, buffer[slot]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def lane_stream(
-    sources: Sequence[ShardSet], seed: int, epoch: int, lane: int, lanes: int, resampled: bool, shuffle_buffer: int
-) -> Iterator[dict | BadSample]:
-    """The raw samples of one lane in one epoch (endless)."""
-    streams = [source_samples(s, i, seed, epoch, lane, lanes, resampled) for i, s in enumerate(sources)]
-    if len(streams) == 1:
-        mixed = streams[0]
-    else:
-        pick, weights = _rng(seed, epoch, lane, "mix"), [s.weight for s in sources]
-        mixed = (next(streams[pick.choices(range(len(streams)), weights)[0]]) for _ in itertools.count())
-    if shuffle_buffer > 1:
-        return shuffled(mixed, shuffle_buffer, _rng(seed, epoch, lane, "shuffle"))
-    return mixed
-
-
-def _kept(raw: dict | BadSample, captions: CaptionPipeline) -> bool:
-    """False for a readable caption the pipeline drops (no image is decoded to know)."""
-    if not captions.filters or isinstance(raw, BadSample) or "txt" not in raw:
-        return True
-    text = raw["txt"].decode("utf-8", errors="replace")
-    return not text.strip() or captions.keeps(text)  # an empty caption stays, to be counted bad
-
-
-def take(samples: Iterator, count: int, captions: CaptionPipeline) -> tuple[list, int]:
-    """The next ``count`` kept items of a lane, and how many were filtered out on the way."""
-    kept, filtered = [], 0
-    while len(kept) < count:
-        raw = next(samples)
-        if _kept(raw, captions):
-            kept.append(raw)
-        else:
-            filtered += 1
-    return kept, filtered
-
-
-def skip(samples: Iterator, count: int, captions: CaptionPipeline) -> None:
-    """Pass ``count`` kept items, holding none of them: tar bytes are read, images never decoded."""
-    passed = 0
-    while passed < count:
-        passed += _kept(next(samples), captions)
 
 
 class ShardStream(IterableDataset):
@@ -283,6 +195,55 @@ class _Cursor:
         return places, filtered
 
 
+def _check_sources(
+    sources: Sequence[ShardSet], num_samples: int, batch_size: int, world_size: int, lanes: int, resampled: bool
+) -> tuple[int, bool]:
+    """(batches per rank and epoch, whether the positional layout applies), or an error naming the key."""
+    for source in sources:
+        if source.sizes is not None and not any(source.sizes.values()):
+            raise ValueError(f"data source {source.name!r}: its {len(source.urls)} shards hold no samples")
+    batches_per_epoch = num_samples // (batch_size * world_size)
+    if batches_per_epoch < 1:
+        raise ValueError(
+            f"data.num_samples={num_samples} is less than one global batch "
+            f"(trainer.batch_size={batch_size} x {world_size} ranks)"
+        )
+    positional = all(source.sizes is not None for source in sources)
+    if not positional and not resampled:
+        for source in sources:
+            if len(source.urls) < world_size * lanes:
+                raise ValueError(
+                    f"data source {source.name!r} has {len(source.urls)} remote shards, fewer than ranks x workers = "
+                    f"{world_size} x {lanes}: each reader needs its own shards; write more shards, "
+                    "lower data.workers or set data.resampled=true"
+                )
+    return batches_per_epoch, positional
+
+
+def _positional(
+    sources: Sequence[ShardSet],
+    seed: int,
+    shape: tuple[int, int, int, int],
+    resampled: bool,
+    whole_passes: bool,
+    filtering: bool,
+    main: bool,
+) -> StreamLayout:
+    """The layout of local shards; says once what an epoch leaves out."""
+    world_size, batch_size, batches_per_epoch, shuffle_buffer = shape
+    layout = StreamLayout(
+        sources, seed, world_size, batch_size, batches_per_epoch, shuffle_buffer, resampled, whole_passes, filtering
+    )
+    if main and whole_passes and not resampled and layout.left_out():
+        log.info(
+            "each epoch reads %d samples and leaves out %d of the pass (the last partial global batch of %d)",
+            batches_per_epoch * batch_size * world_size,
+            layout.left_out(),
+            batch_size * world_size,
+        )
+    return layout
+
+
 def build_stream_loader(
     sources: Sequence[ShardSet],
     captions: CaptionPipeline,
@@ -309,24 +270,7 @@ def build_stream_loader(
     ``layout``: the checkpoint's :func:`layout_record` (with its anchor); the loader's own is its
     ``layout`` attribute. ``whole_passes``: the epoch is the shards' count (one pass an epoch)."""
     lanes, global_batch = max(1, workers), batch_size * world_size
-    for source in sources:
-        if source.sizes is not None and not any(source.sizes.values()):
-            raise ValueError(f"data source {source.name!r}: its {len(source.urls)} shards hold no samples")
-    batches_per_epoch = num_samples // global_batch
-    if batches_per_epoch < 1:
-        raise ValueError(
-            f"data.num_samples={num_samples} is less than one global batch "
-            f"(trainer.batch_size={batch_size} x {world_size} ranks)"
-        )
-    positional = all(source.sizes is not None for source in sources)
-    if not positional and not resampled:
-        for source in sources:
-            if len(source.urls) < world_size * lanes:
-                raise ValueError(
-                    f"data source {source.name!r} has {len(source.urls)} remote shards, fewer than ranks x workers = "
-                    f"{world_size} x {lanes}: each reader needs its own shards; write more shards, "
-                    "lower data.workers or set data.resampled=true"
-                )
+    batches_per_epoch, positional = _check_sources(sources, num_samples, batch_size, world_size, lanes, resampled)
     settings = {"world_size": world_size, "batch_size": batch_size, "shuffle_buffer": shuffle_buffer}
     record = layout_record(
         sources, num_samples, **settings, resampled=resampled, **({} if positional else {"lanes": lanes})
@@ -341,24 +285,8 @@ def build_stream_loader(
         )
     stream_layout = None
     if positional:
-        stream_layout = StreamLayout(
-            sources,
-            seed,
-            world_size,
-            batch_size,
-            batches_per_epoch,
-            shuffle_buffer,
-            resampled,
-            whole_passes,
-            captions.filters,
-        )
-        if rank == 0 and whole_passes and not resampled and stream_layout.left_out():
-            log.info(
-                "each epoch reads %d samples and leaves out %d (less than a global batch of %d)",
-                batches_per_epoch * global_batch,
-                stream_layout.left_out(),
-                global_batch,
-            )
+        shape = (world_size, batch_size, batches_per_epoch, shuffle_buffer)
+        stream_layout = _positional(sources, seed, shape, resampled, whole_passes, captions.filters, rank == 0)
     stream = ShardStream(
         sources,
         captions,
