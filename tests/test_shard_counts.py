@@ -135,3 +135,22 @@ def test_an_unquoted_brace_pattern_fails_in_one_line_naming_data_root(argv, mess
     error = capsys.readouterr().err
     assert exit_.value.code == 1 and message in error.splitlines()[0]
     assert """'data.root="/""" in error  # the quoting that works
+
+
+def test_samples_read_by_seeking_equal_webdataset_s_whatever_the_order_and_evictions(tmp_path):
+    import random
+
+    from vlhub.data.shard_reader import LocalShards
+
+    tagged_shards(tmp_path, "s", shards=4, per_shard=5)
+    urls = [str(tmp_path / f"s-{s:06d}.tar") for s in range(4)]
+    reference = {
+        (url, i): sample for url in urls for i, sample in enumerate(webdataset.WebDataset(url, shardshuffle=False))
+    }
+    reader = LocalShards({}, samples=6, files=2)  # at most 2 shards held: reopened and re-walked often
+    places = list(reference) * 2
+    random.Random(0).shuffle(places)
+    for url, index in places:
+        got, expected = reader.sample(url, index), reference[(url, index)]
+        assert (got["__key__"], got["txt"], got["png"]) == (expected["__key__"], expected["txt"], expected["png"])
+    assert len(reader._open) <= 2

@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class LocalShards:
-    """Open shards and their sample spans, the ``keep`` most recently used (a shuffle buffer spans a few)."""
+    """Open shards and their sample spans, the most recently used: up to ``samples`` spans in all (a
+    shuffle buffer reaches back over many small shards or a few large ones), at most ``files`` files."""
 
-    def __init__(self, counts: dict[str, int], keep: int = 16) -> None:
-        self.counts, self.keep = counts, keep
+    def __init__(self, counts: dict[str, int], samples: int = 100_000, files: int = 128) -> None:
+        self.counts, self.samples, self.files = counts, samples, files
+        self._held = 0
         self._open: OrderedDict[str, tuple[BinaryIO | None, list[Span], str | None]] = OrderedDict()
         self._warned: set[str] = set()
 
@@ -44,8 +46,10 @@ class LocalShards:
             self._warned.add(url)
             log.warning("%s: the samples it lacks are counted as bad", problem)
         self._open[url] = (file, spans, problem)
-        while len(self._open) > self.keep:
-            old, _, _ = self._open.popitem(last=False)[1]
+        self._held += len(spans)
+        while len(self._open) > 2 and (len(self._open) > self.files or self._held > self.samples):
+            old, old_spans, _ = self._open.popitem(last=False)[1]
+            self._held -= len(old_spans)
             if old is not None:
                 old.close()
         return self._open[url]
@@ -75,3 +79,4 @@ class LocalShards:
             if file is not None:
                 file.close()
         self._open.clear()
+        self._held = 0
