@@ -134,3 +134,13 @@ def test_a_stats_count_above_the_tar_is_counted_as_bad_samples_exactly(tmp_path)
     assert len(source) == 9
     loaded = batches(source, 1, 9)[0]
     assert (loaded.samples_read, loaded.bad_samples, len(loaded.batch["text_raw"])) == (9, 3, 6)
+
+
+def test_remote_shards_are_read_in_lanes_so_other_workers_mid_epoch_fail_naming_data_workers(tmp_path):
+    root = tagged_shards(tmp_path, "s", shards=4, per_shard=4)
+    source = WebDatasetPairs(f"pipe:cat {root}", num_samples=16, workers=2)
+    saved = source.build_loader(_pixels, None, 2, 0).layout
+    other = WebDatasetPairs(f"pipe:cat {root}", num_samples=16, workers=1)
+    with pytest.raises(ConfigError, match=r"data.workers .*: 2 -> 1"):
+        other.build_loader(_pixels, None, 2, 0, start_sample=4, layout=saved)
+    assert other.build_loader(_pixels, None, 2, 0, start_sample=16, layout=saved).layout["anchor_epoch"] == 1
