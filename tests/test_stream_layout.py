@@ -126,7 +126,7 @@ def test_remote_shards_with_no_sample_fail_after_a_bounded_read_naming_the_sourc
         batches(source, 1, 2)
 
 
-def test_a_stats_count_above_the_tar_is_counted_as_bad_samples_exactly(tmp_path):
+def test_a_stats_count_off_the_tar_is_warned_about_and_counted_as_bad_samples_exactly(tmp_path, caplog):
     root = tagged_shards(tmp_path, "s", shards=2, per_shard=3, sizes=False)
     for s, said in enumerate([3, 6]):  # img2dataset's stats say 6 for a shard of 3
         (tmp_path / f"s-{s:06d}_stats.json").write_text(json.dumps({"count": 9, "successes": said}))
@@ -134,6 +134,11 @@ def test_a_stats_count_above_the_tar_is_counted_as_bad_samples_exactly(tmp_path)
     assert len(source) == 9
     loaded = batches(source, 1, 9)[0]
     assert (loaded.samples_read, loaded.bad_samples, len(loaded.batch["text_raw"])) == (9, 3, 6)
+    assert "s-000001.tar holds 3 samples, its count says 6" in caplog.text
+    (tmp_path / "s-000000_stats.json").write_text(json.dumps({"count": 9, "successes": 2}))  # one too few
+    loaded = batches(WebDatasetPairs(root, shuffle_buffer=0), 1, 8)[0]
+    assert (loaded.samples_read, loaded.bad_samples) == (8, 3)
+    assert "s-000000.tar holds 3 samples, its count says 2: the last are not read" in caplog.text
 
 
 def test_remote_shards_are_read_in_lanes_so_other_workers_mid_epoch_fail_naming_data_workers(tmp_path):

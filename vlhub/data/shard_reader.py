@@ -4,7 +4,7 @@ Every slot of the layout (``vlhub.data.layout``) is one (shard, sample index) pa
 exactly: a shard that cannot be opened gives one :class:`BadSample` per slot it was given; one whose
 headers end early (corrupt, cut) or that holds fewer samples than its count (``sizes.json`` or
 img2dataset's stats disagreeing with the tar) gives one per sample it lacks, with one warning per
-shard; samples beyond the count are never read.
+shard (and worker); samples beyond the count are never read (warned the same way).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class LocalShards:
         if problem and url not in self._warned:
             self._warned.add(url)
             log.warning("%s: the samples it lacks are counted as bad", problem)
+        elif expected is not None and len(spans) > expected and url not in self._warned:
+            self._warned.add(url)
+            log.warning(
+                "shard %s holds %d samples, its count says %d: the last are not read", url, len(spans), expected
+            )
         self._open[url] = (file, spans, problem)
         self._held += len(spans)
         while len(self._open) > 2 and (len(self._open) > self.files or self._held > self.samples):
