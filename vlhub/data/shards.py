@@ -6,10 +6,12 @@ source fails naming the key. Tar members are grouped into samples by webdataset'
 (``webdataset.tariterators``: key = path up to the first dot of the file name, extension = the
 rest), so any shard an ordinary ``webdataset.TarWriter`` wrote reads here.
 
-Faults inside a shard never stop the stream: a shard that cannot be opened, or ends early,
-yields :class:`BadSample` units in place of what could not be read: as many as the samples
-lost when ``sizes.json`` gives the shard's size, else one. A sample without an image or a
-``txt``, with an empty caption or an undecodable image is a ``BadSample`` when decoded.
+:func:`read_shard` reads a shard through (remote shards, ``vlhub.data.lanes``; local shards are
+read by seeking, ``vlhub.data.shard_reader``). Faults inside a shard never stop the stream: a
+shard that cannot be opened, or ends early, yields :class:`BadSample` units in place of what
+could not be read: as many as the samples lost when its count is known, else one. A sample
+without an image or a ``txt``, with an empty caption or an undecodable image is a ``BadSample``
+when decoded.
 """
 
 from __future__ import annotations
