@@ -180,3 +180,29 @@ def test_a_signal_during_a_checkpoint_write_waits_for_it_and_a_kill_leaves_the_p
     assert child.exitcode == -signal.SIGKILL
     assert _checkpoint(run_dir)["step"] == 3
     assert not (run_dir / "checkpoints/step_4.pt").exists()
+
+
+def test_a_signal_while_waiting_for_data_that_never_comes_stops_the_run(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from vlhub.data.sources import PairSource
+
+    def stalled(self, *args, **kwargs):  # a source stuck in a read (a stalled file system, a silent pipe)
+        def batches():
+            time.sleep(120)
+            yield from ()
+
+        return batches()
+
+    monkeypatch.setattr(PairSource, "build_loader", stalled)
+    preemption = Preemption([signal.SIGUSR1]).install()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1))
+    started = time.monotonic()
+    timer.start()
+    try:
+        assert _train(tmp_path / "run", preemption) == {}
+    finally:
+        timer.cancel()
+        preemption.uninstall()
+    assert time.monotonic() - started < 60 and preemption.stopped_at == 0  # stopped, not waited out

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import functools
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 import types
@@ -151,6 +153,44 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (list, collections.abc.Sequence) and typing.get_args(hint):
         return f"a list of {_describe(typing.get_args(hint)[0])}"  # not just "list": the items are wrong
     return getattr(hint, "__name__", None) or str(hint)
+
+
+def check_shard_overrides(argv: list[str], key: str = "data.root") -> None:
+    """The shard spec on the command line, before Hydra parses it: one ``key=`` word, whose braces Hydra
+    can parse. An unquoted brace pattern is what bash expands into several ``key=`` words (the last
+    would win silently) and what Hydra's grammar rejects (its error names neither key nor fix)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    pattern = re.compile(rf"^\+{{0,2}}{re.escape(key)}=")
+    given = [word for word in argv if pattern.match(word)]
+    if len(given) > 1:
+        shown = " ".join(given[:2]) + (" ..." if len(given) > 2 else "")
+        raise ConfigError(
+            f"{key} is given {len(given)} times ({shown}): the shell expanded an unquoted brace pattern",
+            hint=f"quote it for the shell and for Hydra: '{key}=\"/data/shard-{{00000..00009}}.tar\"'",
+        )
+    for word in given:
+        try:
+            OverridesParser.create().parse_overrides([word])
+        except OverrideParseException:
+            value = pattern.sub("", word)
+            raise ConfigError(
+                f"{key}={value}: Hydra cannot parse its braces unquoted",
+                hint=f"quote the pattern inside the shell's quotes: '{key}=\"{value.strip(chr(34) + chr(39))}\"'",
+            ) from None
+
+
+def shard_overrides_checked(function: Callable) -> Callable:
+    """Run :func:`check_shard_overrides` on ``sys.argv`` before ``function`` (a ``hydra.main`` entry point)."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        with errors_reported():
+            check_shard_overrides(sys.argv[1:])
+        return function(*args, **kwargs)
+
+    return checked
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files
 from vlhub.engine.step import GradientStrategy
 from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
-from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
 
 log = logging.getLogger("vlhub.train")
@@ -272,6 +272,7 @@ def build_trainer(
     )
 
 
+@shard_overrides_checked  # an unquoted brace pattern in data.root: one line naming it, before Hydra's parse error
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()

@@ -6,15 +6,16 @@ source fails naming the key. Tar members are grouped into samples by webdataset'
 (``webdataset.tariterators``: key = path up to the first dot of the file name, extension = the
 rest), so any shard an ordinary ``webdataset.TarWriter`` wrote reads here.
 
-Faults inside a shard never stop the stream: a shard that cannot be opened, or ends early,
-yields :class:`BadSample` units in place of what could not be read: as many as the samples
-lost when ``sizes.json`` gives the shard's size, else one. A sample without an image or a
-``txt``, with an empty caption or an undecodable image is a ``BadSample`` when decoded.
+:func:`read_shard` reads a shard through (remote shards, ``vlhub.data.lanes``; local shards are
+read by seeking, ``vlhub.data.shard_reader``). Faults inside a shard never stop the stream: a
+shard that cannot be opened, or ends early, yields :class:`BadSample` units in place of what
+could not be read: as many as the samples lost when its count is known, else one. A sample
+without an image or a ``txt``, with an empty caption or an undecodable image is a ``BadSample``
+when decoded.
 """
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class ShardSet:
     urls: tuple[str, ...]
     weight: float = 1.0
     num_samples: int | None = None
-    sizes: dict[str, int] | None = None  # samples per shard url, from sizes.json (to count losses exactly)
+    sizes: dict[str, int] | None = None  # samples per shard url (vlhub.data.shard_counts); None: remote
 
 
 def expand_shards(pattern: str, key: str) -> tuple[str, ...]:
@@ -63,25 +64,6 @@ def split_sources(root: str, key: str = "data.root") -> list[str]:
         if not piece.strip():
             raise ValueError(f"{key}={root!r}: source {index + 1} of {len(pieces)} (between '::') is empty")
     return pieces
-
-
-def shard_sizes(urls: tuple[str, ...]) -> dict[str, int] | None:
-    """Each shard's count from a ``sizes.json`` beside it (``{"shard-000000.tar": 10000}``), or
-    None when a shard is remote or not listed."""
-    cache: dict[Path, dict] = {}
-    sizes = {}
-    for url in urls:
-        if url.startswith(REMOTE_PREFIXES):
-            return None
-        path = Path(url)
-        if path.parent not in cache:
-            file = path.parent / "sizes.json"
-            cache[path.parent] = json.loads(file.read_text()) if file.is_file() else {}
-        count = cache[path.parent].get(path.name)
-        if count is None:
-            return None
-        sizes[url] = int(count)
-    return sizes
 
 
 def _lost(url: str, reason: str, read: int, expected: int | None) -> Iterator[BadSample]:

@@ -90,6 +90,7 @@ class PairSource(Dataset):
         world_size: int = 1,
         pin_memory: bool = False,
         view_transform: ImageTransform | None = None,
+        layout: dict | None = None,  # a shard stream's resume record: nothing to check for map-style slots
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
         (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views

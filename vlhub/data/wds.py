@@ -2,8 +2,8 @@
 
 Both check everything they can before training: every shard path exists, no brace expansion
 or ``::`` piece is empty, weights are positive and one per source, and the epoch length is
-known (``data.num_samples``, the schema's ``num_samples``, or a ``sizes.json`` beside the
-shards). They are read by the stream of ``vlhub.data.stream``; see there for the order.
+known (``data.num_samples``, the schema's ``num_samples``, or each local shard's count:
+``vlhub.data.shard_counts``). They are read by the stream of ``vlhub.data.stream``; see there for the order.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from vlhub.data.batch import check_bad_input_keys
 from vlhub.data.captions import CaptionPipeline
 from vlhub.data.images import DEFAULT_MAX_PIXELS
 from vlhub.data.loader import ImageTransform, Tokenizer
-from vlhub.data.shards import ShardSet, expand_shards, shard_sizes, split_sources
+from vlhub.data.shard_counts import shard_counts
+from vlhub.data.shards import ShardSet, expand_shards, split_sources
 from vlhub.data.sources import PairSource
 from vlhub.data.stream import build_stream_loader
 from vlhub.registry import DATASETS
@@ -59,6 +60,7 @@ class ShardSource:
         self.bad_fraction_min_samples, self.max_empty_batches = bad_fraction_min_samples, max_empty_batches
         self.max_image_pixels = max_image_pixels
         self.caption_pipeline = CaptionPipeline(**captions)
+        self.whole_passes = False  # set by a source whose epoch is its shards' count: one pass an epoch
 
     def __len__(self) -> int:
         """Samples per epoch."""
@@ -76,10 +78,12 @@ class ShardSource:
         world_size: int = 1,
         pin_memory: bool = False,
         view_transform: ImageTransform | None = None,
+        layout: dict | None = None,
     ) -> DataLoader:
         """This rank's endless loader of ``LoadedBatch``, from global position ``start_sample`` on
         (batches in page-locked memory with ``pin_memory``, for a CUDA device); ``image_views`` views
-        of each image, the base view from ``image_transform``, the rest from ``view_transform``."""
+        of each image, the base view from ``image_transform``, the rest from ``view_transform``. ``layout``:
+        the checkpoint's record of the stream's layout (``vlhub.data.stream``); the loader's is its ``layout``."""
         return build_stream_loader(
             self.sources,
             self.caption_pipeline,
@@ -98,6 +102,8 @@ class ShardSource:
             world_size,
             pin_memory,
             view_transform,
+            layout,
+            self.whole_passes,
         )
 
 
@@ -110,14 +116,14 @@ def _epoch_length(num_samples: int | None, sources: Sequence[ShardSet], key: str
     if None in sizes:
         unknown = sources[sizes.index(None)].name
         raise ValueError(
-            f"{key} is not set and source {unknown!r} has no sizes.json beside its shards listing every "
-            f"shard: set {key} (samples per epoch)"
+            f"{key} is not set and source {unknown!r} has remote shards, which are not counted (local shards "
+            f"are): set {key} (samples per epoch), or read local copies"
         )
     return sum(sizes)  # type: ignore[arg-type]
 
 
 def _with_sizes(name: str, urls: tuple[str, ...], weight: float) -> ShardSet:
-    sizes = shard_sizes(urls)
+    sizes = shard_counts(urls)
     return ShardSet(name, urls, weight, sum(sizes.values()) if sizes is not None else None, sizes)
 
 
@@ -163,6 +169,7 @@ class WebDatasetPairs(ShardSource):
             ]
         length = _epoch_length(num_samples, sets, "data.num_samples")
         super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
+        self.whole_passes = num_samples is None
 
 
 def check_weights(weights: list[Any], keys: list[str], total_key: str, line: int | None = None) -> None:
@@ -225,7 +232,7 @@ def read_schema(path: str) -> list[ShardSet]:
         if not isinstance(count, int) or count <= 0:
             raise ValueError(f"{where} ({name}).num_samples={count!r}: must be an integer > 0")
         urls = expand_shards(str(entry["root"]), f"{where} ({name}).root")
-        sets.append(ShardSet(name, urls, float(weight), count, shard_sizes(urls)))
+        sets.append(ShardSet(name, urls, float(weight), count, shard_counts(urls)))
     check_weights([s.weight for s in sets], [f"{s.name}.weight" for s in sets], f"data.schema={path}: sources")
     return sets
 

@@ -18,10 +18,11 @@ Which signals, and who requeues, is read from the environment (the library never
   the checkpoint, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` when the job is requeueable, any
   previous Python handler is called, and every rank exits with status 128 + the signal number.
 
-A handler never interrupts anything, so a signal during a checkpoint write changes nothing until the
-write is done (the writes are atomic besides: a temporary file renamed over the old one). A second
-signal once a stop is requested means "now": the previous handler gets it (for SIGTERM, the default
-action ends the process), but only after a checkpoint write in progress has finished.
+A handler interrupts nothing but a wait for data (``Preemption.interruptible``: a source may stall
+for ever), so a signal during a checkpoint write changes nothing until the write is done (the
+writes are atomic besides: a temporary file renamed over the old one). A second signal once a stop
+is requested means "now": the previous handler gets it (for SIGTERM, the default action ends the
+process), but only after a checkpoint write in progress has finished.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from vlhub.distributed import barrier
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class WaitInterrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt: no broad ``except Exception`` takes it)
+    """A stop signal arrived while the trainer waited for data (:meth:`Preemption.interruptible`)."""
 
 
 def submitit_signal() -> signal.Signals:
@@ -79,6 +84,7 @@ class Preemption:
         self.signum: int | None = None  # the first signal received
         self.stopped_at: int | None = None  # the step the trainer stopped at, once it has
         self._writing, self._pending_now, self._installed = 0, None, False
+        self._waiting = 0
 
     @classmethod
     def from_environment(cls, rank: int = 0) -> Preemption:
@@ -119,6 +125,8 @@ class Preemption:
                 "received %s: stopping after this step to save a checkpoint (a second signal stops at once)",
                 signal.Signals(signum).name,
             )
+            if self._waiting:
+                raise WaitInterrupted(signal.Signals(signum).name)
         elif self._writing:
             self._pending_now = signum  # acted on once the checkpoint is written
         else:
@@ -128,6 +136,18 @@ class Preemption:
         log.warning("received %s again: handing it to the previous handler now", signal.Signals(signum).name)
         self.uninstall()
         signal.raise_signal(signum)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait for data, which may never end (a stalled file system, a source that yields nothing): a stop
+        signal ends it at once with :class:`WaitInterrupted` (the batch never came, so nothing is lost)."""
+        if self.requested:
+            raise WaitInterrupted(signal.Signals(self.signum).name)  # type: ignore[arg-type]
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
 
     @contextmanager
     def deferred(self) -> Iterator[None]:

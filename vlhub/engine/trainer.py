@@ -21,7 +21,7 @@ from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.loggers import MetricLogger
 from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
-from vlhub.engine.preemption import Preemption
+from vlhub.engine.preemption import Preemption, WaitInterrupted
 from vlhub.engine.prefetch import prefetch
 from vlhub.engine.sharded_checkpoint import MARKER as SHARDED
 from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
@@ -112,13 +112,16 @@ class Trainer:
         # loop's steps, data included; evaluation and checkpoints not), and the FLOPs per sample
         # of one step, counted on this launch's first step.
         self.wall_seconds, self.flops_per_sample = 0.0, None
+        self.data_layout: dict | None = None  # what a shard stream's order depends on (checked at resume)
         self.preemption = preemption if preemption is not None else Preemption()  # default: no signal handled
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.restore()
         start_step, metrics = self.step, {}
-        loader = iter(self.make_loader(self.samples_consumed))  # this rank's batches from there on
+        built = self.make_loader(self.samples_consumed, layout=self.data_layout)  # this rank's batches from there on
+        self.data_layout = getattr(built, "layout", None)
+        loader = iter(built)
         if self.gradients.batch_on_device:  # the next batch's copy overlaps this step
             loader = prefetch(loader, self.dist.device)
         progress = tqdm(
@@ -127,13 +130,19 @@ class Trainer:
         self.model.train()
         tick, stop = time.perf_counter(), 0
         while self.step < self.max_steps:
-            loaded = next(loader)
+            try:  # a stop signal ends a wait for data that may never end
+                with self.preemption.interruptible():
+                    loaded = next(loader)
+            except WaitInterrupted:
+                loaded = None
             data_time = time.perf_counter() - tick
             # Counted over all ranks, so every rank sees the same totals and stops together.
-            unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
-            counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
+            counts = [0, 0, 0, 0]
+            if loaded is not None:
+                unusable = not loaded.batch or batch_size_of(loaded.batch) < self.gradients.min_samples
+                counts = [loaded.samples_read, loaded.bad_samples, int(unusable), loaded.filtered]
             read, bad, empty, filtered, stop = all_reduce_sum([*counts, int(self.preemption.requested)])
-            if stop:  # some rank was signalled (preemption, time limit): all stop before this batch, and save
+            if stop or loaded is None:  # some rank was signalled (preemption, time limit): all stop, and save
                 break
             self.samples_consumed += self.batch_size * self.dist.world_size  # the stream's position
             self.filtered_samples += filtered  # captions naming no class (streams; map-style filters at start)
@@ -312,6 +321,7 @@ class Trainer:
                 "wall_seconds": self.wall_seconds,
                 "world_size": self.dist.world_size,
                 "batch_size": self.batch_size,
+                "layout": self.data_layout,
             },
             "rng": rng_states[0],
             "rng_per_rank": rng_states,
@@ -362,6 +372,7 @@ class Trainer:
         self.nonfinite_steps = int(data.get("nonfinite_steps", 0))  # counted over the run, not per launch
         self.samples_consumed = int(data["samples_consumed"])
         self.wall_seconds = float(data.get("wall_seconds", 0.0))  # training time summed over launches
+        self.data_layout = data.get("layout")
         per_rank = checkpoint["rng_per_rank"]
         if len(per_rank) == self.dist.world_size:
             restore_rng_state(per_rank[self.dist.rank])
