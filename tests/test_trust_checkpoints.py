@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -283,22 +284,22 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path, m
     second.release()
 
 
-@pytest.mark.parametrize("refused", ["max_steps_0", "data_root_unset", "too_few_shards"])
+@pytest.mark.parametrize("refused", ["max_steps_0", "data_root_unset", "empty_shards"])
 def test_a_refused_launch_removes_the_run_folder_it_made_and_no_other(tmp_path, refused):
-    from tests.test_wds import tagged_shards
-
-    shards = tagged_shards(tmp_path / "shards", "s", shards=1, per_shard=16)  # 1 shard for 2 workers
+    empty = tmp_path / "shards" / "empty-000000.tar"
+    empty.parent.mkdir()
+    tarfile.open(empty, "w").close()  # a valid tar without a member
     overrides = {
         "max_steps_0": ["trainer.max_steps=0"],  # refused when the trainer is built, under the run's lock
         "data_root_unset": ["data=csv"],  # refused by the launch check, before the lock
-        "too_few_shards": ["data=wds", f'data.root="{shards}"', "data.workers=2"],  # when the loader is built
+        "empty_shards": ["data=wds", f'data.root="{empty}"'],  # when the data source is built
     }[refused]
     made, kept = tmp_path / "made", tmp_path / "kept"
     _hydra_wrote(made)
     _hydra_wrote(kept)
     (kept / "notes.txt").write_text("the user's notes, here before the launch\n")
     for run_dir in (made, kept):
-        with pytest.raises(Exception, match="trainer.max_steps|data.root|fewer than ranks x workers"):
+        with pytest.raises(Exception, match="trainer.max_steps|data.root|hold no samples"):
             run_train([*BASE, *overrides], run_dir)
     assert not made.exists()
     before = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "notes.txt", "train.log"}
