@@ -54,17 +54,19 @@ def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_the_objective_comparison_launches_and_compares(tmp_path):
-    """+experiment=compare_objectives on two objectives (the command line narrows its sweep), then vlhub.compare."""
+    """+experiment=compare_objectives on two objectives and one seed (the command line narrows its sweep),
+    then vlhub.compare: each job headlined by its own metric, no confound between them."""
     command = [sys.executable, "-m", "vlhub.train", "-m", "+experiment=compare_objectives", "objective=clip,ce"]
-    command += [*FAST, "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}"]
+    command += [*FAST, "trainer.max_steps=2", "trainer.seed=0", f"hydra.sweep.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
-    from vlhub.compare import list_jobs, write_comparison
+    from vlhub.compare import compare_folder, headline, write_comparison
 
-    jobs = list_jobs(tmp_path)
-    assert [(job.swept, job.step) for job in jobs] == [({"objective": "clip"}, 2), ({"objective": "ce"}, 2)]
-    assert [job.headline()[0] for job in jobs] == ["synthetic-zeroshot-top1", "synthetic-classifier-top1"]
+    found = compare_folder(tmp_path)
+    assert [(job.swept.get("objective"), job.step) for job in found.jobs] == [("clip", 2), ("ce", 2)]
+    assert [headline(job)[0] for job in found.jobs] == ["synthetic-zeroshot-top1", "synthetic-classifier-top1"]
+    assert found.confounds == [] and found.notes == []
     table, chart = write_comparison(tmp_path)
-    assert "| 1 | ce | 2 |" in table.read_text() and chart.stat().st_size > 0
+    assert "Confounds:** none" in table.read_text() and chart.stat().st_size > 0
