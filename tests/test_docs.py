@@ -3,8 +3,10 @@ API object that does not resolve fails), and every command block marked ``<!-- c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import logging
 import os
 import re
 import runpy
@@ -82,12 +84,32 @@ def run_command(line: str, page: str) -> None:
     saved = sys.argv
     sys.argv = [module, *args]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=False)
+        with logging_restored():
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
     except SystemExit as stop:
         assert stop.code in (0, None), f"docs/{page}: {line!r} exited with {stop.code}"
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def logging_restored():
+    """Hydra's main configures logging for the process (handlers on this test's captured streams,
+    existing loggers disabled); put every logger back afterwards, so later tests log as before."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            lg.handlers[:] = handlers
+            lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+        known = {id(lg) for lg in loggers}
+        for name in list(logging.Logger.manager.loggerDict):  # loggers the command made: no handlers of its own
+            made = logging.getLogger(name)
+            if id(made) not in known:
+                made.handlers[:] = []
 
 
 def test_the_site_builds_strictly(tmp_path):
