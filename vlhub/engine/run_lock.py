@@ -145,6 +145,8 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():  # a heartbeat mid-refresh would write the file again after the unlink
+            self._thread.join()
         holder = self._read()
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
