@@ -124,8 +124,15 @@ class Trainer:
         loader = iter(built)
         if self.gradients.batch_on_device:  # the next batch's copy overlaps this step
             loader = prefetch(loader, self.dist.device)
+        # position=0: a bar another fit left open in this process (one that ended in an exception) would
+        # otherwise push this one down a line, and every log line would follow a cursor-up escape.
         progress = tqdm(
-            total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train"
+            total=self.max_steps,
+            initial=self.step,
+            disable=not self.dist.is_main,
+            mininterval=2,
+            desc="train",
+            position=0,
         )
         self.model.train()
         tick, stop = time.perf_counter(), 0
