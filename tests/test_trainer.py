@@ -66,3 +66,20 @@ def test_a_fixed_batch_is_fit_and_the_loss_drops():
         for _ in range(30)
     ]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_fit_that_fails_leaves_no_progress_bar_open(tmp_path, monkeypatch):
+    """A bar left open after an error pushes the next run's bar down a line (its log lines then follow
+    cursor-up escapes): the loop's bar is closed on every exit."""
+    from tqdm import tqdm
+
+    from vlhub.engine.trainer import Trainer
+
+    def fails(self, batch):
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(Trainer, "counted_step", fails)
+    with pytest.raises(RuntimeError, match="a step that fails") as failure:
+        run_train(["trainer.max_steps=2"], tmp_path)
+    assert failure.tb is not None  # the traceback (and the loop's frame) is still alive, as in a caller's handler
+    assert not [bar for bar in list(tqdm._instances) if bar.desc == "train"]

@@ -118,22 +118,28 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         self.restore()
-        start_step, metrics = self.step, {}
+        start_step = self.step
         built = self.make_loader(self.samples_consumed, layout=self.data_layout)  # this rank's batches from there on
         self.data_layout = getattr(built, "layout", None)
         loader = iter(built)
         if self.gradients.batch_on_device:  # the next batch's copy overlaps this step
             loader = prefetch(loader, self.dist.device)
-        # position=0: a bar another fit left open in this process (one that ended in an exception) would
-        # otherwise push this one down a line, and every log line would follow a cursor-up escape.
-        progress = tqdm(
-            total=self.max_steps,
-            initial=self.step,
-            disable=not self.dist.is_main,
-            mininterval=2,
-            desc="train",
-            position=0,
-        )
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.dist.is_main, mininterval=2, desc="train")
+        with bar as progress:  # closed on any exit, so no bar is left open in the process after an error
+            stop, metrics = self.run_steps(loader, progress)
+        if stop:
+            return self.stop_on_signal(start_step)
+        if self.step > start_step:  # the run did something: final checkpoint, then evaluation
+            if not self.checkpointer.due(self.step):
+                self.save()
+            metrics = self.evaluate() if not self.evaluator.due(self.step) else metrics
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        return metrics
+
+    def run_steps(self, loader: Any, progress: tqdm) -> tuple[int, dict[str, float]]:
+        """Steps until ``trainer.max_steps`` or a stop signal: (whether a rank was signalled, the last metrics)."""
+        metrics: dict[str, float] = {}
         self.model.train()
         tick, stop = time.perf_counter(), 0
         while self.step < self.max_steps:
@@ -172,16 +178,7 @@ class Trainer:
             if self.checkpointer.due(self.step):
                 self.save()
             tick = time.perf_counter()
-        progress.close()
-        if stop:
-            return self.stop_on_signal(start_step)
-        if self.step > start_step:  # the run did something: final checkpoint, then evaluation
-            if not self.checkpointer.due(self.step):
-                self.save()
-            metrics = self.evaluate() if not self.evaluator.due(self.step) else metrics
-        if self.metric_logger is not None:
-            self.metric_logger.close()
-        return metrics
+        return stop, metrics
 
     def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
         def step() -> dict[str, torch.Tensor] | None:
