@@ -138,3 +138,11 @@ def test_the_direction_weights_are_keys():
     labels = torch.arange(4)
     expected = 0.2 * F.cross_entropy(logits, labels) + 0.8 * F.cross_entropy(logits.T, labels)
     torch.testing.assert_close(parts["contrastive_loss"], expected.detach())
+
+
+@pytest.mark.parametrize("key", ["contrastive_weight", "caption_weight", "image_weight", "text_weight"])
+def test_a_negative_weight_is_refused_naming_its_key(key):
+    from vlhub.objectives import CocaObjective
+
+    with pytest.raises(ValueError, match=f"objective.{key} must be >= 0"):
+        CocaObjective(**{key: -0.5})

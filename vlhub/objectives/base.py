@@ -58,6 +58,13 @@ def mean_token_nll(summed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return summed.sum() / tokens.sum().clamp(min=1)
 
 
+def check_non_negative(**values: float) -> None:
+    """Each named value >= 0 (loss weights, counts), else an error naming ``objective.<name>``."""
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"objective.{name} must be >= 0, got {value}")
+
+
 class IncompatibleObjective(ValueError):
     """This objective cannot work with the chosen model, data or augmentation (the message says why)."""
 

@@ -13,7 +13,7 @@ from torch import nn
 from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.models.towers import VIT_TOWERS
-from vlhub.objectives.base import IncompatibleObjective, Objective
+from vlhub.objectives.base import IncompatibleObjective, Objective, check_non_negative
 from vlhub.objectives.tiled import check_tile_rows, tiled_row_cross_entropy, tiled_softmax_loss
 from vlhub.registry import OBJECTIVES
 
@@ -55,9 +55,7 @@ class ContrastiveObjective(Objective):
         loss_tiles: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("unlocked_groups", unlocked_groups), ("text_unlocked_layers", text_unlocked_layers)):
-            if value < 0:
-                raise ValueError(f"objective.{name} must be >= 0, got {value}")
+        check_non_negative(unlocked_groups=unlocked_groups, text_unlocked_layers=text_unlocked_layers)
         name = next((n for n, cls in OBJECTIVES.items() if cls is type(self)), type(self).__name__)
         if loss_tiles is not None:
             check_tile_rows(loss_tiles)

@@ -45,7 +45,7 @@ from torch import nn
 
 from vlhub.data.batch import Batch
 from vlhub.eval.scoring import EmbeddingScorer, Scoring
-from vlhub.objectives.base import IncompatibleObjective, mean_token_nll
+from vlhub.objectives.base import IncompatibleObjective, check_non_negative, mean_token_nll
 from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.registry import OBJECTIVES
 
@@ -117,6 +117,12 @@ class CocaObjective(ContrastiveObjective):
         **contrastive,
     ) -> None:
         super().__init__(**contrastive)
+        check_non_negative(
+            contrastive_weight=contrastive_weight,
+            caption_weight=caption_weight,
+            image_weight=image_weight,
+            text_weight=text_weight,
+        )
         if decoder_layers <= 0 or decoder_heads <= 0:
             raise ValueError("objective.decoder_layers and objective.decoder_heads must be > 0")
         if attentional_pooler and (pooler_queries < 2 or pooler_heads <= 0):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlhub.data.batch import Batch
+from vlhub.objectives.base import check_non_negative
 from vlhub.objectives.clip import ContrastiveObjective
 from vlhub.objectives.feature_queue import FeatureQueue
 from vlhub.objectives.mlm import MaskedLanguageModel
@@ -70,22 +71,18 @@ class DeclipObjective(ContrastiveObjective):
         **contrastive,
     ) -> None:
         super().__init__(**contrastive)
-        weights = {
-            "contrastive_weight": contrastive_weight,
-            "multiview_weight": multiview_weight,
-            "ssl_weight": ssl_weight,
-            "mlm_weight": mlm_weight,
-            "nn_weight": nn_weight,
-            "image_weight": image_weight,
-            "text_weight": text_weight,
-        }
-        for name, value in weights.items():
-            if value < 0:
-                raise ValueError(f"objective.{name} must be >= 0, got {value}")
+        check_non_negative(
+            contrastive_weight=contrastive_weight,
+            multiview_weight=multiview_weight,
+            ssl_weight=ssl_weight,
+            mlm_weight=mlm_weight,
+            nn_weight=nn_weight,
+            image_weight=image_weight,
+            text_weight=text_weight,
+            text_swaps=text_swaps,
+        )
         if queue_size <= 0:
             raise ValueError(f"objective.queue_size must be > 0, got {queue_size}")
-        if text_swaps < 0:
-            raise ValueError(f"objective.text_swaps must be >= 0, got {text_swaps}")
         if not 0.0 <= text_deletion_prob <= 1.0:
             raise ValueError(f"objective.text_deletion_prob must be in [0, 1], got {text_deletion_prob}")
         self.contrastive_weight, self.multiview_weight = contrastive_weight, multiview_weight
