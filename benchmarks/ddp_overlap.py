@@ -47,9 +47,11 @@ def _build(model_name: str, dist_info, seed: int):
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from vlhub.engine.parallel import ManualAllReduce, ParallelStrategy, TowerDDP
     from vlhub.objectives import ClipObjective
     from vlhub.optim import OptimRecipe
+    from vlhub.parallel.ddp import TowerDDP
+    from vlhub.parallel.manual import ManualAllReduce
+    from vlhub.parallel.strategy import ParallelStrategy
 
     torch.manual_seed(seed)
     with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
@@ -67,9 +69,10 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from vlhub import distributed
-    from vlhub.distributed import DistInfo
-    from vlhub.engine import PlainGradients, Precision, train_step
+    from vlhub.engine.precision import Precision
+    from vlhub.engine.step import PlainGradients, train_step
+    from vlhub.parallel import collectives
+    from vlhub.parallel.environment import DistInfo
 
     dist_info = DistInfo(rank, 2, rank, torch.device("cpu"))
     model, objective, strategies, optimizer, scheduler = _build(args.model, dist_info, args.seed)
@@ -86,16 +89,16 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None
     for step in range(args.warmup + args.steps):
         for mode in MODES:
             model.tower_wrappers = wrappers if mode == "ddp" else {}  # the towers bare, or through DDP
-            torch.distributed.barrier()
+            torch.collectives.barrier()
             start = time.perf_counter()
             train_step(model, objective, batch, optimizer, scheduler, precision, gradients, None, strategies[mode])
             if step >= args.warmup:
                 times[mode].append(time.perf_counter() - start)
         for param in params:
             param.grad = torch.randn_like(param)
-        torch.distributed.barrier()
+        torch.collectives.barrier()
         start = time.perf_counter()
-        distributed.all_reduce_grads_(params)
+        collectives.all_reduce_grads_(params)
         if step >= args.warmup:
             times["all-reduce alone"].append(time.perf_counter() - start)
         for param in params:

@@ -29,7 +29,9 @@ def _measure(args: argparse.Namespace, batch: int, chunk: int | None) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from vlhub.engine import GradCache, PlainGradients, Precision, train_step
+    from vlhub.engine.grad_cache import GradCache
+    from vlhub.engine.precision import Precision
+    from vlhub.engine.step import PlainGradients, train_step
     from vlhub.objectives import ClipObjective
     from vlhub.optim import OptimRecipe
 

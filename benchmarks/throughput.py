@@ -31,8 +31,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlhub.check.speed import matmul_flops, timed  # the measuring code python -m vlhub.check uses
-from vlhub.engine import GradCache, PlainGradients, Precision, train_step
 from vlhub.engine.compile import compile_towers
+from vlhub.engine.grad_cache import GradCache
+from vlhub.engine.precision import Precision
+from vlhub.engine.step import PlainGradients, train_step
 from vlhub.models import build_open_clip_model
 from vlhub.objectives import ClipObjective
 from vlhub.optim import OptimRecipe

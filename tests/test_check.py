@@ -120,7 +120,7 @@ def test_full_check_compiles_and_measures_speed_on_cpu(tmp_path):
 @LONG
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_distributed_row_matches_one_process_on_two_cpu_ranks(tmp_path, strategy):
-    from vlhub.check.distributed import distributed_row
+    from vlhub.check.ranks import distributed_row
     from vlhub.check.trainers import CheckSettings
 
     status, detail, values = distributed_row(CheckSettings("cpu", "fp32", 4, MICRO), strategy, 2, tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import run_train
-from vlhub.engine.checkpoint import Checkpointer
+from vlhub.run.checkpoint import Checkpointer
 
 RESUME = ["optim.scheduler=constant", "checkpoint.every_n_steps=3", "eval=none", "checkpoint.keep=5"]
 
@@ -66,8 +66,8 @@ def test_checkpoint_contents_load_weights_only_and_into_open_clip(tmp_path):
 
 @pytest.mark.slow
 def test_a_named_arch_checkpoint_loads_with_open_clip_create_model(tmp_path):
-    from vlhub.engine.checkpoint import save_atomic
     from vlhub.models import build_open_clip_model
+    from vlhub.run.checkpoint import save_atomic
 
     torch.manual_seed(0)
     ours = build_open_clip_model(arch="ViT-B-32")

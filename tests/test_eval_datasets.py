@@ -26,8 +26,8 @@ from vlhub.eval import (
     INaturalist2021ZeroShot,
     StanfordCarsZeroShot,
 )
+from vlhub.eval.labelled_files import RootNotSet
 from vlhub.eval.prompts import imagenet_class_names, imagenet_wnids, read_index_list
-from vlhub.eval.sources import RootNotSet
 
 A_INDICES = read_index_list("imagenet_a_indices.txt")
 R_INDICES = read_index_list("imagenet_r_indices.txt")

@@ -13,11 +13,11 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from vlhub.eval import ClassNameTransform, EvalContext, ZeroShotTask, load_subset, mask_logits, restrict_logits
+from vlhub.eval.labelled_files import LabelledFiles
 from vlhub.eval.metrics import balanced_accuracy, confusion_matrix, most_confused_pairs, per_class_table
 from vlhub.eval.plots import MAX_SHOWN, select_classes
 from vlhub.eval.prompts import caesar_shift, read_index_list, resolve_templates
 from vlhub.eval.reports import write_classification_report
-from vlhub.eval.sources import LabelledFiles
 from vlhub.eval.subsets import ClassSubset, subset_classes
 
 

@@ -110,7 +110,7 @@ def test_eval_workers_default_to_the_machines_cores(monkeypatch):
 
     from tests.conftest import compose_train
     from tests.test_evaluate import compose_evaluate
-    from vlhub.distributed import loader_workers
+    from vlhub.parallel.environment import loader_workers
 
     for variable in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID"):
         monkeypatch.delenv(variable, raising=False)

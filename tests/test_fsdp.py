@@ -42,8 +42,8 @@ def _storage_per_rank(rank: int, world_size: int) -> tuple[int, int]:
     """(parameter, AdamW state) elements this rank stores after one sharded step (0 ranks: one process)."""
     from torch.distributed.tensor import DTensor
 
-    from vlhub.distributed import DistInfo
-    from vlhub.engine.fsdp import FsdpStrategy
+    from vlhub.parallel.environment import DistInfo
+    from vlhub.parallel.fsdp import FsdpStrategy
 
     def local_numel(tensors) -> int:  # a DTensor counts its local shard
         return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
@@ -136,9 +136,9 @@ def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_pat
 
 
 def test_sharded_directories_are_atomic_rotated_with_their_step_files_and_read_as_checkpoints(tmp_path):
-    from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
-    from vlhub.engine.run_folder import remove_tmp_files
-    from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
+    from vlhub.parallel.sharded_checkpoint import load_sharded_, state_root
+    from vlhub.run.checkpoint import Checkpointer, read_checkpoint_file
+    from vlhub.run.folder import remove_tmp_files
 
     model, objective = prepared_objective("clip")
     optimizer = torch.optim.AdamW([*model.parameters(), *objective.parameters()], lr=1e-3)
@@ -173,9 +173,9 @@ def test_sharded_directories_are_atomic_rotated_with_their_step_files_and_read_a
 
 def test_fsdp_finds_the_blocks_of_vit_and_timm_towers_and_refuses_a_resnet():
     from tests.conftest import micro_model
-    from vlhub.engine.fsdp import check_fsdp_model, transformer_blocks
     from vlhub.errors import ConfigError
     from vlhub.models import build_open_clip_model
+    from vlhub.parallel.fsdp import check_fsdp_model, transformer_blocks
 
     text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
     vit = micro_model()

@@ -167,7 +167,7 @@ def test_normalize_images_uses_each_calls_own_mean_and_std():
 
 def test_evaluation_skips_and_counts_a_jpeg_corrupt_past_its_header(tmp_path):
     # Sources hand JPEGs over undecoded; the eval transform decodes them, so it is where one fails.
-    from vlhub.eval.images import iter_labelled_batches
+    from vlhub.eval.image_batches import iter_labelled_batches
     from vlhub.eval.retrieval import _Images
 
     csv = _write_csv(tmp_path, 4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port, relative_error
-from vlhub.distributed import cuda_index, get_dist_info, slurm_tasks_on_node
+from vlhub.parallel.environment import cuda_index, get_dist_info, slurm_tasks_on_node
 
 # A 3-node SLURM job with 2 + 2 + 1 tasks, seen from its 4th task (node 1's second).
 SLURM_TASK = {

@@ -20,11 +20,12 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from tests.conftest import free_port, objective_batch, prepared_objective, relative_error, timm_bn_model
 from vlhub.data.batch import slice_batch
-from vlhub.distributed import DistInfo
 from vlhub.engine.grad_cache import GradCache
-from vlhub.engine.parallel import ManualAllReduce, TowerDDP
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
+from vlhub.parallel.ddp import TowerDDP
+from vlhub.parallel.environment import DistInfo
+from vlhub.parallel.manual import ManualAllReduce
 from vlhub.registry import OBJECTIVES
 
 BATCH = 8

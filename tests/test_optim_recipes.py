@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_train, objective_batch, prepared_objective, run_train
-from vlhub.engine import PlainGradients, Precision, train_step
+from vlhub.engine.precision import Precision
+from vlhub.engine.step import PlainGradients, train_step
 from vlhub.models import build_open_clip_model
 
 CONSTANT = ["optim.warmup_steps=0", "optim.scheduler=constant"]
@@ -182,7 +183,7 @@ def tiny_model_node():
 
 def built_trainer(overrides: list[str], tmp_path, monkeypatch):
     import vlhub.train
-    from vlhub.engine import Trainer
+    from vlhub.engine.trainer import Trainer
 
     captured = []
     monkeypatch.setattr(Trainer, "fit", lambda self: captured.append(self) or {})

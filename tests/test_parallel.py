@@ -13,10 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port, run_train
-from vlhub import distributed
-from vlhub.distributed import DistInfo
-from vlhub.engine.parallel import ManualAllReduce, ParallelStrategy, build_parallel
 from vlhub.launch import errors_reported
+from vlhub.parallel import collectives
+from vlhub.parallel.build import build_parallel
+from vlhub.parallel.environment import DistInfo
+from vlhub.parallel.manual import ManualAllReduce
+from vlhub.parallel.strategy import ParallelStrategy
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -57,7 +59,7 @@ def _finish_on_two_ranks(rank: int, port: int, out: str) -> None:
         params[2].grad = params[2].grad if rank == 1 else None  # reached on rank 1 only
         # A 4-element bucket: three collectives, the flags in the last; one flag a device-side bool.
         flags = [torch.tensor(rank == 1), float(rank + 1)]
-        summed = distributed.all_reduce_grads_(params, bucket_elements=4, flags=flags)
+        summed = collectives.all_reduce_grads_(params, bucket_elements=4, flags=flags)
         alone = ManualAllReduce(info).finish_gradients([], flags=[torch.tensor(True)])  # no gradient to carry them
         torch.save({"summed": summed, "alone": alone, "grads": [p.grad for p in params]}, f"{out}/{rank}.pt")
     finally:

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import vlhub.engine.checkpoint as checkpoint_module
 import vlhub.engine.trainer as trainer_module
+import vlhub.run.checkpoint as checkpoint_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, free_port
-from vlhub.engine.preemption import Preemption
+from vlhub.run.preemption import Preemption
 
 # Six steps, no periodic checkpoint and no evaluation: a checkpoint at any other step comes from the signal.
 BASE = [o for o in FAST if not o.startswith("eval.synthetic")]
@@ -186,7 +186,7 @@ def test_a_signal_while_waiting_for_data_that_never_comes_stops_the_run(tmp_path
     import threading
     import time
 
-    from vlhub.data.sources import PairSource
+    from vlhub.data.pair_source import PairSource
 
     def stalled(self, *args, **kwargs):  # a source stuck in a read (a stalled file system, a silent pipe)
         def batches():

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import vlhub.distributed as distributed
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, free_port
+from vlhub.parallel import liveness
 
 RUN = [o for o in FAST if not o.startswith("eval.synthetic")]
 RUN += ["eval=none", "checkpoint.every_n_steps=0", "trainer.max_steps=6"]
@@ -26,8 +26,8 @@ def _rank_main(rank: int, victim: int, port: int, run_dir: str, out: str, how: s
     sys.stderr = os.fdopen(2, "w", buffering=1)  # what the rank logs, for the test to read
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    distributed.HEARTBEAT_INTERVAL_S = 0.3  # the test's clock; 5 s in real runs
-    distributed.SILENT_AFTER_S = 3.0  # 180 s in real runs
+    liveness.PULSE_INTERVAL_S = 0.3  # the test's clock; 5 s in real runs
+    liveness.SILENT_AFTER_S = 3.0  # 180 s in real runs
     real_step, calls = trainer_module.train_step, []
 
     def step(*args, **kwargs):
@@ -90,7 +90,7 @@ def test_a_frozen_rank_is_named_and_the_survivor_exits_instead_of_waiting_out_th
             process.kill()
     assert not hung, "the survivor waited in the collective"
     assert ranks[0].exitcode == 1  # ended by the watcher: gloo would have waited the process-group timeout
-    assert "rank 0 stops: rank(s) [1] stopped responding (no heartbeat for 3 s)" in (tmp_path / "stderr0").read_text()
+    assert "rank 0 stops: rank(s) [1] stopped responding (no pulse for 3 s)" in (tmp_path / "stderr0").read_text()
 
 
 def test_a_rank_leaving_on_an_error_stays_silent_and_one_leaving_normally_says_so(monkeypatch):
@@ -102,9 +102,9 @@ def test_a_rank_leaving_on_an_error_stays_silent_and_one_leaving_normally_says_s
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     for normally in (False, True):
-        heartbeat = distributed.Heartbeat(0, 1)
-        before = int(store.get(heartbeat.keys[0]))
-        heartbeat.leave(normally)
-        after = int(store.get(heartbeat.keys[0]))
+        watch = liveness.RankWatch(0, 1)
+        before = int(store.get(watch.keys[0]))
+        watch.leave(normally)
+        after = int(store.get(watch.keys[0]))
         # The others skip a rank whose counter carries LEFT; one that left on an error must still be named.
-        assert (after - before >= distributed.Heartbeat.LEFT) is normally
+        assert (after - before >= liveness.RankWatch.LEFT) is normally

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-import vlhub.engine.remote as remote_module
 import vlhub.engine.trainer as trainer_module
+import vlhub.run.remote as remote_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
-from vlhub.engine.remote import RemoteError
-from vlhub.engine.secrets import mask_overrides, scrub_hydra_files
 from vlhub.errors import ConfigError
+from vlhub.run.remote import RemoteError
+from vlhub.run.secrets import mask_overrides, scrub_hydra_files
 
 BUCKET = "vlhub-test"
 SECRET = "s3cr3t-never-logged"
@@ -236,7 +236,7 @@ def test_secrets_are_masked_in_overrides_and_hydra_files(tmp_path):
 
 
 def test_a_file_url_remote_takes_whole_files_and_keeps_the_newest(tmp_path):
-    from vlhub.engine.remote import RemoteStore, restore_from_remote
+    from vlhub.run.remote import RemoteStore, restore_from_remote
 
     store = RemoteStore(f"file://{tmp_path / 'remote'}")
     store.probe()
@@ -306,7 +306,7 @@ sys.addaudithook(_record_opens)
 
 @pytest.mark.parametrize("how", ["dotdot", "symlink", "linked_log", "other_name"])
 def test_a_remote_pointer_never_opens_a_file_outside_the_prefix(tmp_path, how):
-    from vlhub.engine.remote import RemoteStore, restore_from_remote
+    from vlhub.run.remote import RemoteStore, restore_from_remote
 
     outside = tmp_path / "srv/secret.txt"
     outside.parent.mkdir(parents=True)

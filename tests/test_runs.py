@@ -146,7 +146,7 @@ def test_bad_data_or_eval_folders_fail_before_the_model_is_built(tmp_path, monke
 
 
 def test_sweep_jobs_of_one_named_run_get_distinct_stable_wandb_ids(tmp_path):
-    from vlhub.engine.loggers import wandb_run_id
+    from vlhub.run.loggers import wandb_run_id
 
     first, second = wandb_run_id(tmp_path / "runs/name/0"), wandb_run_id(tmp_path / "runs/name/1")
     assert first != second and first == wandb_run_id(tmp_path / "runs/name/0")

@@ -92,15 +92,15 @@ def _wait_rank_main(rank: int, port: int, out: str, patient: bool) -> None:
     import datetime
     import time
 
-    from vlhub import distributed
+    from vlhub.parallel import collectives
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
     try:
-        distributed.patient_group()  # every rank, before rank 0's long work
+        collectives.patient_group()  # every rank, before rank 0's long work
         if rank == 0:
             time.sleep(4)  # a linear-probe fit longer than the process group's timeout
-        got = distributed.broadcast_object("fitted" if rank == 0 else None, patient=patient)
+        got = collectives.broadcast_object("fitted" if rank == 0 else None, patient=patient)
         Path(out, f"rank{rank}").write_text(str(got))
     except Exception as error:  # noqa: BLE001 (the test reads what happened)
         Path(out, f"rank{rank}").write_text(f"{type(error).__name__}")

@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import micro_model, run_train
 from tests.test_grad_cache import _batch
-from vlhub.engine import PlainGradients, Precision, train_step
+from vlhub.engine.precision import Precision
+from vlhub.engine.step import PlainGradients, train_step
 from vlhub.objectives import ClipObjective
 from vlhub.optim import OptimRecipe
 

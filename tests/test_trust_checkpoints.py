@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_module
 
 import vlhub
 from tests.conftest import FAST, compose_train, run_train
-from vlhub.engine.checkpoint import Checkpointer
-from vlhub.engine.run_folder import RunFolderError, RunLock, config_changes, remove_failed_launch
 from vlhub.registry import UnsafeConfigError
+from vlhub.run.checkpoint import Checkpointer
+from vlhub.run.folder import RunFolderError, RunLock, config_changes, remove_failed_launch
 
 BASE = ["eval=none", "trainer.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep=2"]
 # The node found in the attack: Hydra blocks os.system, not open.
@@ -429,7 +429,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_naming_the_file_and_keeps_the_p
     import errno
     import io
 
-    import vlhub.engine.checkpoint as checkpoint_module
+    import vlhub.run.checkpoint as checkpoint_module
 
     real_fdopen, saves = os.fdopen, []
 
@@ -474,7 +474,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_naming_the_file_and_keeps_the_p
 def test_a_checkpoint_folder_that_cannot_be_written_fails_at_launch(run_copy, monkeypatch, capsys):
     import tempfile
 
-    import vlhub.engine.checkpoint as checkpoint_module
+    import vlhub.run.checkpoint as checkpoint_module
 
     def read_only(*args, dir=None, **kwargs):  # tests run as root, which chmod cannot stop
         raise PermissionError(13, "Permission denied", str(dir))
@@ -492,8 +492,8 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_at_launch(run_copy, mo
 def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_file_everywhere(trained, tmp_path):
     from tests.test_evaluate import FAST_EVAL, compose_evaluate
     from vlhub.api import build_model, read_checkpoint
-    from vlhub.engine.checkpoint import CheckpointError
     from vlhub.evaluate import evaluate
+    from vlhub.run.checkpoint import CheckpointError
 
     saved = torch.load(trained / "checkpoints/latest.pt", weights_only=True)
     saved["state_dict"]["positional_embedding"] = saved["state_dict"]["positional_embedding"][:-1]

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 
 from tests.conftest import run_train
 from vlhub.api import build_model, read_checkpoint
-from vlhub.eval.wise_ft import interpolate
+from vlhub.eval.weight_interpolation import interpolate
 from vlhub.wise_ft import wise_ft
 
 EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64", "eval.workers=0"]

@@ -25,12 +25,12 @@ from typing import Any, NamedTuple
 import torch
 
 from vlhub.augment import build_plain_transforms
-from vlhub.engine.checkpoint import read_checkpoint_file, weights_from
-from vlhub.engine.sharded_checkpoint import MARKER as SHARDED_MARKER
 from vlhub.eval.scoring import Scoring, default_scoring
 from vlhub.models import VisionLanguageModel
 from vlhub.objectives import Objective, build_objective
+from vlhub.parallel.sharded_checkpoint import MARKER as SHARDED_MARKER
 from vlhub.registry import MODELS, UnsafeConfigError, check_plain_data
+from vlhub.run.checkpoint import read_checkpoint_file, weights_from
 
 log = logging.getLogger(__name__)
 

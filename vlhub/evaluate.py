@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import vlhub.config_help  # noqa: F401  (registers the resolvers of --help)
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
-from vlhub.engine.checkpoint import weights_from
 from vlhub.errors import ConfigError
 from vlhub.eval.scoring import default_scoring
-from vlhub.eval.wise_ft import PROVENANCE_KEYS
+from vlhub.eval.weight_interpolation import PROVENANCE_KEYS
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported
+from vlhub.run.checkpoint import weights_from
 
 log = logging.getLogger("vlhub.evaluate")
 PLOT_SUFFIXES = (".png", ".jpg", ".svg")

@@ -23,19 +23,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.data import BadSampleMonitor
-from vlhub.distributed import DistInfo, broadcast_object, get_dist_info, init_distributed, ranks_watched
-from vlhub.engine import Checkpointer, MetricLogger, Trainer, build_gradient_strategy
-from vlhub.engine.loggers import format_metrics_table
-from vlhub.engine.parallel import ParallelStrategy, build_parallel
-from vlhub.engine.preemption import Preemption
-from vlhub.engine.remote import open_remote
-from vlhub.engine.run_folder import holds_only_launch_files, open_run, remove_failed_launch
-from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files
 from vlhub.engine.step import GradientStrategy
+from vlhub.engine.trainer import Trainer, build_gradient_strategy
 from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
+from vlhub.parallel.build import build_parallel
+from vlhub.parallel.collectives import broadcast_object
+from vlhub.parallel.environment import DistInfo, get_dist_info, init_distributed
+from vlhub.parallel.liveness import ranks_watched
+from vlhub.parallel.strategy import ParallelStrategy
+from vlhub.run.checkpoint import Checkpointer
+from vlhub.run.folder import holds_only_launch_files, open_run, remove_failed_launch
+from vlhub.run.loggers import MetricLogger, format_metrics_table
+from vlhub.run.preemption import Preemption
+from vlhub.run.remote import open_remote
+from vlhub.run.secrets import mask_overrides, mask_secrets, scrub_hydra_files
 
 log = logging.getLogger("vlhub.train")
 

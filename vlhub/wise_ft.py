@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
 from vlhub.eval.scoring import default_scoring
-from vlhub.eval.wise_ft import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
+from vlhub.eval.weight_interpolation import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
 from vlhub.evaluate import require_finite, resolve_device
 from vlhub.launch import errors_reported
 from vlhub.objectives import Objective, build_objective

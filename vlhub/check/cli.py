@@ -45,7 +45,7 @@ def plan(args: argparse.Namespace, folder: Path):
     """The rows to run, in order, as (section, name, thunk)."""
     import torch
 
-    from vlhub.check import correctness, distributed
+    from vlhub.check import correctness, ranks
     from vlhub.check.trainers import CheckSettings, default_precision
     from vlhub.registry import list_objectives
 
@@ -70,7 +70,7 @@ def plan(args: argparse.Namespace, folder: Path):
     for strategy in ("ddp", "fsdp"):
         name = f"{strategy} on all GPUs = one process"
         if gpus >= 2:
-            run_ranks = lambda s=strategy: distributed.distributed_row(settings, s, gpus, folder)  # noqa: E731
+            run_ranks = lambda s=strategy: ranks.distributed_row(settings, s, gpus, folder)  # noqa: E731
             rows.append(("correctness", name, run_ranks))
         else:
             rows.append(("correctness", name, f"needs 2 or more GPUs; {gpus} visible"))
@@ -86,8 +86,8 @@ def plan(args: argparse.Namespace, folder: Path):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlhub.check.environment import environment_rows
     from vlhub.check.rows import UNTESTED, Row, failed_names, format_table, passed, run_row, write_report
+    from vlhub.check.versions import environment_rows
 
     folder = args.out or Path(f"check-{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}")
     folder.mkdir(parents=True, exist_ok=True)

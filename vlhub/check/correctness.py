@@ -18,8 +18,10 @@ from vlhub.check.trainers import (
     full_fp32,
     train_steps,
 )
-from vlhub.engine import GradCache, PlainGradients, Trainer
-from vlhub.engine.checkpoint import read_checkpoint_file
+from vlhub.engine.grad_cache import GradCache
+from vlhub.engine.step import PlainGradients
+from vlhub.engine.trainer import Trainer
+from vlhub.run.checkpoint import read_checkpoint_file
 
 RowResult = tuple[str, str, dict[str, Any]]
 GRAD_CACHE_BOUND = 1e-5  # SPEC section 4: ||g_cache - g_plain|| / ||g_plain|| in fp32, stochastic layers off

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlhub.check.rows import INFO, OK, UNTESTED
 from vlhub.check.trainers import CheckSettings, build_check_trainer, close
-from vlhub.engine import PlainGradients, Trainer
+from vlhub.engine.step import PlainGradients
+from vlhub.engine.trainer import Trainer
 
 RowResult = tuple[str, str, dict[str, Any]]
 BELOW = "below target"  # a measured target missed: reported, not a failure (a slow machine is not a broken one)
@@ -223,7 +224,7 @@ def open_clip_row(m: Measurements) -> RowResult:
     import open_clip
 
     from vlhub.check.trainers import compose_train
-    from vlhub.engine import Precision
+    from vlhub.engine.precision import Precision
 
     _release(m.device)
     model_cfg = compose_train(m.trainer_overrides()).model

@@ -17,10 +17,11 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.distributed import get_dist_info
-from vlhub.engine import Checkpointer, Trainer, build_gradient_strategy
-from vlhub.engine.parallel import build_parallel
+from vlhub.engine.trainer import Trainer, build_gradient_strategy
 from vlhub.launch import check_config, check_device
+from vlhub.parallel.build import build_parallel
+from vlhub.parallel.environment import get_dist_info
+from vlhub.run.checkpoint import Checkpointer
 from vlhub.train import PLAIN_KEYS, build_trainer, config_of
 
 

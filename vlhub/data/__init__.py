@@ -2,7 +2,7 @@ from vlhub.data.batch import BadSample, BadSampleMonitor, Batch, Filtered, Loade
 from vlhub.data.captions import Caption, CaptionPipeline
 from vlhub.data.files import CsvPairs, ImageFolderPairs
 from vlhub.data.loader import build_train_loader
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.data.subset_match import SubsetMatcher
 from vlhub.data.synthetic import SyntheticShapes
 from vlhub.data.wds import BlendedShards, ShardSource, WebDatasetPairs

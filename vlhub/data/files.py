@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlhub.data.batch import BadSample, RawSample
 from vlhub.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, open_image
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.registry import DATASETS
 
 log = logging.getLogger(__name__)

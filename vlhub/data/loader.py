@@ -31,7 +31,7 @@ from vlhub.data.captions import CaptionPipeline
 from vlhub.data.images import DECODE_ERRORS
 
 if TYPE_CHECKING:
-    from vlhub.data.sources import PairSource
+    from vlhub.data.pair_source import PairSource
 
 ImageTransform = Callable[[object], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]

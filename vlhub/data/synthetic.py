@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlhub.data.batch import RawSample
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.registry import DATASETS
 
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -20,9 +20,9 @@ from vlhub.data.batch import check_bad_input_keys
 from vlhub.data.captions import CaptionPipeline
 from vlhub.data.images import DEFAULT_MAX_PIXELS
 from vlhub.data.loader import ImageTransform, Tokenizer
+from vlhub.data.pair_source import PairSource
 from vlhub.data.shard_counts import shard_counts
 from vlhub.data.shards import ShardSet, expand_shards, split_sources
-from vlhub.data.sources import PairSource
 from vlhub.data.stream import build_stream_loader
 from vlhub.registry import DATASETS
 

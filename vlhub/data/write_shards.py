@@ -24,7 +24,7 @@ import webdataset
 
 from vlhub.data.batch import BadSample, RawSample
 from vlhub.data.files import CsvPairs, ImageFolderPairs
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.data.synthetic import SyntheticShapes
 
 log = logging.getLogger("vlhub.data.write_shards")

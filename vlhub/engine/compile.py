@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from vlhub.engine.checkpoint import capture_rng_state, restore_rng_state
+from vlhub.run.checkpoint import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from vlhub.data.batch import Batch, move_batch
-from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
 from vlhub.objectives.base import Objective
+from vlhub.parallel.strategy import ParallelStrategy
 
 NoSync = Callable[[], contextlib.AbstractContextManager]
 
@@ -88,7 +88,7 @@ def train_step(
     """The step's detached loss parts; None when the loss was not finite on some rank: then the
     gradients are dropped and the weights, optimizer state and schedule stay as they were.
 
-    ``parallel`` shares gradients between ranks (``vlhub.engine.parallel``); None: one process."""
+    ``parallel`` shares gradients between ranks (``vlhub.parallel``); None: one process."""
     parallel = parallel or ParallelStrategy()
     parts = gradients(model, objective, batch, precision, no_sync=parallel.no_sync)
     params = [p for group in optimizer.param_groups for p in group["params"]]

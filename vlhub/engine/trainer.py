@@ -13,21 +13,22 @@ from torch import nn
 from tqdm import tqdm
 
 from vlhub.data.batch import BadSampleMonitor, LoadedBatch, batch_size_of
-from vlhub.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_module_
-from vlhub.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, weights_from
 from vlhub.engine.compile import CompiledTowers
 from vlhub.engine.flops import count_flops
 from vlhub.engine.grad_cache import GradCache
-from vlhub.engine.loggers import MetricLogger
-from vlhub.engine.parallel import ParallelStrategy
 from vlhub.engine.precision import Precision
-from vlhub.engine.preemption import Preemption, WaitInterrupted
 from vlhub.engine.prefetch import prefetch
-from vlhub.engine.sharded_checkpoint import MARKER as SHARDED
-from vlhub.engine.sharded_checkpoint import load_sharded_, state_root
 from vlhub.engine.step import GradientStrategy, PlainGradients, train_step
 from vlhub.objectives.base import Objective
 from vlhub.optim import OptimRecipe
+from vlhub.parallel.collectives import all_gather_object, all_reduce_sum, barrier, broadcast_module_
+from vlhub.parallel.environment import DistInfo
+from vlhub.parallel.sharded_checkpoint import MARKER as SHARDED
+from vlhub.parallel.sharded_checkpoint import load_sharded_, state_root
+from vlhub.parallel.strategy import ParallelStrategy
+from vlhub.run.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, weights_from
+from vlhub.run.loggers import MetricLogger
+from vlhub.run.preemption import Preemption, WaitInterrupted
 
 log = logging.getLogger(__name__)
 

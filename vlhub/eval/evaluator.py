@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from vlhub.distributed import loader_workers, rank
 from vlhub.eval.context import EvalContext
+from vlhub.eval.labelled_files import RootNotSet
 from vlhub.eval.prompts import TEMPLATE_SETS, ClassNameTransform, read_template_file
 from vlhub.eval.scoring import Scoring
-from vlhub.eval.sources import RootNotSet
 from vlhub.eval.subsets import load_subset
 from vlhub.eval.tasks import ZeroShotTask
+from vlhub.parallel.environment import loader_workers, rank
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Evaluator:
             raise ValueError(f"eval.every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size <= 0:
             raise ValueError(f"eval.batch_size must be > 0, got {batch_size}")
-        if workers == "auto":  # as many as this machine gives each rank (vlhub.distributed.loader_workers)
+        if workers == "auto":  # as many as this machine gives each rank (vlhub.parallel.environment.loader_workers)
             workers = loader_workers()
         if not isinstance(workers, int) or workers < 0:
             raise ValueError(f"eval.workers must be an integer >= 0 or 'auto', got {workers!r}")

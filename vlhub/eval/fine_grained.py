@@ -15,8 +15,8 @@ from pathlib import Path
 from torchvision import datasets
 
 from vlhub.data.files import IMAGE_EXTENSIONS
+from vlhub.eval.labelled_files import LabelledFiles, require_files, require_root
 from vlhub.eval.prompts import published_templates
-from vlhub.eval.sources import LabelledFiles, require_files, require_root
 from vlhub.eval.tasks import ZeroShotTask, task_templates
 from vlhub.registry import EVAL_TASKS
 

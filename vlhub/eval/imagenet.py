@@ -10,8 +10,8 @@ them. Class names are OpenAI's; templates OpenAI's 80. Folder layouts (checked w
 
 from __future__ import annotations
 
+from vlhub.eval.labelled_files import LabelledFiles, scan_class_folders
 from vlhub.eval.prompts import imagenet_class_names, imagenet_wnids, openai_imagenet_templates, read_index_list
-from vlhub.eval.sources import LabelledFiles, scan_class_folders
 from vlhub.eval.tasks import ZeroShotTask, task_templates
 from vlhub.registry import EVAL_TASKS
 

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vlhub.data.sources import PairSource
-from vlhub.distributed import broadcast_object, patient_group, rank
+from vlhub.data.pair_source import PairSource
 from vlhub.eval.context import EvalContext
 from vlhub.eval.metrics import classification_metrics, mean_per_class_recall
 from vlhub.eval.zeroshot import compute_image_logits
+from vlhub.parallel.collectives import broadcast_object, patient_group
+from vlhub.parallel.environment import rank
 from vlhub.registry import EVAL_TASKS
 
 if TYPE_CHECKING:  # sklearn is imported where a probe is fitted: training and vlhub.check never load it

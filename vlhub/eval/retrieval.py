@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from vlhub.data.batch import BadSample
 from vlhub.data.files import read_image
 from vlhub.data.images import DECODE_ERRORS
-from vlhub.data.sources import PairSource
-from vlhub.distributed import rank
+from vlhub.data.pair_source import PairSource
 from vlhub.eval.context import EvalContext
+from vlhub.eval.labelled_files import RootNotSet
 from vlhub.eval.scoring import (
     DotProduct,
     PairScorer,
@@ -44,7 +44,7 @@ from vlhub.eval.scoring import (
     score_blocks,
 )
 from vlhub.eval.sharding import dataset_share, gather_reps, gather_rows, list_share
-from vlhub.eval.sources import RootNotSet
+from vlhub.parallel.environment import rank
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from typing import TypeVar
 import torch
 from torch.utils.data import Dataset, Subset
 
-from vlhub.distributed import all_gather_object, all_gather_rows, all_reduce_sum, rank, world_size
+from vlhub.parallel.collectives import all_gather_object, all_gather_rows, all_reduce_sum
+from vlhub.parallel.environment import rank, world_size
 
 T = TypeVar("T")
 

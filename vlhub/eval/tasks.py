@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 
 from vlhub.data.files import ImageFolderPairs
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.data.synthetic import SyntheticShapes
-from vlhub.distributed import rank
 from vlhub.eval.context import EvalContext
+from vlhub.eval.labelled_files import LabelledFiles, RootNotSet
 from vlhub.eval.linear_probe import probe_metrics
 from vlhub.eval.metrics import classification_metrics
 from vlhub.eval.prompts import check_templates, read_template_file, resolve_templates
 from vlhub.eval.reports import write_classification_report
 from vlhub.eval.scoring import Scoring, default_scoring
-from vlhub.eval.sources import LabelledFiles, RootNotSet
 from vlhub.eval.subsets import subset_classes
 from vlhub.eval.zeroshot import compute_image_logits
+from vlhub.parallel.environment import rank
 from vlhub.registry import EVAL_TASKS
 
 log = logging.getLogger(__name__)

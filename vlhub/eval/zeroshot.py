@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from vlhub.data.sources import PairSource
-from vlhub.eval.images import iter_labelled_batches
+from vlhub.data.pair_source import PairSource
+from vlhub.eval.image_batches import iter_labelled_batches
 from vlhub.eval.scoring import EmbeddingScorer
 from vlhub.eval.sharding import gather_rows, sum_over_ranks
 

@@ -22,7 +22,7 @@ import open_clip
 import torch
 from torch import nn
 
-from vlhub.engine.checkpoint import CheckpointError, read_checkpoint_file
+from vlhub.run.checkpoint import CheckpointError, read_checkpoint_file
 
 log = logging.getLogger(__name__)
 STRIP = ("module.",)  # DDP's wrapper prefix

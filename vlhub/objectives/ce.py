@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.eval.prompts import simple_templates
 from vlhub.eval.scoring import Scoring
 from vlhub.eval.zeroshot import build_zero_shot_classifier
 from vlhub.objectives.base import IncompatibleObjective, Objective
+from vlhub.parallel import collectives
 from vlhub.registry import OBJECTIVES
 
 
@@ -115,7 +115,7 @@ class CrossEntropyObjective(Objective):
         return {"nll": per_sample_cross_entropy(logits, batch)}
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        loss = distributed.gather_features(reps["nll"])[0].mean()
+        loss = collectives.gather_features(reps["nll"])[0].mean()
         return {"loss": loss, "cross_entropy": loss.detach()}
 
     def scoring(self, model: nn.Module) -> Scoring:

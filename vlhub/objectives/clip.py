@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.models.towers import VIT_TOWERS
 from vlhub.objectives.base import IncompatibleObjective, Objective, check_non_negative
 from vlhub.objectives.tiled import check_tile_rows, tiled_row_cross_entropy, tiled_softmax_loss
+from vlhub.parallel import collectives
 from vlhub.registry import OBJECTIVES
 
 
@@ -96,7 +96,7 @@ class ContrastiveObjective(Objective):
 
     def gather(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Features of every rank, and the offset of this rank's rows among them."""
-        return distributed.gather_features(features, with_grad=self.gather_with_grad)
+        return collectives.gather_features(features, with_grad=self.gather_with_grad)
 
     def gather_all(self, *features: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor's rows from every rank (the global batch, in rank order)."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlhub import distributed
 from vlhub.data.batch import Batch
 from vlhub.objectives.base import Objective
 from vlhub.objectives.ssl import SimclrHead
+from vlhub.parallel import collectives
 from vlhub.registry import OBJECTIVES
 
 
@@ -51,7 +51,7 @@ class SimclrObjective(Objective):
         }
 
     def loss(self, reps: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        first = distributed.gather_features(reps["view2_features"])[0]
-        second = distributed.gather_features(reps["view3_features"])[0]
+        first = collectives.gather_features(reps["view2_features"])[0]
+        second = collectives.gather_features(reps["view3_features"])[0]
         ssl = self.head(first, second)
         return {"loss": ssl, "ssl_loss": ssl.detach()}

@@ -5,10 +5,10 @@ Layout of a checkpoint (all plain containers and tensors):
 ``scaler``, ``scheduler``, ``step``, ``epoch``, ``data`` (position and bad-sample counts),
 ``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``, and ``run_id``: the
 run that wrote it. Rotation and auto-resume only consider the run's own files
-(``engine/run_folder.py`` decides which run a folder holds).
+(``run/folder.py`` decides which run a folder holds).
 
 Under ``trainer.strategy=fsdp`` each save also writes the sharded directory ``step_<N>.dcp``
-(``engine/sharded_checkpoint.py``); reading it gives its ``trainer.pt`` (this layout without the
+(``parallel/sharded_checkpoint.py``); reading it gives its ``trainer.pt`` (this layout without the
 weights) with ``sharded_dir`` naming where the weights are. At the same step the directory is
 preferred for resuming (each rank reads only its shards); rotation removes a step's file and
 directory together.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlhub.engine.sharded_checkpoint import MARKER, SHARDED_DIR, TRAINER_STATE, is_sharded_dir, write_sharded
 from vlhub.errors import ConfigError
+from vlhub.parallel.sharded_checkpoint import MARKER, SHARDED_DIR, TRAINER_STATE, is_sharded_dir, write_sharded
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -149,7 +149,7 @@ def _link_atomic(source: Path, target: Path) -> None:
 class Checkpointer:
     """Writes ``step_<N>.pt`` and ``latest.pt`` under ``<run dir>/checkpoints``, keeps the run's
     newest ``keep``. ``move_aside`` and ``allow_config_change`` are read when the run opens
-    (``engine/run_folder.py``); ``run_id`` is set there and written into every checkpoint."""
+    (``run/folder.py``); ``run_id`` is set there and written into every checkpoint."""
 
     def __init__(
         self,
@@ -179,11 +179,11 @@ class Checkpointer:
         self.resume_checkpoint: dict[str, Any] | None = None  # chosen when the run opens
         self.resume_from = "checkpoint.resume"  # ``KEY=PATH`` of that choice, for the messages
         self.opened = False
-        # checkpoint.remote (engine/remote.py): read by train.py; after_save(step, path) queues an upload.
+        # checkpoint.remote (run/remote.py): read by train.py; after_save(step, path) queues an upload.
         self.remote, self.remote_options = remote, dict(remote_options or {})
         self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
         self.after_save: Callable[[int, Path], None] | None = None
-        # The run folder's lock (engine/run_lock.py): stale after this long; before_write raises once
+        # The run folder's lock (run/lock.py): stale after this long; before_write raises once
         # another launch took it over, so a run that lost its folder stops instead of writing into it.
         self.lock_stale_after_s = lock_stale_after_s
         self.before_write: Callable[[], None] | None = None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import vlhub
-from vlhub.distributed import DistInfo
+from vlhub.parallel.environment import DistInfo
 
 
 def vlhub_revision() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlhub.data.batch import RawSample
 from vlhub.data.files import IMAGE_EXTENSIONS, read_image
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 
 
 class RootNotSet(ValueError):

@@ -1,6 +1,6 @@
 """A run folder holds one run: its identity, its lock, its record, and what a killed run left.
 
-At launch rank 0 locks the folder (``run.lock``, ``engine/run_lock.py``), removes
+At launch rank 0 locks the folder (``run.lock``, ``run/lock.py``), removes
 the temporary files of a killed write, and decides what this start is: a fresh run (a new run
 id) or the continuation of the run the folder holds (``run.json``, which also lists each launch's
 code revision, torch release, device and number of ranks). Checkpoints carry the run id,
@@ -27,10 +27,11 @@ from typing import Any
 
 import yaml
 
-from vlhub.distributed import DistInfo, broadcast_object
-from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
-from vlhub.engine.environment import launch_environment
-from vlhub.engine.run_lock import LOCK, STALE_AFTER_S, RunFolderError, RunLock
+from vlhub.parallel.collectives import broadcast_object
+from vlhub.parallel.environment import DistInfo
+from vlhub.run.checkpoint import Checkpointer, read_checkpoint_file
+from vlhub.run.launches import launch_environment
+from vlhub.run.lock import LOCK, STALE_AFTER_S, RunFolderError, RunLock
 
 log = logging.getLogger(__name__)
 IDENTITY, RECORD, RESULTS = "run.json", "config.yaml", "results.jsonl"
@@ -239,7 +240,7 @@ def _launches(identity: Path, run_id: str) -> list[dict[str, Any]]:
 
 
 def _record_start(run_dir: Path, start: RunStart, config: dict[str, Any], environment: dict[str, Any]) -> None:
-    """Identity and each launch's environment (code, torch, device, ranks: vlhub/engine/environment.py),
+    """Identity and each launch's environment (code, torch, device, ranks: vlhub/run/launches.py),
     the config that trains the weights from here, and the results trimmed to the step."""
     identity = run_dir / IDENTITY
     launches = [*_launches(identity, start.run_id), {"step": start.step, **environment}]

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from vlhub.distributed import barrier
+from vlhub.parallel.collectives import barrier
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ than checkpoints, a waiting snapshot is replaced by the newer one.
 
 ``checkpoint.resume=auto`` on a run folder without checkpoints (a requeued job on a new node)
 downloads the checkpoint ``latest.json`` names, the run's logs and its identity, and the usual
-resume path (``engine/run_folder.py``) takes it from there. The launch probes the remote with a
+resume path (``run/folder.py``) takes it from there. The launch probes the remote with a
 small write, so an unreachable or read-only remote fails before anything trains.
 
 Endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ...) or ``checkpoint.remote_options`` (keyword arguments of the fsspec filesystem), never from
-the URL; ``engine/secrets.py`` hides the options' values wherever the config is stored or logged.
+the URL; ``run/secrets.py`` hides the options' values wherever the config is stored or logged.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from vlhub.engine.checkpoint import Checkpointer, read_checkpoint_file
-from vlhub.engine.secrets import mask_overrides, mask_secrets, scrub_hydra_files  # noqa: F401 (their first home)
 from vlhub.errors import ConfigError
+from vlhub.run.checkpoint import Checkpointer, read_checkpoint_file
+from vlhub.run.secrets import mask_overrides, mask_secrets, scrub_hydra_files  # noqa: F401 (their first home)
 
 log = logging.getLogger(__name__)
 POINTER = "latest.json"

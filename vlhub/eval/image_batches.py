@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlhub.data.batch import BadSample
 from vlhub.data.images import DECODE_ERRORS
-from vlhub.data.sources import PairSource
+from vlhub.data.pair_source import PairSource
 from vlhub.eval.sharding import dataset_share
 
 

@@ -49,7 +49,7 @@ Composition:
 - towers without transformer blocks (open_clip's ModifiedResNet, timm CNNs) are refused at
   launch; ``trainer.strategy=ddp`` trains them.
 
-Checkpoints: ``vlhub/engine/sharded_checkpoint.py`` writes the resumable sharded directory; this
+Checkpoints: ``vlhub/parallel/sharded_checkpoint.py`` writes the resumable sharded directory; this
 module gathers the full open_clip-layout state dict (and a full optimizer state) for rank 0's
 single-file ``step_<N>.pt`` / ``latest.pt``, and loads either back on any number of ranks.
 """
@@ -74,12 +74,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from vlhub import distributed
-from vlhub.distributed import DistInfo
-from vlhub.engine.checkpoint import Checkpointer
-from vlhub.engine.parallel import ParallelStrategy
-from vlhub.engine.sharded_checkpoint import state_root
 from vlhub.errors import ConfigError
+from vlhub.parallel import collectives
+from vlhub.parallel.environment import DistInfo
+from vlhub.parallel.sharded_checkpoint import state_root
+from vlhub.parallel.strategy import ParallelStrategy
+from vlhub.run.checkpoint import Checkpointer
 
 KEY = "trainer.strategy"
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
@@ -209,7 +209,7 @@ class FsdpStrategy(ParallelStrategy):
 
     def finish_gradients(self, params: Iterable[nn.Parameter], flags: Sequence[torch.Tensor | float] = ()) -> list[int]:
         """Average the replicated parameters' gradients (the sharded ones were reduce-scattered)."""
-        return distributed.all_reduce_grads_((p for p in params if not isinstance(p, DTensor)), flags=flags)
+        return collectives.all_reduce_grads_((p for p in params if not isinstance(p, DTensor)), flags=flags)
 
     def clip_gradients_(self, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
         """``clip_grad_norm_`` over sharded and replicated gradients together (torch's refuses the

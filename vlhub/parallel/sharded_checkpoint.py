@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vlhub import distributed
+from vlhub.parallel import collectives, environment
 
 SHARDED_DIR = re.compile(r"^step_(\d+)\.dcp$")
 TRAINER_STATE = "trainer.pt"  # inside the directory: the checkpoint without its weights
@@ -75,13 +75,13 @@ def write_sharded(
     into its ``trainer.pt`` through ``save_file(payload, path)`` (an atomic write)."""
     final = folder / f"step_{step}.dcp"
     tmp = folder / f".{final.name}.tmp"
-    if distributed.rank() == 0:
+    if environment.rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a killed write's leftovers
-    distributed.barrier()
+    collectives.barrier()
     with _one_process_quiet():  # returns once every rank's shards are written
-        dcp.save(_app_state(root, optimizer), checkpoint_id=tmp, no_dist=not distributed.is_initialized())
-    if distributed.rank() == 0:
+        dcp.save(_app_state(root, optimizer), checkpoint_id=tmp, no_dist=not environment.is_initialized())
+    if environment.rank() == 0:
         save_file(header, tmp / TRAINER_STATE)
         if final.exists():  # the same step saved again: swap, never a moment without a checkpoint
             old = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
@@ -90,7 +90,7 @@ def write_sharded(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    distributed.barrier()  # every rank returns with the directory in place
+    collectives.barrier()  # every rank returns with the directory in place
     return final
 
 
@@ -99,6 +99,6 @@ def load_sharded_(path: str | Path, root: nn.Module, optimizer: torch.optim.Opti
     not) and ``optimizer``, on any number of ranks (collective when there are several)."""
     state = _app_state(root, optimizer)
     with _one_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
+        dcp.load(state, checkpoint_id=path, no_dist=not environment.is_initialized())
     set_model_state_dict(root, state["model"])
     set_optimizer_state_dict(root, optimizer, state["optimizer"])

@@ -1,0 +1,1 @@
+"""Ranks: environment discovery, collectives, rank liveness, the strategies (one file each) and sharded checkpoints."""
