@@ -33,7 +33,7 @@ PUBLISHED = {
 TOWERS_AND_LOSS = {
     "openclip_rn50_cc3m": ("RN50-quickgelu", "ClipObjective"),
     "openclip_rn50_cc12m": ("RN50-quickgelu", "ClipObjective"),
-    "openclip_vit_b32_laion400m": ("ViT-B-32-quickgelu", "ClipObjective"),
+    "openclip_vit_b32_laion400m": ("ViT-B-32", "ClipObjective"),
     "openclip_vit_l14_laion2b": ("ViT-L-14", "ClipObjective"),
     "openclip_vit_h14_laion2b": ("ViT-H-14", "ClipObjective"),
     "lit_vit_l16_public": ("vit_large_patch16_224.augreg_in21k", "ClipObjective"),
