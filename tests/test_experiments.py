@@ -19,13 +19,14 @@ from tests.conftest import compose_train, run_train
 PUBLISHED = {
     "openclip_rn50_cc3m": ("AdamW", 1e-3, 0.1, 10000, 1024, 256, 85000),
     "openclip_rn50_cc12m": ("AdamW", 1e-3, 0.1, 10000, 1024, 256, 293000),
-    "openclip_vit_b32_laion400m": ("AdamW", 5e-4, 0.2, 2000, 32768, 256, 397000),
+    "openclip_vit_b32_laion400m": ("AdamW", 5e-4, 0.2, 2000, 32768, 256, 397785),
     "openclip_vit_l14_laion2b": ("AdamW", 1e-3, 0.2, 10000, 86016, 64, 372000),
-    "openclip_vit_h14_laion2b": ("AdamW", 5e-4, 0.2, 10000, 79104, 32, 404500),
+    "openclip_vit_h14_laion2b": ("AdamW", 5e-4, 0.2, 2000, 79104, 32, 439000),
     "lit_vit_l16_public": ("AdamW", 1e-3, 1e-4, 10000, 16384, 256, 60000),
     "siglip_vit_b16": ("AdamW", 1e-3, 1e-4, 5000, 32768, 128, 1220000),
-    "evaclip_vit_b16": ("Lamb", 2e-4, 0.05, 2000, 131072, 256, 61000),
-    "declip_benchmark_yfcc15m": ("AdamW", 1e-3, 0.1, 2500, 4096, 256, 117000),
+    "evaclip_vit_b16": ("Lamb", 5e-4, 0.05, 2000, 131072, 256, 61000),  # 5e-4: the temperature's group
+    "declip_benchmark_yfcc15m": ("AdamW", 1e-3, 0.1, 2500, 4096, 256, 128000),
+    "declip_benchmark_yfcc15m_slip_filip": ("AdamW", 5e-4, 0.5, 2500, 4096, 256, 128000),
     "captionnet_in100": ("AdamW", 1e-3, 0.1, 10000, 128, None, 30000),
 }
 # What else a preset must pick to be the paper's run: (model arch or timm trunk, objective class).
@@ -39,6 +40,7 @@ TOWERS_AND_LOSS = {
     "siglip_vit_b16": ("ViT-B-16-SigLIP", "SiglipObjective"),
     "evaclip_vit_b16": ("EVA02-B-16", "ClipObjective"),
     "declip_benchmark_yfcc15m": ("ViT-B-32", "ClipObjective"),
+    "declip_benchmark_yfcc15m_slip_filip": ("ViT-B-32", "ClipObjective"),
     "captionnet_in100": ("RN50", "ClipObjective"),
 }
 
@@ -97,12 +99,19 @@ def test_the_eva_clip_preset_gives_each_tower_its_lr_and_decays_it_per_layer(tin
     assert by_name["text_embeddings"] == pytest.approx(2e-5 * 0.75 ** (text_depth + 1))
 
 
-def test_the_declip_sweep_runs_the_four_objectives_of_the_benchmark():
+def test_the_declip_sweeps_run_the_four_objectives_with_each_ones_lr_and_weight_decay(tiny_model):
     from hydra import compose, initialize_config_module
 
+    swept = {}
     with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=declip_benchmark_yfcc15m"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params.objective.split(",") == ["clip", "slip", "filip", "declip"]
+        for name in ("declip_benchmark_yfcc15m", "declip_benchmark_yfcc15m_slip_filip"):
+            cfg = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
+            optimizer, _ = instantiate(cfg.optim).build([tiny_model], max_steps=10, batch_size=4096)
+            assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-8
+            for objective in cfg.hydra.sweeper.params.objective.split(","):
+                swept[objective] = (optimizer.param_groups[0]["initial_lr"], cfg.optim.weight_decay)
+    # The DeCLIP repository's yfcc15m_vit_* configs: (warmup_lr, weight_decay) per method.
+    assert swept == {"clip": (1e-3, 0.1), "declip": (1e-3, 0.1), "slip": (5e-4, 0.5), "filip": (5e-4, 0.5)}
 
 
 @pytest.mark.slow
