@@ -30,9 +30,12 @@ def read_run_id(run_dir: Path) -> str | None:
 
 
 def write_identity(run_dir: Path, run_id: str, launch: dict[str, Any] | None = None) -> None:
-    """``run.json`` for ``run_id``: its earlier launches (none for another run's file) and ``launch``."""
-    launches = [*_launches(run_dir / IDENTITY, run_id), *([launch] if launch is not None else [])]
-    (run_dir / IDENTITY).write_text(json.dumps({"run_id": run_id, "launches": launches}) + "\n")
+    """``run.json`` naming ``run_id``; with ``launch``, listed after the run's earlier launches (none
+    for another run's file). Without, the id alone (a run restored from its remote, not launched yet)."""
+    record: dict[str, Any] = {"run_id": run_id}
+    if launch is not None:
+        record["launches"] = [*_launches(run_dir / IDENTITY, run_id), launch]
+    (run_dir / IDENTITY).write_text(json.dumps(record) + "\n")
 
 
 def _launches(identity: Path, run_id: str) -> list[dict[str, Any]]:
