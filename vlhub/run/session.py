@@ -63,7 +63,7 @@ class CheckpointSettings:
     move_aside: bool
     allow_config_change: bool
     remote: str | None
-    remote_options: dict[str, Any]
+    remote_options: dict[str, Any] | None
     remote_retries: int
     remote_backoff_s: float
     lock_stale_after_s: float
