@@ -10,7 +10,7 @@
         metrics = trainer.fit()
         run.finish()                                # the final logs uploaded; the last checkpoint must be there
 
-Opening, on rank 0: the ``checkpoint.*`` keys are checked, ``checkpoint.remote`` is probed, the
+Opening: the ``checkpoint.*`` values are checked; on rank 0, ``checkpoint.remote`` is probed, the
 folder is locked (``run/lock.py``), an empty folder is restored from the remote
 (``run/remote_restore.py``), the start is decided (``run/resume.py``) and recorded (``run.json``,
 ``config.yaml``); then every rank gets the decision and reads the checkpoint to continue from, and
