@@ -14,11 +14,11 @@ import torch
 import yaml
 
 import vlhub.engine.trainer as trainer_module
-import vlhub.run.remote as remote_module
+import vlhub.run.remote_store as remote_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
 from vlhub.errors import ConfigError
-from vlhub.run.remote import RemoteError
+from vlhub.run.remote_store import RemoteError
 from vlhub.run.secrets import mask_overrides, scrub_hydra_files
 
 BUCKET = "vlhub-test"
@@ -236,7 +236,8 @@ def test_secrets_are_masked_in_overrides_and_hydra_files(tmp_path):
 
 
 def test_a_file_url_remote_takes_whole_files_and_keeps_the_newest(tmp_path):
-    from vlhub.run.remote import RemoteStore, restore_from_remote
+    from vlhub.run.remote_restore import restore_from_remote
+    from vlhub.run.remote_store import RemoteStore
 
     store = RemoteStore(f"file://{tmp_path / 'remote'}")
     store.probe()
@@ -306,7 +307,8 @@ sys.addaudithook(_record_opens)
 
 @pytest.mark.parametrize("how", ["dotdot", "symlink", "linked_log", "other_name"])
 def test_a_remote_pointer_never_opens_a_file_outside_the_prefix(tmp_path, how):
-    from vlhub.run.remote import RemoteStore, restore_from_remote
+    from vlhub.run.remote_restore import restore_from_remote
+    from vlhub.run.remote_store import RemoteStore
 
     outside = tmp_path / "srv/secret.txt"
     outside.parent.mkdir(parents=True)

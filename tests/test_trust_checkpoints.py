@@ -20,7 +20,9 @@ import vlhub
 from tests.conftest import FAST, compose_train, run_train
 from vlhub.registry import UnsafeConfigError
 from vlhub.run.checkpoint import Checkpointer
-from vlhub.run.folder import RunFolderError, RunLock, config_changes, remove_failed_launch
+from vlhub.run.config_changes import config_changes
+from vlhub.run.folder import remove_failed_launch
+from vlhub.run.lock import RunFolderError, RunLock
 
 BASE = ["eval=none", "trainer.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep=2"]
 # The node found in the attack: Hydra blocks os.system, not open.

@@ -1,9 +1,9 @@
 """The jobs under a folder, as ``python -m vlhub.compare`` reads them: what each ran and what it scored.
 
 A job is a folder holding ``results.jsonl``, ``config.yaml`` (the resolved config that trained it,
-written by vlhub/run/folder.py) or Hydra's ``.hydra/``. Its final record is the last
+written by vlhub/run/resume.py) or Hydra's ``.hydra/``. Its final record is the last
 evaluation record of ``results.jsonl``; ``run.json`` lists each launch's code revision, torch
-release, device and number of ranks (vlhub/run/launches.py), compared as ``env.*`` keys.
+release, device and number of ranks (vlhub/run/identity.py), compared as ``env.*`` keys.
 
 Swept keys are those given several values in a sweep's ``multirun.yaml`` (``hydra.sweeper.params``
 and the command line, ``hydra.overrides.task``); a group (``augment``) covers every key under it.
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from vlhub.run.folder import flatten
+from vlhub.run.config_changes import flatten
 
 SEED = "trainer.seed"
 # Keys that cannot change what a job scores: never a confound.

@@ -30,16 +30,14 @@ from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
 from vlhub.parallel.build import build_parallel
-from vlhub.parallel.collectives import broadcast_object
 from vlhub.parallel.environment import DistInfo, get_dist_info, init_distributed
 from vlhub.parallel.liveness import ranks_watched
 from vlhub.parallel.strategy import ParallelStrategy
 from vlhub.run.checkpoint import Checkpointer
-from vlhub.run.folder import holds_only_launch_files, open_run, remove_failed_launch
 from vlhub.run.loggers import MetricLogger, format_metrics_table
 from vlhub.run.preemption import Preemption
-from vlhub.run.remote import open_remote
-from vlhub.run.secrets import mask_overrides, mask_secrets, scrub_hydra_files
+from vlhub.run.secrets import mask_overrides, mask_secrets
+from vlhub.run.session import CheckpointSettings, RunSession
 
 log = logging.getLogger("vlhub.train")
 
@@ -65,7 +63,7 @@ PLAIN_KEYS: PlainKeys = {
     "run": [(run_dir_for, "")],
     "trainer": [(Trainer, ""), (get_dist_info, ""), (build_parallel, "")],
     "trainer.grad_cache": [(build_gradient_strategy, "")],
-    "checkpoint": [(Checkpointer, "")],
+    "checkpoint": [(CheckpointSettings, "")],
     "logger": [(MetricLogger, "")],
     "logger.wandb": [(MetricLogger, "wandb_")],
 }
@@ -119,30 +117,22 @@ def train(
     overrides; both are recorded with every result, so the jobs of a sweep can be told apart.
     ``preemption``, installed, stops the trainer at a step boundary on its signals (with a checkpoint).
     """
-    # A launch that fails before a training step leaves no run folder behind when Hydra made it for
-    # this launch (removed under the run's lock: a launch that lost the folder to another removes nothing).
-    main, created = get_dist_info("cpu").is_main, holds_only_launch_files(run_dir)
-    if main:
-        scrub_hydra_files(run_dir)  # Hydra wrote the overrides before vlhub ran: no credentials there
-    start, trainer, remote, stale_after_s = None, None, None, float(cfg.checkpoint.get("lock_stale_after_s", 120))
-    try:
+    # The run session owns the run folder (lock, identity, resume, remote copies); a launch that fails
+    # before a training step leaves no folder behind when Hydra made it for this launch.
+    with RunSession(run_dir) as run:
         check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
         settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
         check_device(settings["device"], "trainer.device")
         dist_info = get_dist_info(settings.pop("device"))
         init_distributed(dist_info)
-        run_dir = broadcast_object(run_dir)  # every rank writes under rank 0's run folder
-        if dist_info.is_main:
-            log.info("run folder: %s", run_dir.resolve())
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
-        # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
         gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
         parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
-        checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
-        remote = open_remote(checkpointer, run_dir) if dist_info.is_main else None  # probes checkpoint.remote
-        start = open_run(run_dir, checkpointer, config, dist_info, remote.before_decide if remote else None)
-        if remote is not None:
-            remote.run_id, checkpointer.after_save = start.run_id, remote.submit
+        if dist_info.is_main:
+            log.info("run folder: %s", run_dir.resolve())
+        # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
+        start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info)
+        run_dir = run.run_dir  # rank 0's, on every rank
         if start.finished:
             log.warning(
                 "the run in %s finished at step %d (trainer.max_steps=%d): nothing to do. To continue it, "
@@ -155,28 +145,18 @@ def train(
             )
             return {}
         trainer = build_trainer(
-            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config, preemption
+            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, run, config, preemption
         )
+        run.track(lambda: trainer.step)
         # Log lines print above the progress bar; a rank that dies is named by the others, which stop.
         with logging_redirect_tqdm(), ranks_watched(dist_info):
             metrics = trainer.fit()
-        if remote is not None:  # the final logs too; an error if the last checkpoint never got there
-            remote.finish(trainer.step)
+        run.finish()  # the final logs too; an error if the last checkpoint never reached checkpoint.remote
         if dist_info.is_main:
             if metrics:
                 log.info("final metrics (step %d):\n%s", trainer.step, format_metrics_table(metrics))
             log.info("run folder: %s", run_dir.resolve())
         return metrics
-    except BaseException:
-        trained = trainer is not None and trainer.step > 0
-        if main and (start is None or start.step == 0) and not trained:
-            remove_failed_launch(run_dir, created, start.lock if start else None, stale_after_s)
-        raise
-    finally:
-        if remote is not None:
-            remote.abandon()
-        if start is not None:
-            start.close()
 
 
 def build_trainer(

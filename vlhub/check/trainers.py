@@ -84,7 +84,8 @@ def build_check_trainer(overrides: list[str], run_dir: Path) -> Trainer:
     dist_info = get_dist_info(settings.pop("device"))
     gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
     parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
-    checkpointer = Checkpointer(run_dir / "checkpoints", **cfg.checkpoint)
+    files = cfg.checkpoint  # a plain checkpoint folder: no run session, so no lock and no remote copies
+    checkpointer = Checkpointer(run_dir / "checkpoints", files.every_n_steps, files.keep, files.resume)
     choices, config = _choices(overrides), config_of(cfg)
     return build_trainer(
         cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config

@@ -5,7 +5,7 @@ Layout of a checkpoint (all plain containers and tensors):
 ``scaler``, ``scheduler``, ``step``, ``epoch``, ``data`` (position and bad-sample counts),
 ``rng`` (as tensors), ``config`` (a plain dict), ``open_clip_model_cfg``, and ``run_id``: the
 run that wrote it. Rotation and auto-resume only consider the run's own files
-(``run/folder.py`` decides which run a folder holds).
+(``run/resume.py`` decides which run a folder holds; ``run/session.py`` binds the checkpointer to it).
 
 Under ``trainer.strategy=fsdp`` each save also writes the sharded directory ``step_<N>.dcp``
 (``parallel/sharded_checkpoint.py``); reading it gives its ``trainer.pt`` (this layout without the
@@ -146,10 +146,40 @@ def _link_atomic(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step files and sharded directories in ``folder``, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := STEP_FILE.match(p.name)) or ((m := SHARDED_DIR.match(p.name)) and p.is_dir())
+    ]
+    return sorted(found, reverse=True)
+
+
+def scan_checkpoints(folder: Path) -> list[tuple[int, Path, str | None]]:
+    """(step, file, run id) of every readable checkpoint in ``folder``, ``latest.pt`` included, newest
+    first; torn or foreign-format files are skipped with a warning."""
+    files = [path for _, path in step_files(folder)]
+    if (folder / LATEST).is_file():
+        files.append(folder / LATEST)
+    found = []
+    for path in files:
+        try:
+            header = read_checkpoint_file(path, "checkpoint", mmap=True)
+            found.append((int(header["step"]), path, header.get("run_id")))
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError) as error:
+            log.warning("skipping unreadable checkpoint %s: %s", path, error)
+    # Newest step first; at one step the sharded directory, then the step file, then latest.pt.
+    return sorted(found, key=lambda item: (item[0], item[1].is_dir(), item[1].name != LATEST), reverse=True)
+
+
 class Checkpointer:
     """Writes ``step_<N>.pt`` and ``latest.pt`` under ``<run dir>/checkpoints``, keeps the run's
-    newest ``keep``. ``move_aside`` and ``allow_config_change`` are read when the run opens
-    (``run/folder.py``); ``run_id`` is set there and written into every checkpoint."""
+    newest ``keep``. ``run_id`` (the run that writes, stamped into every checkpoint) and
+    ``before_write`` (called before each write; raises to refuse it) come from :meth:`for_run`, once
+    the run is decided (``run/session.py``)."""
 
     def __init__(
         self,
@@ -157,13 +187,8 @@ class Checkpointer:
         every_n_steps: int,
         keep: int,
         resume: str | None,
-        move_aside: bool = False,
-        allow_config_change: bool = False,
-        remote: str | None = None,
-        remote_options: dict[str, Any] | None = None,
-        remote_retries: int = 5,
-        remote_backoff_s: float = 1.0,
-        lock_stale_after_s: float = 120.0,
+        run_id: str | None = None,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
@@ -174,19 +199,13 @@ class Checkpointer:
                 f"checkpoint.resume={resume}: no such file or sharded checkpoint directory (use 'auto' or a path)"
             )
         self.folder, self.every_n_steps, self.keep, self.resume = folder, every_n_steps, keep, resume
-        self.move_aside, self.allow_config_change = move_aside, allow_config_change
-        self.run_id: str | None = None
-        self.resume_checkpoint: dict[str, Any] | None = None  # chosen when the run opens
-        self.resume_from = "checkpoint.resume"  # ``KEY=PATH`` of that choice, for the messages
-        self.opened = False
-        # checkpoint.remote (run/remote.py): read by train.py; after_save(step, path) queues an upload.
-        self.remote, self.remote_options = remote, dict(remote_options or {})
-        self.remote_retries, self.remote_backoff_s = remote_retries, remote_backoff_s
-        self.after_save: Callable[[int, Path], None] | None = None
-        # The run folder's lock (run/lock.py): stale after this long; before_write raises once
-        # another launch took it over, so a run that lost its folder stops instead of writing into it.
-        self.lock_stale_after_s = lock_stale_after_s
-        self.before_write: Callable[[], None] | None = None
+        self.run_id, self.before_write = run_id, before_write
+        self.resume_from = "checkpoint.resume"  # ``KEY=PATH`` of the file resumed from, for the messages
+
+    def for_run(self, run_id: str, before_write: Callable[[], None] | None) -> Checkpointer:
+        """The same folder and settings, writing for ``run_id``; ``before_write`` guards each write
+        (the run folder's lock: a run that lost its folder writes nothing more)."""
+        return Checkpointer(self.folder, self.every_n_steps, self.keep, self.resume, run_id, before_write)
 
     def check_writable(self) -> None:
         """At launch: an existing checkpoint folder that cannot be written fails now, not at the
@@ -205,31 +224,8 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
 
-    def step_files(self) -> list[tuple[int, Path]]:
-        if not self.folder.is_dir():
-            return []
-        found = [
-            (int(m.group(1)), p)
-            for p in self.folder.iterdir()
-            if (m := STEP_FILE.match(p.name)) or ((m := SHARDED_DIR.match(p.name)) and p.is_dir())
-        ]
-        return sorted(found, reverse=True)
-
     def scan(self) -> list[tuple[int, Path, str | None]]:
-        """(step, file, run id) of every readable checkpoint, ``latest.pt`` included, newest first;
-        torn or foreign-format files are skipped with a warning."""
-        files = [path for _, path in self.step_files()]
-        if (self.folder / LATEST).is_file():
-            files.append(self.folder / LATEST)
-        found = []
-        for path in files:
-            try:
-                header = read_checkpoint_file(path, "checkpoint", mmap=True)
-                found.append((int(header["step"]), path, header.get("run_id")))
-            except (CheckpointError, OSError, KeyError, TypeError, ValueError) as error:
-                log.warning("skipping unreadable checkpoint %s: %s", path, error)
-        # Newest step first; at one step the sharded directory, then the step file, then latest.pt.
-        return sorted(found, key=lambda item: (item[0], item[1].is_dir(), item[1].name != LATEST), reverse=True)
+        return scan_checkpoints(self.folder)
 
     def save(self, payload: dict[str, Any]) -> Path:
         if self.before_write is not None:
@@ -246,8 +242,6 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
-        if self.after_save is not None:
-            self.after_save(int(payload["step"]), path)
         return path
 
     def save_sharded(
@@ -259,11 +253,8 @@ class Checkpointer:
         return write_sharded(self.folder, step, root, optimizer, payload, save_atomic)
 
     def load_for_resume(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from: the one chosen when the run opened; else the named file,
-        or for ``auto`` the newest of this run's checkpoints that loads (``latest.pt`` included)."""
-        if self.opened:
-            checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
-            return checkpoint
+        """The named file, or for ``auto`` the newest of this run's checkpoints that loads (``latest.pt``
+        included). A run session decides this once, at launch, and offers its own ``load_for_resume``."""
         if self.resume is None:
             return None
         if self.resume != "auto":  # a named file must load: never fall back to a fresh run

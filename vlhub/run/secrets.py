@@ -1,7 +1,7 @@
 """Keeping credentials out of what a run stores and logs: the composed config, the command-line
 overrides, and the files Hydra wrote into ``.hydra/`` before vlhub ran. Every value under
 ``checkpoint.remote_options`` and the credentials of a URL (``s3://KEY:SECRET@bucket``, refused at
-launch by ``run/remote.py``) are written as ``***``.
+launch by ``run/remote_store.py``) are written as ``***``.
 """
 
 from __future__ import annotations
