@@ -62,8 +62,10 @@ class OpenClipLayout:
 
     def to_open_clip(self, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's state dict (``own``, whole: a sharded model's gathered) under open_clip's names,
-        detached copies: what a checkpoint stores and ``open_clip.create_model`` loads."""
-        return {self.open_clip_key(key): value.detach().clone() for key, value in own.items()}
+        detached copies: what a checkpoint stores and ``open_clip.create_model`` loads. The towers' weights
+        come first and the temperature last, the order checkpoints have always had."""
+        ordered = sorted(own.items(), key=lambda item: item[0] in SCALARS)  # stable: towers keep their order
+        return {self.open_clip_key(key): value.detach().clone() for key, value in ordered}
 
     def from_open_clip(self, weights: Mapping[str, torch.Tensor], own_keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Weights under open_clip's names renamed to the model's (``own_keys``, its state_dict's keys);
