@@ -53,12 +53,13 @@ class Tower(nn.Module):
     module: nn.Module
     kind: type[ModuleKind] = ModuleKind
     pad_id: int = 0
+    no_tokens_hint: str = ""  # what gives token features instead, said when they are asked of this tower
 
     def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
         if not output_tokens:
             return TowerOutput(pooled=self.module(inputs))
         if not self.has_tokens:
-            raise NotImplementedError(f"{self.describe()} does not expose token features; {VIT_TOWERS}")
+            raise NotImplementedError(f"{self.describe()} does not expose token features{self.no_tokens_hint}")
         pooled, tokens = self.kind.tokens(self.module, inputs)
         mask = self.kind.token_mask(self.module, inputs, tokens, self.pad_id)
         return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
@@ -138,6 +139,8 @@ class Tower(nn.Module):
 
 class OpenClipImageTower(Tower):
     """open_clip's ``visual`` module: VisionTransformer, ModifiedResNet or TimmModel."""
+
+    no_tokens_hint = f"; {VIT_TOWERS}"
 
     def __init__(self, visual: nn.Module, output_dim: int) -> None:
         super().__init__()
