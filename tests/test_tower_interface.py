@@ -173,13 +173,14 @@ def test_patch_dropout_is_reported_and_drops_patches_before_the_first_block(vit)
     assert 1 + 8 in lengths[0]  # the class token and half of the 16 patches of 32 px / patch 8
 
 
-def test_hf_text_tokens_are_projected_and_masked_like_the_pooled_path(towers):
+def test_hf_text_tokens_are_projected_like_the_pooled_path_one_per_input_position(towers):
     tower, inputs, _ = towers["hf_text"]
     out = tower(inputs, output_tokens=True)
     assert tower.has_tokens and tower.token_dim == tower.output_dim == out.tokens.shape[-1] == 24
+    torch.testing.assert_close(out.pooled, tower(inputs).pooled)  # open_clip's own forward
     hidden = tower.module.transformer(input_ids=inputs, attention_mask=(inputs != 0).long()).last_hidden_state
-    torch.testing.assert_close(out.tokens, tower.module.proj(hidden[:, 1:]))  # the CLS position is pooled
-    assert torch.equal(out.token_mask, (inputs != 0)[:, 1:])
+    torch.testing.assert_close(out.tokens, tower.module.proj(hidden))
+    assert torch.equal(out.token_mask, inputs != 0)
     assert tower.token_embedding is tower.module.transformer.embeddings.word_embeddings
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 import torch
-from open_clip.hf_model import ClsPooler, HFTextEncoder
+from open_clip.hf_model import HFTextEncoder
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import PatchDropout as OpenClipPatchDropout
@@ -334,8 +334,13 @@ class HfText(ModuleKind):
 
     @staticmethod
     def tokens(module: nn.Module, inputs: torch.Tensor) -> Pair:
-        pooled, tokens = _switch_tokens_on(module, inputs)
-        return pooled, module.proj(tokens)
+        """``HFTextEncoder.forward`` in one pass, keeping a token at every input position: open_clip drops
+        the position a CLS pooler reads, which would leave the tokens one short of the captions (MLM's
+        masks, FILIP's padding mask are per input position)."""
+        attention = (inputs != module.config.pad_token_id).long()
+        out = module.transformer(input_ids=inputs, attention_mask=attention)
+        pooled = module.proj(module.pooler(out, attention))
+        return pooled, module.proj(out.last_hidden_state)
 
     @staticmethod
     def token_dim(module: nn.Module, output_dim: int) -> int:
@@ -343,12 +348,7 @@ class HfText(ModuleKind):
 
     @staticmethod
     def token_mask(module: nn.Module, inputs: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-        """Real tokens: not padding, and without the position a CLS pooler reads (dropped from the tokens)."""
-        mask = inputs != module.config.pad_token_id
-        if isinstance(module.pooler, ClsPooler):
-            keep = torch.arange(inputs.shape[1], device=inputs.device) != module.pooler.cls_token_position
-            mask = mask[:, keep]
-        return mask
+        return inputs != module.config.pad_token_id
 
     @staticmethod
     def token_embedding(module: nn.Module) -> nn.Embedding | None:
