@@ -1,8 +1,9 @@
 """``trainer.compile``: torch.compile on the towers, with a fallback to eager when compiling fails.
 
 What is compiled: what each tower says holds its compute (``Tower.compile_units()``: the open_clip
-or timm module it wraps), not the objective's ``represent``. ``represent`` has Python-side control flow (views, token switches, dict outputs) that would break the graph or guard on every
-objective's attributes, and the temperature and loss are cheap; the towers hold nearly all the
+or timm module it wraps), not the objective's ``represent``. ``represent`` has Python-side control
+flow (views, token switches, dict outputs) that would break the graph or guard on every objective's
+attributes, and the temperature and loss are cheap; the towers hold nearly all the
 FLOPs and are the same for every objective. The gradient cache calls the towers under ``no_grad``
 (first pass) and with gradients (replay): dynamo keeps one graph for each, so the first cached step
 compiles twice; evaluation (eval mode, no grad) is a third graph.
