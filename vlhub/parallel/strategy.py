@@ -20,7 +20,7 @@ The trainer calls, in this order:
 Strategies (``build_parallel``):
 - one process (``auto`` with one rank): nothing to share;
 - ``manual``: every gradient all-reduced in flat buckets after the backward
-  (:func:`vlhub.collectives.all_reduce_grads_`): exact, but communication never overlaps compute;
+  (:func:`vlhub.parallel.collectives.all_reduce_grads_`): exact, but communication never overlaps compute;
 - ``ddp``: each trainable tower in torch's ``DistributedDataParallel``, whose bucketed all-reduce
   runs during the backward; parameters outside the towers (temperature, SigLIP's bias, objective
   heads) are few and small, and are averaged by hand in ``finish_gradients``;
