@@ -76,7 +76,7 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None
 
     dist_info = DistInfo(rank, 2, rank, torch.device("cpu"))
     model, objective, strategies, optimizer, scheduler = _build(args.model, dist_info, args.seed)
-    wrappers = dict(model.tower_wrappers)
+    calls = dict(model.tower_calls)
     size, context = model.image_stats.size, model.text_tower.context_length
     generator = torch.Generator().manual_seed(rank)
     batch = {
@@ -88,15 +88,15 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace, out: str) -> None
     times: dict[str, list[float]] = {mode: [] for mode in [*MODES, "all-reduce alone"]}
     for step in range(args.warmup + args.steps):
         for mode in MODES:
-            model.tower_wrappers = wrappers if mode == "ddp" else {}  # the towers bare, or through DDP
-            torch.collectives.barrier()
+            model.tower_calls = calls if mode == "ddp" else {}  # the towers bare, or through DDP
+            torch.distributed.barrier()
             start = time.perf_counter()
             train_step(model, objective, batch, optimizer, scheduler, precision, gradients, None, strategies[mode])
             if step >= args.warmup:
                 times[mode].append(time.perf_counter() - start)
         for param in params:
             param.grad = torch.randn_like(param)
-        torch.collectives.barrier()
+        torch.distributed.barrier()
         start = time.perf_counter()
         collectives.all_reduce_grads_(params)
         if step >= args.warmup:

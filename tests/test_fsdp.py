@@ -175,16 +175,17 @@ def test_fsdp_finds_the_blocks_of_vit_and_timm_towers_and_refuses_a_resnet():
     from tests.conftest import micro_model
     from vlhub.errors import ConfigError
     from vlhub.models import build_open_clip_model
-    from vlhub.parallel.fsdp import check_fsdp_model, transformer_blocks
+    from vlhub.parallel.fsdp import check_fsdp_model
 
     text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
     vit = micro_model()
-    assert len(transformer_blocks(vit.image_tower.module)) == vit.image_tower.module.transformer.layers
-    assert len(transformer_blocks(vit.text_tower.module)) == vit.text_tower.module.transformer.layers
+    assert len(vit.image_tower.blocks()) == vit.image_tower.module.transformer.layers
+    assert len(vit.text_tower.blocks()) == vit.text_tower.module.transformer.layers
     timm_vit = build_open_clip_model(
         config={"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": text}, timm_backbone="test_vit"
     )
-    assert transformer_blocks(timm_vit.image_tower.module) == list(timm_vit.image_tower.module.trunk.blocks)
+    check_fsdp_model(timm_vit)  # both towers have blocks: no error
+    assert timm_vit.image_tower.blocks() == list(timm_vit.image_tower.module.trunk.blocks)
     resnet_cfg = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}  # open_clip's ModifiedResNet
     resnet = build_open_clip_model(config={"embed_dim": 32, "vision_cfg": resnet_cfg, "text_cfg": text})
     with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp .* image tower \(ModifiedResNet\)"):

@@ -1,9 +1,9 @@
 """``trainer.compile``: torch.compile on the towers, with a fallback to eager when compiling fails.
 
-What is compiled: each tower's wrapped open_clip module (``model.image_tower.module``,
-``model.text_tower.module``), not the objective's ``represent``. ``represent`` has Python-side
-control flow (views, token switches, dict outputs) that would break the graph or guard on every
-objective's attributes, and the temperature and loss are cheap; the towers hold nearly all the
+What is compiled: what each tower says holds its compute (``Tower.compile_units()``: the open_clip
+or timm module it wraps), not the objective's ``represent``. ``represent`` has Python-side control
+flow (views, token switches, dict outputs) that would break the graph or guard on every objective's
+attributes, and the temperature and loss are cheap; the towers hold nearly all the
 FLOPs and are the same for every objective. The gradient cache calls the towers under ``no_grad``
 (first pass) and with gradients (replay): dynamo keeps one graph for each, so the first cached step
 compiles twice; evaluation (eval mode, no grad) is a third graph.
@@ -28,24 +28,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
 
 from vlhub.run.checkpoint import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:  # type hints only
+    from vlhub.models.vision_language import VisionLanguageModel
+
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def tower_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules ``compile_towers`` compiles: each tower's wrapped module (or the tower itself)."""
-    towers = [getattr(model, "image_tower", None), getattr(model, "text_tower", None)]
-    return [getattr(tower, "module", tower) for tower in towers if tower is not None]
+def tower_modules(model: VisionLanguageModel) -> list[nn.Module]:
+    """The modules ``compile_towers`` compiles: what each tower says holds its compute."""
+    return [unit for tower in model.towers().values() for unit in tower.compile_units()]
 
 
-def compile_towers(model: nn.Module | list[nn.Module], backend: str | Callable = "inductor") -> list[nn.Module]:
+def compile_towers(
+    model: VisionLanguageModel | list[nn.Module], backend: str | Callable = "inductor"
+) -> list[nn.Module]:
     """Compile the towers (or the given modules) in place (lazily: the first forward compiles);
     returns the compiled modules."""
     modules = model if isinstance(model, list) else tower_modules(model)
@@ -64,7 +69,9 @@ def uncompile(modules: list[nn.Module]) -> None:
 class CompiledTowers:
     """A model's towers compiled in place; runs training steps, falling back to eager on a compile error."""
 
-    def __init__(self, model: nn.Module | list[nn.Module], strict: bool, backend: str | Callable = "inductor") -> None:
+    def __init__(
+        self, model: VisionLanguageModel | list[nn.Module], strict: bool, backend: str | Callable = "inductor"
+    ) -> None:
         self.strict = strict
         self.modules = compile_towers(model, backend)
         self.compile_seconds: float | None = None  # the first step's time, compiling included

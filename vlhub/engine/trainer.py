@@ -307,7 +307,7 @@ class Trainer:
         return metrics
 
     def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-        layout = self.model.open_clip_layout
+        layout = self.model.checkpoint_layout()  # how the weights are named: open_clip's layout
         return {
             "state_dict": self.parallel.model_state_dict(self.model),
             "objective": self.objective.state_dict(),
@@ -331,7 +331,7 @@ class Trainer:
             "rng": rng_states[0],
             "rng_per_rank": rng_states,
             "run_info": dict(self.run_info),
-            "open_clip_arch": layout.arch if layout else None,
+            "open_clip_arch": layout.arch,
             "open_clip_model_cfg": self.model.open_clip_config(),  # open_clip.create_model rebuilds it
         }
 

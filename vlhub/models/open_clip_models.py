@@ -16,16 +16,13 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-from open_clip.transformer import PatchDropout as OpenClipPatchDropout
-from timm.layers import PatchDropout as TimmPatchDropout
 
 from vlhub.models.tower_weights import load_tower_pretrained
-from vlhub.models.towers import OpenClipImageTower, OpenClipTextTower
+from vlhub.models.towers import OpenClipImageTower, OpenClipTextTower, Tower
 from vlhub.models.vision_language import ImageStats, OpenClipLayout, VisionLanguageModel
 from vlhub.registry import MODELS
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-PATCH_DROPOUTS = (OpenClipPatchDropout, TimmPatchDropout)
 
 
 def _plain(value: Any) -> Any:
@@ -109,9 +106,13 @@ def build_open_clip_model(
     model_cfg.pop("custom_text", None)
     model_cfg.pop("multimodal_cfg", None)  # captioning heads belong to the coca objective
     clip = _build_clip(model_cfg, patch_dropout, init_logit_scale, init_logit_bias)
+    embed_dim = int(model_cfg["embed_dim"])
+    towers = {"image": OpenClipImageTower(clip.visual, embed_dim), "text": OpenClipTextTower(clip.text, embed_dim)}
+    if patch_dropout > 0 and towers["image"].patch_dropout == 0:  # e.g. ModifiedResNet takes the key and ignores it
+        raise ValueError(_no_patches(patch_dropout, towers["image"].describe()))
     if grad_checkpointing:
-        apply_grad_checkpointing(clip.visual, "image")
-        apply_grad_checkpointing(clip.text, "text")
+        for which, tower in towers.items():
+            apply_grad_checkpointing(tower, which)
     if pretrained:
         _load_pretrained(clip, arch, pretrained)
     tower_loaded = []  # vlhub's state-dict keys that the tower files set
@@ -127,10 +128,9 @@ def build_open_clip_model(
         mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
     )
-    embed_dim = int(model_cfg["embed_dim"])
     model = VisionLanguageModel(
-        image_tower=OpenClipImageTower(clip.visual, embed_dim),
-        text_tower=OpenClipTextTower(clip.text, embed_dim),
+        image_tower=towers["image"],
+        text_tower=towers["text"],
         tokenizer=_build_tokenizer(text_cfg),
         image_stats=stats,
         init_logit_scale=init_logit_scale,
@@ -154,7 +154,7 @@ def _build_clip(
     model_cfg: dict, patch_dropout: float, init_logit_scale: float, init_logit_bias: float | None
 ) -> open_clip.CustomTextCLIP:
     """open_clip's model, with ``patch_dropout`` in its vision config (open_clip hands it to its
-    VisionTransformer, or to a timm trunk as ``patch_drop_rate``), checked to be honoured."""
+    VisionTransformer, or to a timm trunk as ``patch_drop_rate``; the caller checks it is honoured)."""
     if not 0.0 <= patch_dropout < 1.0:
         raise ValueError(f"model.patch_dropout={patch_dropout} must be in [0, 1)")
     if patch_dropout > 0:
@@ -165,9 +165,6 @@ def _build_clip(
         if patch_dropout > 0 and "patch_drop_rate" in str(error):
             raise ValueError(_no_patches(patch_dropout, error)) from None
         raise
-    dropping = [m for m in clip.visual.modules() if isinstance(m, PATCH_DROPOUTS) and m.prob > 0]
-    if patch_dropout > 0 and not dropping:  # e.g. ModifiedResNet takes the key and ignores it
-        raise ValueError(_no_patches(patch_dropout, type(clip.visual).__name__))
     return clip
 
 
@@ -175,21 +172,13 @@ def _no_patches(patch_dropout: float, why: object) -> str:
     return f"model.patch_dropout={patch_dropout}: the image tower has no patches to drop ({why}); it needs a ViT tower"
 
 
-def apply_grad_checkpointing(tower: torch.nn.Module, which: str) -> None:
-    """Activation checkpointing through the tower's own ``set_grad_checkpointing`` (open_clip's
-    transformers, timm trunks, HF text models), checked to have taken: open_clip's ResNet accepts the
-    call and does nothing, and its timm adapter only warns when the trunk refuses."""
-    target = tower.trunk if hasattr(tower, "trunk") else tower  # a timm trunk: ask it directly
+def apply_grad_checkpointing(tower: Tower, which: str) -> None:
+    """``model.grad_checkpointing=true`` on one tower, through the tower (which checks that it took:
+    open_clip's ResNet accepts the call and does nothing); the error names the key."""
     try:
-        target.set_grad_checkpointing(True)
-    except Exception as error:  # noqa: BLE001 (timm asserts, others raise their own kinds)
+        tower.set_grad_checkpointing(True)
+    except ValueError as error:
         raise ValueError(f"model.grad_checkpointing=true: the {which} tower cannot checkpoint ({error})") from None
-    flags = ("grad_checkpointing", "gradient_checkpointing")  # open_clip and timm; HF models
-    if not any(getattr(m, flag, False) is True for m in tower.modules() for flag in flags):
-        raise ValueError(
-            f"model.grad_checkpointing=true: the {which} tower ({type(target).__name__}) does not support "
-            "activation checkpointing"
-        )
 
 
 def _load_pretrained(clip: torch.nn.Module, arch: str | None, pretrained: str) -> None:

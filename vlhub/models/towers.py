@@ -5,7 +5,8 @@ asked, to token features [B, N, D'] with a padding mask (True where a token is r
 features go through the same projection as the pooled path where the tower has one (open_clip
 ViT ``proj``, text ``text_projection``), so D' = D there; ``token_dim`` says which it is.
 Adapters keep the wrapped open_clip module under ``.module`` so that its state_dict keys
-are open_clip's own, behind a known prefix (see ``open_clip_prefix``).
+are open_clip's own, behind a known prefix (``vlhub.models.vision_language.OpenClipLayout``).
+What differs between wrapped module kinds is in ``vlhub.models.tower_kinds``, once per kind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from vlhub.models.tower_kinds import ModuleKind, OpenClipText, kind_of
 
 #: What gives image token features (said wherever a tower without them is refused).
 VIT_TOWERS = (
@@ -31,73 +34,91 @@ class TowerOutput:
     token_mask: torch.Tensor | None = None
 
 
-def _pooled_and_tokens(module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call an open_clip tower with its ``output_tokens`` switch on, for this call only."""
-    previous = module.output_tokens
-    module.output_tokens = True
-    try:
-        return module(inputs)
-    finally:
-        module.output_tokens = previous
-
-
-def _project(tokens: torch.Tensor, projection: nn.Module | torch.Tensor | None) -> torch.Tensor:
-    """Tokens through the tower's own pooled-path projection (a matrix or a Linear), if it has one."""
-    if projection is None:
-        return tokens
-    if isinstance(projection, nn.Module):
-        return projection(tokens)
-    return tokens @ projection
-
-
-def _timm_token_trunk(visual: nn.Module) -> nn.Module | None:
-    """The timm trunk of open_clip's ``TimmModel`` when it is a ViT-like model with patch tokens
-    (``num_prefix_tokens``: ViT, EVA02, DeiT, BEiT...), else None (a CNN, or an attention-pool head)."""
-    trunk = getattr(visual, "trunk", None)
-    head = getattr(visual, "head", None)
-    if trunk is None or not isinstance(getattr(trunk, "num_prefix_tokens", None), int):
-        return None
-    if head is not None and hasattr(head, "pool"):  # open_clip's abs/rot attention pool is not per token
-        return None
-    return trunk
-
-
-def _timm_pooled_and_tokens(visual: nn.Module, trunk: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """open_clip's ``TimmModel`` forward split in two: the pooled features as ``visual(inputs)`` gives
-    them, and the patch tokens (prefix tokens dropped) through the layers the pooled path applies after
-    its pooling (timm's ``fc_norm``, ``head_drop``, ``head``; open_clip's ``head``), one trunk pass."""
-    features = trunk.forward_features(inputs)
-    if features.dim() != 3:
-        raise NotImplementedError(
-            f"{type(trunk).__name__} (timm trunk) gives features of shape {tuple(features.shape)}, not tokens"
-        )
-    pooled = visual.head(trunk.forward_head(features))
-    tokens = features[:, trunk.num_prefix_tokens :]
-    for name in ("fc_norm", "head_drop", "head"):
-        tokens = getattr(trunk, name, nn.Identity())(tokens)
-    return pooled, visual.head(tokens)
-
-
 class Tower(nn.Module):
-    """Base of every tower. Subclasses set ``output_dim`` and implement ``forward``.
+    """Base of every tower: ``forward`` and what the engine needs to know about the tower.
 
-    ``has_tokens`` says whether ``forward(..., output_tokens=True)`` works; ``token_dim`` is the
-    width of those tokens (``output_dim`` when they are projected like the pooled features).
+    Subclasses set ``output_dim``, hold the wrapped module as ``module`` (its state_dict keys are
+    the library's own, behind that prefix) and its kind (:mod:`vlhub.models.tower_kinds`), which
+    answers every question below once per kind of wrapped module:
+
+    - :meth:`blocks`, :meth:`embedding_parameters`, :meth:`head_parameters`: the tower in layers, in
+      forward order (FSDP shards each block, layer decay gives each layer its lr);
+    - :meth:`compile_units`: what ``torch.compile`` compiles in place;
+    - :meth:`set_grad_checkpointing` / :attr:`grad_checkpointing`; :attr:`patch_dropout`;
+    - ``forward(..., output_tokens=True)`` when :attr:`has_tokens`, of width :attr:`token_dim`
+      (``output_dim`` when tokens are projected like the pooled features); :attr:`token_embedding`.
     """
 
     output_dim: int
-    has_tokens: bool = False
-    token_dim: int = 0
+    module: nn.Module
+    kind: type[ModuleKind] = ModuleKind
+    pad_id: int = 0
+    no_tokens_hint: str = ""  # what gives token features instead, said when they are asked of this tower
 
     def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
-        raise NotImplementedError
+        if not output_tokens:
+            return TowerOutput(pooled=self.module(inputs))
+        if not self.has_tokens:
+            raise NotImplementedError(f"{self.describe()} does not expose token features{self.no_tokens_hint}")
+        pooled, tokens = self.kind.tokens(self.module, inputs)
+        mask = self.kind.token_mask(self.module, inputs, tokens, self.pad_id)
+        return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
+
+    # -- what the engine needs -------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in the order the forward runs them; empty for a convolutional tower
+        (open_clip's ModifiedResNet, a timm CNN), which FSDP and layer decay refuse."""
+        return self.kind.blocks(self.module)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The parameters before the first block: patch or token embeddings, positions, a pre-norm."""
+        return self.kind.embedding_parameters(self.module)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter: what comes after the blocks (final norm, pooling, projection)."""
+        before_or_in = {id(p) for p in self.embedding_parameters()}
+        before_or_in.update(id(p) for block in self.blocks() for p in block.parameters())
+        return [p for p in self.parameters() if id(p) not in before_or_in]
+
+    def compile_units(self, per_block: bool = False) -> list[nn.Module]:
+        """What ``torch.compile`` compiles in place: the wrapped module, whose forward holds all the
+        tower's compute (the tower's own forward has Python switches), or each block (FSDP's pattern)."""
+        return self.blocks() if per_block else [self.module]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward instead of storing its activations; a ValueError when
+        the wrapped module cannot (open_clip's ModifiedResNet accepts the call and does nothing)."""
+        self.kind.set_grad_checkpointing(self.module, enable)
+        if self.grad_checkpointing != enable:
+            raise ValueError(f"{self.describe()} does not support activation checkpointing")
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.kind.grad_checkpointing(self.module)
+
+    @property
+    def patch_dropout(self) -> float:
+        """The fraction of image patches dropped in training (0 when none are)."""
+        return self.kind.patch_dropout(self.module)
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether ``forward(..., output_tokens=True)`` works."""
+        return self.kind.has_tokens(self.module)
+
+    @property
+    def token_dim(self) -> int:
+        """The width of the token features (``output_dim`` when projected like the pooled ones)."""
+        return self.kind.token_dim(self.module, self.output_dim) if self.has_tokens else 0
+
+    @property
+    def token_embedding(self) -> nn.Embedding | None:
+        """The lookup of input token ids (text towers), or None."""
+        return self.kind.token_embedding(self.module)
 
     def describe(self) -> str:
         """The wrapped module's class, with the trunk's for a timm tower (what error messages name)."""
-        module = getattr(self, "module", self)
-        trunk = getattr(module, "trunk", None)
-        name = type(module).__name__
-        return f"{name} (timm {type(trunk).__name__})" if trunk is not None else name
+        return self.kind.describe(self.module)
 
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
         """Freeze all but the last ``unlocked_groups`` layer groups (LiT)."""
@@ -106,80 +127,35 @@ class Tower(nn.Module):
     @property
     def unprojected_dim(self) -> int:
         """The width of :meth:`forward_unprojected`'s features."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose features before its projection")
+        return self.kind.unprojected_dim(self.module, self.output_dim)
 
     def forward_unprojected(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, unprojected_dim] before the projection into the shared embedding space
         (the encoder's own representation, what SLIP's SSL head reads). Called through
-        :func:`unprojected_calls`, so that a wrapper (DDP, FSDP) around the tower runs it."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose features before its projection")
+        :func:`unprojected_calls`, so that a wrapper (DDP, FSDP) around the tower runs it;
+        ``trainer.compile`` does not cover this path."""
+        return self.kind.unprojected(self.module, inputs)
 
 
 class OpenClipImageTower(Tower):
     """open_clip's ``visual`` module: VisionTransformer, ModifiedResNet or TimmModel."""
 
+    no_tokens_hint = f"; {VIT_TOWERS}"
+
     def __init__(self, visual: nn.Module, output_dim: int) -> None:
         super().__init__()
         self.module = visual
+        self.kind = kind_of(visual)
         self.output_dim = output_dim
-        # open_clip's ViTs and timm ViT trunks expose tokens; ModifiedResNet and timm CNNs do not.
-        self.has_tokens = hasattr(visual, "output_tokens") or _timm_token_trunk(visual) is not None
-        if _timm_token_trunk(visual) is not None:
-            self.token_dim = output_dim  # tokens take the pooled path's own layers after its pooling
-        elif self.has_tokens:
-            projection = getattr(visual, "proj", None)
-            self.token_dim = output_dim if projection is not None else int(visual.transformer.width)
 
     @property
     def image_size(self) -> int:
         size = getattr(self.module, "image_size", 224)
         return int(size[0] if isinstance(size, tuple | list) else size)
 
-    def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
-        if not output_tokens:
-            return TowerOutput(pooled=self.module(inputs))
-        trunk = _timm_token_trunk(self.module)
-        if trunk is not None:
-            pooled, tokens = _timm_pooled_and_tokens(self.module, trunk, inputs)
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
-        if not hasattr(self.module, "output_tokens"):
-            raise NotImplementedError(f"{self.describe()} does not expose token features; {VIT_TOWERS}")
-        pooled, tokens = _pooled_and_tokens(self.module, inputs)
-        tokens = _project(tokens, getattr(self.module, "proj", None))
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return TowerOutput(pooled=pooled, tokens=tokens, token_mask=mask)
-
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
         # open_clip implements group-wise locking for ViT, ModifiedResNet and timm trunks.
         self.module.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_norm_stats)
-
-    @property
-    def unprojected_dim(self) -> int:
-        visual = self.module
-        if hasattr(visual, "trunk"):  # open_clip's TimmModel: the trunk's pre-logits width
-            return int(getattr(visual.trunk, "head_hidden_size", None) or visual.trunk.num_features)
-        if hasattr(visual, "attnpool"):  # ModifiedResNet: layer4's channels
-            return int(visual.attnpool.k_proj.in_features)
-        projection = getattr(visual, "proj", None)
-        return int(projection.shape[0]) if projection is not None else self.output_dim
-
-    def forward_unprojected(self, inputs: torch.Tensor) -> torch.Tensor:
-        """A ViT's pooled token before ``proj`` (after ``ln_post``); a timm trunk's pre-logits features
-        (before open_clip's ``head``, or the trunk's classifier when that is the projection); for a
-        ModifiedResNet, whose attention pool ends in its projection, layer4 averaged over space.
-        Built from open_clip 3.x's own steps (``_embeds``, ``transformer``, ``_pool``), so patch dropout
-        and gradient checkpointing act as in ``forward``; ``trainer.compile`` does not cover this path."""
-        visual = self.module
-        if hasattr(visual, "trunk"):
-            features = visual.trunk.forward_head(visual.trunk.forward_features(inputs), pre_logits=True)
-            return features.flatten(2).mean(-1) if features.ndim > 2 else features  # attention-pool trunks
-        if hasattr(visual, "attnpool"):
-            x = visual.stem(inputs)
-            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-            return x.mean(dim=(2, 3))
-        pooled, _ = visual._pool(visual.transformer(visual._embeds(inputs)))
-        return pooled
 
 
 class OpenClipTextTower(Tower):
@@ -188,11 +164,9 @@ class OpenClipTextTower(Tower):
     def __init__(self, text: nn.Module, output_dim: int, pad_id: int = 0) -> None:
         super().__init__()
         self.module = text
+        self.kind = kind_of(text)
         self.output_dim = output_dim
         self.pad_id = pad_id
-        self.has_tokens = hasattr(text, "output_tokens")
-        projection = getattr(text, "text_projection", None)
-        self.token_dim = output_dim if projection is not None else int(getattr(text, "width", output_dim))
 
     @property
     def vocab_size(self) -> int:
@@ -202,20 +176,13 @@ class OpenClipTextTower(Tower):
     def context_length(self) -> int:
         return int(self.module.context_length)
 
-    def forward(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
-        if not output_tokens:
-            return TowerOutput(pooled=self.module(inputs))
-        pooled, tokens = _pooled_and_tokens(self.module, inputs)
-        tokens = _project(tokens, getattr(self.module, "text_projection", None))
-        return TowerOutput(pooled=pooled, tokens=tokens, token_mask=inputs != self.pad_id)
-
     def apply_lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
         self.module.lock(unlocked_layers=unlocked_groups, freeze_layer_norm=freeze_norm_stats)
 
     @property
     def can_attend_both_ways(self) -> bool:
         """Whether :meth:`attending_both_ways` works: open_clip's ``TextTransformer`` (masks it builds itself)."""
-        return hasattr(self.module, "attn_mask") and hasattr(self.module, "use_pad_mask")
+        return self.kind is OpenClipText
 
     @contextlib.contextmanager
     def attending_both_ways(self) -> Iterator[None]:

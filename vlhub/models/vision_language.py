@@ -1,23 +1,28 @@
 """VisionLanguageModel: two towers, a shared embedding space and a temperature.
 
 Evaluation needs nothing but ``encode_image`` / ``encode_text``, so every objective is
-evaluated the same way. ``forward`` is what objectives call; under data parallelism it runs each
-tower through its wrapper (DDP, :meth:`wrap_tower`), evaluation's ``encode_*`` run the towers bare.
+evaluated the same way. ``forward`` is what objectives call: it runs each tower through the call a
+parallel strategy routed it to (:meth:`route_tower`; DDP's choice lives in ``vlhub.parallel.ddp``),
+evaluation's ``encode_*`` run the towers bare. :meth:`checkpoint_layout` says how the weights are
+named in checkpoints (open_clip's names).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlhub.models.towers import Tower, unprojected_calls
+from vlhub.models.towers import Tower, TowerOutput, unprojected_calls
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+TowerCall = Callable[..., TowerOutput]  # a tower's signature: (inputs, output_tokens=False)
+TOWER_PREFIXES = {"image": "image_tower.module.", "text": "text_tower.module."}
+SCALARS = ("logit_scale", "logit_bias")  # the model's own parameters, named alike in open_clip
 
 
 @dataclass(frozen=True)
@@ -31,16 +36,49 @@ class ImageStats:
 
 @dataclass(frozen=True)
 class OpenClipLayout:
-    """How this model's weights are named in open_clip, so checkpoints load there too.
+    """How this model's weights are named in open_clip, so checkpoints load there too: the
+    conversion between the model's state_dict keys and open_clip's, both ways.
 
     ``text_prefix`` is ``""`` for open_clip's CLIP class (text weights at top level) and
     ``"text."`` for CustomTextCLIP; ``arch`` is open_clip's model name when it has one and
-    ``model_cfg`` the config open_clip needs to rebuild it.
+    ``model_cfg`` the config open_clip needs to rebuild it. ``renames=False`` keeps the model's own
+    names (a model not built from open_clip).
     """
 
     arch: str | None
     model_cfg: dict = field(default_factory=dict)
     text_prefix: str = ""
+    renames: bool = True
+
+    def open_clip_key(self, key: str) -> str:
+        """The open_clip name of the model's state_dict key ``key``."""
+        if not self.renames or key in SCALARS:
+            return key
+        if key.startswith(TOWER_PREFIXES["image"]):
+            return "visual." + key.removeprefix(TOWER_PREFIXES["image"])
+        if key.startswith(TOWER_PREFIXES["text"]):
+            return self.text_prefix + key.removeprefix(TOWER_PREFIXES["text"])
+        raise KeyError(f"{key!r} is neither a tower's weight nor {' nor '.join(SCALARS)}")
+
+    def to_open_clip(self, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's state dict (``own``, whole: a sharded model's gathered) under open_clip's names,
+        detached copies: what a checkpoint stores and ``open_clip.create_model`` loads. The towers' weights
+        come first and the temperature last, the order checkpoints have always had."""
+        ordered = sorted(own.items(), key=lambda item: item[0] in SCALARS)  # stable: towers keep their order
+        return {self.open_clip_key(key): value.detach().clone() for key, value in ordered}
+
+    def from_open_clip(self, weights: Mapping[str, torch.Tensor], own_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Weights under open_clip's names renamed to the model's (``own_keys``, its state_dict's keys);
+        a KeyError naming what is missing or extra when they do not match."""
+        mapping = {key: self.open_clip_key(key) for key in own_keys}
+        missing = [oc for oc in mapping.values() if oc not in weights]
+        unexpected = sorted(set(weights) - set(mapping.values()))
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not match this model: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+            )
+        return {key: weights[oc] for key, oc in mapping.items()}
 
 
 class VisionLanguageModel(nn.Module):
@@ -63,10 +101,10 @@ class VisionLanguageModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
         self.max_logit_scale = max_logit_scale
-        self.open_clip_layout = open_clip_layout
-        # A plain dict, not submodules: a wrapper (DDP) holds its tower, and registering it here would
-        # put a second copy of every weight, under other names, into state_dict and parameters().
-        self.tower_wrappers: dict[str, nn.Module] = {}
+        self.open_clip_layout = open_clip_layout or OpenClipLayout(arch=None, renames=False)
+        # A plain dict, not submodules: a call may hold a wrapper (DDP) around its tower, and registering
+        # it here would put a second copy of every weight, under other names, into state_dict.
+        self.tower_calls: dict[str, TowerCall] = {}
         # State-dict keys whose values came from weights (model.pretrained, a tower's file, timm's, a
         # checkpoint): an objective's apply_init leaves them as loaded (vlhub.objectives.base.set_by_weights).
         self.loaded_keys: set[str] = set()
@@ -79,15 +117,23 @@ class VisionLanguageModel(nn.Module):
         """exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)
 
-    def wrap_tower(self, name: str, wrapper: nn.Module) -> None:
-        """Run tower ``name`` ("image" or "text") through ``wrapper`` in ``forward`` when gradients are on.
+    def towers(self) -> dict[str, Tower]:
+        """The towers this model has, by name ("image", then "text")."""
+        found = {"image": self.image_tower, "text": self.text_tower}
+        return {name: tower for name, tower in found.items() if tower is not None}
 
-        Without gradients (the gradient cache's first pass, scoring) the tower runs bare: the same
-        result, and no data-parallel bookkeeping nor collective for a pass that has no backward.
-        """
-        if getattr(self, f"{name}_tower", None) is None:
-            raise ValueError(f"this model has no {name} tower to wrap")
-        self.tower_wrappers[name] = wrapper
+    def route_tower(self, name: str, call: TowerCall) -> None:
+        """``forward`` calls tower ``name`` ("image" or "text") as ``call(inputs, output_tokens=...)``
+        from now on. A parallel strategy routes a tower through its wrapper this way; the model does not
+        know what the call does, and the call is not a submodule (no weight is named twice)."""
+        if name not in self.towers():
+            raise ValueError(f"this model has no {name} tower to route")
+        self.tower_calls[name] = call
+
+    def checkpoint_layout(self) -> OpenClipLayout:
+        """How this model's weights are named in checkpoints (open_clip's names): what a parallel
+        strategy converts the state dict with, and what the trainer records to rebuild the model."""
+        return self.open_clip_layout
 
     def forward(
         self,
@@ -106,13 +152,12 @@ class VisionLanguageModel(nn.Module):
                 continue
             if tower is None:
                 raise ValueError(f"this model has no {name} tower")
-            if torch.is_grad_enabled():
-                tower = self.tower_wrappers.get(name, tower)
+            call = self.tower_calls.get(name, tower)
             if name == "image" and image_unprojected:
                 with unprojected_calls(self.image_tower):
-                    result = tower(inputs)
+                    result = call(inputs)
             else:
-                result = tower(inputs, output_tokens=output_tokens)
+                result = call(inputs, output_tokens=output_tokens)
             out[f"{name}_features"] = result.pooled
             if result.tokens is not None:
                 out[f"{name}_tokens"] = result.tokens
@@ -140,49 +185,17 @@ class VisionLanguageModel(nn.Module):
     def open_clip_config(self) -> dict:
         """The config ``open_clip.create_model`` rebuilds this model from (stored in checkpoints as
         ``open_clip_model_cfg``), with ``init_logit_bias`` when the model carries a bias (siglip)."""
-        if self.open_clip_layout is None:
-            return {}
         config = copy.deepcopy(self.open_clip_layout.model_cfg)
-        if self.logit_bias is not None:
+        if config and self.logit_bias is not None:
             config["init_logit_bias"] = float(self.logit_bias.detach())  # the weights overwrite it
         return config
 
-    def _open_clip_key_map(self) -> dict[str, str]:
-        """vlhub state_dict key -> open_clip state_dict key."""
-        if self.open_clip_layout is None:
-            raise ValueError("this model has no open_clip layout")
-        mapping = {f"image_tower.module.{k}": f"visual.{k}" for k in self.image_tower.module.state_dict()}
-        if self.text_tower is not None:
-            prefix = self.open_clip_layout.text_prefix
-            mapping.update({f"text_tower.module.{k}": f"{prefix}{k}" for k in self.text_tower.module.state_dict()})
-        mapping["logit_scale"] = "logit_scale"
-        if self.logit_bias is not None:
-            mapping["logit_bias"] = "logit_bias"
-        return mapping
-
-    def open_clip_state_dict(self, own: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The weights under open_clip's names: what ``open_clip.create_model`` loads. ``own`` is a
-        state dict of this model to rename (a sharded model's, gathered); default: ``state_dict()``."""
-        own = self.state_dict() if own is None else own
-        if self.open_clip_layout is None:
-            return {k: v.detach().clone() for k, v in own.items()}
-        return {oc_key: own[key].detach().clone() for key, oc_key in self._open_clip_key_map().items()}
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under open_clip's names: what ``open_clip.create_model`` loads."""
+        return self.open_clip_layout.to_open_clip(self.state_dict())
 
     def load_open_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        own = self.state_dict_from_open_clip(state_dict)
+        """Weights under open_clip's names (a checkpoint's ``state_dict``) into this model, all of them."""
+        own = self.open_clip_layout.from_open_clip(state_dict, self.state_dict())
         self.load_state_dict(own)
         self.loaded_keys.update(own)
-
-    def state_dict_from_open_clip(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Weights under open_clip's names renamed to this model's (``load_state_dict``'s keys)."""
-        if self.open_clip_layout is None:
-            return dict(state_dict)
-        mapping = self._open_clip_key_map()
-        missing = [oc for oc in mapping.values() if oc not in state_dict]
-        unexpected = sorted(set(state_dict) - set(mapping.values()))
-        if missing or unexpected:
-            raise KeyError(
-                f"checkpoint does not match this model: missing {missing[:5]} "
-                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
-            )
-        return {key: state_dict[oc] for key, oc in mapping.items()}

@@ -72,13 +72,14 @@ class MaskedLanguageModel(nn.Module):
 
     def apply_to_model(self, model: nn.Module) -> None:
         tower = model.text_tower
-        if tower is None or not tower.has_tokens or not hasattr(tower.module, "token_embedding"):
+        if tower is None or not tower.has_tokens or tower.token_embedding is None:
             raise IncompatibleObjective("masked language modelling needs open_clip's text transformer (token features)")
         if self.attention == "bidirectional" and not getattr(tower, "can_attend_both_ways", False):
-            name = type(tower.module).__name__
-            raise IncompatibleObjective(f"bidirectional MLM needs a text tower whose causal mask lifts, not {name}")
+            raise IncompatibleObjective(
+                f"bidirectional MLM needs a text tower whose causal mask lifts, not {tower.describe()}"
+            )
         if self.head is None:
-            width = tower.module.token_embedding.embedding_dim
+            width = tower.token_embedding.embedding_dim
             self.mask_embedding = nn.Parameter(torch.randn(width) * 0.02)
             self.head = nn.Linear(tower.token_dim, tower.vocab_size)
         tokenizer = model.tokenizer
@@ -100,7 +101,7 @@ class MaskedLanguageModel(nn.Module):
         def overwrite(module, inputs, output):
             return torch.where(replaced[..., None], self.mask_embedding.to(output.dtype), output)
 
-        handle = model.text_tower.module.token_embedding.register_forward_hook(overwrite)
+        handle = model.text_tower.token_embedding.register_forward_hook(overwrite)
         try:
             yield
         finally:

@@ -2,62 +2,47 @@
 
 Each group is a dict with a ``name`` (what TensorBoard shows as ``train/lr/<name>``), its ``lr``,
 its ``weight_decay`` and its ``params``; decayed matrices and undecayed 1-d parameters of one name
-are two groups with the same lr. The model's towers are found as its ``image_tower`` and
-``text_tower``; every other trainable parameter (the temperature, the logit bias, the objective's
+are two groups with the same lr. The model's towers are ``VisionLanguageModel.towers()``;
+every other trainable parameter (the temperature, the logit bias, the objective's
 heads) is in the ``heads`` group at ``optim.lr`` / ``optim.weight_decay``.
 
 Layer decay: a tower of depth L has layer ids 0 (embeddings), i + 1 (block i) and L + 1 (final
 norm, projection, pooling); a parameter of layer id k gets lr x decay^(L + 1 - k), so block i gets
-decay^(L - i), embeddings decay^(L + 1), the tower's end and the heads decay^0. timm's
-``param_groups_layer_decay`` does not fit here: open_clip's towers have no ``group_matcher``, and on
-a timm trunk it ranks the final norm and the unmatched head as two layers (norm at decay^1).
-timm trunks still give their own embedding names (``group_matcher()['stem']``).
+decay^(L - i), embeddings decay^(L + 1), the tower's end and the heads decay^0. The tower says which
+parameters are which (``Tower.embedding_parameters``, ``blocks``, ``head_parameters``; a timm trunk's
+embeddings are its ``group_matcher()['stem']``). timm's ``param_groups_layer_decay`` does not fit
+here: open_clip's towers have no ``group_matcher``, and on a timm trunk it ranks the final norm and
+the unmatched head as two layers (norm at decay^1).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
+from vlhub.models.towers import Tower
+from vlhub.models.vision_language import VisionLanguageModel
+
 TOWERS = ("image", "text")
-# open_clip VisionTransformer / TextTransformer: what comes before ``transformer.resblocks``.
-OPEN_CLIP_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "cls_emb")
 
 
-def _block_layout(module: nn.Module) -> tuple[str, int, Callable[[str], bool]] | None:
-    """(blocks' name prefix, depth, is-embedding test on parameter names) of a transformer tower."""
-    resblocks = getattr(getattr(module, "transformer", None), "resblocks", None)
-    if isinstance(resblocks, nn.ModuleList):
-        return "transformer.resblocks.", len(resblocks), lambda name: name.split(".")[0] in OPEN_CLIP_EMBEDDINGS
-    trunk = getattr(module, "trunk", None)  # open_clip's TimmModel around a timm ViT / EVA
-    blocks = getattr(trunk, "blocks", None)
-    if isinstance(blocks, nn.Sequential | nn.ModuleList) and hasattr(trunk, "group_matcher"):
-        stem = re.compile(trunk.group_matcher(coarse=False)["stem"])
-        return "trunk.blocks.", len(blocks), lambda name: name.startswith("trunk.") and bool(stem.match(name[6:]))
-    return None
-
-
-def tower_layer_ids(tower: nn.Module, tower_name: str = "tower") -> tuple[int, dict[str, int]]:
-    """(depth L, parameter name -> layer id) of a tower's wrapped module (``tower.module``).
+def tower_layer_ids(tower: Tower, tower_name: str = "tower") -> tuple[int, dict[int, int]]:
+    """(depth L, id(parameter) -> layer id) of a tower's parameters.
 
     A tower without transformer blocks (RN50's ModifiedResNet, a timm CNN trunk) is an error.
     """
-    module = getattr(tower, "module", tower)
-    layout = _block_layout(module)
-    if layout is None:
+    blocks = tower.blocks()
+    if not blocks:
         raise ValueError(
-            f"optim.layer_decay: the {tower_name} tower ({type(module).__name__}) has no transformer blocks; "
+            f"optim.layer_decay: the {tower_name} tower ({tower.describe()}) has no transformer blocks; "
             f"drop it from optim.layer_decay_towers"
         )
-    prefix, depth, is_embedding = layout
-    ids = {}
-    for name, _ in module.named_parameters():
-        if name.startswith(prefix):
-            ids[name] = int(name[len(prefix) :].split(".")[0]) + 1
-        else:
-            ids[name] = 0 if is_embedding(name) else depth + 1
+    depth = len(blocks)
+    ids = {id(p): 0 for p in tower.embedding_parameters()}
+    for i, block in enumerate(blocks):
+        ids.update({id(p): i + 1 for p in block.parameters()})
+    ids.update({id(p): depth + 1 for p in tower.head_parameters()})
     return depth, ids
 
 
@@ -94,17 +79,14 @@ def build_tower_param_groups(
         groups[key]["params"].append(param)
 
     for module in modules:
-        for tower_name in TOWERS:
-            tower = getattr(module, f"{tower_name}_tower", None)
-            if tower is None:
-                continue
+        model_towers = module.towers() if isinstance(module, VisionLanguageModel) else {}
+        for tower_name, tower in model_towers.items():
             tower_lr, tower_wd = towers[tower_name]
-            tower_module = getattr(tower, "module", tower)
             if layer_decay is not None and tower_name in layer_decay_towers:
                 depth, ids = tower_layer_ids(tower, tower_name)
-                for name, param in tower_module.named_parameters():
-                    scale = layer_decay ** (depth + 1 - ids[name])
-                    add(_layer_group_name(tower_name, ids[name], depth), tower_lr * scale, tower_wd, param)
+                for param in tower.parameters():  # in the tower's order, so groups appear block by block
+                    scale = layer_decay ** (depth + 1 - ids[id(param)])
+                    add(_layer_group_name(tower_name, ids[id(param)], depth), tower_lr * scale, tower_wd, param)
             for param in tower.parameters():  # the rest (or all) of the tower at its own lr
                 add(tower_name, tower_lr, tower_wd, param)
         for param in module.parameters():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,10 @@ from torch.nn.parallel import DistributedDataParallel
 from vlhub.parallel import collectives
 from vlhub.parallel.environment import DistInfo
 from vlhub.parallel.strategy import ParallelStrategy
+
+if TYPE_CHECKING:  # type hints only
+    from vlhub.models.towers import Tower, TowerOutput
+    from vlhub.models.vision_language import VisionLanguageModel
 
 
 def _ddp_options(device: torch.device) -> dict[str, Any]:
@@ -50,11 +54,28 @@ def _mean_in_fp32(process_group, bucket):  # unannotated: DDP rejects a quoted r
     return future.then(lambda done: buffer.copy_(done.value()[0]))
 
 
+class GradientOnlyDDP:
+    """How the model calls a DDP-wrapped tower: through the wrapper when gradients are on, bare otherwise.
+
+    Without gradients (the gradient cache's first pass, scoring) the bare tower gives the same result
+    with no data-parallel bookkeeping nor collective for a pass that has no backward. The wrapper's own
+    call is what keeps DDP's gradient hooks in effect when there is a backward.
+    """
+
+    def __init__(self, tower: Tower, wrapper: DistributedDataParallel) -> None:
+        self.tower, self.wrapper = tower, wrapper
+
+    def __call__(self, inputs: torch.Tensor, output_tokens: bool = False) -> TowerOutput:
+        call = self.wrapper if torch.is_grad_enabled() else self.tower
+        return call(inputs, output_tokens=output_tokens)
+
+
 class TowerDDP(ParallelStrategy):
     """Each tower with trainable weights in ``DistributedDataParallel``; the rest averaged by hand.
 
-    The wrappers sit beside the towers (``VisionLanguageModel.wrap_tower``), not inside the model's
-    module tree, so the model's parameters and state_dict keys are those of one process. A tower
+    The wrappers sit beside the towers, not inside the model's module tree (the model calls each
+    wrapped tower through :class:`GradientOnlyDDP`, ``VisionLanguageModel.route_tower``), so the
+    model's parameters and state_dict keys are those of one process. A tower
     fully locked (LiT), or the text tower of an image-only objective, is not wrapped. Parameters
     outside the towers are reached by the objective's ``loss`` or ``represent`` outside any DDP
     forward, so no DDP hook covers them: they are all-reduced once per step in ``finish_gradients``
@@ -68,18 +89,17 @@ class TowerDDP(ParallelStrategy):
         self.wrappers: dict[str, DistributedDataParallel] = {}
         self.wrapped: set[int] = set()  # ids of the parameters DDP reduces
 
-    def setup(self, model: nn.Module, objective: nn.Module) -> None:
-        for name in ("image", "text"):
+    def setup(self, model: VisionLanguageModel, objective: nn.Module) -> None:
+        for name, tower in model.towers().items():
             if name == "text" and not objective.needs_text:  # never called: no buckets to hold
                 continue
-            tower = getattr(model, f"{name}_tower", None)
-            trainable = [p for p in tower.parameters() if p.requires_grad] if tower is not None else []
+            trainable = [p for p in tower.parameters() if p.requires_grad]
             if not trainable:
                 continue
             wrapper = DistributedDataParallel(tower, **_ddp_options(self.dist.device))
             if trainable[0].dtype != torch.float32:
                 wrapper.register_comm_hook(None, _mean_in_fp32)
-            model.wrap_tower(name, wrapper)
+            model.route_tower(name, GradientOnlyDDP(tower, wrapper))
             self.wrappers[name] = wrapper
             self.wrapped.update(id(p) for p in trainable)
 

@@ -1,8 +1,8 @@
 """``trainer.strategy=fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over the towers.
 
-What is sharded: every transformer block of each tower (open_clip's VisionTransformer and
-TextTransformer ``transformer.resblocks``, a timm ViT trunk's ``blocks``) is its own
-``fully_shard`` unit, and each tower is one more unit holding what lies outside its blocks
+What is sharded: every transformer block of each tower (``Tower.blocks()``: open_clip's
+VisionTransformer and TextTransformer blocks, a timm ViT trunk's, a Hugging Face encoder's layers)
+is its own ``fully_shard`` unit, and each tower is one more unit holding what lies outside its blocks
 (patch and token embeddings, final norms, projections). Parameters, gradients and AdamW states
 of the towers are split over the ranks (about 1/world_size each); a block's weights are
 all-gathered just before it runs and freed after. Everything outside the towers (the
@@ -59,7 +59,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -81,25 +81,14 @@ from vlhub.parallel.sharded_checkpoint import state_root
 from vlhub.parallel.strategy import ParallelStrategy
 from vlhub.run.checkpoint import Checkpointer
 
+if TYPE_CHECKING:  # type hints only
+    from vlhub.models.vision_language import VisionLanguageModel
+
+
 KEY = "trainer.strategy"
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
 FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True)  # gathered to every rank, on the device
 WEIGHT_KEYS = ("state_dict", "objective", "optimizer")  # what the directory holds as shards
-# Where the transformer blocks of a tower's wrapped module live: open_clip's VisionTransformer
-# and TextTransformer, then a timm trunk inside open_clip's TimmModel, then a bare timm ViT.
-BLOCK_PATHS = ("transformer.resblocks", "trunk.blocks", "blocks")
-TOWERS = ("image_tower", "text_tower")
-
-
-def transformer_blocks(module: nn.Module) -> list[nn.Module]:
-    """The blocks of ``module`` that become one FSDP unit each (empty when none are found)."""
-    for path in BLOCK_PATHS:
-        found: Any = module
-        for name in path.split("."):
-            found = getattr(found, name, None)
-        if isinstance(found, nn.ModuleList | nn.Sequential) and len(found):
-            return list(found)
-    return []
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -111,30 +100,22 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()  # fp32, amp_fp16: no casting by FSDP
 
 
-def check_fsdp_model(model: nn.Module) -> None:
+def check_fsdp_model(model: VisionLanguageModel) -> None:
     """Fail naming ``trainer.strategy`` when a tower of ``model`` has no blocks to shard."""
-    for name in TOWERS:
-        tower = getattr(model, name, None)
-        if tower is None:
-            continue
-        inner = getattr(tower, "module", tower)
-        if not transformer_blocks(inner):
+    for name, tower in model.towers().items():
+        if not tower.blocks():
             raise ConfigError(
-                f"{KEY}=fsdp shards transformer blocks, and the {name.replace('_', ' ')} "
-                f"({type(inner).__name__}) has none",
+                f"{KEY}=fsdp shards transformer blocks, and the {name} tower ({tower.describe()}) has none",
                 hint=f"use {KEY}=ddp for this model",
             )
 
 
-def apply_fsdp_(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> list[nn.Module]:
+def apply_fsdp_(model: VisionLanguageModel, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> list[nn.Module]:
     """Shard each tower of ``model`` in place, block by block, then the tower; returns the towers."""
     check_fsdp_model(model)
     towers = []
-    for name in TOWERS:
-        tower = getattr(model, name, None)
-        if tower is None:
-            continue
-        for block in transformer_blocks(getattr(tower, "module", tower)):
+    for tower in model.towers().values():
+        for block in tower.blocks():
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(tower, mesh=mesh, mp_policy=policy)
         towers.append(tower)
@@ -189,12 +170,10 @@ class FsdpStrategy(ParallelStrategy):
         return self.root
 
     # -- gradients ---------------------------------------------------------------------------------
-    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+    def compile_targets(self, model: VisionLanguageModel) -> list[nn.Module]:
         """Each block, compiled before it is sharded (torch's pattern for FSDP2): a compiled tower
         would trace through every FSDP hook."""
-        from vlhub.engine.compile import tower_modules  # as in ParallelStrategy.compile_targets
-
-        return [block for module in tower_modules(model) for block in transformer_blocks(module)]
+        return [unit for tower in model.towers().values() for unit in tower.compile_units(per_block=True)]
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -227,14 +206,15 @@ class FsdpStrategy(ParallelStrategy):
         return total
 
     # -- checkpoints: full state on rank 0 (the single file), shards (the directory) --------------------
-    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Collective: the full weights under open_clip's names on rank 0 (on the host), {} elsewhere."""
+    def model_state_dict(self, model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+        """Collective: the full weights in the checkpoint's layout (``model.checkpoint_layout()``,
+        open_clip's names) on rank 0 (on the host), {} elsewhere."""
         weights = get_model_state_dict(model, options=FULL_ON_RANK0)
-        return model.open_clip_state_dict(weights) if self.dist.is_main else {}
+        return model.checkpoint_layout().to_open_clip(weights) if self.dist.is_main else {}
 
-    def load_model_state_dict(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Full weights under open_clip's names (every rank holds them) into the sharded model."""
-        own = model.state_dict_from_open_clip(state_dict)
+    def load_model_state_dict(self, model: VisionLanguageModel, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Full weights in the checkpoint's layout (every rank holds them) into the sharded model."""
+        own = model.checkpoint_layout().from_open_clip(state_dict, model.state_dict())
         set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True))
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -20,7 +20,7 @@ The trainer calls, in this order:
 Strategies (``build_parallel``):
 - one process (``auto`` with one rank): nothing to share;
 - ``manual``: every gradient all-reduced in flat buckets after the backward
-  (:func:`vlhub.collectives.all_reduce_grads_`): exact, but communication never overlaps compute;
+  (:func:`vlhub.parallel.collectives.all_reduce_grads_`): exact, but communication never overlaps compute;
 - ``ddp``: each trainable tower in torch's ``DistributedDataParallel``, whose bucketed all-reduce
   runs during the backward; parameters outside the towers (temperature, SigLIP's bias, objective
   heads) are few and small, and are averaged by hand in ``finish_gradients``;
@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vlhub.parallel import collectives
 from vlhub.parallel.environment import DistInfo
+
+if TYPE_CHECKING:  # type hints only
+    from vlhub.models.vision_language import VisionLanguageModel
 
 
 class ParallelStrategy:
@@ -53,7 +56,7 @@ class ParallelStrategy:
     def setup(self, model: nn.Module, objective: nn.Module) -> None:
         """Called once, on the device, before the optimizer is built."""
 
-    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+    def compile_targets(self, model: VisionLanguageModel) -> list[nn.Module]:
         """What ``trainer.compile`` compiles, before :meth:`setup`: each tower's module."""
         from vlhub.engine.compile import tower_modules  # here: importing compile pulls in dynamo
 
@@ -68,11 +71,13 @@ class ParallelStrategy:
         counts) summed over the ranks, in the same collective where there is one."""
         return collectives.all_reduce_sum([int(flag) for flag in flags])  # one process: no collective
 
-    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.open_clip_state_dict()
+    def model_state_dict(self, model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+        """The weights in the checkpoint's layout (``model.checkpoint_layout()``: open_clip's names)."""
+        return model.checkpoint_layout().to_open_clip(model.state_dict())
 
-    def load_model_state_dict(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-        model.load_open_clip_state_dict(state_dict)
+    def load_model_state_dict(self, model: VisionLanguageModel, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Weights in the checkpoint's layout into ``model``, every key."""
+        model.load_state_dict(model.checkpoint_layout().from_open_clip(state_dict, model.state_dict()))
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
