@@ -29,7 +29,7 @@ from vlhub.engine.trainer import Evaluation, Trainer
 from vlhub.engine.trainer_config import TrainerConfig
 from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
-from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
 from vlhub.parallel.build import build_parallel
 from vlhub.parallel.collectives import broadcast_object
@@ -273,7 +273,8 @@ def build_trainer(
     )
 
 
-@shard_overrides_checked  # an unquoted brace pattern in data.root: one line naming it, before Hydra's parse error
+# An unquoted brace pattern in data.root, a trainer value of a wrong type: one line naming it, before Hydra's error.
+@overrides_checked({"trainer": TrainerConfig})
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
