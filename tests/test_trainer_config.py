@@ -73,6 +73,8 @@ def test_the_chunk_size_probe_takes_the_largest_divisor_that_fits():
     assert len(probed) <= 1 + 4  # the batch, then a binary search over 96's 11 smaller divisors
     assert choose_chunk_size(96, gpu, fits_up_to(96)) is None  # the whole batch fits: no cache
     assert choose_chunk_size(7, gpu, fits_up_to(6)) == 1
+    for limit in range(1, 96):  # against every divisor tried in turn
+        assert choose_chunk_size(96, gpu, fits_up_to(limit)) == max(d for d in range(1, limit + 1) if 96 % d == 0)
     probed.clear()
     assert choose_chunk_size(96, torch.device("cpu"), fits_up_to(1)) is None and probed == []  # CPU: no probe
     with pytest.raises(RuntimeError, match="chunk_size=auto: not even one sample"):

@@ -1,15 +1,12 @@
 """What the loop does with each batch and each loss: train, skip, or stop.
 
-Bad samples, empty batches, filtered captions and non-finite losses are counted here, in the
-run's :class:`~vlhub.engine.state.TrainerState`. A limit passed raises (the run cannot go on,
-and the message names the key); a stop signal on any rank stops every rank (with a checkpoint).
-
-The bad fraction ``bad / read`` is held to ``max_bad_fraction`` once ``bad_fraction_min_samples``
-have been read, so a few bad samples in the first batch do not stop a run. Before that, the run
-stops as soon as the bad ones alone exceed ``max_bad_fraction`` of ``bad_fraction_min_samples``
-(good samples up to that could no longer bring the fraction under the limit): a source where
-everything is bad still stops within a few batches. ``max_empty_batches`` bounds the batches in a
-row without one good sample (with ``max_bad_fraction=1.0`` nothing else would stop an all-bad source).
+Bad samples, empty batches, filtered captions and non-finite losses are counted here, into the run's
+:class:`~vlhub.engine.state.TrainerState`. A limit passed raises, naming its key; a stop signal on any
+rank stops every rank (with a checkpoint). ``bad / read`` is held to ``max_bad_fraction`` once
+``bad_fraction_min_samples`` were read; before, the run stops as soon as the bad ones alone exceed that
+fraction of ``bad_fraction_min_samples`` (an all-bad source stops within a few batches, a few bad
+samples in the first batch do not). ``max_empty_batches`` bounds the batches in a row without a good
+sample (with ``max_bad_fraction=1.0`` nothing else would stop an all-bad source).
 """
 
 from __future__ import annotations

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """What evaluating needs: the tasks (``vlhub.eval.Evaluator``), the eval image transform, and the
-    folder for their outputs (extended metrics, plots)."""
+    """The tasks (``vlhub.eval.Evaluator``), the eval image transform, the folder for their outputs."""
 
     evaluator: Any
     transform: Callable[[Any], torch.Tensor]
@@ -192,21 +191,12 @@ class Trainer:
         )
         # Named groups (per tower, per layer): one lr each; decay and no-decay halves share it.
         scalars.update({f"train/lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g})
-        progress.set_postfix(
-            loss=f"{scalars['train/loss']:.3f}",
-            lr=f"{scalars['train/lr']:.2e}",
-            sps=f"{scalars['train/samples_per_second']:.0f}",
-        )
+        loss, lr, rate = scalars["train/loss"], scalars["train/lr"], scalars["train/samples_per_second"]
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
         if self.metric_logger is not None:
             self.metric_logger.log_scalars(scalars, step)
-        log.info(  # to train.log too: the bar is gone once the run ends
-            "step %d/%d: loss %.4f, lr %.3g, %.0f samples/s",
-            step,
-            max_steps,
-            scalars["train/loss"],
-            scalars["train/lr"],
-            scalars["train/samples_per_second"],
-        )
+        # To train.log too: the bar is gone once the run ends.
+        log.info("step %d/%d: loss %.4f, lr %.3g, %.0f samples/s", step, max_steps, loss, lr, rate)
 
     # -- evaluation (every rank) and checkpoints (rank 0 writes) ----------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -1,9 +1,6 @@
-"""The trainer's keys (``trainer.*``): their one home, types and defaults.
-
-A plain dataclass: the launcher (``vlhub/train.py``) registers it with Hydra's ConfigStore as the
-schema of ``configs/train.yaml``'s ``trainer`` node, so a value of the wrong type fails at composition
-naming its key, and a Python user builds one directly (``TrainerConfig(max_steps=2, batch_size=4)``).
-:meth:`TrainerConfig.check` says what a type cannot (a positive number, ``auto`` or an integer).
+"""The trainer's keys (``trainer.*``): their one home, types and defaults. A plain dataclass: the
+launcher registers it with Hydra's ConfigStore as the schema of ``configs/train.yaml``'s ``trainer``
+node (a wrong type fails naming its key); a Python user builds one (``TrainerConfig(max_steps=2)``).
 """
 
 from __future__ import annotations
