@@ -16,7 +16,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -60,8 +59,6 @@ OmegaConf.register_new_resolver(
     replace=True,
 )
 OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_for(name, stamp, "sweep"), replace=True)
-# The schema of train.yaml's trainer node (its defaults list names it): types and defaults from the dataclass.
-ConfigStore.instance().store(name="trainer_schema", node=TrainerConfig, package="trainer")
 
 
 # The plain keys' types come from the code each node is handed to (vlhub.launch.check_config).
