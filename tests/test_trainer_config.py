@@ -89,6 +89,8 @@ def test_a_trainer_value_of_the_wrong_type_fails_in_one_line_naming_the_key():
     for word, key in [("trainer.max_steps=abc", "trainer.max_steps"), ("trainer.batch_size=4,x", "trainer.batch_size")]:
         with pytest.raises(ConfigError, match=rf"^{key}='\w+': .*Integer$"):
             check_typed_overrides([word], schemas)
+    with pytest.raises(ConfigError, match=r"^trainer.max_steps=2.5: .*Integer$"):  # ran 3 steps once
+        check_typed_overrides(["trainer.max_steps=2.5"], schemas)
     check_typed_overrides(["trainer.max_steps=3", "trainer.grad_cache.chunk_size=auto", "optim.lr=x"], schemas)
     with pytest.raises(ValueError, match="trainer.grad_cache.chunk_size=3 must be a positive divisor"):
         TrainerConfig(batch_size=8, grad_cache=GradCacheConfig(True, 3)).check()

@@ -202,8 +202,7 @@ def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_roo
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.max_steps=abc", "trainer.max_steps='abc': expected int, got str"),
-        ("trainer.max_steps=2.5", "trainer.max_steps=2.5: expected int, got float"),  # ran 3 steps before
+        # trainer.* is typed by its schema when Hydra composes: tests/test_trainer_config.py
         ("data.max_bad_fraction=abc", "data.max_bad_fraction='abc': expected float, got str"),  # a group key
         ("checkpoint.keep=two", "checkpoint.keep='two': expected int"),
         ("logger.wandb.enabled=3", "logger.wandb.enabled=3: expected bool"),
