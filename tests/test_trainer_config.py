@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from tests.conftest import compose_train, micro_model
 from vlhub.data import SyntheticShapes
 from vlhub.engine.guard import StepGuard, Verdict
-from vlhub.engine.prepare import choose_chunk_size, prepare
+from vlhub.engine.prepare import choose_chunk_size, prepare, probe_fits
 from vlhub.engine.state import TrainerState
 from vlhub.engine.step import PlainGradients
 from vlhub.engine.trainer import Trainer
@@ -79,6 +79,28 @@ def test_the_chunk_size_probe_takes_the_largest_divisor_that_fits():
     assert choose_chunk_size(96, torch.device("cpu"), fits_up_to(1)) is None and probed == []  # CPU: no probe
     with pytest.raises(RuntimeError, match="chunk_size=auto: not even one sample"):
         choose_chunk_size(96, gpu, fits_up_to(0))
+
+
+def test_the_probe_step_leaves_no_trace_and_says_when_memory_ran_out(monkeypatch):
+    torch.manual_seed(0)
+    model, objective = micro_model(), ClipObjective()
+    prepared = prepare(
+        model, objective, OptimRecipe(torch.optim.SGD, 1.0, 0.0, "constant", 0), TrainerConfig(device="cpu")
+    )
+    batch = {"image": torch.rand(8, 3, 32, 32), "text": model.tokenize(["a red circle"] * 8)}
+    represent = objective.represent
+
+    def runs_out_above_4(model, batch):  # what a GPU does with a chunk too large for its memory
+        if len(batch["image"]) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return represent(model, batch)
+
+    monkeypatch.setattr(objective, "represent", runs_out_above_4)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fits, rng = probe_fits(prepared, batch), torch.get_rng_state()
+    assert choose_chunk_size(8, torch.device("cuda"), fits) == 4  # 8 ran out, 4 (two chunks) fit
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None and torch.equal(p, weights[name]) for name, p in model.named_parameters())
 
 
 def test_a_trainer_value_of_the_wrong_type_fails_in_one_line_naming_the_key():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -107,19 +108,25 @@ def choose_chunk_size(batch_size: int, device: torch.device, fits: Callable[[int
 def probe_fits(prepared: Prepared, batch: Batch) -> Callable[[int], bool]:
     """Whether a step in chunks of n samples of ``batch`` fits the device: one forward and backward,
     its gradients dropped and the random state and BatchNorm statistics restored; every rank agrees
-    (a rank that runs out of memory says so). Gradients are not synced in the probe."""
+    (a rank that runs out of memory says so). Gradients are not synced in the probe; compiled towers
+    run compiled (with their fallback to eager), as the steps will."""
+    p = prepared
 
     def fits(chunk: int) -> bool:
         size = batch_size_of(batch)
         strategy = PlainGradients() if chunk >= size else GradCache(chunk, size // chunk)
-        stats, rng, failed = running_stats(prepared.model), capture_rng_state(), 0
+        stats, rng, failed = running_stats(p.model), capture_rng_state(), 0
         try:
-            with prepared.parallel.no_sync():
-                strategy(prepared.model, prepared.objective, batch, prepared.precision)
+            with p.parallel.no_sync():
+                step = partial(strategy, p.model, p.objective, batch, p.precision)
+                if p.compiled is None:
+                    step()
+                else:
+                    p.compiled.run(step, reset=p.optimizer.zero_grad)
         except torch.cuda.OutOfMemoryError:
             failed = 1
         finally:
-            prepared.optimizer.zero_grad(set_to_none=True)
+            p.optimizer.zero_grad(set_to_none=True)
             restore_running_stats(stats)
             restore_rng_state(rng)
             torch.cuda.empty_cache()
