@@ -91,6 +91,7 @@ def test_the_probe_step_leaves_no_trace_and_says_when_memory_ran_out(monkeypatch
     represent = objective.represent
 
     def runs_out_above_4(model, batch):  # what a GPU does with a chunk too large for its memory
+        torch.rand(1)  # a dropout's draw: the probe must leave the random stream where it was
         if len(batch["image"]) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return represent(model, batch)
