@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlhub.data import BadSampleMonitor, CsvPairs, ImageFolderPairs, SyntheticShapes, build_train_loader
+from vlhub.data import CsvPairs, ImageFolderPairs, SyntheticShapes, build_train_loader
 from vlhub.data.synthetic import class_names
+from vlhub.engine.guard import StepGuard
+from vlhub.engine.state import TrainerState
 
 
 def _to_tensor(image):
@@ -110,16 +112,16 @@ def test_a_missing_image_is_skipped_and_counted(tmp_path):
     assert loaded.samples_read == 10 and loaded.bad_samples == 2
     assert len(loaded.batch["text_raw"]) == 8
     assert any("000003.png" in r for r in loaded.bad_reasons)
-    monitor = BadSampleMonitor(0.25)
-    monitor.update(loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
-    assert (monitor.read, monitor.bad) == (10, 2)
+    state = TrainerState()
+    StepGuard(0.25).count_samples(state, loaded.samples_read, loaded.bad_samples, loaded.bad_reasons)
+    assert (state.samples_read, state.bad_samples) == (10, 2)
 
 
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error():
-    monitor = BadSampleMonitor(0.1, min_samples=100)
-    monitor.update(100, 10, [])
+    guard, state = StepGuard(0.1, bad_fraction_min_samples=100), TrainerState()
+    guard.count_samples(state, 100, 10, [])
     with pytest.raises(RuntimeError, match="11 of 101 samples read were bad.*max_bad_fraction=0.1"):
-        monitor.update(1, 1, ["x.png: unreadable"])
+        guard.count_samples(state, 1, 1, ["x.png: unreadable"])
 
 
 def test_an_empty_caption_is_a_bad_sample(tmp_path):

@@ -186,7 +186,7 @@ def built_trainer(overrides: list[str], tmp_path, monkeypatch):
     from vlhub.engine.trainer import Trainer
 
     captured = []
-    monkeypatch.setattr(Trainer, "fit", lambda self: captured.append(self) or {})
+    monkeypatch.setattr(Trainer, "fit", lambda self, run: captured.append(self) or {})
     cfg = compose_train(["data.workers=0", "eval=none", "logger.tensorboard=false", *overrides])
     cfg.model = copy.deepcopy(tiny_model_node())  # tiny towers; cfg.optim is what the model option selected
     vlhub.train.train(cfg, tmp_path, {})
@@ -233,7 +233,7 @@ def test_a_models_recipe_trains_at_open_clips_one_gpu_values(tmp_path, monkeypat
     """open_clip's README example (batch 128, lr 1e-3, wd 0.1, 10,000 warmup steps) as given at batch 128.
     (open_clip_cnn, the same values with other betas, is checked in tests/test_trust_output.py.)"""
     trainer = built_trainer(["model=vit_b32", "trainer.max_steps=20000"], tmp_path, monkeypatch)
-    assert type(trainer.optimizer) is torch.optim.AdamW and trainer.batch_size == 128
+    assert type(trainer.optimizer) is torch.optim.AdamW and trainer.config.batch_size == 128
     group = trainer.optimizer.param_groups[0]
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.98), 1e-6, 0.1)
     assert_lrs(lrs_at(trainer, [0, 9999, 15000]), {"0": 1e-3, "1": 1e-3}, warmup=10000, total=20000)

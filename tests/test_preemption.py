@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import vlhub.engine.trainer as trainer_module
 import vlhub.run.checkpoint as checkpoint_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, free_port
+from vlhub.engine.trainer import Trainer
 from vlhub.run.preemption import Preemption
 
 # Six steps, no periodic checkpoint and no evaluation: a checkpoint at any other step comes from the signal.
@@ -31,7 +31,7 @@ def _checkpoint(run_dir: Path) -> dict:
 
 def _signal_during_step(monkeypatch, step: int, signum: int):
     """Send ``signum`` to this process in the middle of training step ``step`` (1-based); returns the real step."""
-    real_step, calls = trainer_module.train_step, []
+    real_step, calls = Trainer.train_on_batch, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -39,7 +39,7 @@ def _signal_during_step(monkeypatch, step: int, signum: int):
             os.kill(os.getpid(), signum)  # delivered here, mid-step: the step still completes
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_step", step_then_signal)
+    monkeypatch.setattr(Trainer, "train_on_batch", step_then_signal)
     return real_step
 
 
@@ -84,7 +84,7 @@ def test_a_signal_mid_run_saves_that_step_chains_and_resumes_to_the_same_weights
         assert stopped.value.code == 128 + signal.SIGUSR1
     assert previous_handler == [signum]  # chained, once
 
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_on_batch", real_step)
     _train(tmp_path / "run")  # the requeued job: same folder, resumes at step 3
     final, straight = _checkpoint(tmp_path / "run"), _checkpoint(tmp_path / "straight")
     assert final["step"] == 6
@@ -105,7 +105,7 @@ def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    real_step, calls = trainer_module.train_step, []
+    real_step, calls = Trainer.train_on_batch, []
 
     def step(*args, **kwargs):
         calls.append(1)
@@ -113,7 +113,7 @@ def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
             os.kill(os.getpid(), signal.SIGUSR1)
         return real_step(*args, **kwargs)
 
-    trainer_module.train_step = step
+    Trainer.train_on_batch = step  # the seam: this process is a forked rank
     preemption = Preemption([signal.SIGUSR1])
     try:
         with preemption:

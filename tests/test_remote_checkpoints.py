@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-import vlhub.engine.trainer as trainer_module
 import vlhub.run.remote_store as remote_module
 import vlhub.train
 from tests.conftest import FAST, compose_train, run_train
+from vlhub.engine.trainer import Trainer
 from vlhub.errors import ConfigError
 from vlhub.run.remote_store import RemoteError
 from vlhub.run.secrets import mask_overrides, scrub_hydra_files
@@ -81,7 +81,7 @@ def test_a_killed_run_whose_folder_is_gone_resumes_from_the_remote_and_ends_as_a
     overrides = [*RESUME, "logger.tensorboard=true", "trainer.max_steps=6"]
     run_train(overrides, tmp_path / "straight")
 
-    real_step, calls = trainer_module.train_step, []
+    real_step, calls = Trainer.train_on_batch, []
 
     def killed_after_the_step_3_upload(*args, **kwargs):
         calls.append(1)
@@ -92,13 +92,13 @@ def test_a_killed_run_whose_folder_is_gone_resumes_from_the_remote_and_ends_as_a
             raise KeyboardInterrupt("preempted")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_step", killed_after_the_step_3_upload)
+    monkeypatch.setattr(Trainer, "train_on_batch", killed_after_the_step_3_upload)
     run_dir = tmp_path / "node1"
     with pytest.raises(KeyboardInterrupt):
         run_train([*overrides, *_remote(s3, "run")], run_dir)
     assert _pointer(s3, "run")["step"] == 3
     shutil.rmtree(run_dir)  # the node and its disk are gone
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_on_batch", real_step)
 
     run_train([*overrides, *_remote(s3, "run")], run_dir)  # the same command on a new node
     final = torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)
@@ -274,17 +274,17 @@ def test_slow_uploads_do_not_stall_training(s3, tmp_path, monkeypatch):
         monkeypatch.setattr(fs, "put_file", put_file)
         return fs, root
 
-    real_fit = trainer_module.Trainer.fit
+    real_fit = Trainer.fit
 
-    def timed_fit(self):
+    def timed_fit(self, run):
         start = time.perf_counter()
         try:
-            return real_fit(self)
+            return real_fit(self, run)
         finally:
             fit_time.append(time.perf_counter() - start)
 
     monkeypatch.setattr(remote_module.fsspec.core, "url_to_fs", slow_url_to_fs)
-    monkeypatch.setattr(trainer_module.Trainer, "fit", timed_fit)
+    monkeypatch.setattr(Trainer, "fit", timed_fit)
     started = time.perf_counter()
     run_train(["eval=none", "trainer.max_steps=4", "checkpoint.every_n_steps=1", *_remote(s3, "slow")], tmp_path)
     # Four checkpoints, each upload at least 3 s: the loop ran on while they were uploaded.

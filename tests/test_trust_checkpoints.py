@@ -215,10 +215,10 @@ def test_two_launches_at_the_same_moment_the_loser_removes_nothing_of_the_winner
 
     real_fit, in_fit, loser_done = Trainer.fit, threading.Event(), threading.Event()
 
-    def fit_once_the_loser_failed(self):
+    def fit_once_the_loser_failed(self, run):
         in_fit.set()
         assert loser_done.wait(60)
-        return real_fit(self)
+        return real_fit(self, run)
 
     monkeypatch.setattr(Trainer, "fit", fit_once_the_loser_failed)
     _hydra_wrote(tmp_path)
@@ -257,11 +257,11 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path, m
     suspended, in_fit = threading.Event(), threading.Event()
     suspended.set()
 
-    def fit_after_the_suspension(self):
+    def fit_after_the_suspension(self, run):
         in_fit.set()
         while suspended.is_set():
             time.sleep(0.01)
-        return real_fit(self)
+        return real_fit(self, run)
 
     def refresh(self):  # a suspended (SIGSTOP) process refreshes no heartbeat
         return True if suspended.is_set() else real_refresh(self)

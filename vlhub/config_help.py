@@ -9,6 +9,7 @@ installed launcher plugins.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 
 from hydra.core.global_hydra import GlobalHydra
@@ -16,6 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from omegaconf import OmegaConf
 
+from vlhub.engine.trainer_config import TrainerConfig
+
+# A primary config's nodes typed by a dataclass (their ConfigStore schema), shown by --help with their keys.
+SCHEMAS = {"train": {"trainer": TrainerConfig}}
 # Groups chosen another way than group=option, and how.
 USAGE = {"experiment": "+experiment=NAME", "hydra/launcher": "hydra/launcher=NAME, with -m"}
 
@@ -43,7 +48,8 @@ def list_config_groups(*only: str) -> str:
 
 def plain_keys(config_name: str) -> str:
     """The primary config's own keys with their comments, as written in its YAML (``configs/<name>.yaml``
-    without its defaults list and ``hydra:`` block): what each key does, from the one place it is said."""
+    without its defaults list and ``hydra:`` block), and the nodes typed by a dataclass (``SCHEMAS``) from
+    its fields: what each key does, from the one place it is said."""
     text = importlib.resources.files("vlhub.configs").joinpath(f"{config_name}.yaml").read_text()
     lines, keep = [], False
     for line in text.splitlines():
@@ -52,7 +58,22 @@ def plain_keys(config_name: str) -> str:
             keep = not line.startswith(("defaults:", "hydra:"))
         if keep and line.strip():
             lines.append(line)
+    for node, schema in SCHEMAS.get(config_name, {}).items():
+        lines += [f"{node}:", *schema_keys(schema, "  ")]
     return "\n".join(lines)
+
+
+def schema_keys(schema: type, indent: str) -> list[str]:
+    """``key: default  # help`` for each field of a dataclass (its ``help`` metadata), nested ones indented."""
+    lines = []
+    for item in dataclasses.fields(schema):
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            lines += [f"{indent}{item.name}:", *schema_keys(type(default), indent + "  ")]
+            continue
+        shown = OmegaConf.to_yaml({item.name: default}).strip()
+        lines.append(f"{indent}{shown}  # {item.metadata.get('help', '')}".rstrip(" #"))
+    return lines
 
 
 OmegaConf.register_new_resolver("vlhub_config_groups", list_config_groups, replace=True)

@@ -1,12 +1,14 @@
 """Launch-time checks of a composed config, and how the commands report a mistake.
 
 ``check_config`` checks every value's type at launch, naming its key (Hydra's struct mode already
-refuses unknown keys). A group node is checked against its ``_target_``'s signature: the type
-annotations of the parameters it names (a target taking ``**kwargs`` also answers for its base
-classes' parameters). Plain keys (``trainer.*``, ``checkpoint.*``, ...) are checked against the
-signatures of the code they are handed to, which the command lists (``vlhub.train.PLAIN_KEYS``).
-A parameter without an annotation, or annotated with a class (a nested component), is not checked
-here: a nested ``_target_`` node is checked on its own.
+refuses unknown keys). A node with a structured schema (``trainer``: ``TrainerConfig``) is typed by
+it when Hydra composes, and its command-line values before that (``check_typed_overrides``, one line).
+A group node is checked against its ``_target_``'s signature: the type annotations of the parameters
+it names (a target taking ``**kwargs`` also answers for its base classes' parameters). The other
+plain keys (``checkpoint.*``, ``logger.*``, ``run.*``) are checked against the signatures of the
+code they are handed to, which the command lists (``vlhub.train.PLAIN_KEYS``). A parameter without
+an annotation, or annotated with a class (a nested component), is not checked here: a nested
+``_target_`` node is checked on its own.
 
 ``errors_reported`` turns an expected mistake into one line and a hint (exit code 1); anything
 else keeps its traceback. Expected: :class:`~vlhub.errors.ConfigError`, ``FileNotFoundError``, a
@@ -35,7 +37,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from vlhub.errors import ConfigError
 
@@ -181,16 +183,47 @@ def check_shard_overrides(argv: list[str], key: str = "data.root") -> None:
             ) from None
 
 
-def shard_overrides_checked(function: Callable) -> Callable:
-    """Run :func:`check_shard_overrides` on ``sys.argv`` before ``function`` (a ``hydra.main`` entry point)."""
+def check_typed_overrides(argv: list[str], schemas: dict[str, type]) -> None:
+    """A command-line value that a node's structured schema (a dataclass) refuses: one line naming the key,
+    before Hydra's several-line merge error. Each value of a sweep is checked; what Hydra cannot parse,
+    Hydra reports."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    @functools.wraps(function)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        with errors_reported():
-            check_shard_overrides(sys.argv[1:])
-        return function(*args, **kwargs)
+    parser = OverridesParser.create()
+    for word in argv:
+        node = word.lstrip("+").split(".", 1)[0]
+        if node not in schemas or "=" not in word:
+            continue
+        try:
+            (override,) = parser.parse_overrides([word])
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # noqa: BLE001,S112 (Hydra's parser names it)
+            continue
+        for value in values:
+            try:
+                OmegaConf.update(OmegaConf.create({node: schemas[node]}), override.key_or_group, value, merge=True)
+            except (ValidationError, ConfigAttributeError, ConfigKeyError) as error:  # a wrong type, an unknown key
+                raise ConfigError(
+                    f"{override.key_or_group}={value!r}: {str(error).splitlines()[0]}",
+                    hint=f"--help lists {node}'s keys with their types and defaults",
+                ) from None
 
-    return checked
+
+def overrides_checked(schemas: dict[str, type]) -> Callable[[Callable], Callable]:
+    """Run :func:`check_shard_overrides` and :func:`check_typed_overrides` on ``sys.argv`` before
+    the decorated ``hydra.main`` entry point."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            with errors_reported():
+                check_shard_overrides(sys.argv[1:])
+                check_typed_overrides(sys.argv[1:], schemas)
+            return function(*args, **kwargs)
+
+        return checked
+
+    return decorate
 
 
 # -- reporting ---------------------------------------------------------------------------------

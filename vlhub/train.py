@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
-from vlhub.data import BadSampleMonitor
-from vlhub.engine.step import GradientStrategy
-from vlhub.engine.trainer import Trainer, build_gradient_strategy
+from vlhub.engine.guard import StepGuard
+from vlhub.engine.prepare import prepare
+from vlhub.engine.trainer import Evaluation, Trainer
+from vlhub.engine.trainer_config import TrainerConfig
 from vlhub.errors import ConfigError
 from vlhub.eval.retrieval import PairValidationTask
-from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, shard_overrides_checked
+from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
 from vlhub.parallel.build import build_parallel
 from vlhub.parallel.environment import DistInfo, get_dist_info, init_distributed
@@ -59,10 +60,9 @@ OmegaConf.register_new_resolver("vlhub_sweep_dir", lambda name, stamp: run_dir_f
 
 
 # The plain keys' types come from the code each node is handed to (vlhub.launch.check_config).
+# trainer.* is typed by its schema (TrainerConfig), not here.
 PLAIN_KEYS: PlainKeys = {
     "run": [(run_dir_for, "")],
-    "trainer": [(Trainer, ""), (get_dist_info, ""), (build_parallel, "")],
-    "trainer.grad_cache": [(build_gradient_strategy, "")],
     "checkpoint": [(CheckpointSettings, "")],
     "logger": [(MetricLogger, "")],
     "logger.wandb": [(MetricLogger, "wandb_")],
@@ -121,18 +121,18 @@ def train(
     # before a training step leaves no folder behind when Hydra made it for this launch.
     with RunSession(run_dir) as run:
         check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
-        settings: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-        check_device(settings["device"], "trainer.device")
-        dist_info = get_dist_info(settings.pop("device"))
+        trainer_config: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+        check_device(trainer_config.device, "trainer.device")
+        dist_info = get_dist_info(trainer_config.device)
         init_distributed(dist_info)
+        trainer_config = trainer_config.per_rank(dist_info.world_size).check()  # bad values fail before the run folder
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
-        gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
-        parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
-        if dist_info.is_main:
-            log.info("run folder: %s", run_dir.resolve())
+        parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
         start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info)
         run_dir = run.run_dir  # rank 0's, on every rank
+        if dist_info.is_main:
+            log.info("run folder: %s", run_dir.resolve())
         if start.finished:
             log.warning(
                 "the run in %s finished at step %d (trainer.max_steps=%d): nothing to do. To continue it, "
@@ -145,33 +145,34 @@ def train(
             )
             return {}
         trainer = build_trainer(
-            cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, run, config, preemption
+            cfg, trainer_config, run_dir, choices, overrides, dist_info, parallel, run, config, preemption
         )
-        run.track(lambda: trainer.step)
+        run.track(lambda: trainer.state.step)
         # Log lines print above the progress bar; a rank that dies is named by the others, which stop.
         with logging_redirect_tqdm(), ranks_watched(dist_info):
-            metrics = trainer.fit()
+            metrics = trainer.fit(run)
         run.finish()  # the final logs too; an error if the last checkpoint never reached checkpoint.remote
         if dist_info.is_main:
             if metrics:
-                log.info("final metrics (step %d):\n%s", trainer.step, format_metrics_table(metrics))
+                log.info("final metrics (step %d):\n%s", trainer.state.step, format_metrics_table(metrics))
             log.info("run folder: %s", run_dir.resolve())
         return metrics
 
 
 def build_trainer(
     cfg: DictConfig,
+    config: TrainerConfig,
     run_dir: Path,
     choices: dict[str, str],
     overrides: list[str] | None,
-    settings: dict[str, Any],
     dist_info: DistInfo,
-    gradients: GradientStrategy,
     parallel: ParallelStrategy,
-    checkpointer: Checkpointer,
-    config: dict[str, Any],
+    run: RunSession | Checkpointer,
+    stored_config: dict[str, Any],
     preemption: Preemption | None = None,
 ) -> Trainer:
+    """Every component from ``cfg`` (``config``: its trainer node, per rank), prepared; ``run``: what the
+    trainer saves through (a plain Checkpointer for ``vlhub.check``), asked by the logger before it writes."""
     # Data and evaluation folders are checked first: bad input fails in seconds.
     source = instantiate(cfg.data)
     evaluator = instantiate(cfg.eval)
@@ -184,13 +185,13 @@ def build_trainer(
         )
     optim = instantiate(cfg.optim)
     limit_cpu_threads(dist_info.device, source.workers, dist_info.local_world_size)
-    seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
+    seed_everything(config.seed)  # the same initial weights on every rank
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
-    global_batch = settings["batch_size"] * dist_info.world_size
-    if 0 < global_batch < objective.min_global_batch:  # (<= 0: the trainer names the key)
+    global_batch = config.batch_size * dist_info.world_size
+    if global_batch < objective.min_global_batch:
         raise ConfigError(
-            f"trainer.batch_size={settings['batch_size']} x {dist_info.world_size} rank(s) is a global batch of "
+            f"trainer.batch_size={config.batch_size} x {dist_info.world_size} rank(s) is a global batch of "
             f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
             f"of the batch and needs at least {objective.min_global_batch} (raise trainer.batch_size)"
         )
@@ -201,7 +202,7 @@ def build_trainer(
         raise ValueError(f"augment_views: {error}") from None
     prepare_objective(objective, source, model, views, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
-    torch.manual_seed(cfg.trainer.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
+    torch.manual_seed(config.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None
     if dist_info.is_main:
         metric_logger = MetricLogger(
@@ -211,8 +212,8 @@ def build_trainer(
             wandb_project=cfg.logger.wandb.project,
             wandb_mode=cfg.logger.wandb.mode,
             run_name=cfg.run.name,
-            config=config,
-            before_write=checkpointer.before_write,  # stops once another launch took the run's lock over
+            config=stored_config,
+            before_write=run.before_write,  # stops once another launch took the run's lock over
         )
     # This rank's batches from a given step on: what the trainer needs to know of the data.
     # The source builds its own loader (map-style slots or a shard stream).
@@ -220,43 +221,37 @@ def build_trainer(
         source.build_loader,
         transforms.train,
         model.tokenizer if objective.needs_text else None,
-        settings["batch_size"],
-        settings["seed"],
+        config.batch_size,
+        config.seed,
         image_views=objective.image_views,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         pin_memory=dist_info.device.type == "cuda",
         view_transform=views.train,
     )
+    guard = StepGuard(
+        source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches, config.max_nonfinite_steps
+    )
+    run_info = {
+        "objective": choices.get("objective", "?"),
+        "model": choices.get("model", "?"),
+        "overrides": mask_overrides(list(overrides or [])),
+    }
     return Trainer(
-        model,
-        objective,
+        prepare(model, objective, optim, config, dist_info, parallel),  # device, broadcast, compile, wrap, optimizer
+        config,
         make_loader,
-        transforms.eval,
-        optim,
-        evaluator,
-        checkpointer,
-        metric_logger,
-        dist_info,
-        run_dir,
-        **settings,
-        gradients=gradients,
-        parallel=parallel,
-        bad_samples=BadSampleMonitor(
-            source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches
-        ),
-        run_info={
-            "objective": choices.get("objective", "?"),
-            "model": choices.get("model", "?"),
-            "overrides": mask_overrides(list(overrides or [])),
-        },
-        objective_spec=objective.spec(objective_kwargs),
-        config=config,
+        evaluation=Evaluation(evaluator, transforms.eval, run_dir / "eval"),
+        guard=guard,
+        metric_logger=metric_logger,
+        run_info=run_info,
+        checkpoint_extras={"objective_spec": objective.spec(objective_kwargs), "config": stored_config},
         preemption=preemption,  # the trainer polls it at every step
     )
 
 
-@shard_overrides_checked  # an unquoted brace pattern in data.root: one line naming it, before Hydra's parse error
+# An unquoted brace pattern in data.root, a trainer value of a wrong type: one line naming it, before Hydra's error.
+@overrides_checked({"trainer": TrainerConfig})
 @hydra.main(config_path="pkg://vlhub.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()

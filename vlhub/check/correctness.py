@@ -14,6 +14,7 @@ from vlhub.check.rows import FAIL, OK
 from vlhub.check.trainers import (
     CheckSettings,
     build_check_trainer,
+    check_checkpointer,
     close,
     full_fp32,
     train_steps,
@@ -141,29 +142,30 @@ def checkpoint_row(settings: CheckSettings, folder: Path, objective: str = "clip
     trainer = build_check_trainer(overrides, folder / "checkpoint")
     try:
         train_steps(trainer, 2)
-        path = trainer.save()
+        path = trainer.save(check_checkpointer(overrides, folder / "checkpoint"))
         expected = {
-            "state_dict": trainer.parallel.model_state_dict(trainer.model),
+            "state_dict": trainer.prepared.parallel.model_state_dict(trainer.model),
             "objective": trainer.objective.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
-            "step": trainer.step,
+            "step": trainer.state.step,
         }
     finally:
         close(trainer)
     stored = read_checkpoint_file(path)
     differ = _differences(expected, {key: stored[key] for key in expected})
-    resumed = build_check_trainer([*overrides, f"checkpoint.resume={path}"], folder / "checkpoint-resumed")
+    resumed_overrides, resumed_dir = [*overrides, f"checkpoint.resume={path}"], folder / "checkpoint-resumed"
+    resumed = build_check_trainer(resumed_overrides, resumed_dir)
     try:
-        resumed.restore()
+        resumed.restore(check_checkpointer(resumed_overrides, resumed_dir))
         differ += [
             f"resumed {k}"
             for k in _differences(
                 expected,
                 {
-                    "state_dict": resumed.parallel.model_state_dict(resumed.model),
+                    "state_dict": resumed.prepared.parallel.model_state_dict(resumed.model),
                     "objective": resumed.objective.state_dict(),
                     "optimizer": resumed.optimizer.state_dict(),
-                    "step": resumed.step,
+                    "step": resumed.state.step,
                 },
             )
         ]

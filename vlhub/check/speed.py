@@ -1,7 +1,7 @@
 """The speed rows: samples/s of vlhub's step against open_clip's in the same run, MFU, the gradient
 cache's cost, and whether the input pipeline or the device is the ceiling.
 
-Every vlhub row times the trainer's own step (``Trainer.train_step``: compile, fused optimizer,
+Every vlhub row times the trainer's own step (``Trainer.train_on_batch``: compile, fused optimizer,
 gradient strategy as the config sets them) on a fixed batch already on the device, so the loader
 is out of it; the input rows time the loader alone. MFU = samples/s x FLOPs per sample (counted
 by ``FlopCounterMode`` over one eager forward + backward) / a peak: a square matmul timed in this
@@ -209,7 +209,7 @@ def vlhub_row(m: Measurements, name: str, compiled: bool, fused: bool) -> RowRes
                 PlainGradients()(trainer.model, trainer.objective, small, trainer.precision)
             trainer.optimizer.zero_grad(set_to_none=True)
             m.flops_per_sample = counter.get_total_flops() / len(small["image"])
-        rate = m.spec.batch / timed(lambda: trainer.train_step(batch), m.device, m.spec.steps, m.spec.warmup)
+        rate = m.spec.batch / timed(lambda: trainer.train_on_batch(batch), m.device, m.spec.steps, m.spec.warmup)
     finally:
         close(trainer)
     m.rates[name] = rate
@@ -279,7 +279,7 @@ def grad_cache_row(m: Measurements, logical: int, tiles: int | None = None) -> R
         batch = random_batch(trainer, logical, on_device=False)
         trainer.model.train()
         steps = 1 if tiles else 2  # the tiled row is the large one: minutes per step on one GPU
-        rate = logical / timed(lambda: trainer.train_step(batch), m.device, steps, 1)
+        rate = logical / timed(lambda: trainer.train_on_batch(batch), m.device, steps, 1)
     finally:
         close(trainer)
     if tiles is None:

@@ -17,7 +17,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from vlhub.engine.trainer import Trainer, build_gradient_strategy
+from vlhub.engine.trainer import Trainer
+from vlhub.engine.trainer_config import TrainerConfig
 from vlhub.launch import check_config, check_device
 from vlhub.parallel.build import build_parallel
 from vlhub.parallel.environment import get_dist_info
@@ -79,17 +80,21 @@ def build_check_trainer(overrides: list[str], run_dir: Path) -> Trainer:
     """A trainer as ``vlhub.train.train`` builds it from ``configs/train.yaml`` and ``overrides``."""
     cfg = compose_train(overrides)
     check_config(cfg, PLAIN_KEYS)
-    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    check_device(settings["device"], "trainer.device")
-    dist_info = get_dist_info(settings.pop("device"))
-    gradients = build_gradient_strategy(settings["batch_size"], **settings.pop("grad_cache"))
-    parallel = build_parallel(settings.pop("strategy"), dist_info, settings["precision"])
-    files = cfg.checkpoint  # a plain checkpoint folder: no run session, so no lock and no remote copies
-    checkpointer = Checkpointer(run_dir / "checkpoints", files.every_n_steps, files.keep, files.resume)
-    choices, config = _choices(overrides), config_of(cfg)
-    return build_trainer(
-        cfg, run_dir, choices, overrides, settings, dist_info, gradients, parallel, checkpointer, config
-    )
+    config: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+    check_device(config.device, "trainer.device")
+    dist_info = get_dist_info(config.device)
+    config = config.per_rank(dist_info.world_size).check()
+    parallel = build_parallel(config.strategy, dist_info, config.precision)
+    choices, stored = _choices(overrides), config_of(cfg)
+    checkpointer = check_checkpointer(overrides, run_dir)
+    return build_trainer(cfg, config, run_dir, choices, overrides, dist_info, parallel, checkpointer, stored)
+
+
+def check_checkpointer(overrides: list[str], run_dir: Path) -> Checkpointer:
+    """What a check trainer built with these ``overrides`` saves through and resumes from: a plain
+    checkpoint folder (no run session, so no lock and no remote copies)."""
+    files = compose_train(overrides).checkpoint
+    return Checkpointer(run_dir / "checkpoints", files.every_n_steps, files.keep, files.resume)
 
 
 def close(trainer: Trainer) -> None:
@@ -129,11 +134,11 @@ def train_steps(trainer: Trainer, steps: int) -> tuple[list[float], list[Gradien
     losses = []
     try:
         for step in range(1, steps + 1):
-            parts = trainer.train_step(next(loader).batch)
+            parts = trainer.train_on_batch(next(loader).batch)
             if parts is None:  # the trainer drops a non-finite step; here that is the row's failure
                 raise NonFiniteLoss(f"the loss is not finite at step {step}")
             losses.append(float(parts["loss"]))
-            trainer.step += 1
+            trainer.state.step += 1
     finally:
         hook.remove()
     return losses, summaries

@@ -1,4 +1,4 @@
-from vlhub.data.batch import BadSample, BadSampleMonitor, Batch, Filtered, LoadedBatch, RawSample
+from vlhub.data.batch import BadSample, Batch, Filtered, LoadedBatch, RawSample
 from vlhub.data.captions import Caption, CaptionPipeline
 from vlhub.data.files import CsvPairs, ImageFolderPairs
 from vlhub.data.loader import build_train_loader
@@ -9,7 +9,6 @@ from vlhub.data.wds import BlendedShards, ShardSource, WebDatasetPairs
 
 __all__ = [
     "BadSample",
-    "BadSampleMonitor",
     "Batch",
     "BlendedShards",
     "Caption",

@@ -1,17 +1,14 @@
-"""The Batch every data source produces, a sample before collation, and bad-sample accounting."""
+"""The Batch every data source produces, and a sample before collation (counted by vlhub.engine.guard)."""
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
 import torch
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 
 class Batch(TypedDict, total=False):
@@ -142,50 +139,3 @@ def check_bad_input_keys(
         raise ValueError(f"data.max_empty_batches must be >= 0, got {max_empty_batches}")
     if max_image_pixels is not None and max_image_pixels <= 0:
         raise ValueError(f"data.max_image_pixels must be > 0 or null, got {max_image_pixels}")
-
-
-class BadSampleMonitor:
-    """Cumulative count of skipped samples; stops the run when too many are bad.
-
-    The fraction ``bad / read`` is held to ``max_fraction`` once ``min_samples`` have been read,
-    so a few bad samples in the first batch do not stop a run. Before that, the run stops as soon
-    as the bad ones alone exceed ``max_fraction`` of ``min_samples`` (good samples up to
-    ``min_samples`` could no longer bring the fraction under the limit): a source where everything
-    is bad still stops within a few batches. ``max_empty_batches`` bounds the batches in a row
-    without one good sample (with ``max_fraction=1.0`` nothing else would stop an all-bad source).
-    """
-
-    def __init__(
-        self,
-        max_fraction: float,
-        min_samples: int = 500,
-        max_empty_batches: int = 20,
-        read: int = 0,
-        bad: int = 0,
-    ) -> None:
-        self.max_fraction, self.min_samples, self.max_empty_batches = max_fraction, min_samples, max_empty_batches
-        self.read, self.bad = read, bad
-        self.empty_in_a_row = 0
-
-    def update(self, read: int, bad: int, reasons: list[str]) -> None:
-        self.read += read
-        self.bad += bad
-        for reason in reasons[:3]:
-            log.warning("skipped a bad sample: %s", reason)
-        if self.read and self.bad / max(self.read, self.min_samples) > self.max_fraction:
-            early = ""
-            if self.read < self.min_samples:
-                early = f" of the first data.bad_fraction_min_samples={self.min_samples}"
-            raise RuntimeError(
-                f"{self.bad} of {self.read} samples read were bad ({self.bad / self.read:.1%}), more than "
-                f"data.max_bad_fraction={self.max_fraction}{early}; last: {reasons[-1] if reasons else 'n/a'}"
-            )
-
-    def batch_done(self, empty: bool) -> None:
-        """Count batches in a row that held no good sample; stop past ``max_empty_batches``."""
-        self.empty_in_a_row = self.empty_in_a_row + 1 if empty else 0
-        if self.empty_in_a_row > self.max_empty_batches:
-            raise RuntimeError(
-                f"{self.empty_in_a_row} batches in a row held no good sample ({self.bad} bad of {self.read} read), "
-                f"more than data.max_empty_batches={self.max_empty_batches}: check data.root"
-            )

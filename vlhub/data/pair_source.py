@@ -22,7 +22,7 @@ class PairSource(Dataset):
 
     ``load(index)`` decodes one sample or raises :class:`~vlhub.data.batch.BadSample`.
     ``workers`` and the bad-input keys (``max_bad_fraction``, ``bad_fraction_min_samples``,
-    ``max_empty_batches``: see :class:`~vlhub.data.batch.BadSampleMonitor`; ``max_image_pixels``:
+    ``max_empty_batches``: see :class:`~vlhub.engine.guard.StepGuard`; ``max_image_pixels``:
     see :func:`~vlhub.data.images.open_image`; ``max_image_bytes``: see
     :func:`~vlhub.data.files.read_image`) say how the training stream reads it; ``val`` is an
     optional source of held-out pairs that travels with it (``data.val``), evaluated with

@@ -49,7 +49,7 @@ class RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _running_stats(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+def running_stats(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
     return [
         (module, {name: buf.clone() for name, buf in module.named_buffers(recurse=False) if buf is not None})
         for module in model.modules()
@@ -57,7 +57,7 @@ def _running_stats(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Te
     ]
 
 
-def _restore_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+def restore_running_stats(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
     for module, buffers in saved:
         for name, value in buffers.items():
             getattr(module, name).copy_(value)
@@ -105,13 +105,13 @@ class GradCache:
     ) -> dict[str, torch.Tensor]:
         chunks = self.chunks(batch)  # kept where they are; each moves to the device when it runs
         device = precision.device
-        saved_stats = _running_stats(model)
+        saved_stats = running_stats(model)
         states, cached = [], []
         with torch.no_grad(), precision.autocast():
             for chunk in prefetch(chunks, device):
                 states.append(RandomState(device))
                 cached.append(objective.represent(model, device_batch(chunk, model, precision)))
-        _restore_running_stats(saved_stats)
+        restore_running_stats(saved_stats)
 
         reps = {key: _leaf(torch.cat([c[key] for c in cached])) for key in cached[0]}
         with precision.autocast():
