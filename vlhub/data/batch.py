@@ -135,13 +135,13 @@ def check_bad_input_keys(
 ) -> None:
     """The bad-input keys every data source shares (``configs/data/shared/bad_input.yaml``)."""
     if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     if bad_fraction_min_samples < 0:
-        raise ValueError(f"data.bad_fraction_min_samples must be >= 0, got {bad_fraction_min_samples}")
+        raise ValueError(f"bad_fraction_min_samples must be >= 0, got {bad_fraction_min_samples}")
     if max_empty_batches < 0:
-        raise ValueError(f"data.max_empty_batches must be >= 0, got {max_empty_batches}")
+        raise ValueError(f"max_empty_batches must be >= 0, got {max_empty_batches}")
     if max_image_pixels is not None and max_image_pixels <= 0:
-        raise ValueError(f"data.max_image_pixels must be > 0 or null, got {max_image_pixels}")
+        raise ValueError(f"max_image_pixels must be > 0 or null, got {max_image_pixels}")
 
 
 class BadSampleMonitor:

@@ -46,14 +46,14 @@ class PairSource(Dataset):
         **captions: Any,
     ) -> None:
         if workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {workers}")
+            raise ValueError(f"workers must be >= 0, got {workers}")
         check_bad_input_keys(max_bad_fraction, bad_fraction_min_samples, max_empty_batches, max_image_pixels)
         self.workers = workers
         self.val = val
         self.max_bad_fraction, self.bad_fraction_min_samples = max_bad_fraction, bad_fraction_min_samples
         self.max_empty_batches, self.max_image_pixels = max_empty_batches, max_image_pixels
         if max_image_bytes is not None and max_image_bytes <= 0:
-            raise ValueError(f"data.max_image_bytes must be > 0 or null, got {max_image_bytes}")
+            raise ValueError(f"max_image_bytes must be > 0 or null, got {max_image_bytes}")
         self.max_image_bytes = max_image_bytes  # image files are read up to this size (vlhub.data.files)
         self.caption_pipeline = CaptionPipeline(**captions)
 

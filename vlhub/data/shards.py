@@ -57,7 +57,7 @@ def expand_shards(pattern: str, key: str) -> tuple[str, ...]:
     return urls
 
 
-def split_sources(root: str, key: str = "data.root") -> list[str]:
+def split_sources(root: str, key: str = "root") -> list[str]:
     """``a::b`` -> [``a``, ``b``]; an empty piece fails naming ``key``."""
     pieces = root.split("::")
     for index, piece in enumerate(pieces):

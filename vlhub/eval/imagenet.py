@@ -28,8 +28,7 @@ class ImageNetFamilyTask(ZeroShotTask):
         expected: str,
         templates: list[str] | str | None = None,
     ) -> None:
-        key = f"eval.{name}.root"
-        samples = scan_class_folders(root, key, folders, expected)
+        samples = scan_class_folders(root, folders, expected)
         all_names = imagenet_class_names()
         class_names = [all_names[i] for i in indices]
         super().__init__(
@@ -38,7 +37,7 @@ class ImageNetFamilyTask(ZeroShotTask):
             class_names,
             openai_imagenet_templates(),
             imagenet_indices=list(indices),
-            override=task_templates(templates, f"eval.{name}.templates"),
+            override=task_templates(templates),
         )
 
 

@@ -73,7 +73,7 @@ def check_templates(templates: list[str], where: str) -> list[str]:
     return list(templates)
 
 
-def read_template_file(path: str, key: str = "eval.templates") -> list[str]:
+def read_template_file(path: str, key: str = "templates") -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
@@ -100,9 +100,9 @@ class ClassNameTransform:
 
     def __post_init__(self) -> None:
         if self.case not in (None, "upper", "lower"):
-            raise ValueError(f"eval.classnames.case must be null, upper or lower; got {self.case!r}")
+            raise ValueError(f"case must be null, upper or lower; got {self.case!r}")
         if self.shift_cipher is not None and not isinstance(self.shift_cipher, int):
-            raise ValueError(f"eval.classnames.shift_cipher must be null or an integer; got {self.shift_cipher!r}")
+            raise ValueError(f"shift_cipher must be null or an integer; got {self.shift_cipher!r}")
 
     def apply(self, names: list[str]) -> list[str]:
         if self.case == "upper":

@@ -183,7 +183,7 @@ class SyntheticZeroShot(ZeroShotTask):
             source,
             source.class_names,
             list(source.templates),
-            override=task_templates(templates, "eval.synthetic.templates"),
+            override=task_templates(templates),
             # The train split's first images: what image-only objectives are probed on.
             probe_train=SyntheticShapes(num_samples=num_samples, seed=seed, split="train", image_size=image_size),
         )
@@ -201,14 +201,14 @@ class ImageFolderZeroShot(ZeroShotTask):
         name: str = "imagefolder",
     ) -> None:
         if root is None:
-            raise RootNotSet(f"eval.{name}.root is not set: give the folder of class sub-folders")
+            raise RootNotSet("root=None: not set; give the folder of class sub-folders")
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"eval.{name}.root={root}: no such folder (expected one folder per class)")
-        source = ImageFolderPairs(root, class_names_file=class_names_file, root_key=f"eval.{name}.root")
+            raise FileNotFoundError(f"root={root}: no such folder (expected one folder per class)")
+        source = ImageFolderPairs(root, class_names_file=class_names_file)
         super().__init__(
             name,
             source,
             source.class_names,
             list(SIMPLE_TEMPLATES),
-            override=task_templates(templates, f"eval.{name}.templates"),
+            override=task_templates(templates),
         )
