@@ -109,8 +109,8 @@ def test_eval_workers_default_to_the_machines_cores(monkeypatch):
     from hydra.utils import instantiate
 
     from tests.conftest import compose_train
-    from vlhub.config_keys import build_at
     from tests.test_evaluate import compose_evaluate
+    from vlhub.config_keys import build_at
     from vlhub.parallel.environment import loader_workers
 
     for variable in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID"):
