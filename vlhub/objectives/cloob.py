@@ -77,7 +77,7 @@ class CloobObjective(ContrastiveObjective):
         super().__init__(**contrastive)
         for name, value in (("beta", beta), ("inv_tau", inv_tau)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"objective.{name} must be a positive number, got {value!r}")
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         self.beta, self.inv_tau = float(beta), float(inv_tau)
         self.image_weight, self.text_weight = image_weight, text_weight
 
@@ -85,7 +85,7 @@ class CloobObjective(ContrastiveObjective):
         super().apply_to_model(model)
         if self.inv_tau > model.max_logit_scale:
             raise ValueError(
-                f"objective.inv_tau={self.inv_tau} is above the model's max_logit_scale={model.max_logit_scale}, "
+                f"inv_tau={self.inv_tau} is above the model's max_logit_scale={model.max_logit_scale}, "
                 "which would clamp it"
             )
 

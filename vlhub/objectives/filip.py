@@ -131,7 +131,7 @@ class FilipObjective(ContrastiveObjective):
     ) -> None:
         super().__init__(**contrastive)
         if block_size <= 0:
-            raise ValueError(f"objective.block_size must be > 0, got {block_size}")
+            raise ValueError(f"block_size must be > 0, got {block_size}")
         self.image_weight, self.text_weight, self.block_size = image_weight, text_weight, block_size
         self.image_head: nn.Module = nn.Identity()
         self.text_head: nn.Module = nn.Identity()
