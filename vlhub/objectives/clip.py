@@ -63,9 +63,10 @@ class ContrastiveObjective(Objective):
                 refusal = self.loss_tiles_refusal
                 raise ValueError(f"loss_tiles={loss_tiles} is not supported by objective={name}: {refusal}")
         if local_loss and not self.supports_local_loss:
+            local = [n for n, cls in OBJECTIVES.items() if getattr(cls, "supports_local_loss", False)]
             raise ValueError(
                 f"local_loss=True is not supported by objective={name}: its loss is computed on the global batch "
-                f"(only {', '.join(n for n, cls in OBJECTIVES.items() if cls.supports_local_loss)} have a local form)"
+                f"(only {', '.join(local)} have a local form)"
             )
         self.loss_tiles = loss_tiles
         self.lock_image = lock_image
