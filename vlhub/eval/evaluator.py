@@ -130,7 +130,7 @@ def _build_tasks(tasks: dict, skip_tasks_without_root: bool, scope: str = "") ->
             built[name] = task
             continue
         if not callable(task):
-            raise TypeError(f"eval.{name} is neither a task nor a task builder: {task!r}")
+            raise TypeError(f"{name}={task!r}: neither a task nor a task builder")
         try:
             built[name] = task()
         except RootNotSet:
