@@ -109,3 +109,15 @@ def test_the_composed_values_are_the_signatures_defaults(choice):
             assert value == (list(expected) if isinstance(expected, tuple) else expected), (choice, key)
     exposed = set(node) - {"_target_", "_partial_"}
     assert exposed <= set(inspect.signature(get_object(node._target_)).parameters) | set(defaults), choice
+
+
+def test_vlhub_compare_reads_the_presets_objective_sweep_as_hydra_stored_it(tmp_path):
+    """Hydra writes multirun.yaml unresolved: the sweep's objective list is ``${vlhub_objectives:}`` there."""
+    from vlhub.compare_jobs import swept_keys
+
+    sweep = tmp_path / "multirun.yaml"
+    sweep.write_text(
+        "hydra:\n  sweeper:\n    params:\n      objective: ${vlhub_objectives:}\n      trainer.seed: 0,1,2\n"
+    )
+    notes: list[str] = []
+    assert swept_keys(sweep, notes) == {"objective", "trainer.seed"} and notes == []
