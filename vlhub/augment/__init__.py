@@ -6,7 +6,7 @@ the job (``vlhub.data.batch.move_batch``: ``float() / 255``, then the model's me
 with the same arithmetic as ``ToTensor`` + ``Normalize``, so the tensors equal today's.
 Evaluation transforms return normalised float tensors, as ``vlhub.load``'s preprocess promises.
 
-JPEG draft decoding (``augment.draft``): the crop is drawn first, from the image's header
+JPEG draft decoding (``draft``): the crop is drawn first, from the image's header
 size (the same random draws as torchvision's ``RandomResizedCrop``); then, if the source is an
 opened, not yet decoded JPEG, libjpeg decodes it at the smallest DCT scale (1/2, 1/4, 1/8)
 at which the crop still spans at least ``draft_min_fraction`` of the output's side (1.0:

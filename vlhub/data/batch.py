@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 class Batch(TypedDict, total=False):
     """Fixed keys; which are present depends on what the objective asked for.
 
-    Labels from captions (``data.label_from_caption``, :mod:`vlhub.data.captions`): every row names
-    at least one class of ``data.classes``. ``label`` is that class when the row names exactly one,
+    Labels from captions (``label_from_caption``, :mod:`vlhub.data.captions`): every row names
+    at least one class of ``classes``. ``label`` is that class when the row names exactly one,
     else -1; ``labels`` marks every class the row names, so the loss averaged over a row's classes
     is ``-(labels * log_softmax(logits)).sum(1) / labels.sum(1)``. With ``single`` or ``strict``
     matching no row names several, and ``label`` alone is enough.
@@ -44,7 +44,7 @@ class RawSample:
 
 
 class Filtered:
-    """A sample whose caption names no class of ``data.classes``: dropped and counted, never bad."""
+    """A sample whose caption names no class of ``classes``: dropped and counted, never bad."""
 
     def __init__(self, caption: str) -> None:
         self.caption = caption

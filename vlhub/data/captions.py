@@ -3,7 +3,7 @@
 One object, used the same way by every loader (map-style slots and streamed shards):
 
 - ``prepare(caption, seed)`` per sample, in the worker: matches the raw caption against
-  ``data.classes`` when something needs it, drops it (``None``, counted as *filtered*, never as a
+  ``classes`` when something needs it, drops it (``None``, counted as *filtered*, never as a
   bad sample) when it names no class (or, ``strict``, several), and runs the text transforms.
   ``seed`` is the sample's stream position (the slot that also seeds its image augmentation),
   so scrambles are a pure function of the position and a resumed run repeats them exactly.
@@ -71,8 +71,8 @@ def _names(stage: type) -> list[str]:
 
 
 class CaptionPipeline:
-    """``data.caption_transforms``, ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``,
-    ``data.filter_to_classes``: what happens to a caption between the source and the batch."""
+    """``caption_transforms``, ``classes``, ``match_strategy``, ``label_from_caption``,
+    ``filter_to_classes``: what happens to a caption between the source and the batch."""
 
     def __init__(
         self,

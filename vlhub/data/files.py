@@ -30,7 +30,7 @@ def read_image(
 ) -> Image.Image:
     """An RGB image (see :func:`~vlhub.data.images.open_image`), or ``BadSample`` naming ``path``.
 
-    Only a regular file is read, and at most ``max_bytes`` of it (``data.max_image_bytes``): a row
+    Only a regular file is read, and at most ``max_bytes`` of it (``max_image_bytes``): a row
     naming ``/dev/zero``, a FIFO or a folder, or a path with a NUL byte, is one bad sample with its
     reason, never a hang or an out-of-memory. The file is opened without blocking (a FIFO would
     wait for a writer) and checked through its open handle (nothing can swap it in between)."""

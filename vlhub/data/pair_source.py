@@ -25,9 +25,9 @@ class PairSource(Dataset):
     ``max_empty_batches``: see :class:`~vlhub.data.batch.BadSampleMonitor`; ``max_image_pixels``:
     see :func:`~vlhub.data.images.open_image`; ``max_image_bytes``: see
     :func:`~vlhub.data.files.read_image`) say how the training stream reads it; ``val`` is an
-    optional source of held-out pairs that travels with it (``data.val``), evaluated with
-    open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
-    ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
+    optional source of held-out pairs that travels with it (``val``), evaluated with
+    open_clip's in-batch validation metrics. The caption keys (``caption_transforms``,
+    ``classes``, ``match_strategy``, ``label_from_caption``, ``filter_to_classes``)
     build ``caption_pipeline``, which the loader applies to every caption.
     """
 

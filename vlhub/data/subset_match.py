@@ -1,7 +1,7 @@
 """Subset matching: which classes of a class list a caption names.
 
-Used to turn captions into labels (``data.label_from_caption``), to keep only captions that
-name a class (``data.filter_to_classes``) and by the ``simple`` caption transform.
+Used to turn captions into labels (``label_from_caption``), to keep only captions that
+name a class (``filter_to_classes``) and by the ``simple`` caption transform.
 
 Captions and class names are normalised the same way: lowercase, apostrophes dropped
 ("carpenter's" -> "carpenters"), every other non-alphanumeric character a word break, and each

@@ -2,7 +2,7 @@
 
 Both check everything they can before training: every shard path exists, no brace expansion
 or ``::`` piece is empty, weights are positive and one per source, and the epoch length is
-known (``data.num_samples``, the schema's ``num_samples``, or each local shard's count:
+known (``num_samples``, the schema's ``num_samples``, or each local shard's count:
 ``vlhub.data.shard_counts``). They are read by the stream of ``vlhub.data.stream``; see there for the order.
 """
 
@@ -238,7 +238,7 @@ def read_schema(path: str) -> list[ShardSet]:
 
 @DATASETS.register("blend")
 class BlendedShards(ShardSource):
-    """Several shard sets mixed by weight, from a schema file (``data.schema``).
+    """Several shard sets mixed by weight, from a schema file (``schema``).
 
     An epoch is ``num_samples`` when given, else the sum of the sources' ``num_samples``.
     """

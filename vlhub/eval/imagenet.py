@@ -1,6 +1,6 @@
 """ImageNet-1k validation and its distribution shifts: V2, Sketch, A, R.
 
-Every task here knows each class's ImageNet-1k index, so ``eval.subset`` applies to all of
+Every task here knows each class's ImageNet-1k index, so the evaluator's ``subset`` applies to all of
 them. Class names are OpenAI's; templates OpenAI's 80. Folder layouts (checked when built):
 
 - imagenet, imagenet_sketch: the 1000 wnid folders (sorted wnid order = class index);

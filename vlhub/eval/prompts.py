@@ -17,7 +17,7 @@ from open_clip import zero_shot_metadata
 
 from vlhub.data.caption_transforms import caesar_shift  # the one cipher: training captions use it too
 
-# ``eval.templates`` names; anything else is read as a file of one template per line.
+# ``templates`` names; anything else is read as a file of one template per line.
 TEMPLATE_SETS = ("openai", "simple")
 
 

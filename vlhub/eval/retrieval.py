@@ -1,6 +1,6 @@
 """Image-text retrieval: recall@k as CLIP_benchmark defines it, and open_clip's in-batch val metrics.
 
-Accepted retrieval set (``eval.retrieval.root``): a folder holding the images and one JSON
+Accepted retrieval set (``root``): a folder holding the images and one JSON
 file in Karpathy's split format (``dataset_coco.json`` / ``dataset_flickr30k.json``)::
 
     {"images": [
@@ -12,7 +12,7 @@ file in Karpathy's split format (``dataset_coco.json`` / ``dataset_flickr30k.jso
 
 Every caption of a test image is a query, so COCO's 5,000 test images give about 25,000
 captions. Image ``i``'s path is ``root/filepath/filename``. The file is found as the only
-``*.json`` in root unless ``eval.retrieval.annotations`` names it.
+``*.json`` in root unless ``annotations`` names it.
 """
 
 from __future__ import annotations

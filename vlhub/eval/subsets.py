@@ -1,4 +1,4 @@
-"""ImageNet class subsets (``eval.subset``): which classes a task keeps, in which column order.
+"""ImageNet class subsets (``subset``): which classes a task keeps, in which column order.
 
 A subset is a list of ImageNet-1k class indices; its order is the classifier's column order.
 A task whose classes carry ImageNet indices (ImageNet and its shifts) keeps the classes in the
@@ -16,7 +16,7 @@ import torch
 
 from vlhub.eval.prompts import read_index_list
 
-# Named subsets shipped as package data; ``eval.subset`` may also be a file of indices.
+# Named subsets shipped as package data; ``subset`` may also be a file of indices.
 NAMED_SUBSETS = {"in100": "imagenet_in100_indices.txt"}
 
 

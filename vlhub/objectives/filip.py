@@ -73,7 +73,7 @@ class TokenScorer:
 
     Zero-shot scores a class by the mean over its templates of the image-to-text similarity;
     pairs (retrieval, val pairs) by the similarity of the query's direction. Blocks of
-    ``objective.block_size`` bound the memory of one score block.
+    ``block_size`` bound the memory of one score block.
     """
 
     name = "token-wise (FILIP): mean over one side's tokens of the max over the other's"
