@@ -61,10 +61,7 @@ def name_keys(message: str, key: str, leaves: dict[str, Any], scope: str = "") -
             return match.group(0)  # a bare word mid-sentence is prose, not a parameter
         quoted = _quoted_value(message[match.end() :]) if equals else None
         path = _pick(name, quoted, leaves, scope)
-        if path is None:
-            return match.group(0)
-        rendered = f"{key}.{path}{index}{equals}" if path else f"{key}{index}{equals}"
-        return rendered
+        return match.group(0) if path is None else f"{key}.{path}{index}{equals}"
 
     rewritten = _NAME.sub(replace, message)
     # A value Python wrote as None is a YAML null on the command line.
