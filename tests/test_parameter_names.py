@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.utils import get_object
+from omegaconf import OmegaConf
 
 from tests.conftest import compose_train
 from vlhub.config_keys import build_at, name_keys
@@ -100,7 +101,9 @@ def test_a_registered_components_yaml_states_no_default_of_its_own(kind, path):
 def test_the_composed_values_are_the_signatures_defaults(choice):
     """What the command line gets is what a Python caller gets, except what an option sets on purpose."""
     group = choice.split("=")[0]
-    node = compose_train([choice])[group]
+    cfg = compose_train([choice])
+    OmegaConf.resolve(cfg)  # in place, as --cfg job --resolve does: list defaults too
+    node = cfg[group]
     defaults = signature_defaults(get_object(node._target_))
     on_purpose = {"lock_image": True, "freeze_bn_stats": True} if choice == "objective=lit" else {}
     for key, value in node.items():

@@ -36,9 +36,10 @@ def signature_defaults(target: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """A default as YAML holds it (a tuple is a list)."""
-    if isinstance(value, tuple):
-        return [_plain(item) for item in value]
+    """A default as YAML holds it: a tuple or list is a ListConfig (a plain list cannot be resolved
+    in place, as ``--cfg job --resolve`` and ``OmegaConf.resolve`` do)."""
+    if isinstance(value, (tuple, list)):
+        return OmegaConf.create(list(value))
     return value
 
 
