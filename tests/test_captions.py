@@ -109,7 +109,7 @@ def test_transform_entries_are_checked_naming_the_entry():
         build_caption_transform({"name": "token_trunc", "k": 0}, "x")
     with pytest.raises(ValueError, match="before token transforms"):
         CaptionPipeline(["token_scramble", "clean"])
-    with pytest.raises(ValueError, match="data.classes"):
+    with pytest.raises(ValueError, match="^classes=None, but simple needs a class list"):
         CaptionPipeline(["simple"], classes=None)
 
 

@@ -144,5 +144,5 @@ def test_the_direction_weights_are_keys():
 def test_a_negative_weight_is_refused_naming_its_key(key):
     from vlhub.objectives import CocaObjective
 
-    with pytest.raises(ValueError, match=f"objective.{key} must be >= 0"):
+    with pytest.raises(ValueError, match=f"^{key} must be >= 0"):
         CocaObjective(**{key: -0.5})

@@ -57,9 +57,9 @@ def test_csv_round_trip_with_another_separator(tmp_path):
 
 def test_csv_without_the_named_column_fails_naming_it(tmp_path):
     path = SyntheticShapes(num_samples=2).write_csv(tmp_path)
-    with pytest.raises(ValueError, match="data.caption_key='caption'.*columns found"):
+    with pytest.raises(ValueError, match="caption_key='caption'.*columns found"):
         CsvPairs(str(path), caption_key="caption")
-    with pytest.raises(FileNotFoundError, match="data.root=.*nope.csv"):
+    with pytest.raises(FileNotFoundError, match="^root=.*nope.csv"):
         CsvPairs(str(tmp_path / "nope.csv"))
 
 

@@ -146,7 +146,7 @@ def test_subset_masks_the_logits_of_a_1000_way_head():
 
 
 def test_subset_choices_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"eval.subset=in1000: not one of in100"):
+    with pytest.raises(FileNotFoundError, match=r"^subset=in1000: not one of in100"):
         load_subset("in1000")
     (tmp_path / "mine.txt").write_text("3\n1\n3\n")
     with pytest.raises(ValueError, match="repeated"):
@@ -159,12 +159,12 @@ def test_class_name_transforms_and_template_choices(tmp_path):
     assert caesar_shift("Abc, xyz!", 3) == "Def, abc!" and caesar_shift("Def", -3) == "Abc"
     assert ClassNameTransform("upper", 1).apply(["tench", "Great white"]) == ["UFODI", "HSFBU XIJUF"]
     assert ClassNameTransform("lower").apply(["Tench"]) == ["tench"] and ClassNameTransform().apply(["A"]) == ["A"]
-    with pytest.raises(ValueError, match="eval.classnames.case"):
+    with pytest.raises(ValueError, match="^case must be"):
         ClassNameTransform("title")
     assert resolve_templates("openai", ["x {}"]) == ["x {}"] and len(resolve_templates("simple", [])) == 7
     (tmp_path / "t.txt").write_text("a {}\n\nthe {}!\n")
     assert resolve_templates(str(tmp_path / "t.txt"), []) == ["a {}", "the {}!"]
-    with pytest.raises(FileNotFoundError, match=r"eval.templates=openia: not one of openai\|simple"):
+    with pytest.raises(FileNotFoundError, match=r"^templates=openia: not one of openai\|simple"):
         resolve_templates("openia", [])
 
 

@@ -110,6 +110,7 @@ def test_eval_workers_default_to_the_machines_cores(monkeypatch):
 
     from tests.conftest import compose_train
     from tests.test_evaluate import compose_evaluate
+    from vlhub.config_keys import build_at
     from vlhub.parallel.environment import loader_workers
 
     for variable in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID"):
@@ -121,4 +122,4 @@ def test_eval_workers_default_to_the_machines_cores(monkeypatch):
         evaluator = instantiate(cfg.eval)
         assert evaluator.context("synthetic", None, CPU).workers == 5  # what each task's DataLoader gets
     with pytest.raises(InstantiationException, match="eval.workers must be an integer >= 0 or 'auto', got 'many'"):
-        instantiate(compose_train(["eval.workers=many"]).eval)
+        build_at(compose_train(["eval.workers=many"]), "eval")  # as the commands build it

@@ -154,6 +154,7 @@ def test_retrieval_linear_probe_and_val_pairs_presets_compose_and_build(tmp_path
     from hydra.utils import instantiate
 
     from tests.conftest import compose_train
+    from vlhub.config_keys import build_at
     from vlhub.eval.linear_probe import LinearProbeTask
     from vlhub.eval.retrieval import PairValidationTask
 
@@ -172,8 +173,8 @@ def test_retrieval_linear_probe_and_val_pairs_presets_compose_and_build(tmp_path
     assert task.settings.k == 3 and list(task.settings.C) == [0.1, 1]
     built = instantiate(compose_train(["eval=val_pairs", "eval.val_pairs.max_samples=5"]).eval)
     assert isinstance(built.tasks["val_pairs"], PairValidationTask) and built.tasks["val_pairs"].count == 5
-    with pytest.raises(Exception, match="eval.retrieval.root is not set"):
-        instantiate(compose_train(["eval=retrieval"]).eval)
+    with pytest.raises(Exception, match="eval.retrieval.root=null: not set"):
+        build_at(compose_train(["eval=retrieval"]), "eval")  # as the commands build it
 
 
 def test_model_given_differing_only_in_where_weights_came_from_is_not_reported(caplog):

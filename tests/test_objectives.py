@@ -103,7 +103,7 @@ def test_mlm_padding_as_attention_keys_does_not_move_the_real_tokens(attention):
 
 
 def test_mlm_attention_key_is_checked():
-    with pytest.raises(ValueError, match="objective.mlm_attention must be one of bidirectional, causal"):
+    with pytest.raises(ValueError, match="^mlm_attention must be one of bidirectional, causal"):
         OBJECTIVES.build("mlm", mlm_attention="both")
 
 

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_train, objective_batch, prepared_objective, run_train
+from vlhub.config_keys import build_at
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients, train_step
 from vlhub.models import build_open_clip_model
@@ -19,7 +20,7 @@ CONSTANT = ["optim.warmup_steps=0", "optim.scheduler=constant"]
 
 
 def recipe(overrides: list[str]):
-    return instantiate(compose_train([*CONSTANT, *overrides]).optim)
+    return build_at(compose_train([*CONSTANT, *overrides]), "optim")  # as the commands build it
 
 
 def group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
@@ -287,7 +288,10 @@ def test_scaling_with_the_batch_when_asked_scales_every_lr_and_not_the_warmup(
     ("overrides", "key"),
     [
         (["model=vit_b32", "optim.scale_with_batch=cubic"], "optim.scale_with_batch='cubic' is not a rule"),
-        (["optim.scale_with_batch=sqrt"], "needs optim.reference_batch_size > 0"),  # tiny's adamw: no reference
+        (
+            ["optim.scale_with_batch=sqrt"],
+            "optim.reference_batch_size=null: optim.scale_with_batch=sqrt needs it > 0",
+        ),  # tiny's adamw: no reference
     ],
 )
 def test_a_scaling_rule_that_cannot_apply_fails_at_launch_naming_the_key(overrides, key, tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def test_counting_seeks_past_members_without_reading_them(tmp_path):
 
 def test_remote_shards_without_counts_need_num_samples_and_say_so(tmp_path):
     root = tagged_shards(tmp_path, "s", shards=2, per_shard=3, sizes=False)
-    with pytest.raises(ValueError, match="data.num_samples is not set.*remote shards.*not counted"):
+    with pytest.raises(ValueError, match="^num_samples is not set.*remote shards.*not counted"):
         WebDatasetPairs(f"pipe:cat {root}")
 
 

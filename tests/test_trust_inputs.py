@@ -188,11 +188,13 @@ def test_10_a_duplicate_column_name_is_an_error(tmp_path):
 
 
 def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_root(tmp_path):
-    from vlhub.eval.tasks import ImageFolderZeroShot
+    from tests.conftest import compose_train
+    from vlhub.config_keys import build_at
 
     (tmp_path / "loose.png").write_bytes(_png(8, 8))
-    with pytest.raises(ValueError, match="eval.imagefolder.root=") as error:
-        ImageFolderZeroShot(str(tmp_path))
+    cfg = compose_train(["eval=imagefolder", f"eval.imagefolder.root={tmp_path}"])
+    with pytest.raises(Exception, match="eval.imagefolder.root=") as error:
+        build_at(cfg, "eval")  # as the commands build it: the launcher names the key
     assert "data.root" not in str(error.value) and "no class folders" in str(error.value)
 
 

@@ -182,19 +182,19 @@ def test_a_shard_cut_at_a_sample_boundary_counts_its_lost_samples_from_sizes_jso
     [
         (
             lambda t, r: WebDatasetPairs(r.replace("000003", "000009")),
-            "data.root=.*6 of 10 shards do not exist: .*s-000004.tar",
+            "^root=.*6 of 10 shards do not exist: .*s-000004.tar",
         ),
-        (lambda t, r: WebDatasetPairs(r + "::"), "data.root=.*source 2 of 2.*empty"),
-        (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1]), "data.weights has 1 entries for 2 sources"),
-        (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1, 0]), r"data.weights\[1\]=0"),
+        (lambda t, r: WebDatasetPairs(r + "::"), "^root=.*source 2 of 2.*empty"),
+        (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1]), r"^weights=\[1\] has 1 entries for 2 sources"),
+        (lambda t, r: WebDatasetPairs(f"{r}::{r}", weights=[1, 0]), r"^weights\[1\]=0"),
         (lambda t, r: WebDatasetPairs(r.replace("{000000..000003}", "{}")), "do not exist"),
-        (lambda t, r: WebDatasetPairs(f"pipe:cat {r}"), "data.num_samples is not set.*remote shards"),
+        (lambda t, r: WebDatasetPairs(f"pipe:cat {r}"), "^num_samples is not set.*remote shards"),
         (lambda t, r: BlendedShards(_schema(t, f"{{name: a, root: '{r}', weight: 1}}")), "sources.0. .*num_samples"),
         (
             lambda t, r: BlendedShards(_schema(t, f"{{name: a, root: '{r}', num_samples: 4, weight: -1}}")),
             r"\(a\).weight=-1",
         ),
-        (lambda t, r: BlendedShards(str(t / "nope.yaml")), "data.schema=.*no such file"),
+        (lambda t, r: BlendedShards(str(t / "nope.yaml")), "^schema=.*no such file"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_key(tmp_path, make, match):
@@ -355,14 +355,14 @@ def test_a_schema_with_bad_weights_or_bad_yaml_fails_naming_the_file_and_the_lin
     schema = tmp_path / "blend.yaml"
     for weight, problem in ((".inf", "=inf"), ("true", "=True")):
         schema.write_text(f"sources:\n  - name: a\n    root: '{root}'\n    num_samples: 4\n    weight: {weight}\n")
-        with pytest.raises(ValueError, match=rf"data.schema={schema}: sources\[0\] \(a\).weight{problem} \(line 5\)"):
+        with pytest.raises(ValueError, match=rf"^schema={schema}: sources\[0\] \(a\).weight{problem} \(line 5\)"):
             BlendedShards(str(schema))
     two = "".join(f"  - {{name: {n}, root: '{root}', num_samples: 4, weight: 1.0e+308}}\n" for n in "ab")
     schema.write_text("sources:\n" + two)
-    with pytest.raises(ValueError, match=rf"data.schema={schema}: sources: the weights .* sum past the largest float"):
+    with pytest.raises(ValueError, match=rf"^schema={schema}: sources: the weights .* sum past the largest float"):
         BlendedShards(str(schema))
     schema.write_text(f"sources:\n  - {{name: a, root: '{root}', num_samples: 4, weight: 1\n  - oops: [\n")
-    with pytest.raises(ValueError, match=rf"^data.schema={schema}: line 3, column \d+: ") as caught:
+    with pytest.raises(ValueError, match=rf"^schema={schema}: line 3, column \d+: ") as caught:
         BlendedShards(str(schema))
     assert "Mark object" not in str(caught.value)
 

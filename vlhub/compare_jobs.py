@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from vlhub.run.config_changes import flatten
 
@@ -150,12 +151,21 @@ def _several(overrides: list[str]) -> set[str]:
     return {key for key, o in parsed.items() if o.is_sweep_override() and len(list(o.sweep_string_iterator())) > 1}
 
 
+def _resolved(value: Any) -> Any:
+    """A sweeper value as the sweep read it: Hydra stores ``${vlhub_objectives:}`` unresolved."""
+    if isinstance(value, str) and "${" in value:
+        import vlhub.config_resolvers  # noqa: F401  (registers the resolvers the presets use)
+
+        return OmegaConf.create({"value": value}).value
+    return value
+
+
 def swept_keys(sweep_file: Path, notes: list[str]) -> set[str]:
     """The keys a sweep's ``multirun.yaml`` gives several values: sweeper params, then the command line."""
     try:
         hydra_cfg = (yaml.safe_load(sweep_file.read_text()) or {}).get("hydra", {})
         params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
-        overrides = [f"{key}={value}" for key, value in params.items()]
+        overrides = [f"{key}={_resolved(value)}" for key, value in params.items()]
         overrides += list((hydra_cfg.get("overrides") or {}).get("task") or [])
         return _several(overrides)
     except Exception as error:  # an unreadable sweep record: say so, compare the rest

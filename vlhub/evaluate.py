@@ -22,11 +22,11 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import vlhub.config_help  # noqa: F401  (registers the resolvers of --help)
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.config_keys import build_at
 from vlhub.errors import ConfigError
 from vlhub.eval.scoring import default_scoring
 from vlhub.eval.weight_interpolation import PROVENANCE_KEYS
@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, model_given: bool = True, model_cho
     check_config(cfg, PLAIN_KEYS)
     check_device(cfg.device, "device")
     require_weights(cfg.checkpoint, cfg.model.get("pretrained"), cfg.allow_random_model)
-    evaluator = instantiate(cfg.eval)  # before the model: a missing dataset folder fails fast
+    evaluator = build_at(cfg, "eval")  # before the model: a missing dataset folder fails fast
     checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     model = build_model(cfg.checkpoint, _model_config(cfg, checkpoint, model_given, model_choice), checkpoint)
     require_finite(model.state_dict(), f"checkpoint={cfg.checkpoint}" if cfg.checkpoint else _weights(cfg))

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
+from vlhub.config_keys import build_at, naming_keys
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
 from vlhub.engine.trainer import Evaluation, Trainer
@@ -174,8 +175,8 @@ def build_trainer(
     """Every component from ``cfg`` (``config``: its trainer node, per rank), prepared; ``run``: what the
     trainer saves through (a plain Checkpointer for ``vlhub.check``), asked by the logger before it writes."""
     # Data and evaluation folders are checked first: bad input fails in seconds.
-    source = instantiate(cfg.data)
-    evaluator = instantiate(cfg.eval)
+    source = build_at(cfg, "data")  # its errors name data.<param>
+    evaluator = build_at(cfg, "eval")
     if source.val is not None:  # data.val: held-out pairs, scored with open_clip's in-batch metrics
         evaluator.add_task("val", PairValidationTask(source.val))
     if dist_info.is_main and not evaluator.tasks:  # real data picks eval=none: say how to add one
@@ -183,11 +184,11 @@ def build_trainer(
             "no evaluation: add held-out pairs (data.val={_target_:vlhub.data.CsvPairs,root:val.csv}) "
             "or a preset (eval=imagefolder eval.imagefolder.root=DIR; --help lists them)"
         )
-    optim = instantiate(cfg.optim)
+    optim = build_at(cfg, "optim")
     limit_cpu_threads(dist_info.device, source.workers, dist_info.local_world_size)
     seed_everything(config.seed)  # the same initial weights on every rank
-    model = instantiate(cfg.model)
-    objective = instantiate(cfg.objective)
+    model = build_at(cfg, "model")
+    objective = build_at(cfg, "objective")
     global_batch = config.batch_size * dist_info.world_size
     if global_batch < objective.min_global_batch:
         raise ConfigError(
@@ -195,12 +196,12 @@ def build_trainer(
             f"{global_batch}: objective={choices.get('objective', '?')} takes its negatives from the other samples "
             f"of the batch and needs at least {objective.min_global_batch} (raise trainer.batch_size)"
         )
-    transforms = instantiate(cfg.augment)(model.image_stats)  # the base view: every image-text term's images
-    try:  # the extra views of self-supervised terms; the builders' errors name augment.*, so say which group
+    with naming_keys(cfg, "augment"):  # the base view: every image-text term's images
+        transforms = instantiate(cfg.augment)(model.image_stats)
+    with naming_keys(cfg, "augment_views"):  # the extra views of self-supervised terms
         views = instantiate(cfg.augment_views)(model.image_stats)
-    except ValueError as error:
-        raise ValueError(f"augment_views: {error}") from None
-    prepare_objective(objective, source, model, views, choices)
+    with naming_keys(cfg, "objective"):
+        prepare_objective(objective, source, model, views, choices)
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(config.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None

@@ -20,10 +20,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlhub.api import build_model, build_trained_objective, eval_transform, read_checkpoint, stored_model_config
+from vlhub.config_keys import build_at
 from vlhub.eval.scoring import default_scoring
 from vlhub.eval.weight_interpolation import architecture_differences, interpolate, plot_wise_ft, render_wise_ft_table
 from vlhub.evaluate import require_finite, resolve_device
@@ -50,7 +50,7 @@ def _alphas(values: Any, extrapolate: bool = False) -> list[int | float]:
 def wise_ft(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Check both checkpoints and the tasks, then evaluate every alpha; returns one row per alpha."""
     alphas = _alphas(cfg.alphas, bool(cfg.get("extrapolate", False)))
-    evaluator = instantiate(cfg.eval)  # before the models: a missing dataset folder fails fast
+    evaluator = build_at(cfg, "eval")  # before the models: a missing dataset folder fails fast
     id_tasks = list(cfg.wise_ft.id_tasks)
     unknown = sorted(set(id_tasks) - set(evaluator.tasks))
     if unknown:

@@ -6,7 +6,7 @@ the job (``vlhub.data.batch.move_batch``: ``float() / 255``, then the model's me
 with the same arithmetic as ``ToTensor`` + ``Normalize``, so the tensors equal today's.
 Evaluation transforms return normalised float tensors, as ``vlhub.load``'s preprocess promises.
 
-JPEG draft decoding (``augment.draft``): the crop is drawn first, from the image's header
+JPEG draft decoding (``draft``): the crop is drawn first, from the image's header
 size (the same random draws as torchvision's ``RandomResizedCrop``); then, if the source is an
 opened, not yet decoded JPEG, libjpeg decodes it at the smallest DCT scale (1/2, 1/4, 1/8)
 at which the crop still spans at least ``draft_min_fraction`` of the output's side (1.0:
@@ -119,10 +119,10 @@ class RandomResizedCropUint8:
 
 
 def _checked_scale(scale: tuple[float, float]) -> tuple[float, float]:
-    """``augment.scale`` as (lo, hi), or ValueError naming the key."""
+    """``scale`` as (lo, hi), or ValueError naming it."""
     lo, hi = scale
     if not 0 < lo <= hi <= 1:
-        raise ValueError(f"augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
+        raise ValueError(f"scale={list(scale)} must satisfy 0 < lo <= hi <= 1")
     return lo, hi
 
 
@@ -141,7 +141,7 @@ def build_clip_transforms(
     """open_clip's recipe: RandomResizedCrop(scale) for training (uint8 out), resize + centre crop for eval."""
     scale = _checked_scale(scale)
     if not 0 < draft_min_fraction <= 1:
-        raise ValueError(f"augment.draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
+        raise ValueError(f"draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
     train = RandomResizedCropUint8(stats.size, scale, draft=draft, draft_min_fraction=draft_min_fraction)
     return Transforms(train=train, eval=_eval_transform(stats))
 
@@ -180,7 +180,7 @@ def build_simclr_transforms(
     scale = _checked_scale(scale)
     for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
         if not 0 <= p <= 1:
-            raise ValueError(f"augment.{name} must be in [0, 1], got {p}")
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
     kernel = max(3, int(0.1 * stats.size) // 2 * 2 + 1)
     train = Compose(
         [

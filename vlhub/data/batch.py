@@ -14,8 +14,8 @@ from PIL import Image
 class Batch(TypedDict, total=False):
     """Fixed keys; which are present depends on what the objective asked for.
 
-    Labels from captions (``data.label_from_caption``, :mod:`vlhub.data.captions`): every row names
-    at least one class of ``data.classes``. ``label`` is that class when the row names exactly one,
+    Labels from captions (``label_from_caption``, :mod:`vlhub.data.captions`): every row names
+    at least one class of ``classes``. ``label`` is that class when the row names exactly one,
     else -1; ``labels`` marks every class the row names, so the loss averaged over a row's classes
     is ``-(labels * log_softmax(logits)).sum(1) / labels.sum(1)``. With ``single`` or ``strict``
     matching no row names several, and ``label`` alone is enough.
@@ -41,7 +41,7 @@ class RawSample:
 
 
 class Filtered:
-    """A sample whose caption names no class of ``data.classes``: dropped and counted, never bad."""
+    """A sample whose caption names no class of ``classes``: dropped and counted, never bad."""
 
     def __init__(self, caption: str) -> None:
         self.caption = caption
@@ -132,10 +132,10 @@ def check_bad_input_keys(
 ) -> None:
     """The bad-input keys every data source shares (``configs/data/shared/bad_input.yaml``)."""
     if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     if bad_fraction_min_samples < 0:
-        raise ValueError(f"data.bad_fraction_min_samples must be >= 0, got {bad_fraction_min_samples}")
+        raise ValueError(f"bad_fraction_min_samples must be >= 0, got {bad_fraction_min_samples}")
     if max_empty_batches < 0:
-        raise ValueError(f"data.max_empty_batches must be >= 0, got {max_empty_batches}")
+        raise ValueError(f"max_empty_batches must be >= 0, got {max_empty_batches}")
     if max_image_pixels is not None and max_image_pixels <= 0:
-        raise ValueError(f"data.max_image_pixels must be > 0 or null, got {max_image_pixels}")
+        raise ValueError(f"max_image_pixels must be > 0 or null, got {max_image_pixels}")

@@ -1,4 +1,4 @@
-"""Caption transforms (``data.caption_transforms``): a text stage, then a token stage.
+"""Caption transforms (``caption_transforms``): a text stage, then a token stage.
 
 *Text transforms* map a caption string to a string before tokenization: ``clean``, ``simple``,
 ``word_scramble``, ``shift_cipher``. *Token transforms* map a caption's content tokens (those

@@ -3,7 +3,7 @@
 One object, used the same way by every loader (map-style slots and streamed shards):
 
 - ``prepare(caption, seed)`` per sample, in the worker: matches the raw caption against
-  ``data.classes`` when something needs it, drops it (``None``, counted as *filtered*, never as a
+  ``classes`` when something needs it, drops it (``None``, counted as *filtered*, never as a
   bad sample) when it names no class (or, ``strict``, several), and runs the text transforms.
   ``seed`` is the sample's stream position (the slot that also seeds its image augmentation),
   so scrambles are a pure function of the position and a resumed run repeats them exactly.
@@ -58,9 +58,21 @@ def build_caption_transform(entry: TransformEntry, where: str) -> TextTransform 
         raise ValueError(f"{where} ({name}): {error}") from None
 
 
+def _name_of(transform: TextTransform | TokenTransform) -> str:
+    """The registry name a built transform was asked for by."""
+    return next(
+        (name for name, kind in CAPTION_TRANSFORMS.items() if type(transform) is kind), type(transform).__name__
+    )
+
+
+def _names(stage: type) -> list[str]:
+    """The registered caption transforms of one stage (text or token), from the registry."""
+    return [name for name, kind in CAPTION_TRANSFORMS.items() if issubclass(kind, stage)]
+
+
 class CaptionPipeline:
-    """``data.caption_transforms``, ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``,
-    ``data.filter_to_classes``: what happens to a caption between the source and the batch."""
+    """``caption_transforms``, ``classes``, ``match_strategy``, ``label_from_caption``,
+    ``filter_to_classes``: what happens to a caption between the source and the batch."""
 
     def __init__(
         self,
@@ -71,27 +83,29 @@ class CaptionPipeline:
         filter_to_classes: bool = False,
     ) -> None:
         if match_strategy not in STRATEGIES:
-            raise ValueError(f"data.match_strategy must be one of {'|'.join(STRATEGIES)}; got {match_strategy!r}")
+            raise ValueError(f"match_strategy must be one of {'|'.join(STRATEGIES)}; got {match_strategy!r}")
         built = [
-            build_caption_transform(entry, f"data.caption_transforms[{i}]")
-            for i, entry in enumerate(caption_transforms)
+            build_caption_transform(entry, f"caption_transforms[{i}]") for i, entry in enumerate(caption_transforms)
         ]
         self.text_transforms = [t for t in built if isinstance(t, TextTransform)]
         self.token_transforms = [t for t in built if isinstance(t, TokenTransform)]
         if built != self.text_transforms + self.token_transforms:
             raise ValueError(
-                "data.caption_transforms: text transforms (clean, simple, word_scramble, shift_cipher) must come "
-                f"before token transforms (token_*); got {[type(t).__name__ for t in built]}"
+                f"caption_transforms={[_name_of(t) for t in built]}: text transforms "
+                f"({', '.join(_names(TextTransform))}) must come before token transforms "
+                f"({', '.join(_names(TokenTransform))})"
             )
         self.classes, self.match_strategy = classes, match_strategy
         self.label_from_caption, self.filter_to_classes = label_from_caption, filter_to_classes
         self.filters = label_from_caption or filter_to_classes or any(t.uses_labels for t in self.text_transforms)
         needs_classes = self.filters or any(t.uses_class_tokens for t in self.token_transforms)
         if needs_classes and classes is None:
-            raise ValueError(
-                "data.classes is null, but data.label_from_caption, data.filter_to_classes, "
-                "simple or token_strip needs a class list (imagenet1k | in100 | FILE)"
-            )
+            flags = {"label_from_caption": label_from_caption, "filter_to_classes": filter_to_classes}
+            asking = [f"{key}=True" for key, on in flags.items() if on]
+            asking += [
+                _name_of(t) for t in built if getattr(t, "uses_labels", False) or getattr(t, "uses_class_tokens", False)
+            ]
+            raise ValueError(f"classes=None, but {', '.join(asking)} needs a class list (imagenet1k | in100 | FILE)")
         self.matcher = SubsetMatcher(classes, match_strategy) if needs_classes and classes is not None else None
         self._bound: tuple[Tokenizer, TokenLayout, frozenset[int]] | None = None
 

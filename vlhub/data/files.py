@@ -30,7 +30,7 @@ def read_image(
 ) -> Image.Image:
     """An RGB image (see :func:`~vlhub.data.images.open_image`), or ``BadSample`` naming ``path``.
 
-    Only a regular file is read, and at most ``max_bytes`` of it (``data.max_image_bytes``): a row
+    Only a regular file is read, and at most ``max_bytes`` of it (``max_image_bytes``): a row
     naming ``/dev/zero``, a FIFO or a folder, or a path with a NUL byte, is one bad sample with its
     reason, never a hang or an out-of-memory. The file is opened without blocking (a FIFO would
     wait for a writer) and checked through its open handle (nothing can swap it in between)."""
@@ -67,13 +67,13 @@ def _read_rows(path: Path, separator: str) -> tuple[list[str], list[tuple[int, l
         else:
             rows = [(n, line.rstrip("\r\n").split(separator)) for n, line in enumerate(handle, 1) if line.strip()]
     if not rows:
-        raise ValueError(f"data.root={path} is empty: expected a header row")
+        raise ValueError(f"root={path} is empty: expected a header row")
     header = rows[0][1]
     if _not_utf8(header):
-        raise ValueError(f"data.root={path}: the header row is not UTF-8 ({_not_utf8(header)})")
+        raise ValueError(f"root={path}: the header row is not UTF-8 ({_not_utf8(header)})")
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
-        raise ValueError(f"data.root={path}: duplicate column name(s) {duplicates} in the header {header}")
+        raise ValueError(f"root={path}: duplicate column name(s) {duplicates} in the header {header}")
     return header, rows[1:]
 
 
@@ -107,11 +107,11 @@ class CsvPairs(PairSource):
         super().__init__(workers, max_bad_fraction, val, **captions)
         path = Path(root)
         if not path.is_file():
-            raise FileNotFoundError(f"data.root={root}: no such CSV file")
+            raise FileNotFoundError(f"root={root}: no such CSV file")
         header, rows = _read_rows(path, separator)
-        wanted = {"data.image_key": image_key, "data.caption_key": caption_key}
+        wanted = {"image_key": image_key, "caption_key": caption_key}
         if label_key is not None:
-            wanted["data.label_key"] = label_key
+            wanted["label_key"] = label_key
         missing = [f"{key}={column!r}" for key, column in wanted.items() if column not in header]
         if missing:
             raise ValueError(
@@ -175,10 +175,7 @@ def _read_class_names(path: str | None, count: int, folders: list[str]) -> list[
 
 @DATASETS.register("imagefolder")
 class ImageFolderPairs(PairSource):
-    """``root/<class>/<image>``; label = sorted folder index, caption = template(class name).
-
-    ``root_key`` is the config key that gave ``root``, for the messages (an evaluation's folder is
-    ``eval.<task>.root``, not ``data.root``)."""
+    """``root/<class>/<image>``; label = sorted folder index, caption = template(class name)."""
 
     def __init__(
         self,
@@ -188,19 +185,17 @@ class ImageFolderPairs(PairSource):
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         val: PairSource | None = None,
-        *,
-        root_key: str = "data.root",
         **captions: Any,
     ) -> None:
         super().__init__(workers, max_bad_fraction, val, **captions)
         folder = Path(root)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{root_key}={root}: no such folder (expected one folder per class)")
+            raise FileNotFoundError(f"root={root}: no such folder (expected one folder per class)")
         classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
         if not classes:
-            raise ValueError(f"{root_key}={root} has no class folders (expected root/<class>/<image>)")
+            raise ValueError(f"root={root} has no class folders (expected root/<class>/<image>)")
         if "{}" not in caption_template:
-            raise ValueError(f"data.caption_template must contain '{{}}', got {caption_template!r}")
+            raise ValueError(f"caption_template must contain '{{}}', got {caption_template!r}")
         self.class_names = _read_class_names(class_names_file, len(classes), classes)
         self.caption_template = caption_template
         self.samples: list[tuple[Path, int]] = [
@@ -210,7 +205,7 @@ class ImageFolderPairs(PairSource):
             if path.suffix.lower() in IMAGE_EXTENSIONS
         ]
         if not self.samples:
-            raise ValueError(f"{root_key}={root}: no images with extensions {IMAGE_EXTENSIONS}")
+            raise ValueError(f"root={root}: no images with extensions {IMAGE_EXTENSIONS}")
 
     def __len__(self) -> int:
         return len(self.samples)

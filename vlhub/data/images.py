@@ -20,7 +20,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 def open_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB image from ``data``; ``name`` (``image PATH``) names it in the reason when it cannot be used.
 
-    An image over ``max_pixels`` (``data.max_image_pixels``) is a bad sample, found from its header
+    An image over ``max_pixels`` (``max_image_pixels``) is a bad sample, found from its header
     before any pixel is decoded; so is one PIL refuses as a decompression bomb (over twice PIL's own
     limit, whatever ``max_pixels`` says). An RGB JPEG comes back opened but not decoded, so the
     training transform can decode it at a reduced scale (``augment.draft``); decoding it later gives

@@ -2,7 +2,7 @@
 
 Shards without a known sample count (``pipe:``, URLs) cannot be positioned by count, so each worker
 reads its own lane of shards through a seeded shuffle buffer, and resuming reads the lane up to the
-position (images are not decoded). The layout depends on ``data.workers``.
+position (images are not decoded). The layout depends on ``workers``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Used by ``vlhub.data.stream`` when every shard's sample count is known (local shards always are:
 ``vlhub.data.shard_counts``). Nothing here depends on the number of DataLoader workers, so any
-worker can build any batch and ``data.workers`` may change on resume.
+worker can build any batch and ``workers`` may change on resume.
 
 - **Passes.** Source ``i``'s samples form an endless sequence: pass ``p`` is its shards in an order
   seeded by (seed, p, i), each shard's samples in tar order. Global index ``g`` -> (pass, shard,
@@ -12,7 +12,7 @@ worker can build any batch and ``data.workers`` may change on resume.
   ``M``), the contiguous run ``[base_i(e) + r * n_i, base_i(e) + (r + 1) * n_i)`` of its sequence. With
   the epoch from the counts, ``base_i(e) = e * max(T_i, W * n_i)``: an epoch is one pass, every sample
   read once across ranks, the last ``T_i - W * n_i`` (less than a global batch) left out and counted.
-  With ``data.num_samples``, ``base_i(e) = e * W * n_i``: an epoch reads the next ``num_samples`` of
+  With ``num_samples``, ``base_i(e) = e * W * n_i``: an epoch reads the next ``num_samples`` of
   the passes, where the previous epoch stopped (a new, reshuffled pass when one ends).
   With ``resampled``, rank ``r`` reads its own endless draw of shards (with replacement), seeded by
   (seed, e, i, r).

@@ -10,7 +10,7 @@ one process at batch W*B. Streamed shards (``vlhub.data.stream``) reuse the per-
 and the collation below, with their own positions.
 
 Captions go through the source's :class:`~vlhub.data.captions.CaptionPipeline` (transforms seeded
-by the slot too). When it filters (``data.filter_to_classes``, ``data.label_from_caption``,
+by the slot too). When it filters (``filter_to_classes``, ``label_from_caption``,
 ``simple``), the slots run over the kept samples only, chosen once from the captions when the
 loader is built, so batches stay full and positions stay exact; the counts are logged.
 """
@@ -198,7 +198,7 @@ class Collate:
                 batch[key] = torch.stack([item["views"][index] for item in good])  # type: ignore[literal-required]
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
-            # text_raw and text; with data.label_from_caption, label and labels from the captions
+            # text_raw and text; with label_from_caption, label and labels from the captions
             batch.update(self.captions.collate([item["caption"] for item in good], self.tokenizer))  # type: ignore[typeddict-item]
         epoch = max((item["epoch"] for item in good), default=0)
         return LoadedBatch(batch, len(items), len(reasons), reasons, epoch, filtered)

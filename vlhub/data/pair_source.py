@@ -25,9 +25,9 @@ class PairSource(Dataset):
     ``max_empty_batches``: see :class:`~vlhub.engine.guard.StepGuard`; ``max_image_pixels``:
     see :func:`~vlhub.data.images.open_image`; ``max_image_bytes``: see
     :func:`~vlhub.data.files.read_image`) say how the training stream reads it; ``val`` is an
-    optional source of held-out pairs that travels with it (``data.val``), evaluated with
-    open_clip's in-batch validation metrics. The caption keys (``data.caption_transforms``,
-    ``data.classes``, ``data.match_strategy``, ``data.label_from_caption``, ``data.filter_to_classes``)
+    optional source of held-out pairs that travels with it (``val``), evaluated with
+    open_clip's in-batch validation metrics. The caption keys (``caption_transforms``,
+    ``classes``, ``match_strategy``, ``label_from_caption``, ``filter_to_classes``)
     build ``caption_pipeline``, which the loader applies to every caption.
     """
 
@@ -46,14 +46,14 @@ class PairSource(Dataset):
         **captions: Any,
     ) -> None:
         if workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {workers}")
+            raise ValueError(f"workers must be >= 0, got {workers}")
         check_bad_input_keys(max_bad_fraction, bad_fraction_min_samples, max_empty_batches, max_image_pixels)
         self.workers = workers
         self.val = val
         self.max_bad_fraction, self.bad_fraction_min_samples = max_bad_fraction, bad_fraction_min_samples
         self.max_empty_batches, self.max_image_pixels = max_empty_batches, max_image_pixels
         if max_image_bytes is not None and max_image_bytes <= 0:
-            raise ValueError(f"data.max_image_bytes must be > 0 or null, got {max_image_bytes}")
+            raise ValueError(f"max_image_bytes must be > 0 or null, got {max_image_bytes}")
         self.max_image_bytes = max_image_bytes  # image files are read up to this size (vlhub.data.files)
         self.caption_pipeline = CaptionPipeline(**captions)
 

@@ -1,4 +1,4 @@
-"""How many samples each local shard holds, without being told: ``data.num_samples`` is never needed for them.
+"""How many samples each local shard holds, without being told: ``num_samples`` is never needed for them.
 
 For each shard, the first of:
 1. ``sizes.json`` beside it (``{"shard-000000.tar": 10000}``, what ``vlhub.data.write_shards`` writes);
@@ -80,7 +80,7 @@ def _keep(folder: Path, counted: dict[str, int]) -> None:
 
 
 def shard_counts(urls: tuple[str, ...]) -> dict[str, int] | None:
-    """Samples per shard url, or None when a shard is remote (then ``data.num_samples`` says the epoch)."""
+    """Samples per shard url, or None when a shard is remote (then ``num_samples`` says the epoch)."""
     if any(url.startswith(REMOTE_PREFIXES) for url in urls):
         return None
     listed: dict[Path, dict] = {}

@@ -57,7 +57,7 @@ def expand_shards(pattern: str, key: str) -> tuple[str, ...]:
     return urls
 
 
-def split_sources(root: str, key: str = "data.root") -> list[str]:
+def split_sources(root: str, key: str = "root") -> list[str]:
     """``a::b`` -> [``a``, ``b``]; an empty piece fails naming ``key``."""
     pieces = root.split("::")
     for index, piece in enumerate(pieces):
@@ -111,7 +111,7 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict | BadSamp
 
 def decode_sample(raw: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> RawSample:
     """Raw bytes -> a RawSample (RGB image, caption, label from ``cls`` or -1), else BadSample
-    (an image over ``max_pixels``, ``data.max_image_pixels``, included)."""
+    (an image over ``max_pixels``, ``max_image_pixels``, included)."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     image_key = next((key for key in IMAGE_KEYS if key in raw), None)
     if image_key is None:

@@ -15,15 +15,15 @@ shard from every rank, and the pipeline's order depends on when workers start. T
   every sample of every shard once across ranks and workers, less the last partial global batch
   (left out, logged at start). Moving to a position costs the shuffle buffer's look-back and one
   header walk per shard touched: no sample before it is read.
-- **Remote shards** without counts (``pipe:``, URLs; ``data.num_samples`` gives the epoch): read
-  through, as lanes. Each rank reads ``L = max(1, data.workers)`` lanes (``G = W * L`` in all;
+- **Remote shards** without counts (``pipe:``, URLs; ``num_samples`` gives the epoch): read
+  through, as lanes. Each rank reads ``L = max(1, workers)`` lanes (``G = W * L`` in all;
   lane ``g = rank * L + l``); batch ``k`` is batch ``j = (k % N) // L`` of lane ``l = (k % N) % L``,
   so a worker serves one lane. Epoch ``e`` orders each source's shards by a permutation seeded by
   (seed, e, source); lane ``g`` takes every ``G``-th shard (reading them again, reshuffled, when
   they run out), or draws shards with replacement with ``resampled``. A shuffle buffer of
   ``shuffle_buffer`` raw samples per lane, seeded by (seed, e, g); with several sources each
   sample's source is drawn by weight. Resuming reads the lane up to the position (images are not
-  decoded). This layout depends on ``data.workers``: a change on resume fails naming it.
+  decoded). This layout depends on ``workers``: a change on resume fails naming it.
 
 Captions go through the source's caption pipeline (``vlhub.data.captions``), seeded by the sample's
 position; when it filters, a caption naming no class is dropped before batching and counted in
@@ -31,7 +31,7 @@ position; when it filters, a caption naming no class is dropped before batching 
 ``txt`` members before the position are read to find it). A batch's ``sample_id`` is its global
 position ``anchor + (k * W + rank) * B + i``; augmentation is seeded by it. What the layout depends
 on is :func:`layout_record`, stored in the checkpoint: a resume with other ranks, batch size,
-``data.num_samples``, shards or shuffle buffer fails naming them, except at an epoch boundary,
+``num_samples``, shards or shuffle buffer fails naming them, except at an epoch boundary,
 where the next epoch is laid out anew (the anchor moves there).
 """
 

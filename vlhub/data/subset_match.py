@@ -1,7 +1,7 @@
 """Subset matching: which classes of a class list a caption names.
 
-Used to turn captions into labels (``data.label_from_caption``), to keep only captions that
-name a class (``data.filter_to_classes``) and by the ``simple`` caption transform.
+Used to turn captions into labels (``label_from_caption``), to keep only captions that
+name a class (``filter_to_classes``) and by the ``simple`` caption transform.
 
 Captions and class names are normalised the same way: lowercase, apostrophes dropped
 ("carpenter's" -> "carpenters"), every other non-alphanumeric character a word break, and each
@@ -96,12 +96,12 @@ def in100_classes() -> list[list[str]]:
     return [full[int(line)] for line in text.split()]
 
 
-def read_class_file(path: str | Path, key: str = "data.classes") -> list[list[str]]:
+def read_class_file(path: str | Path) -> list[list[str]]:
     """One class per line, synonyms comma-separated ("tench, tinca tinca"); blank lines skipped."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
-            f"{key}={path}: not one of {'|'.join(NAMED_CLASS_LISTS)} and no such file "
+            f"classes={path}: not one of {'|'.join(NAMED_CLASS_LISTS)} and no such file "
             "(expected one class per line, synonyms comma-separated)"
         )
     classes = []
@@ -110,21 +110,21 @@ def read_class_file(path: str | Path, key: str = "data.classes") -> list[list[st
         if names:
             classes.append(names)
     if not classes:
-        raise ValueError(f"{key}={path}: no class names in the file")
+        raise ValueError(f"classes={path}: no class names in the file")
     return classes
 
 
-def load_class_list(choice: str | Sequence[Sequence[str]], key: str = "data.classes") -> list[list[str]]:
+def load_class_list(choice: str | Sequence[Sequence[str]]) -> list[list[str]]:
     """``imagenet1k``, ``in100``, a file of names, or the synonym lists themselves."""
     if isinstance(choice, str):
         if choice == "imagenet1k":
             return imagenet1k_classes()
         if choice == "in100":
             return in100_classes()
-        return read_class_file(choice, key)
+        return read_class_file(choice)
     classes = [list(names) for names in ([c] if isinstance(c, str) else c for c in choice)]
     if not classes or not all(classes):
-        raise ValueError(f"{key}: need at least one class, each with at least one name")
+        raise ValueError(f"classes={classes}: need at least one class, each with at least one name")
     return classes
 
 
@@ -146,7 +146,7 @@ class SubsetMatcher:
 
     def __init__(self, classes: str | Sequence[Sequence[str]], strategy: str = "single") -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"data.match_strategy must be one of {'|'.join(STRATEGIES)}; got {strategy!r}")
+            raise ValueError(f"match_strategy must be one of {'|'.join(STRATEGIES)}; got {strategy!r}")
         self.strategy = strategy
         self.synonyms = [_distinct(names) or names for names in load_class_list(classes)]
         self.class_names = [names[0] for names in self.synonyms]

@@ -150,7 +150,7 @@ class SyntheticShapes(PairSource):
         if split not in SPLIT_SALT:
             raise ValueError(f"synthetic split must be one of {sorted(SPLIT_SALT)}, got {split!r}")
         if num_samples <= 0:
-            raise ValueError(f"data.num_samples must be > 0, got {num_samples}")
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
         self.num_samples = num_samples
         self.seed = seed
         self.split = split

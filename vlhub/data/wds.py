@@ -2,7 +2,7 @@
 
 Both check everything they can before training: every shard path exists, no brace expansion
 or ``::`` piece is empty, weights are positive and one per source, and the epoch length is
-known (``data.num_samples``, the schema's ``num_samples``, or each local shard's count:
+known (``num_samples``, the schema's ``num_samples``, or each local shard's count:
 ``vlhub.data.shard_counts``). They are read by the stream of ``vlhub.data.stream``; see there for the order.
 """
 
@@ -50,10 +50,10 @@ class ShardSource:
         **captions: Any,
     ) -> None:
         if workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {workers}")
+            raise ValueError(f"workers must be >= 0, got {workers}")
         check_bad_input_keys(max_bad_fraction, bad_fraction_min_samples, max_empty_batches, max_image_pixels)
         if shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.sources, self.num_samples = list(sources), num_samples
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.workers, self.max_bad_fraction, self.val = workers, max_bad_fraction, val
@@ -149,25 +149,24 @@ class WebDatasetPairs(ShardSource):
     ) -> None:
         patterns = split_sources(root)
         urls = [
-            expand_shards(p, f"data.root (source {i + 1})" if len(patterns) > 1 else "data.root")
-            for i, p in enumerate(patterns)
+            expand_shards(p, f"root (source {i + 1})" if len(patterns) > 1 else "root") for i, p in enumerate(patterns)
         ]
         if weights is None:
             joined = tuple(u for group in urls for u in group)
-            sets = [_with_sizes("data.root", joined, 1.0)]
+            sets = [_with_sizes("data.root", joined, 1.0)]  # the name is in stored layouts: kept
         else:
             weights = list(weights)
             if len(weights) != len(patterns):
                 raise ValueError(
-                    f"data.weights has {len(weights)} entries for {len(patterns)} sources in data.root "
+                    f"weights={weights} has {len(weights)} entries for {len(patterns)} sources in root={root} "
                     "(joined by '::'): give one weight per source"
                 )
-            check_weights(weights, [f"data.weights[{i}]" for i in range(len(weights))], "data.weights")
+            check_weights(weights, [f"weights[{i}]" for i in range(len(weights))], "weights")
             sets = [
                 _with_sizes(f"data.root source {i + 1}", group, float(w))
                 for i, (group, w) in enumerate(zip(urls, weights, strict=True))
             ]
-        length = _epoch_length(num_samples, sets, "data.num_samples")
+        length = _epoch_length(num_samples, sets, "num_samples")
         super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)
         self.whole_passes = num_samples is None
 
@@ -201,7 +200,7 @@ def read_schema(path: str) -> list[ShardSet]:
     """``sources: [{name, root, num_samples, weight}, ...]`` -> checked shard sets."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data.schema={path}: no such file")
+        raise FileNotFoundError(f"schema={path}: no such file")
     try:
         text = file.read_text()
         document, lines = yaml.safe_load(text) or {}, _schema_lines(text)
@@ -209,15 +208,15 @@ def read_schema(path: str) -> list[ShardSet]:
         mark = getattr(error, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "not YAML"
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"data.schema={path}: {at}: {problem}") from None
+        raise ValueError(f"schema={path}: {at}: {problem}") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"data.schema={path}: not UTF-8 text ({error})") from None
+        raise ValueError(f"schema={path}: not UTF-8 text ({error})") from None
     entries = document.get("sources") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"data.schema={path}: expected a non-empty list under 'sources:'")
+        raise ValueError(f"schema={path}: expected a non-empty list under 'sources:'")
     sets = []
     for i, entry in enumerate(entries):
-        where = f"data.schema={path}: sources[{i}]"
+        where = f"schema={path}: sources[{i}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} is not a mapping of {', '.join(SCHEMA_KEYS)}")
         missing = [key for key in SCHEMA_KEYS if key not in entry]
@@ -233,13 +232,13 @@ def read_schema(path: str) -> list[ShardSet]:
             raise ValueError(f"{where} ({name}).num_samples={count!r}: must be an integer > 0")
         urls = expand_shards(str(entry["root"]), f"{where} ({name}).root")
         sets.append(ShardSet(name, urls, float(weight), count, shard_counts(urls)))
-    check_weights([s.weight for s in sets], [f"{s.name}.weight" for s in sets], f"data.schema={path}: sources")
+    check_weights([s.weight for s in sets], [f"{s.name}.weight" for s in sets], f"schema={path}: sources")
     return sets
 
 
 @DATASETS.register("blend")
 class BlendedShards(ShardSource):
-    """Several shard sets mixed by weight, from a schema file (``data.schema``).
+    """Several shard sets mixed by weight, from a schema file (``schema``).
 
     An epoch is ``num_samples`` when given, else the sum of the sources' ``num_samples``.
     """
@@ -256,5 +255,5 @@ class BlendedShards(ShardSource):
         **captions: Any,
     ) -> None:
         sets = read_schema(schema)
-        length = _epoch_length(num_samples, sets, "data.num_samples")
+        length = _epoch_length(num_samples, sets, "num_samples")
         super().__init__(sets, length, resampled, shuffle_buffer, workers, max_bad_fraction, val, **captions)

@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -103,24 +104,23 @@ def read_all(source: PairSource) -> Iterable[RawSample | BadSample]:
             yield bad
 
 
-# The sources name their training config keys; this command's user gave its flags.
+# The sources name their own parameters (``root=``); this command's user gave its flags.
 FLAGS = {
-    "data.root": "--root",
-    "data.num_samples": "--num-samples",
-    "data.image_size": "--image-size",
-    "data.image_key": "--image-key",
-    "data.caption_key": "--caption-key",
-    "data.label_key": "--label-key",
-    "data.separator": "--separator",
-    "data.caption_template": "--caption-template",
+    "root": "--root",
+    "num_samples": "--num-samples",
+    "image_size": "--image-size",
+    "image_key": "--image-key",
+    "caption_key": "--caption-key",
+    "label_key": "--label-key",
+    "separator": "--separator",
+    "caption_template": "--caption-template",
 }
+_PARAMETER = re.compile(rf"(?<![\w.\-])({'|'.join(FLAGS)})(?==)|^({'|'.join(FLAGS)})\b")
 
 
 def as_flags(message: str) -> str:
-    """A source's message with its config keys (``data.root``) replaced by this command's flags."""
-    for key in sorted(FLAGS, key=len, reverse=True):
-        message = message.replace(key, FLAGS[key])
-    return message
+    """A source's message with the parameters it names (``root=``) replaced by this command's flags."""
+    return _PARAMETER.sub(lambda found: FLAGS[found.group(1) or found.group(2)], message)
 
 
 def build_source(args: argparse.Namespace) -> PairSource:

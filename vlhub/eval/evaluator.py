@@ -46,13 +46,13 @@ class Evaluator:
         **tasks: ZeroShotTask | Callable[[], ZeroShotTask],
     ) -> None:
         if every_n_steps < 0:
-            raise ValueError(f"eval.every_n_steps must be >= 0, got {every_n_steps}")
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if batch_size <= 0:
-            raise ValueError(f"eval.batch_size must be > 0, got {batch_size}")
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if workers == "auto":  # as many as this machine gives each rank (vlhub.parallel.environment.loader_workers)
             workers = loader_workers()
         if not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"eval.workers must be an integer >= 0 or 'auto', got {workers!r}")
+            raise ValueError(f"workers must be an integer >= 0 or 'auto', got {workers!r}")
         if templates not in TEMPLATE_SETS:
             read_template_file(templates)  # fail now, not at the first evaluation
         self.every_n_steps, self.batch_size, self.workers = every_n_steps, batch_size, workers
@@ -130,7 +130,7 @@ def _build_tasks(tasks: dict, skip_tasks_without_root: bool, scope: str = "") ->
             built[name] = task
             continue
         if not callable(task):
-            raise TypeError(f"eval.{name} is neither a task nor a task builder: {task!r}")
+            raise TypeError(f"{name}={task!r}: neither a task nor a task builder")
         try:
             built[name] = task()
         except RootNotSet:

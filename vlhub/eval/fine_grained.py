@@ -25,23 +25,23 @@ def _path_only(path: str | Path) -> Path:
     return Path(path)
 
 
-def _list_samples(build: Callable[[], object], key: str, root: str, expected: str) -> tuple[object, list]:
-    """Build the torchvision dataset and list its (path, class) pairs, naming the key on failure."""
+def _list_samples(build: Callable[[], object], root: str, expected: str) -> tuple[object, list]:
+    """Build the torchvision dataset and list its (path, class) pairs, naming ``root`` on failure."""
     try:
         dataset = build()
         pairs = (dataset[i] for i in range(len(dataset)))  # type: ignore[index]
         # Stray files (.DS_Store, notes) in a species folder are not images of that species.
         samples = [(Path(path), int(label)) for path, label in pairs if str(path).lower().endswith(IMAGE_EXTENSIONS)]
     except (RuntimeError, ValueError, KeyError, OSError, IndexError) as error:
-        raise ValueError(f"{key}={root}: not a valid layout ({error}); expected {expected}") from error
+        raise ValueError(f"root={root}: not a valid layout ({error}); expected {expected}") from error
     if not samples:
-        raise ValueError(f"{key}={root}: the annotations list no images (expected {expected})")
+        raise ValueError(f"root={root}: the annotations list no images (expected {expected})")
     return dataset, samples
 
 
-def _check_count(key: str, root: str, found: int, expected_count: int, expected: str) -> None:
+def _check_count(root: str, found: int, expected_count: int, expected: str) -> None:
     if found != expected_count:
-        raise ValueError(f"{key}={root}: {found} classes, expected {expected_count} ({expected})")
+        raise ValueError(f"root={root}: {found} classes, expected {expected_count} ({expected})")
 
 
 class FineGrainedTask(ZeroShotTask):
@@ -53,7 +53,7 @@ class FineGrainedTask(ZeroShotTask):
             LabelledFiles(samples, class_names),
             class_names,
             published_templates(name),
-            override=task_templates(templates, f"eval.{name}.templates"),
+            override=task_templates(templates),
         )
 
 
@@ -62,17 +62,15 @@ class Food101ZeroShot(FineGrainedTask):
     """Food-101: 101 dishes. Names from ``meta/<split>.json``, underscores made spaces."""
 
     def __init__(self, root: str | None, split: str = "test", templates: list[str] | str | None = None) -> None:
-        key = "eval.food101.root"
         expected = "torchvision's Food101 layout: <root>/food-101/meta/<split>.json and <root>/food-101/images/"
-        base = require_root(root, key, expected)
-        require_files(base, ["food-101/images", f"food-101/meta/{split}.json"], key, str(root), expected)
+        base = require_root(root, expected)
+        require_files(base, ["food-101/images", f"food-101/meta/{split}.json"], str(root), expected)
         dataset, samples = _list_samples(
             lambda: datasets.Food101(str(base), split=split, download=False, loader=_path_only),
-            key,
             str(root),
             expected,
         )
-        _check_count(key, str(root), len(dataset.classes), 101, expected)
+        _check_count(str(root), len(dataset.classes), 101, expected)
         super().__init__("food101", samples, [c.replace("_", " ") for c in dataset.classes], templates)
 
 
@@ -81,17 +79,15 @@ class AircraftZeroShot(FineGrainedTask):
     """FGVC-Aircraft at the family level: 70 classes (``Boeing 737``, ``A320``, ...)."""
 
     def __init__(self, root: str | None, split: str = "test", templates: list[str] | str | None = None) -> None:
-        key = "eval.aircraft.root"
         expected = (
             "torchvision's FGVCAircraft layout: <root>/fgvc-aircraft-2013b/data/ with families.txt, "
             "images_family_<split>.txt and images/"
         )
-        base = require_root(root, key, expected)
+        base = require_root(root, expected)
         data = "fgvc-aircraft-2013b/data"
         require_files(
             base,
             [f"{data}/families.txt", f"{data}/images_family_{split}.txt", f"{data}/images"],
-            key,
             str(root),
             expected,
         )
@@ -99,11 +95,10 @@ class AircraftZeroShot(FineGrainedTask):
             lambda: datasets.FGVCAircraft(
                 str(base), split=split, annotation_level="family", download=False, loader=_path_only
             ),
-            key,
             str(root),
             expected,
         )
-        _check_count(key, str(root), len(dataset.classes), 70, expected)
+        _check_count(str(root), len(dataset.classes), 70, expected)
         super().__init__("aircraft", samples, list(dataset.classes), templates)
 
 
@@ -112,27 +107,24 @@ class StanfordCarsZeroShot(FineGrainedTask):
     """Stanford Cars: 196 make-model-year classes (``AM General Hummer SUV 2000``)."""
 
     def __init__(self, root: str | None, split: str = "test", templates: list[str] | str | None = None) -> None:
-        key = "eval.cars.root"
         annotations = "cars_test_annos_withlabels.mat" if split == "test" else "devkit/cars_train_annos.mat"
         expected = (
             f"torchvision's StanfordCars layout: <root>/stanford_cars/ with devkit/cars_meta.mat, "
             f"{annotations} and cars_{split}/"
         )
-        base = require_root(root, key, expected)
+        base = require_root(root, expected)
         require_files(
             base,
             [f"stanford_cars/{p}" for p in ("devkit/cars_meta.mat", annotations, f"cars_{split}")],
-            key,
             str(root),
             expected,
         )
         dataset, samples = _list_samples(
             lambda: datasets.StanfordCars(str(base), split=split, download=False, loader=_path_only),
-            key,
             str(root),
             expected,
         )
-        _check_count(key, str(root), len(dataset.classes), 196, expected)
+        _check_count(str(root), len(dataset.classes), 196, expected)
         super().__init__("cars", samples, [str(c).strip() for c in dataset.classes], templates)
 
 
@@ -146,17 +138,15 @@ class INaturalist2021ZeroShot(FineGrainedTask):
     """iNaturalist 2021 validation: one folder per species, named ``<id>_<kingdom>_..._<genus>_<epithet>``."""
 
     def __init__(self, root: str | None, templates: list[str] | str | None = None) -> None:
-        key = "eval.inat2021.root"
         expected = (
             "torchvision's INaturalist(version='2021_valid') layout: <root>/2021_valid/ with one folder per "
             "species named 00000_Kingdom_Phylum_Class_Order_Family_Genus_epithet"
         )
         # Check before torchvision: INaturalist creates a missing root folder instead of failing.
-        base = require_root(root, key, expected)
-        require_files(base, ["2021_valid"], key, str(root), expected)
+        base = require_root(root, expected)
+        require_files(base, ["2021_valid"], str(root), expected)
         dataset, samples = _list_samples(
             lambda: datasets.INaturalist(str(base), version="2021_valid", download=False, loader=_path_only),
-            key,
             str(root),
             expected,
         )

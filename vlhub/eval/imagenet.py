@@ -1,6 +1,6 @@
 """ImageNet-1k validation and its distribution shifts: V2, Sketch, A, R.
 
-Every task here knows each class's ImageNet-1k index, so ``eval.subset`` applies to all of
+Every task here knows each class's ImageNet-1k index, so the evaluator's ``subset`` applies to all of
 them. Class names are OpenAI's; templates OpenAI's 80. Folder layouts (checked when built):
 
 - imagenet, imagenet_sketch: the 1000 wnid folders (sorted wnid order = class index);
@@ -28,8 +28,7 @@ class ImageNetFamilyTask(ZeroShotTask):
         expected: str,
         templates: list[str] | str | None = None,
     ) -> None:
-        key = f"eval.{name}.root"
-        samples = scan_class_folders(root, key, folders, expected)
+        samples = scan_class_folders(root, folders, expected)
         all_names = imagenet_class_names()
         class_names = [all_names[i] for i in indices]
         super().__init__(
@@ -38,7 +37,7 @@ class ImageNetFamilyTask(ZeroShotTask):
             class_names,
             openai_imagenet_templates(),
             imagenet_indices=list(indices),
-            override=task_templates(templates, f"eval.{name}.templates"),
+            override=task_templates(templates),
         )
 
 

@@ -2,7 +2,7 @@
 
 Every eval dataset becomes a :class:`LabelledFiles`: a list of (image path, class id) and its
 class names. Targets are known without decoding an image, so a subset can drop images before
-any are read. Errors name the folder, the ``eval.<task>.root`` key and what was expected.
+any are read. Errors name the folder (the task's ``root=``) and what was expected.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ from vlhub.data.pair_source import PairSource
 
 
 class RootNotSet(ValueError):
-    """``eval.<task>.root`` is null. The ``suite`` preset leaves such tasks out; alone, it is an error."""
+    """A task's ``root`` is None. The ``suite`` preset leaves such tasks out; alone, it is an error."""
 
 
-def require_root(root: str | None, key: str, expected: str) -> Path:
-    """The folder at ``root``, or an error naming ``key`` and the expected layout."""
+def require_root(root: str | None, expected: str) -> Path:
+    """The folder at ``root``, or an error naming ``root`` and the expected layout."""
     if root is None:
-        raise RootNotSet(f"{key} is not set: give {expected}")
+        raise RootNotSet(f"root=None: not set; give {expected}")
     folder = Path(root)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{key}={root}: no such folder (expected {expected})")
+        raise FileNotFoundError(f"root={root}: no such folder (expected {expected})")
     return folder
 
 
-def require_files(folder: Path, relative: Sequence[str], key: str, root: str, expected: str) -> None:
+def require_files(folder: Path, relative: Sequence[str], root: str, expected: str) -> None:
     missing = [name for name in relative if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(f"{key}={root}: missing {', '.join(missing)} (expected {expected})")
+        raise FileNotFoundError(f"root={root}: missing {', '.join(missing)} (expected {expected})")
 
 
 class LabelledFiles(PairSource):
@@ -73,21 +73,21 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
     return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
 
 
-def scan_class_folders(root: str | None, key: str, folders: Sequence[str], expected: str) -> list[tuple[Path, int]]:
+def scan_class_folders(root: str | None, folders: Sequence[str], expected: str) -> list[tuple[Path, int]]:
     """Images of ``root/<folder>/``, labelled by the folder's position in ``folders``.
 
     The sub-folders must be exactly ``folders``: a missing or unexpected one is an error, so a
     wrong root (the train split, the parent folder, another dataset) fails before training.
     """
-    base = require_root(root, key, expected)
+    base = require_root(root, expected)
     found = {entry.name for entry in base.iterdir() if entry.is_dir()}
     missing = [name for name in folders if name not in found]
     unexpected = sorted(found - set(folders))
     if missing or unexpected:
         parts = [f"missing {_preview(missing)}"] if missing else []
         parts += [f"unexpected {_preview(unexpected)}"] if unexpected else []
-        raise ValueError(f"{key}={root}: expected {expected}; {'; '.join(parts)}")
+        raise ValueError(f"root={root}: expected {expected}; {'; '.join(parts)}")
     samples = [(path, label) for label, name in enumerate(folders) for path in _images_in(base / name)]
     if not samples:
-        raise ValueError(f"{key}={root}: no images with extensions {IMAGE_EXTENSIONS} (expected {expected})")
+        raise ValueError(f"root={root}: no images with extensions {IMAGE_EXTENSIONS} (expected {expected})")
     return samples

@@ -174,14 +174,13 @@ class FolderProbeTask(LinearProbeTask):
         from vlhub.data import ImageFolderPairs
 
         if not train or not test:
-            raise ValueError("eval.probe needs eval.probe.train=DIR/train and eval.probe.test=DIR/val")
-        train_set = ImageFolderPairs(root=train, root_key="eval.probe.train")
-        test_set = ImageFolderPairs(root=test, root_key="eval.probe.test")
+            raise ValueError(f"train={train} and test={test}: both folders are needed (train=DIR/train test=DIR/val)")
+        train_set = ImageFolderPairs(root=train)
+        test_set = ImageFolderPairs(root=test)
         if train_set.class_names != test_set.class_names:
             only = sorted(set(train_set.class_names) ^ set(test_set.class_names))[:5]
             raise ValueError(
-                f"eval.probe.train={train} and eval.probe.test={test} must hold the same class folders "
-                f"(in one but not the other: {only})"
+                f"train={train} and test={test} must hold the same class folders (in one but not the other: {only})"
             )
         super().__init__(train_set, test_set, **settings)
         self.name = name or Path(train).resolve().parent.name or Path(train).name

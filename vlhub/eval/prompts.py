@@ -17,7 +17,7 @@ from open_clip import zero_shot_metadata
 
 from vlhub.data.caption_transforms import caesar_shift  # the one cipher: training captions use it too
 
-# ``eval.templates`` names; anything else is read as a file of one template per line.
+# ``templates`` names; anything else is read as a file of one template per line.
 TEMPLATE_SETS = ("openai", "simple")
 
 
@@ -73,7 +73,7 @@ def check_templates(templates: list[str], where: str) -> list[str]:
     return list(templates)
 
 
-def read_template_file(path: str, key: str = "eval.templates") -> list[str]:
+def read_template_file(path: str, key: str = "templates") -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
@@ -93,22 +93,22 @@ def resolve_templates(choice: str, published: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ClassNameTransform:
-    """``eval.classnames``: applied to class names before templating (probing what the text tower reads)."""
+    """Applied to class names before templating (probing what the text tower reads)."""
 
-    case: str | None = None  # null | upper | lower
+    case: str | None = None  # None | one of CASES
     shift_cipher: int | None = None  # Caesar shift of letters by k
 
+    CASES = {"upper": str.upper, "lower": str.lower}
+
     def __post_init__(self) -> None:
-        if self.case not in (None, "upper", "lower"):
-            raise ValueError(f"eval.classnames.case must be null, upper or lower; got {self.case!r}")
+        if self.case is not None and self.case not in self.CASES:
+            raise ValueError(f"case must be None or one of {', '.join(self.CASES)}; got {self.case!r}")
         if self.shift_cipher is not None and not isinstance(self.shift_cipher, int):
-            raise ValueError(f"eval.classnames.shift_cipher must be null or an integer; got {self.shift_cipher!r}")
+            raise ValueError(f"shift_cipher must be null or an integer; got {self.shift_cipher!r}")
 
     def apply(self, names: list[str]) -> list[str]:
-        if self.case == "upper":
-            names = [name.upper() for name in names]
-        elif self.case == "lower":
-            names = [name.lower() for name in names]
+        if self.case is not None:
+            names = [self.CASES[self.case](name) for name in names]
         if self.shift_cipher:
             names = [caesar_shift(name, self.shift_cipher) for name in names]
         return list(names)

@@ -1,6 +1,6 @@
 """Image-text retrieval: recall@k as CLIP_benchmark defines it, and open_clip's in-batch val metrics.
 
-Accepted retrieval set (``eval.retrieval.root``): a folder holding the images and one JSON
+Accepted retrieval set (``root``): a folder holding the images and one JSON
 file in Karpathy's split format (``dataset_coco.json`` / ``dataset_flickr30k.json``)::
 
     {"images": [
@@ -12,7 +12,7 @@ file in Karpathy's split format (``dataset_coco.json`` / ``dataset_flickr30k.jso
 
 Every caption of a test image is a query, so COCO's 5,000 test images give about 25,000
 captions. Image ``i``'s path is ``root/filepath/filename``. The file is found as the only
-``*.json`` in root unless ``eval.retrieval.annotations`` names it.
+``*.json`` in root unless ``annotations`` names it.
 """
 
 from __future__ import annotations
@@ -151,14 +151,14 @@ def _find_annotations(root: Path, annotations: str | None) -> Path:
     if annotations is not None:
         path = Path(annotations) if Path(annotations).is_absolute() else root / annotations
         if not path.is_file():
-            raise FileNotFoundError(f"eval.retrieval.annotations={annotations}: no such file (looked at {path})")
+            raise FileNotFoundError(f"annotations={annotations}: no such file (looked at {path})")
         return path
     found = sorted(root.glob("*.json"))
     if len(found) != 1:
         raise ValueError(
-            f"eval.retrieval.root={root}: expected exactly one Karpathy-format captions JSON "
+            f"root={root}: expected exactly one Karpathy-format captions JSON "
             f"(e.g. dataset_coco.json) in the folder, found {[p.name for p in found] or 'none'}; "
-            "name it with eval.retrieval.annotations"
+            "name it with annotations="
         )
     return found[0]
 
@@ -180,7 +180,7 @@ def read_karpathy_split(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"eval.retrieval.root={root}: no such folder (expected the images plus a Karpathy-format captions JSON)"
+            f"root={root}: no such folder (expected the images plus a Karpathy-format captions JSON)"
         )
     path = _find_annotations(root, annotations)
     try:
@@ -197,12 +197,11 @@ def read_karpathy_split(
         images.append(root / entry.get("filepath", "") / entry["filename"])
         captions.append(_captions_of(entry, where))
     if not images:
-        raise ValueError(f"{path}: no images with split == {split!r} (eval.retrieval.split)")
+        raise ValueError(f"{path}: no images with split == {split!r} (split={split})")
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"eval.retrieval.root={root}: {len(missing)} of {len(images)} images listed in {path.name} "
-            f"are missing, e.g. {missing[:3]}"
+            f"root={root}: {len(missing)} of {len(images)} images listed in {path.name} are missing, e.g. {missing[:3]}"
         )
     return images, captions
 
@@ -283,11 +282,9 @@ class RetrievalTask:
         name: str = "retrieval",
     ) -> None:
         if root is None:  # RootNotSet: the suite preset leaves the task out instead of failing
-            raise RootNotSet(
-                f"eval.{name}.root is not set: give the folder of images plus a Karpathy-format captions JSON"
-            )
+            raise RootNotSet("root=None: not set; give the folder of images plus a Karpathy-format captions JSON")
         if chunk_size <= 0 or (max_captions_per_image is not None and max_captions_per_image <= 0):
-            raise ValueError("eval.retrieval.chunk_size and max_captions_per_image must be > 0")
+            raise ValueError(f"chunk_size={chunk_size} and max_captions_per_image={max_captions_per_image} must be > 0")
         self.image_paths, captions = read_karpathy_split(root, annotations, split)
         self.captions = [c[:max_captions_per_image] for c in captions]
         self.chunk_size = chunk_size
@@ -331,7 +328,7 @@ class PairValidationTask:
     def __init__(self, source: PairSource, max_samples: int | None = None, chunk_size: int = 1024) -> None:
         count = len(source) if max_samples is None else min(max_samples, len(source))
         if count < 2:
-            raise ValueError(f"eval.val_pairs needs at least 2 pairs, got {count}")
+            raise ValueError(f"source needs at least 2 pairs, got {count}")
         self.source, self.count, self.chunk_size = source, count, chunk_size
 
     @torch.no_grad()

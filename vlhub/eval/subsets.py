@@ -1,4 +1,4 @@
-"""ImageNet class subsets (``eval.subset``): which classes a task keeps, in which column order.
+"""ImageNet class subsets (``subset``): which classes a task keeps, in which column order.
 
 A subset is a list of ImageNet-1k class indices; its order is the classifier's column order.
 A task whose classes carry ImageNet indices (ImageNet and its shifts) keeps the classes in the
@@ -16,7 +16,7 @@ import torch
 
 from vlhub.eval.prompts import read_index_list
 
-# Named subsets shipped as package data; ``eval.subset`` may also be a file of indices.
+# Named subsets shipped as package data; ``subset`` may also be a file of indices.
 NAMED_SUBSETS = {"in100": "imagenet_in100_indices.txt"}
 
 
@@ -29,10 +29,10 @@ class ClassSubset:
 
     def __post_init__(self) -> None:
         if len(set(self.indices)) != len(self.indices):
-            raise ValueError(f"eval.subset={self.name}: repeated class indices")
+            raise ValueError(f"subset={self.name}: repeated class indices")
         bad = [i for i in self.indices if not 0 <= i < 1000]
         if bad or not self.indices:
-            raise ValueError(f"eval.subset={self.name}: need ImageNet-1k classes 0..999, got {bad or 'none'}")
+            raise ValueError(f"subset={self.name}: need ImageNet-1k classes 0..999, got {bad or 'none'}")
 
 
 def load_subset(choice: str | None) -> ClassSubset | None:
@@ -44,14 +44,14 @@ def load_subset(choice: str | None) -> ClassSubset | None:
     path = Path(choice)
     if not path.is_file():
         raise FileNotFoundError(
-            f"eval.subset={choice}: not one of {', '.join(NAMED_SUBSETS)} and no such file "
+            f"subset={choice}: not one of {', '.join(NAMED_SUBSETS)} and no such file "
             "(expected ImageNet-1k class indices, one per line)"
         )
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     try:
         return ClassSubset(path.stem, tuple(int(line) for line in lines))
     except ValueError as error:
-        raise ValueError(f"eval.subset={choice}: {error}") from None
+        raise ValueError(f"subset={choice}: {error}") from None
 
 
 def subset_classes(imagenet_indices: list[int], subset: ClassSubset) -> list[int]:

@@ -35,7 +35,7 @@ SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
 
 def task_templates(templates: list[str] | str | None, key: str = "templates") -> list[str] | None:
-    """A task's own ``templates`` (a list, or a file of one per line), which wins over ``eval.templates``."""
+    """A task's own ``templates`` (a list, or a file of one per line), which wins over the evaluator's ``templates``."""
     if templates is None:
         return None
     if isinstance(templates, str):
@@ -55,10 +55,10 @@ class TaskView:
 class ZeroShotTask:
     """Zero-shot classification of a labelled source against its class names.
 
-    ``templates`` is the dataset's own (published) set, used for ``eval.templates=openai``;
-    ``override`` is the task's ``templates`` key, used whatever ``eval.templates`` says.
+    ``templates`` is the dataset's own (published) set, used for the evaluator's ``templates="openai"``;
+    ``override`` is the task's ``templates`` key, used whatever the evaluator's ``templates`` says.
     ``imagenet_indices[c]`` is class ``c``'s ImageNet-1k index when it has one, so
-    ``eval.subset`` applies; tasks without it are evaluated whole. ``probe_train`` is a labelled
+    the evaluator's ``subset`` applies; tasks without it are evaluated whole. ``probe_train`` is a labelled
     train split with the same classes, when the task has one: image-only objectives are scored
     by linear probe and k-NN on it (``Scoring.probe``).
 
@@ -183,7 +183,7 @@ class SyntheticZeroShot(ZeroShotTask):
             source,
             source.class_names,
             list(source.templates),
-            override=task_templates(templates, "eval.synthetic.templates"),
+            override=task_templates(templates),
             # The train split's first images: what image-only objectives are probed on.
             probe_train=SyntheticShapes(num_samples=num_samples, seed=seed, split="train", image_size=image_size),
         )
@@ -201,14 +201,14 @@ class ImageFolderZeroShot(ZeroShotTask):
         name: str = "imagefolder",
     ) -> None:
         if root is None:
-            raise RootNotSet(f"eval.{name}.root is not set: give the folder of class sub-folders")
+            raise RootNotSet("root=None: not set; give the folder of class sub-folders")
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"eval.{name}.root={root}: no such folder (expected one folder per class)")
-        source = ImageFolderPairs(root, class_names_file=class_names_file, root_key=f"eval.{name}.root")
+            raise FileNotFoundError(f"root={root}: no such folder (expected one folder per class)")
+        source = ImageFolderPairs(root, class_names_file=class_names_file)
         super().__init__(
             name,
             source,
             source.class_names,
             list(SIMPLE_TEMPLATES),
-            override=task_templates(templates, f"eval.{name}.templates"),
+            override=task_templates(templates),
         )

@@ -59,10 +59,10 @@ def mean_token_nll(summed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def check_non_negative(**values: float) -> None:
-    """Each named value >= 0 (loss weights, counts), else an error naming ``objective.<name>``."""
+    """Each named value >= 0 (loss weights, counts), else an error naming it."""
     for name, value in values.items():
         if value < 0:
-            raise ValueError(f"objective.{name} must be >= 0, got {value}")
+            raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 class IncompatibleObjective(ValueError):

@@ -72,7 +72,7 @@ class CrossEntropyObjective(Objective):
         # The head's start is a function of the model alone (WiSE-FT's zero-shot end uses this).
         self.init_from_model = zeroshot_head
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-            raise ValueError(f"objective.class_names has {len(class_names)} names for num_classes={num_classes}")
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes if num_classes is not None else (len(class_names) if class_names else None)
         self.class_names = list(class_names) if class_names is not None else None
         self.head: nn.Linear | None = None
@@ -83,7 +83,7 @@ class CrossEntropyObjective(Objective):
         if self.num_classes is None:
             self.num_classes = found
         elif self.num_classes < found:
-            raise IncompatibleObjective(f"objective.num_classes={self.num_classes}, but the data has {found} classes")
+            raise IncompatibleObjective(f"num_classes={self.num_classes}, but the data has {found} classes")
         if self.class_names is None:
             names = source.class_names or []
             self.class_names = list(names) + [str(i) for i in range(len(names), self.num_classes)]
@@ -92,7 +92,7 @@ class CrossEntropyObjective(Objective):
 
     def apply_to_model(self, model: nn.Module) -> None:
         if self.num_classes is None:
-            raise IncompatibleObjective("needs the number of classes: give objective.num_classes or labelled data")
+            raise IncompatibleObjective("needs the number of classes: give num_classes= or labelled data")
         if self.class_names is None:
             self.class_names = [str(i) for i in range(self.num_classes)]
         if self.head is None:

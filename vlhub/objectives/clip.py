@@ -61,11 +61,12 @@ class ContrastiveObjective(Objective):
             check_tile_rows(loss_tiles)
             if not self.supports_loss_tiles:
                 refusal = self.loss_tiles_refusal
-                raise ValueError(f"objective.loss_tiles is not supported by objective={name}: {refusal}")
+                raise ValueError(f"loss_tiles={loss_tiles} is not supported by objective={name}: {refusal}")
         if local_loss and not self.supports_local_loss:
+            local = [n for n, cls in OBJECTIVES.items() if getattr(cls, "supports_local_loss", False)]
             raise ValueError(
-                f"objective.local_loss is not supported by objective={name}: its loss is computed on the "
-                "global batch (only clip, lit, mlm and slip have a local form)"
+                f"local_loss=True is not supported by objective={name}: its loss is computed on the global batch "
+                f"(only {', '.join(local)} have a local form)"
             )
         self.loss_tiles = loss_tiles
         self.lock_image = lock_image
@@ -84,7 +85,7 @@ class ContrastiveObjective(Objective):
             model.image_tower.apply_lock(self.unlocked_groups, self.freeze_bn_stats)
         if self.lock_text:
             if model.text_tower is None:
-                raise ValueError("objective.lock_text=true but the model has no text tower")
+                raise ValueError("lock_text=True but the model has no text tower")
             model.text_tower.apply_lock(self.text_unlocked_layers, self.text_freeze_layer_norm)
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

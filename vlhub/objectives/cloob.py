@@ -17,7 +17,7 @@ with s the inverse temperature 1/tau; ``loss`` = ``image_weight`` x image_to_tex
 x text_to_image. Memories and negatives are the global batch (gathered with gradient from every
 rank), as in the authors' code (ml-jku/cloob). The defaults of ``beta`` and ``inv_tau`` are that
 code's own (``--scale-hopfield 14.3``, ``--init-inv-tau 14.3``, not learnable). Their README's CC run
-uses beta = 8 and 1/tau = 30 (``objective.beta=8 objective.inv_tau=30``); on the tiny synthetic
+uses beta = 8 and 1/tau = 30 (``beta=8 inv_tau=30``); on the tiny synthetic
 check (300 steps, batch 64) a fixed 1/tau = 30 collapses every embedding to one point (zero-shot
 at chance, 0.033, with beta 8, 14.3 or 30) while 1/tau = 14.3 learns (0.20 with beta 8 or 14.3).
 
@@ -34,7 +34,7 @@ Where this departs from the paper and the authors' code:
   matters only to ``eps`` and to gradient clipping); ``image_weight = text_weight = 1/inv_tau``
   gives theirs exactly.
 - Their leave-one-out puts -1000 on the diagonal before the log-sum-exp; here it is -inf (exact).
-- ``objective.loss_tiles`` is refused: the four retrievals are B x B softmax attentions over the
+- ``loss_tiles`` is refused: the four retrievals are B x B softmax attentions over the
   memories, which the tiled losses do not cover, so tiling only InfoLOOB would not bound memory.
 """
 
@@ -77,7 +77,7 @@ class CloobObjective(ContrastiveObjective):
         super().__init__(**contrastive)
         for name, value in (("beta", beta), ("inv_tau", inv_tau)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"objective.{name} must be a positive number, got {value!r}")
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         self.beta, self.inv_tau = float(beta), float(inv_tau)
         self.image_weight, self.text_weight = image_weight, text_weight
 
@@ -85,7 +85,7 @@ class CloobObjective(ContrastiveObjective):
         super().apply_to_model(model)
         if self.inv_tau > model.max_logit_scale:
             raise ValueError(
-                f"objective.inv_tau={self.inv_tau} is above the model's max_logit_scale={model.max_logit_scale}, "
+                f"inv_tau={self.inv_tau} is above the model's max_logit_scale={model.max_logit_scale}, "
                 "which would clamp it"
             )
 

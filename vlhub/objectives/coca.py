@@ -124,11 +124,11 @@ class CocaObjective(ContrastiveObjective):
             text_weight=text_weight,
         )
         if decoder_layers <= 0 or decoder_heads <= 0:
-            raise ValueError("objective.decoder_layers and objective.decoder_heads must be > 0")
+            raise ValueError(f"decoder_layers={decoder_layers} and decoder_heads={decoder_heads} must be > 0")
         if attentional_pooler and (pooler_queries < 2 or pooler_heads <= 0):
             raise ValueError(
-                f"objective.pooler_queries={pooler_queries} must be >= 2 (one contrastive, the rest for the "
-                f"decoder) and objective.pooler_heads={pooler_heads} > 0"
+                f"pooler_queries={pooler_queries} must be >= 2 (one contrastive, the rest for the "
+                f"decoder) and pooler_heads={pooler_heads} > 0"
             )
         self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
         self.image_weight, self.text_weight = image_weight, text_weight
@@ -152,9 +152,7 @@ class CocaObjective(ContrastiveObjective):
             )
         width = model.text_tower.token_dim
         if width % self.decoder_heads:
-            raise IncompatibleObjective(
-                f"objective.decoder_heads={self.decoder_heads} must divide the text token width {width}"
-            )
+            raise IncompatibleObjective(f"decoder_heads={self.decoder_heads} must divide the text token width {width}")
         if self.decoder is None:
             self.decoder = MultimodalTransformer(
                 width=width,
@@ -175,7 +173,7 @@ class CocaObjective(ContrastiveObjective):
         """open_clip's CoCa pooler (queries at the embedding width, as its ``attn_pool``); returns that width."""
         dim = model.embed_dim
         if dim % self.pooler_heads:
-            raise IncompatibleObjective(f"objective.pooler_heads={self.pooler_heads} must divide the embedding {dim}")
+            raise IncompatibleObjective(f"pooler_heads={self.pooler_heads} must divide the embedding {dim}")
         self.pooler = AttentionalPooler(dim, model.image_tower.token_dim, self.pooler_heads, self.pooler_queries)
         self.pooler_norm = LayerNorm(dim)
         self.pooler_projection = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))  # open_clip's ``proj`` init

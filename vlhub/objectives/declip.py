@@ -82,9 +82,9 @@ class DeclipObjective(ContrastiveObjective):
             text_swaps=text_swaps,
         )
         if queue_size <= 0:
-            raise ValueError(f"objective.queue_size must be > 0, got {queue_size}")
+            raise ValueError(f"queue_size must be > 0, got {queue_size}")
         if not 0.0 <= text_deletion_prob <= 1.0:
-            raise ValueError(f"objective.text_deletion_prob must be in [0, 1], got {text_deletion_prob}")
+            raise ValueError(f"text_deletion_prob must be in [0, 1], got {text_deletion_prob}")
         self.contrastive_weight, self.multiview_weight = contrastive_weight, multiview_weight
         self.ssl_weight, self.mlm_weight, self.nn_weight = ssl_weight, mlm_weight, nn_weight
         self.image_weight, self.text_weight = image_weight, text_weight

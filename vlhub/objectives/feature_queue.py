@@ -20,7 +20,7 @@ class FeatureQueue(nn.Module):
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size <= 0:
-            raise ValueError(f"objective.queue_size must be > 0, got {size}")
+            raise ValueError(f"size={size}: the queue size must be > 0")
         self.register_buffer("entries", torch.zeros(size, dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))  # the next row written
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))

@@ -73,7 +73,7 @@ class TokenScorer:
 
     Zero-shot scores a class by the mean over its templates of the image-to-text similarity;
     pairs (retrieval, val pairs) by the similarity of the query's direction. Blocks of
-    ``objective.block_size`` bound the memory of one score block.
+    ``block_size`` bound the memory of one score block.
     """
 
     name = "token-wise (FILIP): mean over one side's tokens of the max over the other's"
@@ -131,7 +131,7 @@ class FilipObjective(ContrastiveObjective):
     ) -> None:
         super().__init__(**contrastive)
         if block_size <= 0:
-            raise ValueError(f"objective.block_size must be > 0, got {block_size}")
+            raise ValueError(f"block_size must be > 0, got {block_size}")
         self.image_weight, self.text_weight, self.block_size = image_weight, text_weight, block_size
         self.image_head: nn.Module = nn.Identity()
         self.text_head: nn.Module = nn.Identity()

@@ -62,9 +62,9 @@ class MaskedLanguageModel(nn.Module):
         super().__init__()
         for name, value in (("mask_prob", mask_prob), ("replace_prob", replace_prob)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"objective.{name} must be in [0, 1], got {value}")
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if attention not in ATTENTIONS:
-            raise ValueError(f"objective.mlm_attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+            raise ValueError(f"mlm_attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.mask_prob, self.replace_prob, self.attention = mask_prob, replace_prob, attention
         self.mask_embedding: nn.Parameter | None = None
         self.head: nn.Linear | None = None

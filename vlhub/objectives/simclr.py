@@ -42,7 +42,7 @@ class SimclrObjective(Objective):
     def apply_to_model(self, model: nn.Module) -> None:
         if self.head is None:
             width = model.image_tower.output_dim
-            self.head = SimclrHead(width, self.projection_dim, self.hidden_dim, self.temperature, prefix="objective.")
+            self.head = SimclrHead(width, self.projection_dim, self.hidden_dim, self.temperature)
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return {

@@ -46,7 +46,7 @@ class SlipObjective(ClipObjective):
     def apply_to_model(self, model: nn.Module) -> None:
         super().apply_to_model(model)
         if self.ssl_head is None:  # on the encoder's features, so as wide as they are
-            self.ssl_head = SimclrHead(model.image_tower.unprojected_dim, *self.ssl_head_args)
+            self.ssl_head = SimclrHead(model.image_tower.unprojected_dim, *self.ssl_head_args, prefix="ssl_")
 
     def represent(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         out = model(image=batch["image"], text=batch["text"])

@@ -38,7 +38,9 @@ def mlp_projector(in_dim: int, out_dim: int, hidden_dim: int, layers: int) -> nn
 
 
 class SimclrHead(nn.Module):
-    """SimCLR: an MLP projector (BatchNorm between its ``layers`` Linear layers) and NT-Xent at ``temperature``."""
+    """SimCLR: an MLP projector (BatchNorm between its ``layers`` Linear layers) and NT-Xent at ``temperature``.
+
+    ``prefix`` is how the objective that owns the head names these parameters (slip's ``ssl_temperature``)."""
 
     def __init__(
         self,
@@ -47,7 +49,7 @@ class SimclrHead(nn.Module):
         hidden_dim: int | None,
         temperature: float,
         layers: int = 2,
-        prefix: str = "objective.ssl_",
+        prefix: str = "",
     ) -> None:
         super().__init__()
         if temperature <= 0:

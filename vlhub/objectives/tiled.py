@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 def check_tile_rows(tile_rows: object) -> int:
     """``tile_rows`` as an int, or ValueError naming the config key."""
     if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows <= 0:
-        raise ValueError(f"objective.loss_tiles must be a positive int (rows per tile) or null, got {tile_rows!r}")
+        raise ValueError(f"loss_tiles must be a positive int (rows per tile) or null, got {tile_rows!r}")
     return tile_rows
 
 

@@ -57,6 +57,9 @@ def build_param_groups(modules: Iterable[nn.Module], weight_decay: float) -> lis
     ]
 
 
+TOWER_KEYS = ("lr", "weight_decay")  # what optim.image / optim.text may set
+
+
 @dataclass
 class OptimRecipe:
     """What the ``optim`` config group builds; bound to the model by :meth:`build`."""
@@ -78,37 +81,39 @@ class OptimRecipe:
     def __post_init__(self) -> None:
         SCHEDULES.get(self.scheduler)  # an unknown name fails at launch, listing the known ones
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.scale_with_batch not in BATCH_SCALING:
             raise ValueError(
-                f"optim.scale_with_batch={self.scale_with_batch!r} is not a rule (known: {', '.join(BATCH_SCALING)})"
+                f"scale_with_batch={self.scale_with_batch!r} is not a rule (known: {', '.join(BATCH_SCALING)})"
             )
         if self.scale_with_batch != "none" and (self.reference_batch_size or 0) <= 0:
             raise ValueError(
-                f"optim.scale_with_batch={self.scale_with_batch} needs optim.reference_batch_size > 0 "
-                f"(the global batch optim.lr was chosen for), got {self.reference_batch_size}"
+                f"reference_batch_size={self.reference_batch_size}: scale_with_batch={self.scale_with_batch} "
+                "needs it > 0 (the global batch lr was chosen for)"
             )
         for tower in TOWERS:
             settings = dict(getattr(self, tower) or {})
-            unknown = set(settings) - {"lr", "weight_decay"}
+            unknown = set(settings) - set(TOWER_KEYS)
             if unknown:
-                raise ValueError(f"optim.{tower}: unknown keys {sorted(unknown)} (known: lr, weight_decay)")
+                raise ValueError(f"{tower}: unknown keys {sorted(unknown)} (known: {', '.join(TOWER_KEYS)})")
             if settings.get("lr") is not None and settings["lr"] <= 0:
-                raise ValueError(f"optim.{tower}.lr must be > 0, got {settings['lr']}")
+                raise ValueError(f"{tower}.lr must be > 0, got {settings['lr']}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         unknown_towers = set(self.layer_decay_towers or ()) - set(TOWERS)
         if unknown_towers:
-            raise ValueError(f"optim.layer_decay_towers: unknown towers {sorted(unknown_towers)} (known: image, text)")
+            raise ValueError(
+                f"layer_decay_towers: unknown towers {sorted(unknown_towers)} (known: {', '.join(TOWERS)})"
+            )
 
     def lr_for_batch(self, batch_size: int | None) -> float:
         """The base lr at global batch ``batch_size``: ``lr`` itself unless ``scale_with_batch`` asks."""
         if self.scale_with_batch == "none":
             return self.lr
         if batch_size is None:
-            raise ValueError(f"optim.scale_with_batch={self.scale_with_batch} needs the run's global batch size")
+            raise ValueError(f"scale_with_batch={self.scale_with_batch} needs the run's global batch size")
         assert self.reference_batch_size is not None  # checked in __post_init__
         return self.lr * BATCH_SCALING[self.scale_with_batch](batch_size / self.reference_batch_size)
 

@@ -1,0 +1,64 @@
+"""The resolvers the YAML uses to read the code instead of repeating it.
+
+- ``${default:}``: the default of the parameter this key sets, read from the signature of the
+  node's ``_target_`` (following ``**kwargs`` into base classes, as the launch-time type check
+  does). A component's defaults have one home, its signature; its YAML names each key (so the
+  command line can set it and ``--help`` lists it) and writes a value only where the option
+  means something else than the Python default (``objective=lit``: ``lock_image: true``).
+- ``${vlhub_objectives:}``: every registered objective, comma-separated (the comparison
+  preset's sweep), so a new objective joins the comparison by registering.
+
+Registered when the config package is imported (``vlhub/configs/__init__.py``), i.e. whenever
+Hydra composes vlhub's configs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, Node, OmegaConf
+
+
+def signature_defaults(target: Any) -> dict[str, Any]:
+    """Parameter name -> default of ``target`` (a class: its ``__init__`` chain through ``**kwargs``)."""
+    chain = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
+    found: dict[str, Any] = {}
+    for function in chain:
+        parameters = inspect.signature(function).parameters
+        for name, parameter in parameters.items():
+            if parameter.default is not parameter.empty:
+                found.setdefault(name, parameter.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return found
+
+
+def _plain(value: Any) -> Any:
+    """A default as YAML holds it: a tuple or list is a ListConfig (a plain list cannot be resolved
+    in place, as ``--cfg job --resolve`` and ``OmegaConf.resolve`` do)."""
+    if isinstance(value, (tuple, list)):
+        return OmegaConf.create(list(value))
+    return value
+
+
+def default_of(*, _parent_: DictConfig, _node_: Node) -> Any:
+    name, target = _node_._key(), _parent_.get("_target_")
+    if not isinstance(target, str):
+        raise ValueError(f"{name}: ${{default:}} needs a _target_ beside it to read the default from")
+    defaults = signature_defaults(get_object(target))
+    if name not in defaults:
+        raise ValueError(f"{name}: ${{default:}}, but {target} has no default for {name}")
+    return _plain(defaults[name])
+
+
+def registered_objectives() -> str:
+    import vlhub.objectives  # noqa: F401  (registers every objective)
+    from vlhub.registry import list_objectives
+
+    return ",".join(list_objectives())
+
+
+OmegaConf.register_new_resolver("default", default_of, replace=True)
+OmegaConf.register_new_resolver("vlhub_objectives", registered_objectives, replace=True)
