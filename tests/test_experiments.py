@@ -132,11 +132,17 @@ TINY_RUN = [
 SHAPES_FIT = {"captionnet_in100": ["data.filter_to_classes=false", "data.label_from_caption=false"]}
 
 
-def first_swept_objective(name: str) -> str:
-    """The first objective of the preset's sweep (what its first job trains), else the default clip."""
+def preset_objective(name: str) -> tuple[str, list[str], set[str]]:
+    """The objective the preset's first job trains (the first of its sweep, else the one its defaults
+    pick, else the default clip), the override that picks it (only a sweep's needs one), and the
+    objective keys the preset sets itself."""
     preset = OmegaConf.load(importlib.resources.files("vlhub.experiments").joinpath(f"experiment/{name}.yaml"))
-    swept = OmegaConf.select(preset, "hydra.sweeper.params.objective")
-    return swept.split(",")[0] if swept else "clip"
+    own = set(preset.get("objective") or {})
+    if swept := OmegaConf.select(preset, "hydra.sweeper.params.objective"):
+        objective = swept.split(",")[0]
+        return objective, [f"objective={objective}"], own
+    picked = [entry["override /objective"] for entry in preset.get("defaults", []) if "override /objective" in entry]
+    return (picked[0] if picked else "clip"), [], own
 
 
 @pytest.mark.slow
@@ -145,19 +151,28 @@ def test_every_preset_trains_two_steps_on_cpu_with_the_tiny_model(tmp_path):
     # group, never by model.* keys the tiny config would inherit), so each published run can be checked on
     # a laptop before its long job. finetune_zeroshot_head goes last: it starts from another run's checkpoint.
     names = sorted(preset_names() - {"finetune_zeroshot_head"}) + ["finetune_zeroshot_head"]
-    failures, checkpoint = {}, None
+    failures, checkpoint, options = {}, None, {}
+    tiny = OmegaConf.to_container(compose_train()["model"])
     for name in names:
-        objective = "ce" if name == "finetune_zeroshot_head" else first_swept_objective(name)
+        objective, pick, own = preset_objective(name)
+        if objective not in options:  # the objective option as composed alone (lit: clip's target, locked)
+            options[objective] = OmegaConf.to_container(compose_train([f"objective={objective}"])["objective"])
         heads = [f"objective.{key}={value}" for key, value in TEST_HEADS.get(objective, {}).items()]
         start = [f"model.pretrained={checkpoint}"] if name == "finetune_zeroshot_head" else []
-        overrides = [f"+experiment={name}", f"objective={objective}", *TINY_RUN, *SHAPES_FIT.get(name, []), *heads]
+        overrides = [f"+experiment={name}", *pick, *TINY_RUN, *SHAPES_FIT.get(name, []), *heads]
         try:
             metrics = run_train([*overrides, *start], tmp_path / name, {"model": "tiny", "objective": objective})
         except Exception as error:  # noqa: BLE001 (every preset is tried; the failures are listed together)
             failures[name] = f"{type(error).__name__}: {error}"
             continue
         saved = torch.load(tmp_path / name / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
-        if saved["step"] != 2 or not metrics or not all(math.isfinite(v) for v in metrics.values()):
-            failures[name] = f"step {saved['step']}, metrics {metrics}"
+        model = saved["config"]["model"]  # the tiny model whole: its keys only (no arch, no timm trunk)
+        kept = own | set(TEST_HEADS.get(objective, {}))  # the objective's keys as its option has them, but these
+        ran = {key: value for key, value in saved["config"]["objective"].items() if key not in kept}
+        trained = (saved["step"], ran, sorted(model), model["config"])
+        expected = (2, {key: value for key, value in options[objective].items() if key not in kept})
+        finite = bool(metrics) and all(map(math.isfinite, metrics.values()))
+        if trained != (*expected, sorted(tiny), tiny["config"]) or not finite:
+            failures[name] = f"step, objective, model keys, model config: {trained}, metrics {metrics}"
         checkpoint = checkpoint or tmp_path / name / "checkpoints" / "latest.pt"
     assert not failures, "\n".join(f"{name}: {why}" for name, why in failures.items())
