@@ -94,7 +94,8 @@ def test_an_arch_with_its_own_logit_bias_builds_with_it_and_the_argument_wins():
     import open_clip
 
     text = {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    config = {"embed_dim": 32, "init_logit_bias": -10.0, "vision_cfg": {"image_size": 32}, "text_cfg": text}
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    config = {"embed_dim": 32, "init_logit_bias": -10.0, "vision_cfg": vision, "text_cfg": text}
     reference = open_clip.CustomTextCLIP(**config)  # open_clip's own reading of that config
     model = build_open_clip_model(config=config)
     assert model.logit_bias.item() == reference.logit_bias.item() == -10.0
