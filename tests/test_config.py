@@ -1,5 +1,6 @@
 """Config tests: compose the real YAML, instantiate every option, fail on bad keys and values."""
 
+import functools
 from pathlib import Path
 
 import open_clip
@@ -8,6 +9,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tests.conftest import compose_train
@@ -51,13 +53,32 @@ def test_defaults_compose_to_the_cpu_default():
     assert cfg.logger.tensorboard is True and cfg.logger.wandb.enabled is False
 
 
-@pytest.mark.parametrize("objective", options("objective"))
+def other_nodes(cfg, *own: str) -> dict:
+    return {key: value for key, value in OmegaConf.to_container(cfg).items() if key not in own}
+
+
+@functools.cache
+def composed_alone(override: str) -> DictConfig:
+    return compose_train([override])
+
+
+# Every model composes with every objective: each model option sets only the model node and its optimizer
+# recipe, each objective option only the objective node (both checked here), so composing each option once
+# covers the product (216 compositions, a minute, before this was checked).
 @pytest.mark.parametrize("model", options("model"))
-def test_every_model_composes_with_every_objective(model, objective):
-    cfg = compose_train([f"model={model}", f"objective={objective}"])
+def test_every_model_option_composes_and_sets_only_the_model_and_its_recipe(model):
+    cfg = compose_train([f"model={model}", "objective=siglip"])  # not the default objective
     check_config(cfg, PLAIN_KEYS)  # the shipped values have their annotated types
     assert get_method(cfg.model._target_) is registry.MODELS.get("open_clip")
+    assert other_nodes(cfg, "model", "optim") == other_nodes(composed_alone("objective=siglip"), "model", "optim")
+
+
+@pytest.mark.parametrize("objective", options("objective"))
+def test_every_objective_option_composes_and_sets_only_the_objective(objective):
+    cfg = compose_train(["model=vit_b32", f"objective={objective}"])  # not the default model
+    check_config(cfg, PLAIN_KEYS)
     assert get_class(cfg.objective._target_) in dict(registry.OBJECTIVES.items()).values()
+    assert other_nodes(cfg, "objective") == other_nodes(composed_alone("model=vit_b32"), "objective")
 
 
 # Built on the meta device (the same modules and shapes, no memory, no init): options too large to
