@@ -86,3 +86,18 @@ def test_image_towers_give_their_features_before_the_projection(kind):
             tower.module.layer4.register_forward_hook(lambda module, args, out: seen.append(out))
             tower.module(images)
             torch.testing.assert_close(features, seen[0].mean(dim=(2, 3)))
+
+
+def test_an_arch_with_its_own_logit_bias_builds_with_it_and_the_argument_wins():
+    # open_clip's SigLIP archs (ViT-B-16-SigLIP) carry init_logit_bias in their config; the builder has an
+    # argument of the same name, and passing both to open_clip failed ("multiple values").
+    import open_clip
+
+    text = {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    config = {"embed_dim": 32, "init_logit_bias": -10.0, "vision_cfg": vision, "text_cfg": text}
+    reference = open_clip.CustomTextCLIP(**config)  # open_clip's own reading of that config
+    model = build_open_clip_model(config=config)
+    assert model.logit_bias.item() == reference.logit_bias.item() == -10.0
+    assert model.open_clip_config()["init_logit_bias"] == -10.0
+    assert build_open_clip_model(config=config, init_logit_bias=-5.0).logit_bias.item() == -5.0

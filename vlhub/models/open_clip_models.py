@@ -105,6 +105,8 @@ def build_open_clip_model(
     export_cfg = copy.deepcopy(model_cfg)  # the architecture; patch dropout is a training setting
     model_cfg.pop("custom_text", None)
     model_cfg.pop("multimodal_cfg", None)  # captioning heads belong to the coca objective
+    arch_bias = model_cfg.pop("init_logit_bias", None)  # an arch's own start (SigLIP's: -10); the argument wins
+    init_logit_bias = arch_bias if init_logit_bias is None else init_logit_bias
     clip = _build_clip(model_cfg, patch_dropout, init_logit_scale, init_logit_bias)
     embed_dim = int(model_cfg["embed_dim"])
     towers = {"image": OpenClipImageTower(clip.visual, embed_dim), "text": OpenClipTextTower(clip.text, embed_dim)}
