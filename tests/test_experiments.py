@@ -152,11 +152,13 @@ def test_every_preset_trains_two_steps_on_cpu_with_the_tiny_model(tmp_path):
     # a laptop before its long job. finetune_zeroshot_head goes last: it starts from another run's checkpoint.
     names = sorted(preset_names() - {"finetune_zeroshot_head"}) + ["finetune_zeroshot_head"]
     failures, checkpoint, options = {}, None, {}
-    tiny = OmegaConf.to_container(compose_train()["model"])
+    tiny = OmegaConf.to_container(compose_train()["model"], resolve=True)
     for name in names:
         objective, pick, own = preset_objective(name)
         if objective not in options:  # the objective option as composed alone (lit: clip's target, locked)
-            options[objective] = OmegaConf.to_container(compose_train([f"objective={objective}"])["objective"])
+            options[objective] = OmegaConf.to_container(
+                compose_train([f"objective={objective}"])["objective"], resolve=True
+            )
         heads = [f"objective.{key}={value}" for key, value in TEST_HEADS.get(objective, {}).items()]
         start = [f"model.pretrained={checkpoint}"] if name == "finetune_zeroshot_head" else []
         overrides = [f"+experiment={name}", *pick, *TINY_RUN, *SHAPES_FIT.get(name, []), *heads]

@@ -285,7 +285,7 @@ def test_patch_dropout_by_key_on_a_timm_vit():
         (["model=timm", "model.timm_backbone=test_convnext", "model.patch_dropout=0.5"], "model.patch_dropout"),
         (["model=rn50", "model.grad_checkpointing=true"], "model.grad_checkpointing"),
         (["model.patch_dropout=1.0"], "model.patch_dropout"),
-        (["trainer.compile=yes"], "trainer.compile"),
+        (["trainer.compile=maybe"], "trainer.compile"),
         (["optim.fused=3"], "optim.fused"),
     ],
 )
