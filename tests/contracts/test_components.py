@@ -12,7 +12,8 @@ import vlhub.eval  # noqa: F401
 import vlhub.models  # noqa: F401
 import vlhub.objectives  # noqa: F401
 import vlhub.optim  # noqa: F401
-from tests.conftest import compose_train, objective_batch, prepared_objective
+from tests.helpers.configs import compose_train
+from tests.helpers.objectives import objective_batch, prepared_objective
 from vlhub.data import RawSample, SyntheticShapes
 from vlhub.objectives import ContrastiveObjective
 from vlhub.registry import CAPTION_TRANSFORMS, DATASETS, MODELS, OBJECTIVES, SCHEDULES, TRANSFORMS

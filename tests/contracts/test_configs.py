@@ -1,26 +1,16 @@
 """Config tests: compose the real YAML, instantiate every option, fail on bad keys and values."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, get_method, instantiate
 from PIL import Image
 
-from tests.conftest import compose_train
+from tests.helpers.configs import CONFIG_ROOT, compose_train, options
 from vlhub import registry
 from vlhub.launch import check_config
 from vlhub.objectives import Objective
 from vlhub.train import PLAIN_KEYS
-
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
-EXPERIMENTS_ROOT = Path(__file__).resolve().parents[1] / "experiments"  # the experiment group's search-path root
-
-
-def options(group: str) -> list[str]:
-    root = EXPERIMENTS_ROOT if group == "experiment" else CONFIG_ROOT
-    return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
 def test_groups_offer_the_options_the_spec_names():
@@ -135,7 +125,7 @@ def test_an_unknown_option_fails_listing_the_options():
 
 
 def test_bad_values_fail_naming_the_key(tmp_path):
-    from tests.conftest import run_train
+    from tests.helpers.configs import run_train
 
     with pytest.raises(ValueError, match="trainer.precision='fp64'"):
         run_train(["trainer.precision=fp64"], tmp_path)

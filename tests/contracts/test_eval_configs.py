@@ -9,24 +9,13 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
-from tests.conftest import compose_train
-from tests.test_eval_datasets import make_fine_grained_layouts, make_imagenet_layouts
+from tests.helpers.configs import compose_train
+from tests.helpers.eval_folders import DATASET_TASKS, make_fine_grained_layouts, make_imagenet_layouts
 from vlhub.eval import ClassNameTransform
 from vlhub.registry import list_eval_tasks
 
-EVAL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"
+EVAL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"
 SHARED_KEYS = ("every_n_steps", "batch_size", "workers", "templates", "subset", "extended_metrics", "classnames")
-DATASET_TASKS = (
-    "imagenet",
-    "imagenet_v2",
-    "imagenet_sketch",
-    "imagenet_a",
-    "imagenet_r",
-    "food101",
-    "aircraft",
-    "cars",
-    "inat2021",
-)
 MINE = (*DATASET_TASKS, "imagenet_shifts", "suite", "none", "synthetic", "imagefolder")
 
 

@@ -13,7 +13,7 @@ import timm
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_train, run_train
+from tests.helpers.configs import compose_train, run_train
 
 # preset: optimizer, lr, weight decay, warmup steps, logical (global) batch, gradient-cache chunk, steps
 PUBLISHED = {

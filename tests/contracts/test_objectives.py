@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import vlhub
-from tests.conftest import objective_batch, prepared_objective, relative_error, run_train
+from tests.helpers.configs import run_train
+from tests.helpers.objectives import objective_batch, prepared_objective
+from tests.helpers.tensors import relative_error
 from vlhub.data import SyntheticShapes
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision

@@ -9,33 +9,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port, relative_error, run_train
-
-COMMON = ["eval=none", "optim.scheduler=constant", "optim.lr=1e-3", "trainer.max_steps=3", "checkpoint.every_n_steps=0"]
-
-
-def _train_then_leave(overrides: list[str], run_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        run_train(overrides, Path(run_dir))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], run_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    _train_then_leave(overrides, run_dir)
+from tests.helpers.configs import COMPARABLE, run_train
+from tests.helpers.ranks import free_port, group_torn_down, train_as_rank
+from tests.helpers.tensors import relative_error
 
 
 def _checkpoint(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return _checkpoint(run_dir)["state_dict"]
 
 
 def _assert_same_layout(ran: dict, single: dict) -> None:
@@ -70,10 +50,10 @@ def _assert_trains_like_one_process(run_dir: Path, single_dir: Path) -> None:
 )
 def test_ddp_two_ranks_at_16_match_one_process_at_32(tmp_path, extra):
     """trainer.strategy=auto is ddp on two ranks: towers in DDP, the rest averaged by hand."""
-    run_train([*COMMON, *extra, "trainer.batch_size=32"], tmp_path / "single")
+    run_train([*COMPARABLE, *extra, "trainer.batch_size=32"], tmp_path / "single")
     mp.spawn(
-        _rank_main,
-        args=(2, free_port(), [*COMMON, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp")),
+        train_as_rank,
+        args=(free_port(), [*COMPARABLE, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp")),
         nprocs=2,
         join=True,
     )
@@ -127,8 +107,8 @@ def test_bad_samples_are_summed_over_ranks(tmp_path):
         "checkpoint.every_n_steps=0",
     ]
     mp.spawn(
-        _rank_main,
-        args=(2, free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
+        train_as_rank,
+        args=(free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
         nprocs=2,
         join=True,
     )
@@ -153,16 +133,17 @@ def _slurm_task_main(task: int, port: int, overrides: list[str], run_dir: str) -
         SLURM_LOCALID=str(task),
         MASTER_PORT=str(port),
     )
-    _train_then_leave(overrides, run_dir)
+    with group_torn_down():
+        run_train(overrides, Path(run_dir))
 
 
 @pytest.mark.slow
 def test_slurm_tasks_become_ranks_under_the_manual_strategy(tmp_path):
     """SLURM's environment makes two ranks; the manual all-reduce (after the backward) is exact too."""
-    run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
+    run_train([*COMPARABLE, "trainer.batch_size=32"], tmp_path / "single")
     mp.spawn(
         _slurm_task_main,
-        args=(free_port(), [*COMMON, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")),
+        args=(free_port(), [*COMPARABLE, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")),
         nprocs=2,
         join=True,
     )

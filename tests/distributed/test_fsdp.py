@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port, prepared_objective, relative_error, run_train
+from tests.helpers.configs import run_train
+from tests.helpers.objectives import prepared_objective
+from tests.helpers.ranks import as_rank, free_port
+from tests.helpers.tensors import relative_error
 
 # Clipping on (the norm is about 30): the total norm spans sharded and replicated gradients.
 COMMON = [
@@ -62,11 +65,8 @@ def _storage_per_rank(rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _rank_main(rank: int, port: int, root: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
     root = Path(root)
-    try:
+    with as_rank(rank, port):
         run_train([*FSDP, "trainer.max_steps=3"], root / "fsdp")  # evaluates: rank 0 on its full copy
         if rank == 0:
             _copy_with_only(root / "fsdp", root / "from_dir", "step_3.dcp")
@@ -77,9 +77,6 @@ def _rank_main(rank: int, port: int, root: str) -> None:
         run_train([*FSDP, *CACHE, "trainer.max_steps=4", "checkpoint.allow_config_change=true"], root / "from_dir")
         run_train([*FSDP, "trainer.max_steps=4"], root / "from_file")
         torch.save(_storage_per_rank(rank, 2), root / f"storage_{rank}.pt")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -172,7 +169,7 @@ def test_sharded_directories_are_atomic_rotated_with_their_step_files_and_read_a
 
 
 def test_fsdp_finds_the_blocks_of_vit_and_timm_towers_and_refuses_a_resnet():
-    from tests.conftest import micro_model
+    from tests.helpers.models import micro_model
     from vlhub.errors import ConfigError
     from vlhub.models import build_open_clip_model
     from vlhub.parallel.fsdp import check_fsdp_model, transformer_blocks
@@ -208,18 +205,12 @@ LONG = {
 
 
 def _long_rank_main(rank: int, port: int, root: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    try:
+    with as_rank(rank, port):
         for name, (overrides, reference, _) in LONG.items():
             run_train([*FSDP, *overrides, "trainer.max_steps=2", "eval=none"], Path(root) / "fsdp" / name)
             if reference == "manual":
                 manual = [*FSDP, "trainer.strategy=manual", *overrides, "trainer.max_steps=2", "eval=none"]
                 run_train(manual, Path(root) / name)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

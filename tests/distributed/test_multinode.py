@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port, relative_error
+from tests.helpers.ranks import free_port
+from tests.helpers.tensors import relative_error
 from vlhub.parallel.environment import cuda_index, get_dist_info, slurm_tasks_on_node
 
 # A 3-node SLURM job with 2 + 2 + 1 tasks, seen from its 4th task (node 1's second).

@@ -10,7 +10,6 @@ term is live) must also equal one process's."""
 
 import copy
 import functools
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from tests.conftest import free_port, objective_batch, prepared_objective, relative_error, timm_bn_model
+from tests.helpers.models import timm_bn_model
+from tests.helpers.objectives import objective_batch, prepared_objective
+from tests.helpers.ranks import as_rank, free_port
+from tests.helpers.tensors import relative_error
 from vlhub.data.batch import slice_batch
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -139,18 +141,13 @@ def _batchnorm_tower(rank: int, strategy: type) -> tuple[dict[str, torch.Tensor]
 
 
 def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with as_rank(rank, port, init=True):
         results = {case: _under_ddp(case, rank) for case in cases}
         results["reductions"] = _bucket_reductions(rank)
         results["batchnorm"] = {s.name: _batchnorm_tower(rank, s) for s in (TowerDDP, ManualAllReduce)}
         results["bf16"] = {s.name: _bf16_weights(rank, s) for s in (TowerDDP, ManualAllReduce)}
         if rank == 0:
             torch.save(results, out)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

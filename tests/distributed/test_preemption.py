@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import vlhub.engine.trainer as trainer_module
 import vlhub.run.checkpoint as checkpoint_module
 import vlhub.train
-from tests.conftest import FAST, compose_train, free_port
+from tests.helpers.configs import FAST, compose_train
+from tests.helpers.ranks import as_rank, free_port
 from vlhub.run.preemption import Preemption
 
 # Six steps, no periodic checkpoint and no evaluation: a checkpoint at any other step comes from the signal.
@@ -102,9 +103,6 @@ def test_a_signal_before_the_trainer_polls_is_kept_and_a_finished_run_ignores_it
 
 
 def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
     real_step, calls = trainer_module.train_step, []
 
     def step(*args, **kwargs):
@@ -115,12 +113,9 @@ def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
 
     trainer_module.train_step = step
     preemption = Preemption([signal.SIGUSR1])
-    try:
-        with preemption:
-            _train(Path(run_dir), preemption)
-        Path(out, f"rank{rank}").write_text(str(preemption.stopped_at))
-    finally:
-        torch.distributed.destroy_process_group()
+    with as_rank(rank, port), preemption:
+        _train(Path(run_dir), preemption)
+    Path(out, f"rank{rank}").write_text(str(preemption.stopped_at))
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 import vlhub.engine.trainer as trainer_module
 import vlhub.train
-from tests.conftest import FAST, compose_train, free_port
+from tests.helpers.configs import FAST, compose_train
+from tests.helpers.ranks import free_port, set_rank_environment
 from vlhub.parallel import liveness
 
 RUN = [o for o in FAST if not o.startswith("eval.synthetic")]
@@ -24,8 +25,7 @@ def _rank_main(rank: int, victim: int, port: int, run_dir: str, out: str, how: s
     stderr = os.open(Path(out, f"stderr{rank}"), os.O_WRONLY | os.O_CREAT)
     os.dup2(stderr, 2)
     sys.stderr = os.fdopen(2, "w", buffering=1)  # what the rank logs, for the test to read
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+    set_rank_environment(rank, port)  # no teardown below: the peer may be gone
     liveness.PULSE_INTERVAL_S = 0.3  # the test's clock; 5 s in real runs
     liveness.SILENT_AFTER_S = 3.0  # 180 s in real runs
     real_step, calls = trainer_module.train_step, []

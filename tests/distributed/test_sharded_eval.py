@@ -1,5 +1,6 @@
 """Sharded evaluation: two gloo ranks, each encoding half of every dataset, give one process's numbers exactly."""
 
+import datetime
 import os
 import pickle
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 import vlhub.eval.sharding as sharding
-from tests.conftest import free_port, micro_model
-from tests.test_eval_retrieval import write_karpathy_set
+from tests.helpers.eval_folders import write_karpathy_set
+from tests.helpers.models import micro_model
+from tests.helpers.ranks import as_rank, free_port, set_rank_environment
 from vlhub.api import eval_transform
 from vlhub.data import SyntheticShapes
 from vlhub.eval import Evaluator, SyntheticZeroShot
@@ -49,14 +51,9 @@ def _evaluate(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
 
 
 def _rank_main(rank: int, port: int, root: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with as_rank(rank, port, init=True):
         result = _evaluate(Path(root))
-        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    finally:
-        torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
 
 
 @pytest.mark.slow
@@ -89,12 +86,11 @@ def test_shares_are_whole_batches_in_order(monkeypatch, items, batch, ranks):
 
 
 def _wait_rank_main(rank: int, port: int, out: str, patient: bool) -> None:
-    import datetime
     import time
 
     from vlhub.parallel import collectives
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_environment(rank, port)  # no teardown below: under the short timeout a peer may already be gone
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
     try:
         collectives.patient_group()  # every rank, before rank 0's long work

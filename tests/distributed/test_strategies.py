@@ -5,14 +5,14 @@ training checks (ddp and manual against one process, checkpoint keys) are in tes
 and tests/test_objectives_ddp.py, which share their process spawns.
 """
 
-import os
 import re
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port, run_train
+from tests.helpers.configs import run_train
+from tests.helpers.ranks import as_rank, free_port
 from vlhub.launch import errors_reported
 from vlhub.parallel import collectives
 from vlhub.parallel.build import build_parallel
@@ -48,10 +48,7 @@ def test_a_strategy_that_cannot_run_fails_at_launch_in_one_line(tmp_path, capsys
 
 
 def _finish_on_two_ranks(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with as_rank(rank, port, init=True):
         info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
         params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 2)]
         for index, param in enumerate(params):
@@ -62,8 +59,6 @@ def _finish_on_two_ranks(rank: int, port: int, out: str) -> None:
         summed = collectives.all_reduce_grads_(params, bucket_elements=4, flags=flags)
         alone = ManualAllReduce(info).finish_gradients([], flags=[torch.tensor(True)])  # no gradient to carry them
         torch.save({"summed": summed, "alone": alone, "grads": [p.grad for p in params]}, f"{out}/{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

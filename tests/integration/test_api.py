@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlhub
-from tests.conftest import run_train
+from tests.helpers.configs import run_train
 from vlhub.data import SyntheticShapes
 
 

@@ -20,8 +20,7 @@ from PIL import Image
 
 import vlhub.evaluate
 import vlhub.train
-from tests.conftest import run_train
-from tests.test_evaluate import FAST_EVAL, compose_evaluate
+from tests.helpers.configs import FAST_EVAL, compose_evaluate, run_train
 from vlhub.data import BadSample, BadSampleMonitor, CsvPairs, SyntheticShapes, WebDatasetPairs, build_train_loader
 from vlhub.data.shards import decode_sample
 from vlhub.errors import ConfigError

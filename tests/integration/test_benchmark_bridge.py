@@ -15,8 +15,8 @@ import torch
 from torchvision.datasets import ImageFolder
 
 import vlhub
-from tests.conftest import run_train
-from tests.test_eval_retrieval import write_karpathy_set
+from tests.helpers.configs import run_train
+from tests.helpers.eval_folders import write_karpathy_set
 from vlhub import benchmark_bridge
 from vlhub.data import ImageFolderPairs, SyntheticShapes
 from vlhub.eval import EvalContext, ImageFolderZeroShot, LinearProbeTask, RetrievalTask, topk_accuracy
@@ -207,7 +207,7 @@ def _zeroshot_args(checkpoint, folder_set):
 
 
 def test_filip_zero_shot_through_the_bridge_equals_vlhub_evaluate(trained, folder_set, tmp_path):
-    from tests.test_evaluate import compose_evaluate
+    from tests.helpers.configs import compose_evaluate
     from vlhub.evaluate import evaluate
 
     checkpoint = trained["filip"] / "checkpoints" / "latest.pt"

@@ -6,14 +6,9 @@ import open_clip
 import pytest
 import torch
 
-from tests.conftest import run_train
+from tests.helpers.configs import RESUME, run_train
+from tests.helpers.tensors import saved_weights as _weights
 from vlhub.run.checkpoint import Checkpointer
-
-RESUME = ["optim.scheduler=constant", "checkpoint.every_n_steps=3", "eval=none", "checkpoint.keep=5"]
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 import vlhub.engine.trainer as trainer_module
-from tests.conftest import compose_train, micro_model, run_train
+from tests.helpers.configs import compose_train, run_train
+from tests.helpers.models import micro_model
 from vlhub import compare
 
 OBJECTIVES = ["clip", "siglip", "filip", "dcl", "cloob", "mlm", "declip", "slip", "coca", "simclr", "ce"]

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.conftest import FAST, compose_train
-from tests.test_config import options
+from tests.helpers.configs import FAST, compose_train, options
 
 # -- 6: every model option comes with an optimizer recipe (issue 17: used as given) ---------------
 # What the optimizer actually gets (lr at step 0, end of warmup, mid-run; scaling only when asked) is
@@ -100,7 +99,7 @@ def test_real_data_is_not_scored_on_the_generated_shapes(tmp_path, caplog):
     import json
     import logging
 
-    from tests.conftest import run_train
+    from tests.helpers.configs import run_train
     from vlhub.data import SyntheticShapes
 
     csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "data")
@@ -158,7 +157,7 @@ def readme_block(marker: str) -> str:
     """The fenced python block holding ``marker`` in the README or the docs: the test runs what a reader copies."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = "".join(page.read_text() for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     blocks = readme.split("```python\n")[1:]
     return next(block.split("```")[0] for block in blocks if marker in block)
@@ -168,7 +167,7 @@ def test_the_readmes_code_opens_a_tiny_checkpoint_in_open_clip_bit_for_bit(tmp_p
     import open_clip
 
     import vlhub
-    from tests.conftest import run_train
+    from tests.helpers.configs import run_train
 
     # The tiny model (no open_clip name), here with a logit bias in the model (as open_clip's SigLIP
     # models have): the stored config must rebuild both.

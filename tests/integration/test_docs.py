@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- cpu-test -->"  # alone on the line before a fenced block
 # What every marked vlhub.train line gets unless it sets the key itself: 2 steps, small everything.
 TINY_TRAIN = {

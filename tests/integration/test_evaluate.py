@@ -10,16 +10,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from tests.conftest import micro_model, run_train
-from tests.test_eval_retrieval import write_karpathy_set
+from tests.helpers.configs import FAST_EVAL, compose_evaluate, run_train
+from tests.helpers.eval_folders import write_karpathy_set
+from tests.helpers.models import micro_model
 from vlhub.augment import build_plain_transforms
 from vlhub.eval import SyntheticZeroShot
 from vlhub.eval.retrieval import RetrievalTask, encode_texts, retrieval_recall
 from vlhub.eval.tasks import EvalContext
 from vlhub.evaluate import evaluate, render_report
 
-REPO = Path(__file__).resolve().parents[1]
-FAST_EVAL = ["eval.synthetic.num_samples=60", "eval.batch_size=64", "eval.workers=0", "device=cpu"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,6 @@ def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train")
     run_train(["eval=none", "trainer.max_steps=2"], run_dir)
     return run_dir / "checkpoints" / "latest.pt"
-
-
-def compose_evaluate(overrides):
-    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides, return_hydra_config=False)
 
 
 def _reference_model(path):
@@ -153,7 +148,7 @@ def test_cli_retrieval_matches_brute_force_on_the_models_features(checkpoint, tm
 def test_retrieval_linear_probe_and_val_pairs_presets_compose_and_build(tmp_path):
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_train
+    from tests.helpers.configs import compose_train
     from vlhub.eval.linear_probe import LinearProbeTask
     from vlhub.eval.retrieval import PairValidationTask
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_train
+from tests.helpers.configs import run_train
 from vlhub.registry import OBJECTIVES
 
 TEXT_BEARING = [name for name in OBJECTIVES.names() if OBJECTIVES.get(name).needs_text]

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 import vlhub
-from tests.conftest import compose_train
+from tests.helpers.configs import compose_train
 from vlhub.train import train
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run_before_the_house_move"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "run_before_the_house_move"
 
 
 def copied_run(tmp_path: Path) -> Path:

@@ -16,7 +16,7 @@ import yaml
 import vlhub.engine.trainer as trainer_module
 import vlhub.run.remote as remote_module
 import vlhub.train
-from tests.conftest import FAST, compose_train, run_train
+from tests.helpers.configs import FAST, compose_train, run_train
 from vlhub.errors import ConfigError
 from vlhub.run.remote import RemoteError
 from vlhub.run.secrets import mask_overrides, scrub_hydra_files

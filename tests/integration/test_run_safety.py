@@ -17,7 +17,7 @@ import yaml
 from hydra import compose, initialize_config_module
 
 import vlhub
-from tests.conftest import FAST, compose_train, run_train
+from tests.helpers.configs import FAST, compose_train, run_train
 from vlhub.registry import UnsafeConfigError
 from vlhub.run.checkpoint import Checkpointer
 from vlhub.run.folder import RunFolderError, RunLock, config_changes, remove_failed_launch
@@ -490,7 +490,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_at_launch(run_copy, mo
 
 
 def test_a_checkpoint_with_a_wrong_tensor_shape_names_the_file_everywhere(trained, tmp_path):
-    from tests.test_evaluate import FAST_EVAL, compose_evaluate
+    from tests.helpers.configs import FAST_EVAL, compose_evaluate
     from vlhub.api import build_model, read_checkpoint
     from vlhub.evaluate import evaluate
     from vlhub.run.checkpoint import CheckpointError

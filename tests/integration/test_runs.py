@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_train, run_train
+from tests.helpers.configs import compose_train, run_train
 from vlhub.models import build_open_clip_model
 
 
@@ -99,7 +99,7 @@ def test_configs_are_found_from_a_built_wheel(tmp_path):
     from pathlib import Path
 
     pytest.importorskip("setuptools")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST
+from tests.helpers.configs import FAST
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _multirun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from tests.conftest import run_train
+from tests.helpers.configs import run_train
 from vlhub.api import build_model, read_checkpoint
 from vlhub.eval.weight_interpolation import interpolate
 from vlhub.wise_ft import wise_ft
@@ -107,7 +107,7 @@ def test_alphas_outside_0_1_are_refused_unless_asked_and_non_finite_weights_are_
 
 
 def test_evaluate_refuses_a_checkpoint_with_nan_weights_naming_it(checkpoints, tmp_path):
-    from tests.test_evaluate import FAST_EVAL, compose_evaluate
+    from tests.helpers.configs import FAST_EVAL, compose_evaluate
     from vlhub.evaluate import evaluate
 
     saved = torch.load(checkpoints["zeroshot"][0], weights_only=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST
+from tests.helpers.configs import FAST
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("VLHUB_SLURM_TESTS") != "1" or shutil.which("sbatch") is None,

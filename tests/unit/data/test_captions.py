@@ -151,7 +151,7 @@ def test_random_streams_depend_only_on_the_seed():
 def _synthetic_source(tmp_path, *overrides):
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_train
+    from tests.helpers.configs import compose_train
     from vlhub.data.synthetic import class_names
 
     classes = tmp_path / "shapes.txt"

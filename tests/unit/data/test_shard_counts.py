@@ -10,7 +10,7 @@ import webdataset
 from PIL import Image
 
 import vlhub.train
-from tests.test_wds import batches, captions, tagged_shards
+from tests.helpers.shards import batches, captions, tagged_shards
 from vlhub.data import WebDatasetPairs
 from vlhub.data.shard_counts import shard_counts
 from vlhub.data.tar_index import read_span, scan

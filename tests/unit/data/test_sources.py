@@ -154,7 +154,7 @@ def _job_views(objective: str):
     instantiated as ``vlhub.train`` does (for the tiny model's 32 px), and its seed."""
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_train
+    from tests.helpers.configs import compose_train
     from vlhub.models.vision_language import ImageStats
 
     cfg = compose_train([f"objective={objective}"])

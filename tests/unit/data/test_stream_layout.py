@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset
 
-from tests.test_wds import _pixels, _png, batches, captions, tagged_shards
+from tests.helpers.shards import batches, captions, pixels, png, tagged_shards
 from vlhub.data import WebDatasetPairs
 from vlhub.data.layout import _slots, buffer_inputs, key_of
 from vlhub.errors import ConfigError
@@ -22,7 +22,7 @@ def unequal_shards(folder, sizes=UNEQUAL):
     for s, count in enumerate(sizes):
         with webdataset.TarWriter(str(folder / f"u-{s:06d}.tar")) as writer:
             for i in range(count):
-                writer.write({"__key__": f"{s:02d}_{i:02d}", "png": _png(i), "txt": f"u {s} {i}"})
+                writer.write({"__key__": f"{s:02d}_{i:02d}", "png": png(i), "txt": f"u {s} {i}"})
     return f"{folder}/u-{{000000..{len(sizes) - 1:06d}}}.tar"
 
 
@@ -78,14 +78,14 @@ def test_a_resume_gives_the_same_stream_whatever_data_workers_before_and_after(t
 
 def test_other_ranks_on_resume_fail_naming_them_except_at_an_epoch_boundary(tmp_path):
     source = WebDatasetPairs(unequal_shards(tmp_path / "u"), shuffle_buffer=5)
-    saved = source.build_loader(_pixels, None, 4, 0, world_size=2).layout  # what the checkpoint stores
+    saved = source.build_loader(pixels, None, 4, 0, world_size=2).layout  # what the checkpoint stores
     assert saved["world_size"] == 2 and saved["batch_size"] == 4 and saved["batches_per_epoch"] == 4
     with pytest.raises(ConfigError, match=r"8 samples into an epoch.*the number of ranks: 2 -> 1"):
-        source.build_loader(_pixels, None, 4, 0, start_sample=8, world_size=1, layout=saved)
+        source.build_loader(pixels, None, 4, 0, start_sample=8, world_size=1, layout=saved)
     with pytest.raises(ConfigError, match=r"trainer.batch_size: 4 -> 2"):
-        source.build_loader(_pixels, None, 2, 0, start_sample=8, world_size=2, layout=saved)
+        source.build_loader(pixels, None, 2, 0, start_sample=8, world_size=2, layout=saved)
     # at the end of epoch 0 (4 batches of 2 x 4) one rank lays out epoch 1 as a fresh one-rank run does
-    loader = source.build_loader(_pixels, None, 4, 0, start_sample=32, world_size=1, layout=saved)
+    loader = source.build_loader(pixels, None, 4, 0, start_sample=32, world_size=1, layout=saved)
     assert (loader.layout["anchor_epoch"], loader.layout["anchor_sample"]) == (1, 32)
     resumed, fresh = next(iter(loader)), batches(source, 10, 4)[9]  # a one-rank epoch is 9 batches
     assert resumed.epoch == fresh.epoch == 1 and resumed.batch["text_raw"] == fresh.batch["text_raw"]
@@ -110,10 +110,10 @@ def test_local_shards_with_no_sample_fail_at_start_naming_the_source(tmp_path):
     for s in range(3):
         webdataset.TarWriter(str(folder / f"e-{s:06d}.tar")).close()  # valid, empty tars
     with pytest.raises(ValueError, match="'data.root': its 3 shards hold no samples"):
-        WebDatasetPairs(f"{folder}/e-{{000000..000002}}.tar").build_loader(_pixels, None, 2, 0)
+        WebDatasetPairs(f"{folder}/e-{{000000..000002}}.tar").build_loader(pixels, None, 2, 0)
     with pytest.raises(ValueError, match="'data.root source 2': its 3 shards hold no samples"):
         good = tagged_shards(tmp_path / "g", "g", shards=1, per_shard=4)
-        WebDatasetPairs(f"{good}::{folder}/e-{{000000..000002}}.tar", weights=[1, 1]).build_loader(_pixels, None, 2, 0)
+        WebDatasetPairs(f"{good}::{folder}/e-{{000000..000002}}.tar", weights=[1, 1]).build_loader(pixels, None, 2, 0)
 
 
 def test_remote_shards_with_no_sample_fail_after_a_bounded_read_naming_the_source(tmp_path):
@@ -144,8 +144,8 @@ def test_a_stats_count_off_the_tar_is_warned_about_and_counted_as_bad_samples_ex
 def test_remote_shards_are_read_in_lanes_so_other_workers_mid_epoch_fail_naming_data_workers(tmp_path):
     root = tagged_shards(tmp_path, "s", shards=4, per_shard=4)
     source = WebDatasetPairs(f"pipe:cat {root}", num_samples=16, workers=2)
-    saved = source.build_loader(_pixels, None, 2, 0).layout
+    saved = source.build_loader(pixels, None, 2, 0).layout
     other = WebDatasetPairs(f"pipe:cat {root}", num_samples=16, workers=1)
     with pytest.raises(ConfigError, match=r"data.workers .*: 2 -> 1"):
-        other.build_loader(_pixels, None, 2, 0, start_sample=4, layout=saved)
-    assert other.build_loader(_pixels, None, 2, 0, start_sample=16, layout=saved).layout["anchor_epoch"] == 1
+        other.build_loader(pixels, None, 2, 0, start_sample=4, layout=saved)
+    assert other.build_loader(pixels, None, 2, 0, start_sample=16, layout=saved).layout["anchor_epoch"] == 1

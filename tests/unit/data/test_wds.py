@@ -1,6 +1,5 @@
 """Streamed webdataset shards: read-back, blends, resampling, rank split, resume, bad input, config."""
 
-import io
 import json
 import os
 import tarfile
@@ -11,44 +10,13 @@ import pytest
 import torch
 import webdataset
 from hydra.utils import instantiate
-from PIL import Image
 
-from tests.conftest import compose_train
+from tests.helpers.configs import compose_train
+from tests.helpers.shards import batches, captions, pixels, png, tagged_shards
 from vlhub.data import BlendedShards, SyntheticShapes, WebDatasetPairs
 from vlhub.data.layout import StreamLayout
 from vlhub.data.shard_reader import LocalShards
 from vlhub.data.write_shards import main as write_shards_main
-
-
-def _pixels(image):
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.size[1], image.size[0], 3)
-
-
-def _png(colour: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), (colour % 256, 0, 0)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tagged_shards(folder, name, shards, per_shard, sizes=True):
-    """Shards written by a plain ``webdataset.TarWriter``; each caption names its source and shard."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        with webdataset.TarWriter(str(folder / f"{name}-{s:06d}.tar")) as writer:
-            for i in range(per_shard):
-                writer.write({"__key__": f"{s:04d}_{i:04d}", "png": _png(i), "txt": f"{name} {s} {i}"})
-    if sizes:
-        (folder / "sizes.json").write_text(json.dumps({f"{name}-{s:06d}.tar": per_shard for s in range(shards)}))
-    return f"{folder}/{name}-{{000000..{shards - 1:06d}}}.tar"
-
-
-def batches(source, count, batch_size, **kwargs):
-    loader = iter(source.build_loader(_pixels, None, batch_size, kwargs.pop("seed", 0), **kwargs))
-    return [next(loader) for _ in range(count)]
-
-
-def captions(loaded):
-    return [c for b in loaded for c in b.batch["text_raw"]]
 
 
 def test_written_shards_read_back_exactly_here_and_with_plain_webdataset(tmp_path):
@@ -59,11 +27,11 @@ def test_written_shards_read_back_exactly_here_and_with_plain_webdataset(tmp_pat
     )
     assert json.loads((tmp_path / "sizes.json").read_text()) == {f"shard-00000{i}.tar": 10 for i in range(3)}
     labels = {
-        shapes.load(i).caption + str(_pixels(shapes.load(i).image).tolist()): shapes.load(i).label for i in range(30)
+        shapes.load(i).caption + str(pixels(shapes.load(i).image).tolist()): shapes.load(i).label for i in range(30)
     }
     expected = set(labels)
     plain = webdataset.WebDataset(str(tmp_path / "shard-{000000..000002}.tar"), shardshuffle=False).decode("pil")
-    assert {s["txt"] + str(_pixels(s["png"]).tolist()) for s in plain} == expected
+    assert {s["txt"] + str(pixels(s["png"]).tolist()) for s in plain} == expected
     source = WebDatasetPairs(str(tmp_path / "shard-{000000..000002}.tar"), shuffle_buffer=0)
     assert len(source) == 30  # from sizes.json
     epoch = batches(source, 3, 10)  # one epoch, one reader: every sample exactly once
@@ -131,14 +99,14 @@ def test_resume_mid_epoch_continues_the_stream_bit_for_bit(tmp_path):
 def _corrupt_shards(folder):
     folder.mkdir()
     with webdataset.TarWriter(str(folder / "s-000000.tar")) as writer:
-        writer.write({"__key__": "good0", "png": _png(1), "txt": "fine"})
+        writer.write({"__key__": "good0", "png": png(1), "txt": "fine"})
         writer.write({"__key__": "badimg", "jpg": b"not a jpeg", "txt": "broken image"})
-        writer.write({"__key__": "notxt", "png": _png(2)})
-        writer.write({"__key__": "empty", "png": _png(3), "txt": "   "})
-        writer.write({"__key__": "good1", "png": _png(4), "txt": "fine too", "json": b"{}", "cls": "3"})
+        writer.write({"__key__": "notxt", "png": png(2)})
+        writer.write({"__key__": "empty", "png": png(3), "txt": "   "})
+        writer.write({"__key__": "good1", "png": png(4), "txt": "fine too", "json": b"{}", "cls": "3"})
     with webdataset.TarWriter(str(folder / "s-000001.tar")) as writer:
         for i in range(4):
-            writer.write({"__key__": f"long{i}", "png": _png(i) + bytes(600), "txt": f"kept {i}"})
+            writer.write({"__key__": f"long{i}", "png": png(i) + bytes(600), "txt": f"kept {i}"})
     data = (folder / "s-000001.tar").read_bytes()
     (folder / "s-000001.tar").write_bytes(data[: len(data) // 2])  # ends early, inside a sample
     (folder / "s-000002.tar").write_bytes(b"this is no tar file at all" * 40)
@@ -212,7 +180,7 @@ def test_too_few_remote_shards_for_ranks_times_workers_fails_naming_the_settings
     root = tagged_shards(tmp_path, "s", shards=2, per_shard=4)
     source = WebDatasetPairs(f"pipe:cat {root}", workers=2, num_samples=8)  # read through, one lane a worker
     with pytest.raises(ValueError, match="2 remote shards, fewer than ranks x workers = 2 x 2.*data.resampled=true"):
-        source.build_loader(_pixels, None, 2, 0, rank=0, world_size=2)
+        source.build_loader(pixels, None, 2, 0, rank=0, world_size=2)
 
 
 def test_captionnet_preset_streams_shards_and_adds_in100_eval_only_with_a_root(tmp_path, caplog):
@@ -225,7 +193,7 @@ def test_captionnet_preset_streams_shards_and_adds_in100_eval_only_with_a_root(t
     assert not evaluator.tasks
     assert "eval imagenet on the in100 subset: left out; add it with eval.imagenet.root=" in caplog.text
     assert "imagenet" not in compose_train(["data=captionnet", "eval=none"]).eval  # the command line wins
-    from tests.test_eval_datasets import make_class_folders
+    from tests.helpers.eval_folders import make_class_folders
     from vlhub.eval.prompts import imagenet_wnids
 
     val = make_class_folders(tmp_path / "val", list(imagenet_wnids()), 1, copies=1)
@@ -241,7 +209,7 @@ def test_caption_filtering_keeps_batches_full_counts_the_dropped_and_resumes_exa
         with webdataset.TarWriter(str(folder / f"f-{s:06d}.tar")) as writer:
             for i in range(12):
                 text = f"a red circle {s} {i}" if i % 3 else f"nothing to see {s} {i}"
-                writer.write({"__key__": f"{s}_{i:03d}", "png": _png(i), "txt": text})
+                writer.write({"__key__": f"{s}_{i:03d}", "png": png(i), "txt": text})
     source = WebDatasetPairs(
         f"{folder}/f-{{000000..000001}}.tar",
         num_samples=16,
@@ -269,13 +237,13 @@ def _shards_with_one_bad_sample_each(folder, shards=6):
     for s in range(shards):
         with webdataset.TarWriter(str(folder / f"b-{s:06d}.tar")) as writer:
             for i in range(3):
-                writer.write({"__key__": f"{s}_{i}", "png": _png(s * 3 + i), "txt": f"a red circle {s} {i}"})
+                writer.write({"__key__": f"{s}_{i}", "png": png(s * 3 + i), "txt": f"a red circle {s} {i}"})
             writer.write({"__key__": f"{s}_bad", "jpg": b"\xff\xd8 truncated", "txt": "a broken image"})
     return f"{folder}/b-{{000000..{shards - 1:06d}}}.tar"
 
 
 def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(tmp_path):
-    from tests.conftest import run_train
+    from tests.helpers.configs import run_train
 
     root = _shards_with_one_bad_sample_each(tmp_path / "shards")
     data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.shuffle_buffer=0", "eval=none"]
@@ -288,8 +256,8 @@ def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(t
 
 @pytest.mark.slow
 def test_a_wds_run_resumed_mid_epoch_with_other_workers_equals_a_straight_run_bit_for_bit(tmp_path):
-    from tests.conftest import run_train
-    from tests.test_checkpoint import RESUME, _weights
+    from tests.helpers.configs import RESUME, run_train
+    from tests.helpers.tensors import saved_weights
 
     root = tagged_shards(tmp_path / "shards", "s", shards=4, per_shard=12)
     data = ["data=wds", f'data.root="{root}"', "data.workers=2", "data.shuffle_buffer=6"]  # 48 samples, 6 steps
@@ -297,7 +265,7 @@ def test_a_wds_run_resumed_mid_epoch_with_other_workers_equals_a_straight_run_bi
     run_train([*RESUME, *data, "trainer.max_steps=3"], tmp_path / "resumed")
     # resumed with another data.workers: the stream does not depend on it (vlhub.data.layout)
     run_train([*RESUME, *data, "data.workers=0", "trainer.max_steps=6"], tmp_path / "resumed")
-    straight, resumed = (_weights(tmp_path / f"{run}/checkpoints/latest.pt") for run in ("straight", "resumed"))
+    straight, resumed = (saved_weights(tmp_path / f"{run}/checkpoints/latest.pt") for run in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -305,13 +273,13 @@ def test_a_wds_run_resumed_mid_epoch_with_other_workers_equals_a_straight_run_bi
 def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.conftest import free_port
-    from tests.test_ddp import COMMON, _rank_main
+    from tests.helpers.configs import COMPARABLE
+    from tests.helpers.ranks import free_port, train_as_rank
 
     root = _shards_with_one_bad_sample_each(tmp_path / "shards")
     data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.max_bad_fraction=0.4"]
-    steps = [*COMMON, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
-    mp.spawn(_rank_main, args=(2, free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
+    steps = [*COMPARABLE, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
+    mp.spawn(train_as_rank, args=(free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
     record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
     source = WebDatasetPairs(root, num_samples=24, max_bad_fraction=0.4)
     expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))
@@ -342,7 +310,7 @@ def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
     ],
 )
 def test_weights_that_the_sampler_cannot_use_fail_at_launch_naming_the_key(tmp_path, weights, match):
-    from tests.conftest import run_train
+    from tests.helpers.configs import run_train
 
     root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=4)
     overrides = ["data=wds", f'data.root="{root}::{root}"', f"data.weights={weights}", "data.workers=0"]

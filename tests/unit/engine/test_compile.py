@@ -18,8 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_train, objective_batch, relative_error, run_train
-from tests.test_grad_cache import RecordingClip  # records each chunk's first pass, then each replay
+from tests.helpers.configs import compose_train, run_train
+from tests.helpers.objectives import (
+    RecordingClip,  # records each chunk's first pass, then each replay
+    objective_batch,
+)
+from tests.helpers.tensors import relative_error
 from vlhub.engine.compile import CompiledTowers, compile_towers, tower_modules
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -304,7 +308,7 @@ def test_bad_speed_settings_fail_at_launch_naming_the_key(overrides, key, tmp_pa
 
 @pytest.mark.skipif(not LONG, reason="about 1-2 min of compiling on CPU: VLHUB_LONG_TESTS=1")
 def test_throughput_smoke_prints_every_row():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "throughput.py"
     out = subprocess.run(
         [sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300, check=True
     ).stdout
@@ -323,14 +327,15 @@ def test_compiled_towers_under_the_data_parallel_path(tmp_path, strategy):
     sharding it; compile leaves the parameters where they were)."""
     import torch.multiprocessing as mp
 
-    from tests.conftest import free_port, relative_error
-    from tests.test_ddp import COMMON, _rank_main, _weights
+    from tests.helpers.configs import COMPARABLE
+    from tests.helpers.ranks import free_port, train_as_rank
+    from tests.helpers.tensors import relative_error, saved_weights
 
-    run_train([*COMMON, "trainer.batch_size=32"], tmp_path / "single")
-    ranks = [*COMMON, "trainer.batch_size=16", "trainer.compile=true", "trainer.compile_strict=true"]
+    run_train([*COMPARABLE, "trainer.batch_size=32"], tmp_path / "single")
+    ranks = [*COMPARABLE, "trainer.batch_size=16", "trainer.compile=true", "trainer.compile_strict=true"]
     ranks.append(f"trainer.strategy={strategy}")
-    mp.spawn(_rank_main, args=(2, free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
-    single, ddp = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    mp.spawn(train_as_rank, args=(free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
+    single, ddp = saved_weights(tmp_path / "single"), saved_weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
     # Adam and compiled rounding: see test_compiled_towers_train_like_eager_ones.
     assert relative_error(ddp, single) <= 1e-3

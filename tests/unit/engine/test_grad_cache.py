@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from tests.conftest import micro_model, relative_error
+from tests.helpers.models import micro_model
+from tests.helpers.objectives import RecordingClip
+from tests.helpers.tensors import relative_error
 from vlhub.data import SyntheticShapes, build_train_loader
 from vlhub.data.batch import move_batch
 from vlhub.engine.grad_cache import GradCache
@@ -70,22 +72,9 @@ def test_a_short_batch_is_cut_into_as_many_chunks_as_a_full_one(short_by):
     assert strategy.min_samples == 8 and PlainGradients.min_samples == 1
 
 
-class RecordingClip(ClipObjective):
-    """Records every ``represent`` output, to compare a chunk's first pass with its replay."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def represent(self, model, batch):
-        reps = super().represent(model, batch)
-        self.seen.append({k: v.detach().clone() for k, v in reps.items()})
-        return reps
-
-
 def test_with_stochastic_layers_each_replay_reproduces_its_first_pass():
     torch.manual_seed(0)
-    from tests.conftest import compose_train
+    from tests.helpers.configs import compose_train
     from vlhub.models import build_open_clip_model
 
     config = dict(compose_train().model.config)
@@ -117,7 +106,7 @@ def test_amp_fp16_step_is_finite_and_close_to_fp32():
 
 
 def test_batchnorm_running_stats_update_once_per_chunk():
-    from tests.conftest import timm_bn_model
+    from tests.helpers.models import timm_bn_model
 
     cached_model, reference = timm_bn_model(), timm_bn_model()
     batch = _batch(cached_model, size=16)

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import micro_model, run_train
-from tests.test_grad_cache import _batch
+from tests.helpers.configs import run_train
+from tests.helpers.models import micro_model
+from tests.helpers.objectives import objective_batch
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients, train_step
 from vlhub.objectives import ClipObjective
@@ -28,7 +29,7 @@ def test_reduced_precisions_train_and_evaluate(tmp_path, precision):
 def test_gradient_clipping_bounds_the_update():
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
-    batch = _batch(model, size=8)
+    batch = objective_batch(model, objective, size=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     recipe = OptimRecipe(torch.optim.SGD, lr=1.0, weight_decay=0.0, scheduler="constant", warmup_steps=0)
     optimizer, scheduler = recipe.build([model], max_steps=10)
@@ -58,7 +59,7 @@ def test_evaluation_runs_every_n_steps_and_once_at_the_end(tmp_path):
 def test_a_fixed_batch_is_fit_and_the_loss_drops():
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
-    batch = _batch(model, size=16)
+    batch = objective_batch(model, objective, size=16)
     recipe = OptimRecipe(torch.optim.AdamW, lr=2e-3, weight_decay=0.0, scheduler="constant", warmup_steps=0)
     optimizer, scheduler = recipe.build([model, objective], max_steps=100)
     precision = Precision("fp32", torch.device("cpu"))

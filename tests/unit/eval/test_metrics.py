@@ -187,7 +187,7 @@ class RecordingModel(torch.nn.Module):
 
 
 def test_shared_names_and_templates_reach_the_text_encoder(tmp_path):
-    from tests.test_eval_datasets import write_image
+    from tests.helpers.eval_folders import write_image
 
     write_image(tmp_path / "x.png", 0, 0)
     source = LabelledFiles([(tmp_path / "x.png", 0)], ["Tench", "Goldfish"])

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_eval_configs import DATASET_TASKS
-from tests.test_eval_datasets import make_fine_grained_layouts, make_imagenet_layouts
+from tests.helpers.eval_folders import DATASET_TASKS, make_fine_grained_layouts, make_imagenet_layouts
 from vlhub.eval import Evaluator
 from vlhub.eval.prompts import resolve_templates
 from vlhub.registry import EVAL_TASKS

@@ -1,11 +1,10 @@
 """Retrieval: recall@k against brute force and CLIP_benchmark, val metrics against open_clip, the task end to end."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers.eval_folders import CAPTIONS_PER_IMAGE, write_karpathy_set
 from vlhub.data import SyntheticShapes
 from vlhub.eval.retrieval import (
     PairValidationTask,
@@ -15,27 +14,6 @@ from vlhub.eval.retrieval import (
     retrieval_recall,
 )
 from vlhub.eval.tasks import EvalContext
-
-CAPTIONS_PER_IMAGE = 5
-
-
-def write_karpathy_set(folder, num_test=12, num_train=3, image_size=16):
-    """A COCO-style Karpathy set: images under val2014/, a dataset_coco.json with train and test entries.
-
-    Test image i is a distinct generated shape; its captions are unique ("... number i, caption j").
-    """
-    source = SyntheticShapes(num_samples=num_test + num_train, split="val", image_size=image_size)
-    (folder / "val2014").mkdir(parents=True, exist_ok=True)
-    entries = []
-    for index in range(num_test + num_train):
-        sample = source.load(index)
-        filename = f"COCO_val2014_{index:012d}.jpg"
-        sample.image.save(folder / "val2014" / filename, quality=95)
-        split = "test" if index < num_test else "train"
-        sentences = [{"raw": f"{sample.caption} number {index}, caption {j}"} for j in range(CAPTIONS_PER_IMAGE)]
-        entries.append({"filepath": "val2014", "filename": filename, "split": split, "sentences": sentences})
-    (folder / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
-    return folder
 
 
 def _random_set(num_images=60, per_image=5, dim=16, seed=0):

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from tests.conftest import prepared_objective
-from tests.test_eval_retrieval import write_karpathy_set
+from tests.helpers.eval_folders import write_karpathy_set
+from tests.helpers.objectives import prepared_objective
 from vlhub.api import eval_transform
 from vlhub.data.files import read_image
 from vlhub.eval import EvalContext, RetrievalTask, SyntheticZeroShot
@@ -108,8 +108,7 @@ def test_eval_workers_default_to_the_machines_cores(monkeypatch):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_train
-    from tests.test_evaluate import compose_evaluate
+    from tests.helpers.configs import compose_evaluate, compose_train
     from vlhub.parallel.environment import loader_workers
 
     for variable in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID"):

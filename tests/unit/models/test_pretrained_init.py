@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_train
+from tests.helpers.configs import compose_train
 from vlhub.augment import build_clip_transforms
 from vlhub.data import SyntheticShapes
 from vlhub.train import prepare_objective

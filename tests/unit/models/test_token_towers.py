@@ -11,7 +11,9 @@ import timm
 import torch
 from timm.models import register_model
 
-from tests.conftest import objective_batch, relative_error, timm_bn_model
+from tests.helpers.models import timm_bn_model
+from tests.helpers.objectives import objective_batch
+from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
@@ -121,7 +123,7 @@ def test_a_timm_cnn_has_no_tokens_and_the_error_names_it_and_what_works():
 def test_filip_and_coca_train_on_model_eva02_b16(name):
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_train
+    from tests.helpers.configs import compose_train
 
     torch.manual_seed(0)
     model = instantiate(compose_train(["model=eva02_b16"]).model)

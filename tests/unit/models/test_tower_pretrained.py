@@ -9,7 +9,7 @@ import timm
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_train, run_train
+from tests.helpers.configs import compose_train, run_train
 from vlhub.launch import describe_error, is_expected
 from vlhub.models import build_open_clip_model
 
@@ -182,7 +182,7 @@ def test_text_weights_under_text_prefix_load_as_well(sources, tmp_path):
 
 
 def test_the_tower_keys_have_one_home_and_reach_every_model():
-    from tests.test_config import CONFIG_ROOT, options
+    from tests.helpers.configs import CONFIG_ROOT, options
 
     keys = ("image_pretrained", "text_pretrained", "pretrained_skip")
     shared = (CONFIG_ROOT / "model" / "shared" / "towers.yaml").read_text()

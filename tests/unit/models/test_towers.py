@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import micro_model
+from tests.helpers.models import micro_model
 from vlhub.models import build_open_clip_model
 
 

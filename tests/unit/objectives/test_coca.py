@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from tests.conftest import micro_model, objective_batch, prepared_objective, relative_error
+from tests.helpers.models import micro_model
+from tests.helpers.objectives import objective_batch, prepared_objective
+from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import timm_bn_model
+from tests.helpers.models import timm_bn_model
 from vlhub.objectives import ClipObjective
 
 
@@ -40,7 +40,7 @@ def test_lit_unlocked_groups_leaves_the_last_groups_trainable(tiny_model):
     assert image_grads and all(("ln_post" in n) or n.endswith(".proj") for n in image_grads)
     objective_two = ClipObjective(lock_image=True, unlocked_groups=2)
     torch.manual_seed(0)
-    from tests.conftest import micro_model
+    from tests.helpers.models import micro_model
 
     model_two = micro_model()
     objective_two.apply_to_model(model_two)

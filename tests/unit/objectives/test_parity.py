@@ -19,7 +19,8 @@ import x_clip.mlm
 from torch import nn
 from x_clip.visual_ssl import SimSiam, nt_xent_loss
 
-from tests.conftest import micro_model, objective_batch, prepared_objective
+from tests.helpers.models import micro_model
+from tests.helpers.objectives import objective_batch, prepared_objective
 from vlhub.objectives.dcl import DclObjective
 from vlhub.objectives.draws import sample_uniform
 from vlhub.objectives.filip import FilipObjective, token_similarity

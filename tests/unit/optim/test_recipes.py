@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import compose_train, objective_batch, prepared_objective, run_train
+from tests.helpers.configs import compose_train, run_train
+from tests.helpers.objectives import objective_batch, prepared_objective
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients, train_step
 from vlhub.models import build_open_clip_model
