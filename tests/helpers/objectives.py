@@ -60,3 +60,14 @@ class RecordingClip(ClipObjective):
         reps = super().represent(model, batch)
         self.seen.append({k: v.detach().clone() for k, v in reps.items()})
         return reps
+
+
+def evaluate_on_shapes(model, objective, num_samples: int = 30) -> dict[str, float]:
+    """The synthetic shapes' evaluation scored as ``objective`` scores images (zero-shot, classifier or probe)."""
+    from vlhub.api import eval_transform
+    from vlhub.eval import SyntheticZeroShot
+    from vlhub.eval.context import EvalContext
+
+    scoring = objective.scoring(model)
+    context = EvalContext("synthetic", eval_transform(model), torch.device("cpu"), batch_size=16, scoring=scoring)
+    return SyntheticZeroShot(num_samples=num_samples, image_size=32).run(model, context)

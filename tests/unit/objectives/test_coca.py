@@ -3,6 +3,7 @@ the attentional pooler is open_clip's and is what coca scores with when it is on
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from open_clip.transformer import VisionTransformer
 
 from tests.helpers.models import micro_model
 from tests.helpers.objectives import objective_batch, prepared_objective
+from tests.helpers.references import assert_close
 from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -148,3 +150,27 @@ def test_a_negative_weight_is_refused_naming_its_key(key):
 
     with pytest.raises(ValueError, match=f"objective.{key} must be >= 0"):
         CocaObjective(**{key: -0.5})
+
+
+def test_coca_matches_open_clip_coca_loss():
+    model, objective = prepared_objective(
+        "coca", contrastive_weight=0.7, caption_weight=1.3, decoder_layers=1, decoder_heads=4
+    )
+    batch = objective_batch(model, objective, size=4)
+    text = batch["text"]
+    assert (text == 0).any()  # padding present: it must be ignored
+    parts = objective.loss(objective.represent(model, batch), model)
+    with torch.no_grad():
+        out = model(image=batch["image"], text=text, output_tokens=True)
+        logits = objective.caption_logits(out)
+    reference = open_clip.loss.CoCaLoss(caption_loss_weight=1.3, clip_loss_weight=0.7, pad_id=0)
+    clip, caption = reference(
+        F.normalize(out["image_features"], dim=-1),
+        F.normalize(out["text_features"], dim=-1),
+        logits,
+        text[:, 1:],
+        model.temperature_scale().detach(),
+    )
+    assert_close(parts["contrastive_loss"], clip / 0.7)
+    assert_close(parts["caption_loss"], caption / 1.3)
+    assert_close(parts["loss"].detach(), clip + caption)

@@ -7,9 +7,12 @@ rows, and the training step (one process, plain gradients) for the gradient cach
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from x_clip.visual_ssl import SimSiam
 
 from tests.helpers.configs import run_train
 from tests.helpers.objectives import objective_batch, prepared_objective
+from tests.helpers.references import IdentityTowers, assert_close, randn, text_ids, tiny_xclip
 from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -193,3 +196,55 @@ def test_a_resumed_declip_run_continues_bitwise_queue_included(tmp_path):
         assert straight[part].keys() == resumed[part].keys()
         for key in straight[part]:
             assert torch.equal(straight[part][key], resumed[part][key]), key
+
+
+class Passthrough(nn.Module):
+    """x_clip's SimSiam net: returns its input (a parameter, because x_clip reads its device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x
+
+
+def test_declip_simsiam_and_multiview_terms_match_x_clip():
+    model, objective = prepared_objective("declip", ssl_projection_dim=8, ssl_hidden_dim=16)
+    dim, batch, scale = model.image_tower.output_dim, 6, 7.0
+    base, text, ids = randn(batch, dim, seed=3), randn(batch, dim, seed=2), text_ids(6, 5)
+    view2, view3, text_view = randn(batch, dim), randn(batch, dim, seed=1), randn(batch, dim, seed=4)
+    reps = {
+        "image_features": F.normalize(base, dim=-1),
+        "text_features": F.normalize(text, dim=-1),
+        "text_view_features": F.normalize(text_view, dim=-1),
+        "view2_features": view2,
+        "view3_features": view3,
+        "mlm_nll": torch.ones(batch),
+        "mlm_tokens": torch.ones(batch),
+    }
+    objective.train()
+    parts = objective.loss(reps, IdentityTowers(scale))
+
+    # SimSiam on the two strong views: x_clip's module on the stacked views, each "augmentation" picking
+    # one; its mock forward on [2, channels, D, D] sizes the projector for inputs of width D.
+    simsiam = SimSiam(
+        Passthrough(),
+        image_size=dim,
+        channels=2,
+        hidden_layer=-1,
+        projection_size=8,
+        projection_hidden_size=16,
+        augment_fn=lambda x: x[:, 0],
+        augment_fn2=lambda x: x[:, 1],
+    ).train()
+    simsiam.online_encoder.projector.load_state_dict(objective.ssl_head.projector.state_dict())
+    simsiam.online_predictor.load_state_dict(objective.ssl_head.predictor.state_dict())
+    assert_close(parts["ssl_loss"], simsiam(torch.stack([view2, view3], dim=1)))
+
+    # CLIP on the base view; multi-view: the mean of x_clip's CLIP over {view2, view3} x {caption, text view}.
+    clip = tiny_xclip(dim, ids, text, scale)
+    assert_close(parts["contrastive_loss"], clip(ids, base, return_loss=True))
+    clips = [clip, tiny_xclip(dim, ids, text_view, scale)]
+    pairs = [one(ids, view, return_loss=True) for view in (view2, view3) for one in clips]
+    assert_close(parts["multiview_loss"], torch.stack(pairs).mean())
