@@ -1,6 +1,5 @@
-"""Issue 11: bad input never stops or loops a run, errors name the key, expected mistakes read as one line.
-
-Each test reproduces one item of the issue the way it was found (the item's number is in its name).
+"""Bad input: a bad sample, caption row or file never stops or loops a run; a bad setting fails at launch
+naming the key; an expected mistake reads as one line (with a hint), an unexpected one keeps its traceback.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
-# -- 6: a non-finite loss is skipped and counted, a run of them stops, no NaN weights are written --
+# -- a non-finite loss is skipped and counted, a run of them stops, no NaN weights are written --
 
 
 def _nan_loss_on(monkeypatch, calls: set[int] | None) -> None:
@@ -70,7 +69,7 @@ def _nan_loss_on(monkeypatch, calls: set[int] | None) -> None:
     monkeypatch.setattr(ClipObjective, "loss", loss)
 
 
-def test_6_a_nonfinite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_a_nonfinite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
     _nan_loss_on(monkeypatch, {2, 3})
     run_train(["eval=none", "trainer.max_steps=3"], tmp_path)
     record = _records(tmp_path)[-1]
@@ -80,17 +79,17 @@ def test_6_a_nonfinite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
     assert checkpoint["data"]["nonfinite_steps"] == 2  # a resumed run keeps counting from there
 
 
-def test_6_a_run_of_nonfinite_losses_stops_with_a_clear_error_and_writes_no_weights(tmp_path, monkeypatch):
+def test_a_run_of_nonfinite_losses_stops_with_a_clear_error_and_writes_no_weights(tmp_path, monkeypatch):
     _nan_loss_on(monkeypatch, None)
     with pytest.raises(RuntimeError, match=r"not finite in 2 steps in a row.*trainer.max_nonfinite_steps=2"):
         run_train(["eval=none", "trainer.max_nonfinite_steps=2", "checkpoint.every_n_steps=1"], tmp_path)
     assert not list(tmp_path.glob("checkpoints/*.pt"))
 
 
-# -- 7: the bad-sample fraction applies once enough samples were read; all-bad still stops fast --
+# -- the bad-sample fraction applies once enough samples were read; all-bad still stops fast --
 
 
-def test_7_three_missing_images_of_40_do_not_stop_the_run_at_the_first_batch(tmp_path):
+def test_three_missing_images_of_40_do_not_stop_the_run_at_the_first_batch(tmp_path):
     csv, first = _csv_run(tmp_path)
     for index in first[:3]:  # 3 of 40 (7.5%), all in the first batch of 16 (18.75%)
         (tmp_path / "data" / "images" / f"{index:06d}.png").unlink()
@@ -99,7 +98,7 @@ def test_7_three_missing_images_of_40_do_not_stop_the_run_at_the_first_batch(tmp
     assert (record["step"], record["data/bad_samples"], record["data/samples_read"]) == (3, 3, 48)
 
 
-def test_7_a_source_where_everything_is_bad_still_stops_within_a_few_batches():
+def test_a_source_where_everything_is_bad_still_stops_within_a_few_batches():
     monitor = BadSampleMonitor(0.1)  # data.bad_fraction_min_samples defaults to 500
     with pytest.raises(RuntimeError, match=r"64 of 64 samples read were bad.*max_bad_fraction=0.1.*first"):
         for _ in range(10):
@@ -107,10 +106,10 @@ def test_7_a_source_where_everything_is_bad_still_stops_within_a_few_batches():
     assert monitor.read == 64  # stopped at the 4th batch: 64 bad can no longer be 10% of 500
 
 
-# -- 8: all-bad with max_bad_fraction=1.0 stops after a bounded number of empty batches ----------
+# -- all-bad with max_bad_fraction=1.0 stops after a bounded number of empty batches ----------
 
 
-def test_8_every_image_bad_with_max_bad_fraction_1_stops_instead_of_looping(tmp_path):
+def test_every_image_bad_with_max_bad_fraction_1_stops_instead_of_looping(tmp_path):
     csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "data")
     for png in (tmp_path / "data" / "images").iterdir():
         png.unlink()
@@ -119,10 +118,10 @@ def test_8_every_image_bad_with_max_bad_fraction_1_stops_instead_of_looping(tmp_
         run_train(data, tmp_path / "run")
 
 
-# -- 9: an over-large image is skipped and counted like any bad sample ---------------------------
+# -- an over-large image is skipped and counted like any bad sample ---------------------------
 
 
-def test_9_an_image_over_the_pixel_cap_is_a_bad_sample_in_files_and_shards(tmp_path):
+def test_an_image_over_the_pixel_cap_is_a_bad_sample_in_files_and_shards(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
     (tmp_path / "huge.png").write_bytes(_png(60, 40))
     (tmp_path / "pairs.csv").write_text("filepath,title\nsmall.png,a small one\nhuge.png,a huge one\n")
@@ -134,7 +133,7 @@ def test_9_an_image_over_the_pixel_cap_is_a_bad_sample_in_files_and_shards(tmp_p
     assert decode_sample({"png": _png(30, 30), "txt": b"fits"}, 1000).caption == "fits"
 
 
-def test_9_a_decompression_bomb_is_skipped_not_raised_from_the_loader(tmp_path, monkeypatch):
+def test_a_decompression_bomb_is_skipped_not_raised_from_the_loader(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL raises DecompressionBombError over 2 x 500
     (tmp_path / "bomb.png").write_bytes(_png(60, 40))
     Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
@@ -152,10 +151,10 @@ def test_9_a_decompression_bomb_is_skipped_not_raised_from_the_loader(tmp_path, 
     assert "decompression bomb" in loaded.bad_reasons[0]
 
 
-# -- 10: CSV encodings and headers ---------------------------------------------------------------
+# -- CSV encodings and headers ---------------------------------------------------------------
 
 
-def test_10_a_non_utf8_caption_row_is_skipped_and_counted_naming_file_and_line(tmp_path):
+def test_a_non_utf8_caption_row_is_skipped_and_counted_naming_file_and_line(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = tmp_path / "pairs.csv"
     long_caption = b"a caption " * 120  # the issue's error quoted 1.2 KB of the file
@@ -167,24 +166,24 @@ def test_10_a_non_utf8_caption_row_is_skipped_and_counted_naming_file_and_line(t
     assert loaded.bad_reasons == [f"{path}:3: row skipped, byte 0xff in field 2 is not UTF-8"]
 
 
-def test_10_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = tmp_path / "pairs.csv"
     path.write_bytes("\ufefffilepath,title\na.png,a caption\n".encode())  # Excel's "CSV UTF-8"
     assert CsvPairs(str(path)).load(0).caption == "a caption"
 
 
-def test_10_a_duplicate_column_name_is_an_error(tmp_path):
+def test_a_duplicate_column_name_is_an_error(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("filepath,title,title\na.png,one,two\n")
     with pytest.raises(ValueError, match=r"duplicate column name\(s\) \['title'\]"):
         CsvPairs(str(path))
 
 
-# -- 13: an evaluation folder's error names its own key ------------------------------------------
+# -- an evaluation folder's error names its own key ------------------------------------------
 
 
-def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_root(tmp_path):
+def test_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_root(tmp_path):
     from vlhub.eval.tasks import ImageFolderZeroShot
 
     (tmp_path / "loose.png").write_bytes(_png(8, 8))
@@ -193,7 +192,7 @@ def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_roo
     assert "data.root" not in str(error.value) and "no class folders" in str(error.value)
 
 
-# -- 12: wrong types fail at launch naming the key: plain keys and group keys --------------------
+# -- wrong types fail at launch naming the key: plain keys and group keys --------------------
 
 
 @pytest.mark.parametrize(
@@ -206,13 +205,13 @@ def test_13_an_eval_imagefolder_without_class_folders_names_eval_imagefolder_roo
         ("logger.wandb.enabled=3", "logger.wandb.enabled=3: expected bool"),
     ],
 )
-def test_12_a_wrong_type_fails_at_launch_naming_the_key(tmp_path, override, message):
+def test_a_wrong_type_fails_at_launch_naming_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_train([override], tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # nothing was built or trained
 
 
-# -- 14: expected mistakes print one line and a hint; unexpected ones keep their traceback ------
+# -- expected mistakes print one line and a hint; unexpected ones keep their traceback ------
 
 
 def _cli(main, args: list[str], monkeypatch) -> None:
@@ -229,7 +228,7 @@ def _cli(main, args: list[str], monkeypatch) -> None:
     assert exit_info.value.code == 1
 
 
-def test_14_the_cli_without_data_root_prints_one_line_and_a_hint(tmp_path, monkeypatch, capsys):
+def test_the_cli_without_data_root_prints_one_line_and_a_hint(tmp_path, monkeypatch, capsys):
     _cli(vlhub.train.main, ["data=csv", f"hydra.run.dir={tmp_path}"], monkeypatch)
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
@@ -248,7 +247,7 @@ def _reported(capsys, action) -> str:
     return err
 
 
-def test_14_a_missing_checkpoint_file_is_one_line(tmp_path, capsys):
+def test_a_missing_checkpoint_file_is_one_line(tmp_path, capsys):
     cfg = compose_evaluate(["checkpoint=/nonexistent/ckpt.pt", *FAST_EVAL])
     assert _reported(capsys, lambda: evaluate(cfg, tmp_path)).startswith("error: checkpoint=/nonexistent/ckpt.pt")
     err = _reported(capsys, lambda: run_train(["checkpoint.resume=/nonexistent/step_5.pt"], tmp_path))
@@ -258,7 +257,7 @@ def test_14_a_missing_checkpoint_file_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_14_cuda_without_a_gpu_is_one_line_and_a_hint(tmp_path, capsys):
+def test_cuda_without_a_gpu_is_one_line_and_a_hint(tmp_path, capsys):
     err = _reported(capsys, lambda: run_train(["trainer.device=cuda"], tmp_path))
     assert err == (
         "error: trainer.device=cuda: no CUDA GPU is visible to this process\n"
@@ -266,24 +265,24 @@ def test_14_cuda_without_a_gpu_is_one_line_and_a_hint(tmp_path, capsys):
     )
 
 
-def test_14_the_librarys_own_config_errors_are_one_line(tmp_path, capsys):
+def test_the_librarys_own_config_errors_are_one_line(tmp_path, capsys):
     err = _reported(capsys, lambda: run_train(["objective=simclr", "augment_views=none"], tmp_path))
     assert err.startswith("error: objective=clip with model=tiny") and "identical" in err
     err = _reported(capsys, lambda: run_train(["trainer.batch_size=0"], tmp_path))  # a Trainer check
     assert err.startswith("error: trainer.batch_size must be > 0")
 
 
-def test_14_unexpected_errors_keep_their_traceback():
+def test_unexpected_errors_keep_their_traceback():
     with pytest.raises(ZeroDivisionError), errors_reported():
         _ = 1 / 0
     with pytest.raises(json.JSONDecodeError), errors_reported():  # a ValueError, but not one of vlhub's checks
         json.loads("{")
 
 
-# -- 15: evaluate without weights requires asking for a random model -----------------------------
+# -- evaluate without weights requires asking for a random model -----------------------------
 
 
-def test_15_evaluate_without_a_checkpoint_or_pretrained_weights_refuses(tmp_path, monkeypatch, capsys):
+def test_evaluate_without_a_checkpoint_or_pretrained_weights_refuses(tmp_path, monkeypatch, capsys):
     _cli(vlhub.evaluate.main, [*FAST_EVAL, f"hydra.run.dir={tmp_path / 'refused'}"], monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoint= and no model.pretrained=") and "allow_random_model=true" in err
@@ -293,7 +292,7 @@ def test_15_evaluate_without_a_checkpoint_or_pretrained_weights_refuses(tmp_path
     assert "random initialisation (allow_random_model=true)" in (tmp_path / "random/report.md").read_text()
 
 
-# -- issue 20, 6: 16-bit and float greyscale are converted by a stated rule, never clipped silently --
+# -- 16-bit and float greyscale are converted by a stated rule, never clipped silently --
 def _wide_grey_images():
     """A 16-bit greyscale PNG and a float TIFF over their whole ranges (float beyond [0, 1] and a NaN)."""
     import numpy as np
@@ -314,7 +313,7 @@ def _wide_grey_images():
     return encoded, expected
 
 
-def test_20_6_sixteen_bit_and_float_greyscale_follow_the_stated_rule_in_files_and_shards(tmp_path):
+def test_sixteen_bit_and_float_greyscale_follow_the_stated_rule_in_files_and_shards(tmp_path):
     encoded, expected = _wide_grey_images()
     assert Image.open(io.BytesIO(encoded["wide.png"])).mode == "I;16"
     assert Image.open(io.BytesIO(encoded["float.tif"])).mode == "F"
@@ -331,8 +330,8 @@ def test_20_6_sixteen_bit_and_float_greyscale_follow_the_stated_rule_in_files_an
             assert torch.equal(pixels, torch.tensor(expected[name]).unsqueeze(-1).expand(32, 32, 3)), name
 
 
-# -- issue 20, 7: a path that is no regular file is one bad sample, never a hang or a crash --------------
-def test_20_7_dev_zero_a_fifo_a_folder_a_nul_byte_and_an_oversized_file_are_bad_samples(tmp_path):
+# -- a path that is no regular file is one bad sample, never a hang or a crash --------------
+def test_dev_zero_a_fifo_a_folder_a_nul_byte_and_an_oversized_file_are_bad_samples(tmp_path):
     import os
     import threading
 
@@ -361,9 +360,9 @@ def test_20_7_dev_zero_a_fifo_a_folder_a_nul_byte_and_an_oversized_file_are_bad_
     assert any("big.png is over data.max_image_bytes=3000" in r for r in reasons)
 
 
-# -- issue 20, 10: a batch without negatives, or repeating a sample, is refused at launch ------------------
+# -- a batch without negatives, or repeating a sample, is refused at launch ------------------
 @pytest.mark.parametrize("objective", ["clip", "cloob", "dcl", "siglip", "simclr"])
-def test_20_10_a_global_batch_of_one_is_refused_for_every_contrastive_objective(tmp_path, capsys, objective):
+def test_a_global_batch_of_one_is_refused_for_every_contrastive_objective(tmp_path, capsys, objective):
     from vlhub.registry import OBJECTIVES
 
     # The effect the refusal prevents: at one sample the contrastive loss has nothing to push apart.
@@ -379,7 +378,7 @@ def test_20_10_a_global_batch_of_one_is_refused_for_every_contrastive_objective(
     assert OBJECTIVES.build("ce").min_global_batch == 1  # a classifier learns from one sample
 
 
-def test_20_10_a_csv_smaller_than_one_batch_is_refused_naming_trainer_batch_size(tmp_path, capsys):
+def test_a_csv_smaller_than_one_batch_is_refused_naming_trainer_batch_size(tmp_path, capsys):
     csv = SyntheticShapes(num_samples=5).write_csv(tmp_path / "data")
     err = _reported(capsys, lambda: run_train(["data=csv", f"data.root={csv}", "trainer.batch_size=8"], tmp_path / "r"))
     assert "5 samples are fewer than one global batch (trainer.batch_size=8 x 1 rank(s))" in err

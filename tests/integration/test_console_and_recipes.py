@@ -1,6 +1,6 @@
-"""Issue 11, what a person sees: optimizer recipes per model (6), the run folder, progress and
-final table (16), the default evaluation following the data (17), ``--help`` (18), and opening
-any checkpoint in open_clip (19)."""
+"""What a person sees: the optimizer recipe each model option selects, the run folder, progress and
+final table, the default evaluation following the data, ``--help``, and opening any checkpoint in
+open_clip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers.configs import FAST, compose_train, options
 
-# -- 6: every model option comes with an optimizer recipe (issue 17: used as given) ---------------
+# -- every model option comes with an optimizer recipe (issue 17: used as given) ---------------
 # What the optimizer actually gets (lr at step 0, end of warmup, mid-run; scaling only when asked) is
 # tested in tests/test_optim_recipes.py; these check which recipe each option selects.
 
@@ -49,7 +49,7 @@ def test_every_model_option_still_composes_for_evaluate():
             assert compose(config_name="evaluate", overrides=[f"model={model}"]).model._target_
 
 
-# -- 16: the run folder, the progress bar and the log, the final table --------------------------
+# -- the run folder, the progress bar and the log, the final table --------------------------
 
 
 def test_the_console_shows_the_run_folder_a_table_and_log_lines_apart_from_the_bar(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_the_console_shows_the_run_folder_a_table_and_log_lines_apart_from_the_b
     assert steps == ["2", "4"]  # every trainer.log_every_n_steps, in the run's own log file
 
 
-# -- 17: the default evaluation follows the data ------------------------------------------------
+# -- the default evaluation follows the data ------------------------------------------------
 
 
 def test_real_data_is_not_scored_on_the_generated_shapes(tmp_path, caplog):
@@ -125,7 +125,7 @@ def test_each_data_option_picks_its_evaluation_and_the_command_line_wins():
     assert tasks(["data=captionnet", "eval=none"]) == set()
 
 
-# -- 18: --help lists the real choices -----------------------------------------------------------
+# -- --help lists the real choices -----------------------------------------------------------
 
 
 def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folder(tmp_path):
@@ -150,7 +150,7 @@ def test_help_lists_every_groups_options_and_the_launchers_but_no_internal_folde
     assert "[tiny]" in groups["model"] and "[synthetic]" in groups["data"]
 
 
-# -- 19: any vlhub checkpoint opens in open_clip, with the README's code ----------------------------
+# -- any vlhub checkpoint opens in open_clip, with the README's code ----------------------------
 
 
 def readme_block(marker: str) -> str:

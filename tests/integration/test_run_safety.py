@@ -1,4 +1,5 @@
-"""Issue 11, items 1-5 and 11: a checkpoint is data, a run folder holds one run, leftovers are cleaned."""
+"""A run's safety: a checkpoint is data (never code), a run folder holds one run (its lock), leftovers are
+cleaned, and a torn, foreign or unwritable checkpoint is named in one line."""
 
 import json
 import logging
@@ -49,7 +50,7 @@ def _never_build(monkeypatch):
     monkeypatch.setattr(builders.open_clip, "CustomTextCLIP", never)
 
 
-# -- 1. a checkpoint cannot run code --------------------------------------------------------------
+# -- a checkpoint cannot run code --------------------------------------------------------------
 def _poisoned(trained, tmp_path, model_node):
     checkpoint = torch.load(trained / "checkpoints/latest.pt", weights_only=True)
     checkpoint["config"]["model"] = model_node
@@ -94,7 +95,7 @@ def test_the_safe_loader_still_builds_registered_models_and_objectives(trained):
     assert loaded.objective is not None and not loaded.model.training
 
 
-# -- 2. a run folder holds one run ------------------------------------------------------------------
+# -- a run folder holds one run ------------------------------------------------------------------
 def test_a_fresh_start_over_another_runs_checkpoints_fails_then_moves_them_aside(run_copy):
     old_step2 = torch.load(run_copy / "checkpoints/step_2.pt", weights_only=True)
     fresh = [*BASE, "checkpoint.resume=null", "trainer.seed=1", "trainer.max_steps=1"]
@@ -142,7 +143,7 @@ def test_rotation_deletes_only_the_runs_own_files(tmp_path):
     assert ours.load_newest({"ours"})["step"] == 3
 
 
-# -- 3. two runs in one folder ----------------------------------------------------------------------
+# -- two runs in one folder ----------------------------------------------------------------------
 def _foreign_lock(run_dir, age_s=0.0, job="4242"):
     run_dir.mkdir(parents=True, exist_ok=True)
     holder = {"host": "gpu-node-17", "pid": 31337, "slurm_job_id": job, "token": "x", "heartbeat": time.time() - age_s}
@@ -332,7 +333,7 @@ def test_the_heartbeat_is_refreshed_while_the_run_lives(tmp_path, monkeypatch):
     assert not (tmp_path / "run.lock").exists()
 
 
-# -- 4. a rerun with a changed config -----------------------------------------------------------------
+# -- a rerun with a changed config -----------------------------------------------------------------
 def test_a_changed_config_on_a_finished_run_fails_listing_the_keys_and_keeps_the_record(run_copy, caplog):
     record = (run_copy / "config.yaml").read_text()
     lr = compose_train().optim.lr
@@ -360,7 +361,7 @@ def test_only_the_listed_keys_may_change_on_resume():
     assert config_changes(old, new) == {"trainer.seed": [0, 1]}
 
 
-# -- 5. leftovers --------------------------------------------------------------------------------------
+# -- leftovers --------------------------------------------------------------------------------------
 def test_tmp_files_and_results_past_the_checkpoint_are_dropped_on_resume(run_copy):
     (run_copy / "checkpoints/.step_3.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     with (run_copy / "results.jsonl").open("a") as handle:  # evaluated at step 3, killed before its checkpoint
@@ -385,7 +386,7 @@ def test_a_failed_launch_leaves_no_empty_run_folder(tmp_path):
     assert run_dir.exists()
 
 
-# -- 11. a torn resume file ----------------------------------------------------------------------------
+# -- a torn resume file ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["truncated", "garbage"])
 def test_a_torn_resume_file_fails_before_anything_is_built(trained, tmp_path, monkeypatch, kind):
     whole = (trained / "checkpoints/latest.pt").read_bytes()
@@ -404,7 +405,7 @@ def test_a_resume_file_that_is_no_training_checkpoint_is_named(tmp_path, monkeyp
         run_train([*BASE, f"checkpoint.resume={tmp_path / 'weights.pt'}"], tmp_path / "run")
 
 
-# -- issue 20, 9: checkpoint faults are one line naming the file ----------------------------------------
+# -- checkpoint faults are one line naming the file ----------------------------------------
 def _one_line(capsys, action) -> str:
     from vlhub.launch import errors_reported
 
