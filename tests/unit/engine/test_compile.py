@@ -1,4 +1,6 @@
-"""Speed features (issue 9): trainer.compile, optim.fused, model.grad_checkpointing, model.patch_dropout.
+"""trainer.compile: compiled towers train like eager ones, with the gradient cache and patch dropout; a failed
+compile falls back (or fails when strict); bad speed settings fail at launch naming the key (optim.fused:
+unit/optim/test_fused.py; grad checkpointing and patch dropout: unit/models/test_tower_options.py).
 
 Compiling with inductor on CPU costs tens of seconds per graph on a cold cache (the first
 forward + backward of the tiny model: about 45 s here; warm: 2 s), so the compiled runs are
@@ -172,114 +174,6 @@ def test_compile_strict_makes_a_failed_compile_an_error():
     compiled = CompiledTowers(model, strict=True, backend=_failing_backend)
     with pytest.raises(RuntimeError, match="trainer.compile_strict=true.*no compiler on this platform"):
         compiled.run(lambda: _grads(model, objective, batch, PlainGradients()), reset=lambda: None)
-
-
-# -- optim.fused ------------------------------------------------------------------------------------
-
-
-def _recipe(optimizer, fused=True):
-    return OptimRecipe(optimizer, lr=1e-3, weight_decay=0.1, scheduler="constant", warmup_steps=0, fused=fused)
-
-
-def test_fused_flag_picks_the_optimizer_kernel(caplog):
-    from timm.optim import Lamb
-
-    model = torch.nn.Linear(4, 4)
-    optimizer, _ = _recipe(torch.optim.AdamW).build([model], 10)
-    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]  # CPU: foreach
-    optimizer, _ = _recipe(torch.optim.AdamW, fused=False).build([model], 10)
-    assert optimizer.defaults["foreach"] is None and optimizer.defaults["fused"] is None  # torch's default
-    groups = [{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}]
-    assert _recipe(torch.optim.AdamW).kernel_options(groups) == {"foreach": True}
-    # On CUDA parameters: the fused kernel (checked on the options; this machine may have no GPU).
-    groups = [{"params": [_FakeCuda()]}]
-    assert _recipe(torch.optim.AdamW).kernel_options(groups) == {"fused": True}
-    assert _recipe(torch.optim.AdamW, fused=False).kernel_options(groups) == {}
-    with caplog.at_level(logging.INFO, logger="vlhub.optim"):
-        optimizer, _ = _recipe(Lamb).build([model], 10)
-    assert "fused" not in optimizer.defaults and optimizer.defaults["foreach"] is None  # left as timm has it
-    assert [r.getMessage() for r in caplog.records] == ["optim.fused: Lamb has no fused kernel; the key is ignored"]
-
-
-class _FakeCuda:
-    """Stands for a CUDA parameter where kernel_options only asks ``is_cuda``."""
-
-    is_cuda = True
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_fused_adamw_on_cuda():
-    model = torch.nn.Linear(4, 4).cuda()
-    optimizer, _ = _recipe(torch.optim.AdamW).build([model], 10)
-    assert optimizer.defaults["fused"] is True
-
-
-def test_optim_fused_is_a_config_key():
-    assert compose_train().optim.fused is True
-    assert compose_train(["optim.fused=false"]).optim.fused is False
-
-
-# -- model.grad_checkpointing -----------------------------------------------------------------------
-
-
-def test_grad_checkpointing_gives_the_same_gradients():
-    objective = ClipObjective()
-    plain, checkpointed = tiny(), tiny(grad_checkpointing=True)
-    assert checkpointed.image_tower.module.transformer.grad_checkpointing
-    assert checkpointed.text_tower.module.transformer.grad_checkpointing
-    batch = objective_batch(plain, objective, 8)
-    expected, _ = _grads(plain, objective, batch, PlainGradients())
-    got, _ = _grads(checkpointed, objective, batch, PlainGradients())
-    assert relative_error(got, expected) <= 1e-6
-    cached, _ = _grads(checkpointed, objective, batch, GradCache(4))  # composes with the gradient cache
-    assert relative_error(cached, expected) <= 1e-5
-
-
-def test_grad_checkpointing_on_a_timm_trunk():
-    model = build_open_clip_model(
-        config={"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TEXT},
-        timm_backbone="test_vit",
-        grad_checkpointing=True,
-    )
-    assert model.image_tower.module.trunk.grad_checkpointing is True
-
-
-# -- model.patch_dropout ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", ["vit_b32", "vit_b16"])
-def test_patch_dropout_by_key_on_named_vits(arch):
-    from hydra.utils import instantiate
-    from open_clip.transformer import PatchDropout
-
-    cfg = compose_train([f"model={arch}", "model.patch_dropout=0.5", "+model.image_size=64"])
-    model = instantiate(cfg.model)
-    dropout = model.image_tower.module.patch_dropout
-    assert isinstance(dropout, PatchDropout) and dropout.prob == 0.5
-    # One forward at 64 px: half of the patches (not the class token) reach the transformer.
-    seen = {}
-    handle = model.image_tower.module.transformer.register_forward_pre_hook(
-        lambda module, args: seen.update(tokens=args[0].shape[1])
-    )
-    model.train()
-    with torch.no_grad():
-        model.encode_image(torch.randn(2, 3, 64, 64))
-    handle.remove()
-    patches = (64 // model.image_tower.module.patch_size[0]) ** 2
-    assert seen["tokens"] == 1 + patches // 2
-
-
-def test_patch_dropout_by_key_on_a_timm_vit():
-    from hydra.utils import instantiate
-    from timm.layers import PatchDropout
-
-    timm_vit = ["model=timm", "model.timm_backbone=test_vit", "model.patch_dropout=0.25", "model.image_size=32"]
-    cfg = compose_train(timm_vit)
-    model = instantiate(cfg.model)
-    trunk = model.image_tower.module.trunk
-    assert isinstance(trunk.patch_drop, PatchDropout) and trunk.patch_drop.prob == 0.25
-    model.train()
-    assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, model.embed_dim)
 
 
 @pytest.mark.parametrize(
