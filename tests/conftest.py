@@ -10,6 +10,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -20,6 +22,15 @@ from tests.helpers.ranks import free_port  # noqa: E402,F401
 from tests.helpers.tensors import relative_error  # noqa: E402,F401
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of a finished 2-step tiny clip run (no evaluation), one for the whole session:
+    tests only read it (copy it before changing anything)."""
+    run_dir = tmp_path_factory.mktemp("trained_checkpoint")
+    run_train(["eval=none", "trainer.max_steps=2"], run_dir)
+    return run_dir / "checkpoints" / "latest.pt"
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_every_data_and_eval_option_instantiates(tmp_path):
         assert len(source) == 4 or option == "synthetic"
         loaded = next(iter(source.build_loader(lambda image: torch.zeros(1), None, 2, seed=0)))
         assert loaded.batch["text_raw"][0]
-    for option in ("none", "synthetic", "imagefolder"):  # dataset presets: tests/test_eval_configs.py
+    for option in ("none", "synthetic", "imagefolder"):  # dataset presets: tests/contracts/test_eval_configs.py
         extra = [f"eval.imagefolder.root={folder}"] if option == "imagefolder" else []
         cfg = compose_train([f"eval={option}", *extra])
         check_config(cfg, PLAIN_KEYS)

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): two ranks at batch 16 train exactly like one process at batch 32."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import torch.multiprocessing as mp
 
 from tests.helpers.configs import COMPARABLE, run_train
 from tests.helpers.ranks import free_port, group_torn_down, train_as_rank
+from tests.helpers.shards import batches, shards_with_one_bad_sample_each
 from tests.helpers.tensors import relative_error
+from vlhub.data import SyntheticShapes, WebDatasetPairs
 
 
 def _checkpoint(run_dir: Path) -> dict:
@@ -91,8 +94,6 @@ def test_torchrun_launches_two_cpu_ranks(tmp_path):
 def test_bad_samples_are_summed_over_ranks(tmp_path):
     import json
 
-    from vlhub.data import SyntheticShapes
-
     csv = SyntheticShapes(num_samples=32).write_csv(tmp_path / "data")
     for index in (3, 20, 30):
         (tmp_path / "data" / "images" / f"{index:06d}.png").unlink()
@@ -148,3 +149,21 @@ def test_slurm_tasks_become_ranks_under_the_manual_strategy(tmp_path):
         join=True,
     )
     _assert_trains_like_one_process(tmp_path / "slurm", tmp_path / "single")
+
+
+@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="two spawned ranks (~35 s): VLHUB_LONG_TESTS=1")
+def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers.configs import COMPARABLE
+    from tests.helpers.ranks import free_port, train_as_rank
+
+    root = shards_with_one_bad_sample_each(tmp_path / "shards")
+    data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.max_bad_fraction=0.4"]
+    steps = [*COMPARABLE, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
+    mp.spawn(train_as_rank, args=(free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
+    record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
+    source = WebDatasetPairs(root, num_samples=24, max_bad_fraction=0.4)
+    expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))
+    assert (record["step"], record["epoch"], record["data/bad_samples"]) == (5, 1, expected)
+    assert record["data/samples_read"] == 5 * 2 * 4

@@ -1,8 +1,8 @@
 """trainer.strategy on one process: what runs, and what fails at launch naming the key.
 
 Also, on two ranks: the step's non-finite flag summed in the gradient all-reduce. The two-rank
-training checks (ddp and manual against one process, checkpoint keys) are in tests/test_ddp.py
-and tests/test_objectives_ddp.py, which share their process spawns.
+training checks (ddp and manual against one process, checkpoint keys) are in tests/distributed/test_ddp.py
+and tests/distributed/test_objectives_ddp.py, which share their process spawns.
 """
 
 import re

@@ -39,3 +39,14 @@ def batches(source, count, batch_size, **kwargs):
 
 def captions(loaded):
     return [c for b in loaded for c in b.batch["text_raw"]]
+
+
+def shards_with_one_bad_sample_each(folder, shards=6):
+    """``shards`` shards of three good samples and one truncated JPEG each."""
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        with webdataset.TarWriter(str(folder / f"b-{s:06d}.tar")) as writer:
+            for i in range(3):
+                writer.write({"__key__": f"{s}_{i}", "png": png(s * 3 + i), "txt": f"a red circle {s} {i}"})
+            writer.write({"__key__": f"{s}_bad", "jpg": b"\xff\xd8 truncated", "txt": "a broken image"})
+    return f"{folder}/b-{{000000..{shards - 1:06d}}}.tar"

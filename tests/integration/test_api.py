@@ -1,4 +1,4 @@
-"""``vlhub.load`` against open_clip's own loader (the CLIP_benchmark bridge: test_benchmark_bridge.py)."""
+"""``vlhub.load`` against open_clip's own loader (the CLIP_benchmark bridge: integration/test_benchmark_bridge.py)."""
 
 import json
 import os
@@ -10,15 +10,12 @@ import pytest
 import torch
 
 import vlhub
-from tests.helpers.configs import run_train
 from vlhub.data import SyntheticShapes
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    run_train(["eval=none", "trainer.max_steps=2"], run_dir)
-    return run_dir / "checkpoints" / "latest.pt"
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint  # one 2-step run for the session (conftest.py)
 
 
 def _open_clip_reference(path, tmp_path):

@@ -33,11 +33,9 @@ TRAIN_PER_CLASS, VAL_PER_CLASS, MISFILED_PER_CLASS = 8, 4, 1
 COMMON = ["--model_type", "vlhub", "--model", "vlhub", "--no_amp", "--num_workers", "0", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    run_train(["eval=none", "trainer.max_steps=2"], run_dir)
-    return run_dir / "checkpoints" / "latest.pt"
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint  # one 2-step run for the session (conftest.py)
 
 
 @pytest.fixture(scope="module")

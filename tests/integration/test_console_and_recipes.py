@@ -10,7 +10,7 @@ from tests.helpers.configs import FAST, compose_train, options
 
 # -- every model option comes with an optimizer recipe (issue 17: used as given) ---------------
 # What the optimizer actually gets (lr at step 0, end of warmup, mid-run; scaling only when asked) is
-# tested in tests/test_optim_recipes.py; these check which recipe each option selects.
+# tested in tests/unit/optim/test_recipes.py; these check which recipe each option selects.
 
 
 def test_vit_b32_composes_to_open_clips_one_gpu_example():

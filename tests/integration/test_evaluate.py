@@ -22,11 +22,9 @@ from vlhub.evaluate import evaluate, render_report
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    run_train(["eval=none", "trainer.max_steps=2"], run_dir)
-    return run_dir / "checkpoints" / "latest.pt"
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint  # one 2-step run for the session (conftest.py)
 
 
 def _reference_model(path):

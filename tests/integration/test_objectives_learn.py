@@ -1,6 +1,6 @@
 """Every text-bearing objective, with its defaults, learns the synthetic shapes: zero-shot top-1 of
 at least 4x chance (chance is 1/30) within a few hundred steps. Several minutes on 2 cores, so
-opt-in: ``VLHUB_LONG_TESTS=1 python -m pytest tests/test_objectives_learn.py``."""
+opt-in: ``VLHUB_LONG_TESTS=1 python -m pytest tests/integration/test_objectives_learn.py``."""
 
 import os
 

@@ -44,11 +44,10 @@ def test_wandb_offline_mode_writes_a_local_run(tmp_path, monkeypatch):
     assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
 
 
-def test_pretrained_accepts_a_local_vlhub_checkpoint(tmp_path):
-    run_train(["eval=none", "trainer.max_steps=2"], tmp_path)
-    saved = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)["state_dict"]
+def test_pretrained_accepts_a_local_vlhub_checkpoint(trained_checkpoint, tmp_path):
+    saved = torch.load(trained_checkpoint, weights_only=True)["state_dict"]
     config = dict(compose_train().model.config)
-    loaded = build_open_clip_model(config=config, pretrained=str(tmp_path / "checkpoints/latest.pt"))
+    loaded = build_open_clip_model(config=config, pretrained=str(trained_checkpoint))
     for key, value in loaded.open_clip_state_dict().items():
         assert torch.equal(value, saved[key].reshape(value.shape)), key
     with pytest.raises(FileNotFoundError, match="neither a file nor an open_clip tag"):

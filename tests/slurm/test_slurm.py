@@ -1,7 +1,7 @@
 """Opt-in: sweeps, multi-task jobs, preemption and time limits on a real SLURM cluster through Hydra's
 submitit launcher.
 
-bash tests/slurm/start_local_cluster.sh && VLHUB_SLURM_TESTS=1 python -m pytest tests/test_slurm.py
+bash tests/slurm/start_local_cluster.sh && VLHUB_SLURM_TESTS=1 python -m pytest tests/slurm/test_slurm.py
 """
 
 import json

@@ -3,13 +3,11 @@
 import io
 import json
 import logging
-import sys
 
 import pytest
 import webdataset
 from PIL import Image
 
-import vlhub.train
 from tests.helpers.shards import batches, captions, tagged_shards
 from vlhub.data import WebDatasetPairs
 from vlhub.data.shard_counts import shard_counts
@@ -119,22 +117,6 @@ def test_remote_shards_without_counts_need_num_samples_and_say_so(tmp_path):
     root = tagged_shards(tmp_path, "s", shards=2, per_shard=3, sizes=False)
     with pytest.raises(ValueError, match="data.num_samples is not set.*remote shards.*not counted"):
         WebDatasetPairs(f"pipe:cat {root}")
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["data=wds", "data.root=/x/{00000..00002}.tar"], "data.root=/x/{00000..00002}.tar: Hydra cannot parse"),
-        (["data=wds", "data.root=/x/00000.tar", "data.root=/x/00001.tar"], "data.root is given 2 times"),
-    ],
-)
-def test_an_unquoted_brace_pattern_fails_in_one_line_naming_data_root(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["vlhub.train", *argv])
-    with pytest.raises(SystemExit) as exit_:
-        vlhub.train.main()
-    error = capsys.readouterr().err
-    assert exit_.value.code == 1 and message in error.splitlines()[0]
-    assert """'data.root="/""" in error  # the quoting that works
 
 
 def test_samples_read_by_seeking_equal_webdataset_s_whatever_the_order_and_evictions(tmp_path):

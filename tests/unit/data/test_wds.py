@@ -1,7 +1,6 @@
 """Streamed webdataset shards: read-back, blends, resampling, rank split, resume, bad input, config."""
 
 import json
-import os
 import tarfile
 from collections import Counter
 
@@ -232,61 +231,6 @@ def test_caption_filtering_keeps_batches_full_counts_the_dropped_and_resumes_exa
     assert [b.filtered for b in resumed] == [b.filtered for b in full[2:]]
 
 
-def _shards_with_one_bad_sample_each(folder, shards=6):
-    folder.mkdir(parents=True)
-    for s in range(shards):
-        with webdataset.TarWriter(str(folder / f"b-{s:06d}.tar")) as writer:
-            for i in range(3):
-                writer.write({"__key__": f"{s}_{i}", "png": png(s * 3 + i), "txt": f"a red circle {s} {i}"})
-            writer.write({"__key__": f"{s}_bad", "jpg": b"\xff\xd8 truncated", "txt": "a broken image"})
-    return f"{folder}/b-{{000000..{shards - 1:06d}}}.tar"
-
-
-def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(tmp_path):
-    from tests.helpers.configs import run_train
-
-    root = _shards_with_one_bad_sample_each(tmp_path / "shards")
-    data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.shuffle_buffer=0", "eval=none"]
-    run_train([*data, "data.max_bad_fraction=0.3"], tmp_path / "run")  # 3 steps of 8 = every shard once
-    record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
-    assert (record["step"], record["data/bad_samples"], record["data/samples_read"]) == (3, 6, 24)
-    with pytest.raises(RuntimeError, match="bad.*data.max_bad_fraction=0.2"):
-        run_train([*data, "data.max_bad_fraction=0.2", "data.bad_fraction_min_samples=8"], tmp_path / "strict")
-
-
-@pytest.mark.slow
-def test_a_wds_run_resumed_mid_epoch_with_other_workers_equals_a_straight_run_bit_for_bit(tmp_path):
-    from tests.helpers.configs import RESUME, run_train
-    from tests.helpers.tensors import saved_weights
-
-    root = tagged_shards(tmp_path / "shards", "s", shards=4, per_shard=12)
-    data = ["data=wds", f'data.root="{root}"', "data.workers=2", "data.shuffle_buffer=6"]  # 48 samples, 6 steps
-    run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "straight")
-    run_train([*RESUME, *data, "trainer.max_steps=3"], tmp_path / "resumed")
-    # resumed with another data.workers: the stream does not depend on it (vlhub.data.layout)
-    run_train([*RESUME, *data, "data.workers=0", "trainer.max_steps=6"], tmp_path / "resumed")
-    straight, resumed = (saved_weights(tmp_path / f"{run}/checkpoints/latest.pt") for run in ("straight", "resumed"))
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-
-@pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="two spawned ranks (~35 s): VLHUB_LONG_TESTS=1")
-def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
-    import torch.multiprocessing as mp
-
-    from tests.helpers.configs import COMPARABLE
-    from tests.helpers.ranks import free_port, train_as_rank
-
-    root = _shards_with_one_bad_sample_each(tmp_path / "shards")
-    data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.max_bad_fraction=0.4"]
-    steps = [*COMPARABLE, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
-    mp.spawn(train_as_rank, args=(free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
-    record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
-    source = WebDatasetPairs(root, num_samples=24, max_bad_fraction=0.4)
-    expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))
-    assert (record["step"], record["epoch"], record["data/bad_samples"]) == (5, 1, expected)
-    assert record["data/samples_read"] == 5 * 2 * 4
-
-
 def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
     from vlhub.data.shards import _lost
 
@@ -300,22 +244,6 @@ def test_every_sample_lost_with_a_remote_shard_names_its_whole_url():
 
 
 # -- issue 20, 11: weights that cannot be sampled, and a schema that is no YAML, fail at launch -----------
-@pytest.mark.parametrize(
-    ("weights", "match"),
-    [
-        ("[inf,1]", r"data.weights\[0\]=inf: a weight must be a finite number > 0"),
-        ("[1e308,1e308]", r"data.weights: the weights \[1e\+308, 1e\+308\] sum past the largest float"),
-        ("[true,1]", r"data.weights=\[True, 1\]: expected a list of float or null"),
-        ("[.inf,1]", r"data.weights=\['.inf', 1\]: expected a list of float or null"),
-    ],
-)
-def test_weights_that_the_sampler_cannot_use_fail_at_launch_naming_the_key(tmp_path, weights, match):
-    from tests.helpers.configs import run_train
-
-    root = tagged_shards(tmp_path / "x", "s", shards=4, per_shard=4)
-    overrides = ["data=wds", f'data.root="{root}::{root}"', f"data.weights={weights}", "data.workers=0"]
-    with pytest.raises(Exception, match=match):
-        run_train(overrides, tmp_path / "run")
 
 
 def test_a_schema_with_bad_weights_or_bad_yaml_fails_naming_the_file_and_the_line(tmp_path):

@@ -37,14 +37,14 @@ def assert_same(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> N
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """A: an open_clip-style file (``state_dict`` with DDP's ``module.`` prefix); B: a vlhub checkpoint."""
+def sources(tmp_path_factory, trained_checkpoint):
+    """A: an open_clip-style file (``state_dict`` with DDP's ``module.`` prefix); B: a vlhub checkpoint
+    (the session's 2-step run, read only)."""
     folder = tmp_path_factory.mktemp("sources")
     model_a = build(seed=1)
     open_clip_a = model_a.open_clip_state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in open_clip_a.items()}}, folder / "a.pt")
-    run_train(["trainer.max_steps=1", "eval=none", "trainer.seed=7"], folder / "run_b")
-    path_b = folder / "run_b" / "checkpoints" / "latest.pt"
+    path_b = trained_checkpoint
     open_clip_b = torch.load(path_b, weights_only=True)["state_dict"]
     return {"a": (folder / "a.pt", open_clip_a), "b": (path_b, open_clip_b), "folder": folder}
 

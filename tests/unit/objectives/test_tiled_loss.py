@@ -1,7 +1,7 @@
 """The tiled contrastive losses (objective.loss_tiles) equal the untiled ones: values and gradients,
 for the loss functions against plain references, for every objective that takes tiles through a
 tiny model (all parameters, temperature and bias included) and under the gradient cache (the
-2-process gloo gather: tests/test_objectives_ddp.py); and a tile size that is not positive fails
+2-process gloo gather: tests/distributed/test_objectives_ddp.py); and a tile size that is not positive fails
 at launch naming the key."""
 
 import pytest
