@@ -33,6 +33,16 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "latest.pt"
 
 
+@pytest.fixture(scope="session")
+def eval_layouts(tmp_path_factory) -> dict[str, Path]:
+    """Every dataset task's folder in its real layout (tests/helpers/eval_folders.py), generated once for the
+    session (thousands of small files): tests only read them."""
+    from tests.helpers.eval_folders import make_fine_grained_layouts, make_imagenet_layouts
+
+    base = tmp_path_factory.mktemp("eval_layouts")
+    return {**make_imagenet_layouts(base), **make_fine_grained_layouts(base)}
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from tests.helpers.configs import compose_train
-from tests.helpers.eval_folders import DATASET_TASKS, make_fine_grained_layouts, make_imagenet_layouts
+from tests.helpers.eval_folders import DATASET_TASKS
 from vlhub.eval import ClassNameTransform
 from vlhub.registry import list_eval_tasks
 
@@ -20,9 +20,8 @@ MINE = (*DATASET_TASKS, "imagenet_shifts", "suite", "none", "synthetic", "imagef
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("eval_configs")
-    return {**make_imagenet_layouts(base), **make_fine_grained_layouts(base)}
+def roots(eval_layouts) -> dict[str, Path]:
+    return eval_layouts  # generated once for the session (conftest.py)
 
 
 def build(option: str, overrides: list[str] = ()):

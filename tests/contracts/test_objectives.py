@@ -14,6 +14,8 @@ from vlhub.objectives import IncompatibleObjective
 from vlhub.registry import OBJECTIVES
 
 CPU = torch.device("cpu")
+TEXT_CFG = "{context_length:16,vocab_size:49408,width:32,heads:2,layers:1}"
+SMALL_RN50 = "{embed_dim:32,vision_cfg:{image_size:32,layers:[1,1,1,1],width:16},text_cfg:" + TEXT_CFG + "}"
 
 
 def _gradients(model, objective, batch, strategy) -> dict[str, torch.Tensor]:
@@ -62,6 +64,8 @@ def test_the_objective_decides_how_images_are_scored(name, expected, absent):
 def test_an_objective_that_cannot_work_fails_at_launch_naming_both(tmp_path, overrides, message):
     choices = {"model": "tiny", "data": "synthetic", "augment": "clip", "augment_views": "simclr"}
     choices.update(dict(o.split("=") for o in overrides))
+    if "model=rn50" in overrides:  # a small tower of RN50's kind (a ModifiedResNet): the check reads the kind
+        overrides = [*overrides, f"+model.config={SMALL_RN50}", "model.arch=null"]
     with pytest.raises(IncompatibleObjective, match=message):
         run_train(overrides, tmp_path, choices)
 

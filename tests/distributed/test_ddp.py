@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.helpers.configs import COMPARABLE, run_train
-from tests.helpers.ranks import free_port, group_torn_down, train_as_rank
+from tests.helpers.ranks import free_port, group_torn_down, start_ranks, train_as_rank
 from tests.helpers.shards import batches, shards_with_one_bad_sample_each
 from tests.helpers.tensors import relative_error
 from vlhub.data import SyntheticShapes, WebDatasetPairs
@@ -45,22 +44,29 @@ def _assert_trains_like_one_process(run_dir: Path, single_dir: Path) -> None:
         assert torch.allclose(mine[name], theirs[name], rtol=1e-5, atol=1e-7), key
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference run of clip at batch 32 in one process, shared by the 2-rank clip checks."""
+    run_dir = tmp_path_factory.mktemp("single")
+    run_train([*COMPARABLE, "trainer.batch_size=32"], run_dir)
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [[], ["objective=siglip", "trainer.grad_cache.enabled=true", "trainer.grad_cache.chunk_size=8"]],
     ids=["clip", "siglip_grad_cache"],
 )
-def test_ddp_two_ranks_at_16_match_one_process_at_32(tmp_path, extra):
+def test_ddp_two_ranks_at_16_match_one_process_at_32(tmp_path, extra, request):
     """trainer.strategy=auto is ddp on two ranks: towers in DDP, the rest averaged by hand."""
-    run_train([*COMPARABLE, *extra, "trainer.batch_size=32"], tmp_path / "single")
-    mp.spawn(
-        train_as_rank,
-        args=(free_port(), [*COMPARABLE, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp")),
-        nprocs=2,
-        join=True,
-    )
-    _assert_trains_like_one_process(tmp_path / "ddp", tmp_path / "single")
+    single = tmp_path / "single"
+    if extra:
+        run_train([*COMPARABLE, *extra, "trainer.batch_size=32"], single)
+    else:
+        single = request.getfixturevalue("one_process")
+    start_ranks(train_as_rank, [*COMPARABLE, *extra, "trainer.batch_size=16"], str(tmp_path / "ddp"))
+    _assert_trains_like_one_process(tmp_path / "ddp", single)
 
 
 @pytest.mark.slow
@@ -107,12 +113,7 @@ def test_bad_samples_are_summed_over_ranks(tmp_path):
         "trainer.max_steps=2",
         "checkpoint.every_n_steps=0",
     ]
-    mp.spawn(
-        train_as_rank,
-        args=(free_port(), [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp")),
-        nprocs=2,
-        join=True,
-    )
+    start_ranks(train_as_rank, [*overrides, "trainer.batch_size=8"], str(tmp_path / "ddp"))
     record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
     assert record["data/bad_samples"] == 3  # 32 rows read over 2 steps x 2 ranks x 8: all three missing files
     checkpoint = torch.load(tmp_path / "ddp/checkpoints/latest.pt", weights_only=True)
@@ -139,29 +140,24 @@ def _slurm_task_main(task: int, port: int, overrides: list[str], run_dir: str) -
 
 
 @pytest.mark.slow
-def test_slurm_tasks_become_ranks_under_the_manual_strategy(tmp_path):
+def test_slurm_tasks_become_ranks_under_the_manual_strategy(tmp_path, one_process):
     """SLURM's environment makes two ranks; the manual all-reduce (after the backward) is exact too."""
-    run_train([*COMPARABLE, "trainer.batch_size=32"], tmp_path / "single")
-    mp.spawn(
-        _slurm_task_main,
-        args=(free_port(), [*COMPARABLE, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")),
-        nprocs=2,
-        join=True,
+    start_ranks(
+        _slurm_task_main, [*COMPARABLE, "trainer.strategy=manual", "trainer.batch_size=16"], str(tmp_path / "slurm")
     )
-    _assert_trains_like_one_process(tmp_path / "slurm", tmp_path / "single")
+    _assert_trains_like_one_process(tmp_path / "slurm", one_process)
 
 
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="two spawned ranks (~35 s): VLHUB_LONG_TESTS=1")
 def test_two_ranks_train_past_an_epoch_end_and_sum_their_bad_samples(tmp_path):
-    import torch.multiprocessing as mp
 
     from tests.helpers.configs import COMPARABLE
-    from tests.helpers.ranks import free_port, train_as_rank
+    from tests.helpers.ranks import train_as_rank
 
     root = shards_with_one_bad_sample_each(tmp_path / "shards")
     data = ["data=wds", f'data.root="{root}"', "data.num_samples=24", "data.max_bad_fraction=0.4"]
     steps = [*COMPARABLE, *data, "trainer.batch_size=4", "trainer.max_steps=5"]  # 3 steps an epoch: ends in epoch 1
-    mp.spawn(train_as_rank, args=(free_port(), steps, str(tmp_path / "ddp")), nprocs=2, join=True)
+    start_ranks(train_as_rank, steps, str(tmp_path / "ddp"))
     record = json.loads((tmp_path / "ddp/results.jsonl").read_text().splitlines()[-1])
     source = WebDatasetPairs(root, num_samples=24, max_bad_fraction=0.4)
     expected = sum(b.bad_samples for r in (0, 1) for b in batches(source, 5, 4, rank=r, world_size=2))

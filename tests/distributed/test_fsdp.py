@@ -10,11 +10,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.helpers.configs import run_train
 from tests.helpers.objectives import prepared_objective
-from tests.helpers.ranks import as_rank, free_port
+from tests.helpers.ranks import as_rank, start_ranks
 from tests.helpers.tensors import relative_error
 
 # Clipping on (the norm is about 30): the total norm spans sharded and replicated gradients.
@@ -81,7 +80,7 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_match_one_process_store_half_and_resume_anywhere(tmp_path):
-    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_rank_main, str(tmp_path))
     single = [*COMMON, "trainer.batch_size=32"]
     run_train([*single, "trainer.max_steps=3"], tmp_path / "single")
     run_train([*single, "trainer.max_steps=4"], tmp_path / "single")  # its own resume: the reference at 4
@@ -216,7 +215,7 @@ def _long_rank_main(rank: int, port: int, root: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("VLHUB_LONG_TESTS"), reason="seven more 2-rank runs: VLHUB_LONG_TESTS=1")
 def test_fsdp_siglip_mlm_and_low_precision_match_their_reference(tmp_path):
-    mp.spawn(_long_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_long_rank_main, str(tmp_path))
     for name, (overrides, reference, tolerance) in LONG.items():
         if reference == "single":
             single = [*COMMON, *overrides, "trainer.batch_size=32", "trainer.max_steps=2", "eval=none"]

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from tests.helpers.models import timm_bn_model
 from tests.helpers.objectives import objective_batch, prepared_objective
-from tests.helpers.ranks import as_rank, free_port
+from tests.helpers.ranks import as_rank, start_ranks
 from tests.helpers.tensors import relative_error
 from vlhub.data.batch import slice_batch
 from vlhub.engine.grad_cache import GradCache
@@ -153,7 +152,7 @@ def _rank_main(rank: int, port: int, cases: list[str], out: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> dict:
     out = Path(tmp_path_factory.mktemp("ddp")) / "grads.pt"
-    mp.spawn(_rank_main, args=(free_port(), list(CASES), str(out)), nprocs=2, join=True)
+    start_ranks(_rank_main, list(CASES), str(out))
     return torch.load(out, weights_only=True)
 
 

@@ -9,10 +9,9 @@ import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.helpers.configs import run_train
-from tests.helpers.ranks import as_rank, free_port
+from tests.helpers.ranks import as_rank, start_ranks
 from vlhub.launch import errors_reported
 from vlhub.parallel import collectives
 from vlhub.parallel.build import build_parallel
@@ -63,7 +62,7 @@ def _finish_on_two_ranks(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_flags_ride_the_gradient_all_reduce_and_are_summed_on_every_rank(tmp_path):
-    mp.spawn(_finish_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_finish_on_two_ranks, str(tmp_path))
     for rank in (0, 1):
         result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert result["summed"] == [1, 3]  # one rank's loss not finite; 1 + 2

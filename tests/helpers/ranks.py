@@ -61,3 +61,12 @@ def train_as_rank(rank: int, port: int, overrides: list[str], run_dir: str, worl
     """One rank of a ``world_size``-rank training run (``mp.spawn(train_as_rank, args=(port, overrides, run_dir))``)."""
     with as_rank(rank, port, world_size):
         run_train(overrides, Path(run_dir))
+
+
+def start_ranks(main, *args, nprocs: int = 2) -> None:
+    """``main(rank, port, *args)`` on ``nprocs`` forked ranks, joined; raises what a rank raised. Forked, the
+    ranks inherit this process's imports (torch, vlhub): a spawned rank imports them again, 10-30 s on a
+    loaded 2-core machine."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(main, args=(free_port(), *args), nprocs=nprocs, join=True, start_method="fork")

@@ -3,13 +3,10 @@ API object that does not resolve fails), and every command block marked ``<!-- c
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import itertools
-import logging
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -17,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra.core.global_hydra import GlobalHydra
+
+from tests.helpers.cli import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- cpu-test -->"  # alone on the line before a fenced block
@@ -81,35 +79,8 @@ def run_command(line: str, page: str) -> None:
             args.append(f"hydra.run.dir=runs/docs_{next(RUN_NUMBERS)}")
     elif module == "vlhub.evaluate":
         args = with_tiny_settings(args, TINY_EVALUATE)
-    saved = sys.argv
-    sys.argv = [module, *args]
-    try:
-        with logging_restored():
-            runpy.run_module(module, run_name="__main__", alter_sys=False)
-    except SystemExit as stop:
-        assert stop.code in (0, None), f"docs/{page}: {line!r} exited with {stop.code}"
-    finally:
-        sys.argv = saved
-        GlobalHydra.instance().clear()
-
-
-@contextlib.contextmanager
-def logging_restored():
-    """Hydra's main configures logging for the process (handlers on this test's captured streams,
-    existing loggers disabled); put every logger back afterwards, so later tests log as before."""
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
-    try:
-        yield
-    finally:
-        for lg, handlers, level, propagate, disabled in saved:
-            lg.handlers[:] = handlers
-            lg.level, lg.propagate, lg.disabled = level, propagate, disabled
-        known = {id(lg) for lg in loggers}
-        for name in list(logging.Logger.manager.loggerDict):  # loggers the command made: no handlers of its own
-            made = logging.getLogger(name)
-            if id(made) not in known:
-                made.handlers[:] = []
+    code = run_module(module, args)
+    assert code in (0, None), f"docs/{page}: {line!r} exited with {code}"
 
 
 def test_the_site_builds_strictly(tmp_path):

@@ -114,13 +114,19 @@ def test_cli_synthetic_writes_results_and_report(checkpoint, tmp_path):
     assert "## synthetic" in report and "| zeroshot-mean_per_class_recall |" in report
 
 
-@pytest.mark.slow
-def test_cli_retrieval_matches_brute_force_on_the_models_features(checkpoint, tmp_path):
+def test_retrieval_matches_brute_force_on_the_models_features(checkpoint, tmp_path):
+    # In process, as the CLI calls it (model=tiny given); the CLI's own launch: test_cli_synthetic_writes_...
     root = write_karpathy_set(tmp_path / "coco", num_test=10, image_size=32)
-    results, report = _run_cli(
-        ["model=tiny", f"checkpoint={checkpoint}", "eval=retrieval", f"eval.retrieval.root={root}", "device=cpu"],
-        tmp_path / "run",
-    )
+    overrides = [
+        "model=tiny",
+        f"checkpoint={checkpoint}",
+        "eval=retrieval",
+        f"eval.retrieval.root={root}",
+        "device=cpu",
+    ]
+    evaluate(compose_evaluate(overrides), tmp_path / "run", True, "tiny")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = (tmp_path / "run" / "report.md").read_text()
     model = _reference_model(checkpoint)
     task = RetrievalTask(str(root))
     transform = build_plain_transforms(model.image_stats).eval

@@ -39,13 +39,6 @@ def _check_jobs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_two_job_sweep_with_the_basic_launcher(tmp_path):
-    result = _multirun(tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_jobs(tmp_path)
-
-
-@pytest.mark.slow
 def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path):
     result = _multirun(tmp_path, "hydra/launcher=local")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,15 +46,21 @@ def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_objective_comparison_launches_and_compares(tmp_path):
+def test_the_objective_comparison_is_a_two_job_sweep_with_the_basic_launcher_and_compares(tmp_path):
     """+experiment=compare_objectives on two objectives and one seed (the command line narrows its sweep),
-    then vlhub.compare: each job headlined by its own metric, no confound between them."""
+    through Hydra's basic launcher: each job its own folder, overrides, results and checkpoint; then
+    vlhub.compare: each job headlined by its own metric, no confound between them."""
     command = [sys.executable, "-m", "vlhub.train", "-m", "+experiment=compare_objectives", "objective=clip,ce"]
     command += [*FAST, "trainer.max_steps=2", "trainer.seed=0", f"hydra.sweep.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, (objective, metric) in enumerate((("clip", "zeroshot"), ("ce", "classifier"))):
+        record = json.loads((tmp_path / str(job) / "results.jsonl").read_text().splitlines()[-1])
+        assert record["step"] == 2 and f"synthetic-{metric}-top1" in record
+        assert f"objective={objective}" in (tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text()
+        assert (tmp_path / str(job) / "checkpoints" / "latest.pt").is_file()
     from vlhub.compare import compare_folder, headline, write_comparison
 
     found = compare_folder(tmp_path)

@@ -219,16 +219,15 @@ def test_compiled_towers_under_the_data_parallel_path(tmp_path, strategy):
     """Two gloo ranks at batch 16 with compiled towers train like one eager process at batch 32,
     under every data-parallel strategy (ddp wraps compiled towers; fsdp compiles each block before
     sharding it; compile leaves the parameters where they were)."""
-    import torch.multiprocessing as mp
 
     from tests.helpers.configs import COMPARABLE
-    from tests.helpers.ranks import free_port, train_as_rank
+    from tests.helpers.ranks import start_ranks, train_as_rank
     from tests.helpers.tensors import relative_error, saved_weights
 
     run_train([*COMPARABLE, "trainer.batch_size=32"], tmp_path / "single")
     ranks = [*COMPARABLE, "trainer.batch_size=16", "trainer.compile=true", "trainer.compile_strict=true"]
     ranks.append(f"trainer.strategy={strategy}")
-    mp.spawn(train_as_rank, args=(free_port(), ranks, str(tmp_path / "ddp")), nprocs=2, join=True)
+    start_ranks(train_as_rank, ranks, str(tmp_path / "ddp"))
     single, ddp = saved_weights(tmp_path / "single"), saved_weights(tmp_path / "ddp")
     assert single.keys() == ddp.keys()
     # Adam and compiled rounding: see test_compiled_towers_train_like_eager_ones.

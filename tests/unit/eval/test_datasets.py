@@ -17,9 +17,7 @@ from tests.helpers.eval_folders import (
     INAT_SPECIES,
     R_INDICES,
     make_class_folders,
-    make_fine_grained_layouts,
     make_food101,
-    make_imagenet_layouts,
 )
 from vlhub.eval import (
     AircraftZeroShot,
@@ -37,9 +35,8 @@ from vlhub.eval.prompts import imagenet_class_names, imagenet_wnids
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("eval_layouts")
-    return {**make_imagenet_layouts(base), **make_fine_grained_layouts(base)}
+def roots(eval_layouts) -> dict[str, Path]:
+    return eval_layouts  # generated once for the session (conftest.py)
 
 
 def _pixel_label(task, index: int) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.eval_folders import DATASET_TASKS, make_fine_grained_layouts, make_imagenet_layouts
+from tests.helpers.eval_folders import DATASET_TASKS
 from vlhub.eval import Evaluator
 from vlhub.eval.prompts import resolve_templates
 from vlhub.registry import EVAL_TASKS
@@ -51,10 +51,8 @@ class NameOracle(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    base = tmp_path_factory.mktemp("oracle")
-    roots = {**make_imagenet_layouts(base), **make_fine_grained_layouts(base)}
-    return {name: EVAL_TASKS.build(name, root=str(root)) for name, root in roots.items()}
+def tasks(eval_layouts):
+    return {name: EVAL_TASKS.build(name, root=str(root)) for name, root in eval_layouts.items()}
 
 
 def evaluate(task, name, permutation=None, templates="simple", subset=None):
