@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 import re
 import sys
 
@@ -19,6 +18,7 @@ from PIL import Image
 
 import vlhub.evaluate
 import vlhub.train
+from tests.helpers.cli import logging_restored
 from tests.helpers.configs import FAST_EVAL, compose_evaluate, run_train
 from vlhub.data import BadSample, BadSampleMonitor, CsvPairs, SyntheticShapes, WebDatasetPairs, build_train_loader
 from vlhub.data.shards import decode_sample
@@ -218,13 +218,11 @@ def _cli(main, args: list[str], monkeypatch) -> None:
     """Run a command's Hydra ``main`` in this process (as ``python -m`` does); its exit code must be 1."""
     monkeypatch.setattr(sys, "argv", [main.__module__, *args])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    handlers = list(logging.getLogger().handlers)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
+    try:  # Hydra configures the process's logging (levels, handlers, disabled loggers): all put back
+        with pytest.raises(SystemExit) as exit_info, logging_restored():
             main()
-    finally:  # Hydra leaves its global state and its log handlers behind
+    finally:  # and leaves its global state behind
         GlobalHydra.instance().clear()
-        logging.getLogger().handlers[:] = handlers
     assert exit_info.value.code == 1
 
 
