@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this machine (as root, Debian), for the opt-in SLURM tests:
-#   bash tests/slurm/start_local_cluster.sh && VLHUB_SLURM_TESTS=1 python -m pytest tests/test_slurm.py
+#   bash tests/slurm/start_local_cluster.sh && VLHUB_SLURM_TESTS=1 python -m pytest tests/slurm/test_slurm.py
 # Stop it with: kill $(cat /run/slurmd.pid) $(cat /run/slurmctld.pid) $(cat /run/munge/munged.pid)
 set -euo pipefail
 if ! command -v slurmctld >/dev/null; then

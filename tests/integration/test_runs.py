@@ -1,0 +1,172 @@
+"""Run folders, loggers and pretrained weights: what a run leaves behind."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from tests.helpers.configs import compose_train, run_train
+from vlhub.models import build_open_clip_model
+
+
+def _run_dir(overrides):
+    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.run, resolve=False), cfg
+
+
+def test_a_named_run_has_a_stable_folder_and_an_unnamed_one_a_dated_one():
+    from vlhub.train import run_dir_for
+
+    assert run_dir_for("my_run", "2026-01-01_00-00-00") == "runs/my_run"
+    assert run_dir_for(None, "2026-01-01_00-00-00") == "runs/2026-01-01_00-00-00"
+    assert run_dir_for(None, "stamp", kind="sweep") == "runs/multirun/stamp"
+    _, cfg = _run_dir(["run.name=my_run"])
+    assert OmegaConf.select(cfg, "hydra.run.dir") == "runs/my_run"
+
+
+def test_tensorboard_gets_the_training_scalars(tmp_path):
+    run_train(["logger.tensorboard=true", "eval=none"], tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_second", "data/bad_samples"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_wandb_offline_mode_writes_a_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_train(["logger.wandb.enabled=true", "logger.wandb.mode=offline", "eval=none"], tmp_path)
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
+
+
+def test_pretrained_accepts_a_local_vlhub_checkpoint(trained_checkpoint, tmp_path):
+    saved = torch.load(trained_checkpoint, weights_only=True)["state_dict"]
+    config = dict(compose_train().model.config)
+    loaded = build_open_clip_model(config=config, pretrained=str(trained_checkpoint))
+    for key, value in loaded.open_clip_state_dict().items():
+        assert torch.equal(value, saved[key].reshape(value.shape)), key
+    with pytest.raises(FileNotFoundError, match="neither a file nor an open_clip tag"):
+        build_open_clip_model(config=config, pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_a_chunk_size_that_does_not_divide_the_batch_fails_at_launch(tmp_path):
+    with pytest.raises(ValueError, match="chunk_size=3 must be a positive divisor of trainer.batch_size=8"):
+        run_train(["trainer.grad_cache.enabled=true", "trainer.grad_cache.chunk_size=3"], tmp_path)
+
+
+def test_a_resumed_run_may_raise_max_steps_and_follows_the_new_schedule(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cosine = ["eval=none", "optim.warmup_steps=0", "logger.tensorboard=true", "checkpoint.every_n_steps=0"]
+    run_train([*cosine, "trainer.max_steps=2"], tmp_path)
+    run_train([*cosine, "trainer.max_steps=8"], tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoints/latest.pt", weights_only=True)
+    assert checkpoint["step"] == 8 and checkpoint["scheduler"]["last_epoch"] == 8
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr")}
+    # Step 3 (the first resumed step) already uses the 8-step cosine; lr is logged after the update.
+    import math
+
+    lr = compose_train().optim.lr
+    assert logged[3] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / 8)), rel=1e-5)
+
+
+def test_experiment_presets_compose_and_the_smoke_preset_trains(tmp_path):
+    heavy = compose_train(["+experiment=vit_b32_gradcache"])
+    assert heavy.model.arch == "ViT-B-32" and heavy.trainer.grad_cache.chunk_size == 256
+    assert {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"} <= set(heavy.eval)
+    from vlhub.train import train
+
+    cfg = compose_train(["+experiment=smoke", "trainer.max_steps=2", "data.workers=0", "logger.tensorboard=false"])
+    assert cfg.trainer.batch_size == 32
+    metrics = train(cfg, tmp_path, {"model": "tiny", "objective": "clip"})
+    assert set(metrics) >= {"synthetic-zeroshot-top1"}
+
+
+@pytest.mark.slow
+def test_configs_are_found_from_a_built_wheel(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    wheel = next((tmp_path / "dist").glob("vlhub-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, env=env, capture_output=True)
+    # The wheel's vlhub first on the path; its dependencies from this environment.
+    env["PYTHONPATH"] = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]])
+    probe = "import vlhub.configs, sys; print(vlhub.configs.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(str(target)), where.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "vlhub.train", "--cfg", "job", "model=vit_b32", "eval=imagenet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout
+    # The presets ship too (vlhub.experiments on configs/train.yaml's search path): +experiment=NAME.
+    preset = [sys.executable, "-m", "vlhub.train", "--cfg", "job", "+experiment=openclip_vit_b32_laion400m"]
+    result = subprocess.run(preset, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch_size: 32768" in result.stdout and "lr: 0.0005" in result.stdout
+
+
+def test_bad_data_or_eval_folders_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    import vlhub.models.open_clip_models as builders
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the input was checked")
+
+    monkeypatch.setattr(builders.open_clip, "CustomTextCLIP", never)
+    with pytest.raises(Exception, match="data.root=.*no such CSV file"):
+        run_train(["data=csv", f"data.root={tmp_path / 'missing.csv'}"], tmp_path)
+    with pytest.raises(Exception, match="eval.imagefolder.root"):
+        run_train(["eval=imagefolder"], tmp_path)
+
+
+def test_sweep_jobs_of_one_named_run_get_distinct_stable_wandb_ids(tmp_path):
+    from vlhub.run.loggers import wandb_run_id
+
+    first, second = wandb_run_id(tmp_path / "runs/name/0"), wandb_run_id(tmp_path / "runs/name/1")
+    assert first != second and first == wandb_run_id(tmp_path / "runs/name/0")
+    assert len(first) <= 64 and "/" not in first
+
+
+def test_data_val_pairs_are_scored_with_in_batch_metrics(tmp_path):
+    import json
+
+    from vlhub.data import SyntheticShapes
+
+    train_csv = SyntheticShapes(num_samples=16).write_csv(tmp_path / "train")
+    val_csv = SyntheticShapes(num_samples=12, split="val").write_csv(tmp_path / "val")
+    val_node = f"data.val={{_target_:vlhub.data.CsvPairs,root:'{val_csv}'}}"
+    synthetic_eval = ["eval=synthetic", "eval.synthetic.num_samples=60"]
+    run_train(["data=csv", f"data.root={train_csv}", "data.workers=0", val_node, *synthetic_eval], tmp_path / "run")
+    record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["val-image_to_text_R@1"] <= 1.0 and record["val-text_to_image_mean_rank"] >= 1.0
+    assert "synthetic-zeroshot-top1" in record  # an eval group's own tasks still run beside data.val
+    with pytest.raises(Exception, match="no such CSV file"):
+        run_train(
+            ["data=csv", f"data.root={train_csv}", "data.val={_target_:vlhub.data.CsvPairs,root:/nope.csv}"],
+            tmp_path / "bad",
+        )
