@@ -24,7 +24,7 @@ def _ddp_options(device: torch.device) -> dict[str, Any]:
     """DDP's settings for a tower, and why.
 
     - Neither ``find_unused_parameters`` nor ``static_graph``. Every objective reaches every trainable
-      weight of the towers it calls (tests/test_objectives_ddp.py, each objective), so the search
+      weight of the towers it calls (tests/distributed/test_objectives_ddp.py, each objective), so the search
       for unused weights would only cost a graph traversal per forward. A tower called twice before
       one backward (MLM's clean and masked captions, SimCLR's two views) needs neither: each weight's
       gradient is accumulated once per backward, so DDP's hook fires once. ``static_graph`` fails
