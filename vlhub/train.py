@@ -6,6 +6,7 @@ python -m vlhub.train -m optim.lr=1e-3,3e-4
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -130,7 +131,9 @@ def train(
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
         parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
-        start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info)
+        # A key this vlhub added to the trainer, at its default, is no change to a run that lacks it.
+        defaults = {"trainer": dataclasses.asdict(TrainerConfig())}
+        start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info, defaults)
         run_dir = run.run_dir  # rank 0's, on every rank
         if dist_info.is_main:
             log.info("run folder: %s", run_dir.resolve())

@@ -79,10 +79,10 @@ from vlhub.parallel import collectives
 from vlhub.parallel.environment import DistInfo
 from vlhub.parallel.sharded_checkpoint import state_root
 from vlhub.parallel.strategy import ParallelStrategy
-from vlhub.run.checkpoint import Checkpointer
 
 if TYPE_CHECKING:  # type hints only
     from vlhub.models.vision_language import VisionLanguageModel
+    from vlhub.run.checkpoint import Checkpointer
 
 
 KEY = "trainer.strategy"

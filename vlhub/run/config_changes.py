@@ -7,11 +7,9 @@ reads configs with the same dotted keys (:func:`flatten`).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import Any
-
-from vlhub.engine.trainer_config import TrainerConfig
 
 # Keys a resumed run may change without asking (the number of ranks is not in the config).
 ALLOWED_ON_RESUME = (
@@ -43,19 +41,19 @@ def _allowed(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or (p.endswith(".*") and key == p[:-2]) for p in ALLOWED_ON_RESUME)
 
 
-# Keys a later vlhub added, with their defaults: at the default, a key the stored config lacks is no change.
-ADDED_KEYS = flatten({"trainer": dataclasses.asdict(TrainerConfig())})
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, list[Any]]:
+    """Keys whose value differs (missing on one side counts), except those allowed on resume.
 
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """Keys whose value differs (missing on one side counts, unless it is a default of ``ADDED_KEYS``),
-    except those allowed on resume."""
-    before, after = flatten(old), flatten(new)
+    ``defaults`` (a nested config, e.g. every ``trainer`` key at its default) are keys a later vlhub may
+    have added: one the stored config lacks is no change while the new config holds its default."""
+    before, after, added = flatten(old), flatten(new), flatten(dict(defaults or {}))
     missing = object()
     changed = {}
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key, missing), after.get(key, missing)
-        if a is missing and key in ADDED_KEYS and b == ADDED_KEYS[key]:
+        if a is missing and key in added and b == added[key]:
             continue
         if a != b and not _allowed(key):
             changed[key] = [None if a is missing else a, None if b is missing else b]

@@ -58,9 +58,11 @@ def decide_start(
     config: dict[str, Any],
     move_aside_foreign: bool = False,
     allow_config_change: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> RunStart:
     """Rank 0: which run this is and where it continues from (``resume``: ``auto``, None or a path);
-    fails on a folder it cannot use. ``checkpoints`` is the run's checkpoint folder."""
+    fails on a folder it cannot use. ``checkpoints`` is the run's checkpoint folder; ``defaults``: keys at
+    these values that the checkpoint's config lacks are no change (:func:`config_changes`)."""
     remove_tmp_files(checkpoints)
     folder_id = read_run_id(run_dir)
     found = scan_checkpoints(checkpoints)
@@ -87,7 +89,7 @@ def decide_start(
                 "config); to start from its weights, use model.pretrained=PATH with checkpoint.resume=null"
             )
         start.step = header["step"]
-        start.changes = config_changes(header["config"], config)
+        start.changes = config_changes(header["config"], config, defaults)
         if start.changes and not allow_config_change:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in start.changes.items()))
             raise RunFolderError(

@@ -105,11 +105,18 @@ class RunSession:
                 self.lock.release()
 
     # -- opening --------------------------------------------------------------------------------------
-    def open(self, settings: CheckpointSettings, config: dict[str, Any], dist_info: DistInfo) -> RunStart:
+    def open(
+        self,
+        settings: CheckpointSettings,
+        config: dict[str, Any],
+        dist_info: DistInfo,
+        defaults: dict[str, Any] | None = None,
+    ) -> RunStart:
         """Lock the folder and decide the start on rank 0; every rank gets the decision and the
         checkpoint to continue from (read before any model is built). ``config`` is the run's
-        config as stored (secrets masked)."""
-        self.settings = settings
+        config as stored (secrets masked); ``defaults``: keys a later vlhub added, at their defaults (no
+        change when a resumed checkpoint's config lacks them)."""
+        self.settings, self.defaults = settings, defaults
         self.run_dir = broadcast_object(self.run_dir)  # every rank writes under rank 0's run folder
         folder = Checkpointer(self.run_dir / "checkpoints", settings.every_n_steps, settings.keep, settings.resume)
         start, store, error = None, None, None
@@ -150,7 +157,13 @@ class RunSession:
             restore_or_refuse(store, self.run_dir, folder.folder, settings.resume)
         folder.check_writable()
         start = decide_start(
-            self.run_dir, folder.folder, settings.resume, config, settings.move_aside, settings.allow_config_change
+            self.run_dir,
+            folder.folder,
+            settings.resume,
+            config,
+            settings.move_aside,
+            settings.allow_config_change,
+            self.defaults,
         )
         if not start.finished:
             record_start(self.run_dir, start, config, launch_environment(dist_info))

@@ -3,6 +3,7 @@ the automatic chunk size, its counters in one state, and resumes of runs written
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from vlhub.optim import OptimRecipe
 from vlhub.run.checkpoint import Checkpointer
 from vlhub.run.config_changes import config_changes
 
-PREVIOUS = Path(__file__).parent / "fixtures" / "run_before_the_house_move" / "checkpoints" / "step_2.pt"
+PREVIOUS = Path(__file__).parents[2] / "fixtures" / "run_before_the_house_move" / "checkpoints" / "step_2.pt"
 
 
 def test_a_trainer_built_in_a_few_lines_trains_two_steps_and_saves_them(tmp_path, caplog):
@@ -133,11 +134,14 @@ def test_the_counters_load_from_a_checkpoint_of_the_previous_layout_and_round_tr
 def test_trainer_keys_added_since_a_run_was_written_are_no_change_at_their_default():
     old = {"trainer": {"max_steps": 2, "batch_size": 8}}
     new = {"trainer": {"max_steps": 2, "batch_size": 8, "global_batch_size": None}}
-    assert config_changes(old, new) == {}
-    assert config_changes(old, {"trainer": {**new["trainer"], "global_batch_size": 16}}) == {
+    defaults = {"trainer": dataclasses.asdict(TrainerConfig())}  # what vlhub.train hands the run session
+    assert config_changes(old, new, defaults) == {}
+    assert config_changes(old, new) == {"trainer.global_batch_size": [None, None]}  # without them: a change
+    assert config_changes(old, {"trainer": {**new["trainer"], "global_batch_size": 16}}, defaults) == {
         "trainer.global_batch_size": [None, 16]
     }
-    assert config_changes({"trainer": {**new["trainer"]}}, {"trainer": {"max_steps": 2, "batch_size": 8}}) != {}
+    removed = config_changes({"trainer": {**new["trainer"]}}, {"trainer": {"max_steps": 2, "batch_size": 8}}, defaults)
+    assert removed != {}
 
 
 def test_the_guard_trains_skips_or_stops():
