@@ -145,8 +145,9 @@ def test_the_preemption_signal_saves_within_a_step_and_the_requeued_job_ends_lik
 
 def test_a_job_at_its_time_limit_saves_requeues_and_ends_like_an_uninterrupted_run(tmp_path):
     # A 3-minute limit and the warning signal 90 s before it (SLURM sends it up to 60 s early): the
-    # first job is stopped mid-run (about 0.1 s a step here); a requeued job waits 2 minutes to start.
-    name, max_steps = f"vlhub_timeout_{uuid.uuid4().hex[:6]}", 1200
+    # first job is stopped mid-run (0.04 s a step on this machine when quiet, about 0.1 s under load: 1,200
+    # steps once finished before the signal); a requeued job waits 2 minutes to start.
+    name, max_steps = f"vlhub_timeout_{uuid.uuid4().hex[:6]}", 3000
     limits = ["hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=10"]
     launcher = _submit(tmp_path, name, f"trainer.max_steps={max_steps}", *limits)
     straight = _uninterrupted(tmp_path, f"trainer.max_steps={max_steps}")
