@@ -18,14 +18,14 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from tests.helpers.configs import compose_train
+from tests.helpers.configs import CONFIG_ROOT, compose_train
 from vlhub.config_keys import build_at, name_keys
 from vlhub.config_resolvers import signature_defaults
 from vlhub.data import CsvPairs, SyntheticShapes
 from vlhub.objectives import FilipObjective
 from vlhub.registry import OBJECTIVES, TRANSFORMS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_ROOT
 
 
 def _error_of(call) -> BaseException:
