@@ -116,6 +116,8 @@ def test_a_trainer_value_of_the_wrong_type_fails_in_one_line_naming_the_key():
             check_typed_overrides([word], schemas)
     with pytest.raises(ConfigError, match=r"^trainer.max_steps=2.5: .*Integer$"):  # ran 3 steps once
         check_typed_overrides(["trainer.max_steps=2.5"], schemas)
+    with pytest.raises(ConfigError, match=r"^trainer.compile='maybe': .*bool"):
+        check_typed_overrides(["trainer.compile=maybe"], schemas)
     check_typed_overrides(["trainer.max_steps=3", "trainer.grad_cache.chunk_size=auto", "optim.lr=x"], schemas)
     with pytest.raises(ValueError, match="trainer.grad_cache.chunk_size=3 must be a positive divisor"):
         TrainerConfig(batch_size=8, grad_cache=GradCacheConfig(True, 3)).check()
