@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
 from vlhub.run.checkpoint import capture_rng_state, restore_rng_state
 
-if TYPE_CHECKING:  # type hints only
-    from vlhub.models.vision_language import VisionLanguageModel
+
+class CompilableTower(Protocol):
+    def compile_units(self, per_block: bool = False) -> list[nn.Module]: ...
+
+
+class WithTowers(Protocol):
+    """What compiling needs of a model (``VisionLanguageModel`` is one): its towers by name."""
+
+    def towers(self) -> Mapping[str, CompilableTower]: ...
 
 
 log = logging.getLogger(__name__)
@@ -43,14 +50,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def tower_modules(model: VisionLanguageModel) -> list[nn.Module]:
+def tower_modules(model: WithTowers) -> list[nn.Module]:
     """The modules ``compile_towers`` compiles: what each tower says holds its compute."""
     return [unit for tower in model.towers().values() for unit in tower.compile_units()]
 
 
-def compile_towers(
-    model: VisionLanguageModel | list[nn.Module], backend: str | Callable = "inductor"
-) -> list[nn.Module]:
+def compile_towers(model: WithTowers | list[nn.Module], backend: str | Callable = "inductor") -> list[nn.Module]:
     """Compile the towers (or the given modules) in place (lazily: the first forward compiles);
     returns the compiled modules."""
     modules = model if isinstance(model, list) else tower_modules(model)
@@ -69,9 +74,7 @@ def uncompile(modules: list[nn.Module]) -> None:
 class CompiledTowers:
     """A model's towers compiled in place; runs training steps, falling back to eager on a compile error."""
 
-    def __init__(
-        self, model: VisionLanguageModel | list[nn.Module], strict: bool, backend: str | Callable = "inductor"
-    ) -> None:
+    def __init__(self, model: WithTowers | list[nn.Module], strict: bool, backend: str | Callable = "inductor") -> None:
         self.strict = strict
         self.modules = compile_towers(model, backend)
         self.compile_seconds: float | None = None  # the first step's time, compiling included

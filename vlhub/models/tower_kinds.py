@@ -132,14 +132,13 @@ class ModuleKind:
         return type(module).__name__
 
 
-class OpenClipViT(ModuleKind):
+class OpenClipTransformer(ModuleKind):
+    """open_clip's transformer towers (its VisionTransformer and TextTransformer): blocks in
+    ``transformer.resblocks``, open_clip's own checkpointing switch, token features."""
+
     @staticmethod
     def blocks(module: nn.Module) -> list[nn.Module]:
         return list(module.transformer.resblocks)
-
-    @staticmethod
-    def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
-        return _parameters([module.conv1, module.class_embedding, module.positional_embedding, module.ln_pre])
 
     @staticmethod
     def set_grad_checkpointing(module: nn.Module, enable: bool) -> None:
@@ -148,6 +147,12 @@ class OpenClipViT(ModuleKind):
     @staticmethod
     def has_tokens(module: nn.Module) -> bool:
         return True
+
+
+class OpenClipViT(OpenClipTransformer):
+    @staticmethod
+    def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
+        return _parameters([module.conv1, module.class_embedding, module.positional_embedding, module.ln_pre])
 
     @staticmethod
     def tokens(module: nn.Module, inputs: torch.Tensor) -> Pair:
@@ -261,22 +266,10 @@ class TimmTrunk(ModuleKind):
         return f"{type(module).__name__} (timm {type(module.trunk).__name__})"
 
 
-class OpenClipText(ModuleKind):
-    @staticmethod
-    def blocks(module: nn.Module) -> list[nn.Module]:
-        return list(module.transformer.resblocks)
-
+class OpenClipText(OpenClipTransformer):
     @staticmethod
     def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
         return _parameters([module.token_embedding, module.positional_embedding, module.cls_emb])
-
-    @staticmethod
-    def set_grad_checkpointing(module: nn.Module, enable: bool) -> None:
-        module.set_grad_checkpointing(enable)
-
-    @staticmethod
-    def has_tokens(module: nn.Module) -> bool:
-        return True
 
     @staticmethod
     def tokens(module: nn.Module, inputs: torch.Tensor) -> Pair:
