@@ -46,3 +46,19 @@ def test_a_fit_that_fails_leaves_no_progress_bar_open(tmp_path, monkeypatch):
         run_train(["trainer.max_steps=2"], tmp_path)
     assert failure.tb is not None  # the traceback (and the loop's frame) is still alive, as in a caller's handler
     assert not [bar for bar in list(tqdm._instances) if bar.desc == "train"]
+
+
+def test_the_logical_batch_key_sets_the_batch_each_step_trains_on(tmp_path, monkeypatch):
+    """trainer.global_batch_size wins over trainer.batch_size: the batches the step receives, not the config."""
+    from vlhub.engine.trainer import Trainer
+
+    real, sizes = Trainer.train_on_batch, []
+
+    def recorded(self, batch):
+        sizes.append(len(batch["image"]))
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_on_batch", recorded)
+    run_train(["eval=none", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.global_batch_size=12"], tmp_path)
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert sizes == [12, 12] and saved["data"]["batch_size"] == 12 and saved["data"]["samples_consumed"] == 24
