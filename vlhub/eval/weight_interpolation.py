@@ -75,11 +75,6 @@ def interpolate(
     }
 
 
-def task_of(metric: str, tasks: Sequence[str]) -> str | None:
-    """The task a ``<task>-...`` metric belongs to (longest name first: ``imagenet`` vs ``imagenet_v2``)."""
-    return next((t for t in sorted(tasks, key=len, reverse=True) if metric.startswith(f"{t}-")), None)
-
-
 def accuracy_metric(metrics: Sequence[str], task: str) -> str | None:
     """The metric plotted for ``task``: its first top-1 accuracy (zero-shot or classifier), else its first."""
     own = [m for m in metrics if m.startswith(f"{task}-")]
