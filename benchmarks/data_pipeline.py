@@ -120,9 +120,7 @@ def run_vlhub(shards: list[str], args, draft: bool, min_fraction: float) -> dict
     return time_batches(loader, args.num_images)
 
 
-def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, float]:
-    import itertools
-
+def _source_loader(shards: list[str], args, draft: bool):
     import open_clip
 
     from vlhub.augment import build_clip_transforms
@@ -131,11 +129,102 @@ def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, f
 
     stats = ImageStats(args.size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     source = WebDatasetPairs("::".join(shards), workers=args.workers)
-    loader = source.build_loader(
-        build_clip_transforms(stats, draft=draft).train, open_clip.get_tokenizer("ViT-B-32"), args.batch_size, seed=0
-    )
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    return source.build_loader(build_clip_transforms(stats, draft=draft).train, tokenizer, args.batch_size, seed=0)
+
+
+def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, float]:
+    import itertools
+
+    loader = _source_loader(shards, args, draft)
     batches = itertools.islice(loader, -(-args.num_images // args.batch_size))  # the loader is endless
     return time_batches(((loaded.batch["image"], loaded.batch["text"]) for loaded in batches), args.num_images)
+
+
+# --profile: where a sample's time goes on the real path, in-process (workers=0, so every stage runs in this
+# thread): each stage's function is wrapped with a CPU-time timer (its own time, its timed callees
+# excluded), and each batch is pickled and unpickled as a worker sends it to the main process.
+STAGES = [  # (label, module, owner, attribute)
+    ("locate (layout + shuffle buffer)", "vlhub.data.layout", "StreamLayout", "locate"),
+    ("tar read (seek + read)", "vlhub.data.shard_reader", "LocalShards", "sample"),
+    ("open_image + caption bytes", "vlhub.data.stream", None, "decode_sample"),
+    ("caption pipeline (prepare)", "vlhub.data.captions", "CaptionPipeline", "prepare"),
+    ("seeding + per-sample glue (transform_sample)", "vlhub.data.stream", None, "transform_sample"),
+    ("image transform (decode + crop + resize)", "vlhub.data.loader", None, "draw_views"),
+    ("tokenisation", "vlhub.data.captions", "CaptionPipeline", "tokenize"),
+    ("collate (stack, labels, ids)", "vlhub.data.stream", "Collate", "__call__"),
+]
+
+
+class StageTimer:
+    """Own CPU time (``time.thread_time``) per stage: a callee's time is charged to it, not to its caller."""
+
+    def __init__(self) -> None:
+        self.own: dict[str, float] = {}
+        self._stack: list[float] = []  # time spent in timed callees, per open frame
+
+    def wrap(self, label: str, function):
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = time.thread_time() - start
+                children = self._stack.pop()
+                self.own[label] = self.own.get(label, 0.0) + spent - children
+                if self._stack:
+                    self._stack[-1] += spent
+
+        return timed
+
+
+def profile_source(shards: list[str], args, draft: bool) -> dict[str, float]:
+    """ms of CPU time per sample in each stage of ``WebDatasetPairs.build_loader``'s stream (workers=0)."""
+    import importlib
+    import itertools
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers the shared-memory tensor reductions)
+
+    timer, patched = StageTimer(), []
+    for label, module_name, owner_name, attribute in STAGES:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name) if owner_name else module
+        original = owner.__dict__[attribute] if owner_name else getattr(module, attribute)
+        patched.append((owner, attribute, original))
+        setattr(owner, attribute, timer.wrap(label, original))
+    try:
+        args = SimpleNamespace(**{**vars(args), "workers": 0})
+        loader = _source_loader(shards, args, draft)
+        batches, transfer = -(-args.num_images // args.batch_size), 0.0
+        iterator = iter(loader)
+        next(iterator)  # the first batch opens the shards: not counted, as in time_batches
+        timer.own.clear()
+        spent = time.thread_time()
+        for loaded in itertools.islice(iterator, batches - 1):
+            start = time.thread_time()
+            pickle.loads(bytes(ForkingPickler.dumps(loaded)))  # what a worker's batch costs to send and receive
+            transfer += time.thread_time() - start
+        spent = time.thread_time() - spent - transfer
+    finally:
+        for owner, attribute, original in patched:
+            setattr(owner, attribute, original)
+    samples = (batches - 1) * args.batch_size
+    per_sample = {label: 1000 * seconds / samples for label, seconds in timer.own.items()}
+    per_sample["stream loop (the rest)"] = 1000 * spent / samples - sum(per_sample.values())
+    per_sample["worker -> main transfer (pickle + unpickle)"] = 1000 * transfer / samples
+    return per_sample
+
+
+def print_profile(shards: list[str], args) -> None:
+    for name, draft in [("default transform", True), ("exact pixels: augment.draft=false", False)]:
+        stages = profile_source(shards, args, draft)
+        print(f"vlhub data=wds source, {name}: CPU ms/sample by stage (workers=0, in-process)")
+        for label, ms in stages.items():
+            print(f"  {label:<48} {ms:7.3f}")
+        print(f"  {'total':<48} {sum(stages.values()):7.3f}")
 
 
 def run_open_clip(shards: list[str], args) -> dict[str, float]:
@@ -175,10 +264,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2, help="passes per pipeline; the best is reported")
     parser.add_argument("--open-clip-python", default="/tmp/oc-venv/bin/python")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the real source's CPU ms/sample per stage (in-process) and stop"
+    )
     parser.add_argument("--side", choices=["all", "open_clip"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     shards = write_shards(args.shards, args.num_images, args.shard_size)
+    if args.profile:
+        print_profile(shards, args)
+        return
     if args.side == "open_clip":  # the subprocess, in the open_clip venv
         best = max((run_open_clip(shards, args) for _ in range(args.repeats)), key=lambda r: r["images_per_s"])
         print("RESULT " + json.dumps(best))
