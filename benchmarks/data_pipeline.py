@@ -90,7 +90,7 @@ def time_batches(loader, count: int) -> dict[str, float]:
     return {"images": seen + first, "timed_images": seen, "seconds": elapsed, "images_per_s": seen / elapsed}
 
 
-def run_vlhub(shards: list[str], args, draft: bool, min_fraction: float) -> dict[str, float]:
+def _decode_only_loader(shards: list[str], args, draft: bool, min_fraction: float):
     import open_clip
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -116,8 +116,11 @@ def run_vlhub(shards: list[str], args, draft: bool, min_fraction: float) -> dict
         wds.map(prepare),
         wds.batched(args.batch_size, collation_fn=collate, partial=True),
     )
-    loader = DataLoader(pipeline, batch_size=None, num_workers=args.workers)
-    return time_batches(loader, args.num_images)
+    return DataLoader(pipeline, batch_size=None, num_workers=args.workers)
+
+
+def run_vlhub(shards: list[str], args, draft: bool, min_fraction: float) -> dict[str, float]:
+    return time_batches(_decode_only_loader(shards, args, draft, min_fraction), args.num_images)
 
 
 def _source_loader(shards: list[str], args, draft: bool):
@@ -142,8 +145,10 @@ def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, f
 
 
 # --profile: where a sample's time goes on the real path, in-process (workers=0, so every stage runs in this
-# thread): each stage's function is wrapped with a CPU-time timer (its own time, its timed callees
-# excluded), and each batch is pickled and unpickled as a worker sends it to the main process.
+# thread): each stage's function is wrapped with a timer of this thread's CPU time (its own time, its timed
+# callees excluded: a loaded machine stretches wall time, not this), and each batch is pickled and unpickled
+# as a worker sends it to the main process. The timers' own cost (a ``thread_time`` call is a system call)
+# is measured on an empty function and shown apart; the median of ``--repeats`` passes is shown.
 STAGES = [  # (label, module, owner, attribute)
     ("locate (layout + shuffle buffer)", "vlhub.data.layout", "StreamLayout", "locate"),
     ("tar read (seek + read)", "vlhub.data.shard_reader", "LocalShards", "sample"),
@@ -157,14 +162,16 @@ STAGES = [  # (label, module, owner, attribute)
 
 
 class StageTimer:
-    """Own CPU time (``time.thread_time``) per stage: a callee's time is charged to it, not to its caller."""
+    """Own time per stage: a timed callee's time is charged to it, not to its caller."""
 
     def __init__(self) -> None:
         self.own: dict[str, float] = {}
+        self.calls = 0
         self._stack: list[float] = []  # time spent in timed callees, per open frame
 
     def wrap(self, label: str, function):
         def timed(*args, **kwargs):
+            self.calls += 1
             self._stack.append(0.0)
             start = time.thread_time()
             try:
@@ -178,15 +185,43 @@ class StageTimer:
 
         return timed
 
+    @staticmethod
+    def cost() -> float:
+        """Seconds a timed call adds (an empty function, wrapped, called from a wrapped one)."""
+        timer = StageTimer()
+        inner = timer.wrap("inner", lambda: None)
+        outer = timer.wrap("outer", lambda: [inner() for _ in range(10_000)])
+        start = time.thread_time()
+        outer()
+        return (time.thread_time() - start) / 10_000
 
-def profile_source(shards: list[str], args, draft: bool) -> dict[str, float]:
-    """ms of CPU time per sample in each stage of ``WebDatasetPairs.build_loader``'s stream (workers=0)."""
-    import importlib
+
+def _cpu_pass(loader, args, timer: StageTimer | None = None) -> tuple[float, float, int]:
+    """(CPU seconds reading the batches, CPU seconds sending them to a main process, samples) of one
+    in-process pass; the first batch (shards opened) is not counted, as in time_batches."""
     import itertools
     import pickle
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401 (registers the shared-memory tensor reductions)
+
+    batches, transfer = -(-args.num_images // args.batch_size), 0.0
+    iterator = iter(loader)
+    next(iterator)
+    if timer is not None:
+        timer.own.clear()
+        timer.calls = 0
+    spent = time.thread_time()
+    for batch in itertools.islice(iterator, batches - 1):
+        start = time.thread_time()
+        pickle.loads(bytes(ForkingPickler.dumps(batch)))  # what a worker's batch costs to send and receive
+        transfer += time.thread_time() - start
+    return time.thread_time() - spent - transfer, transfer, (batches - 1) * args.batch_size
+
+
+def profile_source(shards: list[str], args, draft: bool) -> dict[str, float]:
+    """CPU ms per sample in each stage of ``WebDatasetPairs.build_loader``'s stream (workers=0), one pass."""
+    import importlib
 
     timer, patched = StageTimer(), []
     for label, module_name, owner_name, attribute in STAGES:
@@ -196,35 +231,35 @@ def profile_source(shards: list[str], args, draft: bool) -> dict[str, float]:
         patched.append((owner, attribute, original))
         setattr(owner, attribute, timer.wrap(label, original))
     try:
-        args = SimpleNamespace(**{**vars(args), "workers": 0})
-        loader = _source_loader(shards, args, draft)
-        batches, transfer = -(-args.num_images // args.batch_size), 0.0
-        iterator = iter(loader)
-        next(iterator)  # the first batch opens the shards: not counted, as in time_batches
-        timer.own.clear()
-        spent = time.thread_time()
-        for loaded in itertools.islice(iterator, batches - 1):
-            start = time.thread_time()
-            pickle.loads(bytes(ForkingPickler.dumps(loaded)))  # what a worker's batch costs to send and receive
-            transfer += time.thread_time() - start
-        spent = time.thread_time() - spent - transfer
+        loader = _source_loader(shards, SimpleNamespace(**{**vars(args), "workers": 0}), draft)
+        spent, transfer, samples = _cpu_pass(loader, args, timer)
     finally:
         for owner, attribute, original in patched:
             setattr(owner, attribute, original)
-    samples = (batches - 1) * args.batch_size
     per_sample = {label: 1000 * seconds / samples for label, seconds in timer.own.items()}
+    per_sample["timers (measured apart)"] = 1000 * timer.calls * StageTimer.cost() / samples
     per_sample["stream loop (the rest)"] = 1000 * spent / samples - sum(per_sample.values())
     per_sample["worker -> main transfer (pickle + unpickle)"] = 1000 * transfer / samples
     return per_sample
 
 
 def print_profile(shards: list[str], args) -> None:
-    for name, draft in [("default transform", True), ("exact pixels: augment.draft=false", False)]:
-        stages = profile_source(shards, args, draft)
-        print(f"vlhub data=wds source, {name}: CPU ms/sample by stage (workers=0, in-process)")
-        for label, ms in stages.items():
-            print(f"  {label:<48} {ms:7.3f}")
-        print(f"  {'total':<48} {sum(stages.values()):7.3f}")
+    """Per stage, then the totals beside the decode-only pipeline's (plain webdataset), both in-process."""
+    in_process = SimpleNamespace(**{**vars(args), "workers": 0})
+    for name, draft, fraction in [("default transform", True, 0.75), ("exact pixels: augment.draft=false", False, 1.0)]:
+        passes = [profile_source(shards, args, draft) for _ in range(args.repeats)]
+        print(f"vlhub data=wds source, {name}: CPU ms/sample by stage (workers=0, in-process; median of {len(passes)})")
+        for label in passes[0]:
+            print(f"  {label:<50} {np.median([stages[label] for stages in passes]):7.3f}")
+        real, alone = [], []
+        for _ in range(args.repeats):  # without timers, interleaved so that load drifts hit both alike
+            spent, transfer, samples = _cpu_pass(_source_loader(shards, in_process, draft), args)
+            real.append(1000 * (spent + transfer) / samples)
+            spent, transfer, samples = _cpu_pass(_decode_only_loader(shards, in_process, draft, fraction), args)
+            alone.append(1000 * (spent + transfer) / samples)
+        print(f"  {'total without timers':<50} {np.median(real):7.3f}")
+        print(f"  {'decode-only pipeline, same transform':<50} {np.median(alone):7.3f}")
+        print(f"  real source at {np.median(alone) / np.median(real):.0%} of the decode-only pipeline's speed (CPU)")
 
 
 def run_open_clip(shards: list[str], args) -> dict[str, float]:
