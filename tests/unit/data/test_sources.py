@@ -215,3 +215,19 @@ def test_views_extra_views_start_from_the_whole_image_when_the_base_view_drafts(
             expected += [strong(whole), strong(whole)]
         for key, view in zip(("image", "image_view2", "image_view3"), expected, strict=True):
             assert torch.equal(batch[key][row], view), (key, slot)
+
+
+def test_collate_stacks_uint8_views_as_torch_stack_does():
+    import numpy as np
+
+    from vlhub.augment.transforms import to_uint8_tensor
+    from vlhub.data.loader import stack_images
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(3)]
+    views = [to_uint8_tensor(Image.fromarray(p)) for p in pixels]  # [3, H, W] views of [H, W, 3] pixels
+    stacked = stack_images(views)
+    assert stacked.is_contiguous() and stacked.shape == (3, 3, 5, 7)
+    assert torch.equal(stacked, torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()))
+    floats = [view.float() for view in views]  # not uint8: torch.stack's own result
+    assert stack_images(floats).dtype == torch.float32 and torch.equal(stack_images(floats), torch.stack(floats))
