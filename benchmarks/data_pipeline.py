@@ -283,7 +283,7 @@ def run_open_clip(shards: list[str], args) -> dict[str, float]:
     return time_batches(data.dataloader, args.num_images)
 
 
-def report(name: str, result: dict[str, float], workers: int) -> dict[str, float]:
+def report(name: str, result: dict, workers: int) -> dict:
     row = {"pipeline": name, **result, "images_per_s_per_worker": result["images_per_s"] / max(1, workers)}
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return row
@@ -297,7 +297,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2, help="passes per pipeline; the best is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds (one pass of each pipeline in turn); medians are reported"
+    )
     parser.add_argument("--open-clip-python", default="/tmp/oc-venv/bin/python")
     parser.add_argument(
         "--profile", action="store_true", help="print the real source's CPU ms/sample per stage (in-process) and stop"
@@ -309,46 +311,66 @@ def main() -> None:
     if args.profile:
         print_profile(shards, args)
         return
-    if args.side == "open_clip":  # the subprocess, in the open_clip venv
-        best = max((run_open_clip(shards, args) for _ in range(args.repeats)), key=lambda r: r["images_per_s"])
-        print("RESULT " + json.dumps(best))
+    if args.side == "open_clip":  # the subprocess, in the open_clip venv: one pass a call
+        print("RESULT " + json.dumps(run_open_clip(shards, args)))
         return
+    run_rounds(shards, args)
 
+
+EXACT, DEFAULT = "vlhub uint8, draft off (exact pixels)", "vlhub uint8, draft on, min_fraction 0.75 (default)"
+DECODE_ONLY = {  # name: (draft, draft_min_fraction)
+    EXACT: (False, 1.0),
+    "vlhub uint8, draft on, min_fraction 1.0 (no upsampling)": (True, 1.0),
+    DEFAULT: (True, 0.75),
+}
+REAL = {  # name: (draft, the decode-only row it is compared with)
+    "vlhub data=wds source (WebDatasetPairs, default transform)": (
+        True,
+        "vlhub uint8, draft on, min_fraction 0.75 (default)",
+    ),
+    "vlhub data=wds source (WebDatasetPairs, exact pixels: augment.draft=false)": (
+        False,
+        "vlhub uint8, draft off (exact pixels)",
+    ),
+}
+OPEN_CLIP = "open_clip get_wds_dataset (webdataset 0.2.86)"
+
+
+def run_open_clip_side(args) -> dict[str, float]:
+    """One pass of open_clip's pipeline, in its own venv (a subprocess)."""
     command = [args.open_clip_python, __file__, "--side", "open_clip", *sys.argv[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.exit(f"the open_clip side failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
-    theirs = report("open_clip get_wds_dataset (webdataset 0.2.86)", json.loads(lines[-1][7:]), args.workers)
-    rows = {}
-    for name, draft, fraction in [
-        ("vlhub uint8, draft off (exact pixels)", False, 1.0),
-        ("vlhub uint8, draft on, min_fraction 1.0 (no upsampling)", True, 1.0),
-        ("vlhub uint8, draft on, min_fraction 0.75 (default)", True, 0.75),
-    ]:
-        best = max(
-            (run_vlhub(shards, args, draft, fraction) for _ in range(args.repeats)), key=lambda r: r["images_per_s"]
+    return json.loads(lines[-1][7:])
+
+
+def run_rounds(shards: list[str], args) -> None:
+    """``--repeats`` rounds, each one pass of every pipeline in turn, so that a change in the machine's load
+    hits every row alike; each row is its median pass, each ratio the median of the rounds' ratios."""
+    passes: dict[str, list[dict[str, float]]] = {OPEN_CLIP: [], **{name: [] for name in [*DECODE_ONLY, *REAL]}}
+    for _ in range(args.repeats):
+        passes[OPEN_CLIP].append(run_open_clip_side(args))
+        for name, (draft, fraction) in DECODE_ONLY.items():
+            passes[name].append(run_vlhub(shards, args, draft, fraction))
+        for name, (draft, _) in REAL.items():
+            passes[name].append(run_vlhub_source(shards, args, draft))
+    speeds = {name: [row["images_per_s"] for row in rows] for name, rows in passes.items()}
+    for name, rows in passes.items():
+        median = sorted(rows, key=lambda row: row["images_per_s"])[len(rows) // 2]
+        report(name, {**median, "passes_images_per_s": [round(v, 1) for v in speeds[name]]}, args.workers)
+
+    def ratio(name: str, other: str) -> float:
+        return float(np.median([a / b for a, b in zip(speeds[name], speeds[other], strict=True)]))
+
+    for name in DECODE_ONLY:
+        print(f"{name}: {ratio(name, OPEN_CLIP):.2f}x open_clip")
+    for name, (_, alone) in REAL.items():  # the headline: what training reads
+        print(
+            f"HEADLINE {name}: {ratio(name, OPEN_CLIP):.2f}x open_clip, {ratio(name, alone):.0%} of the decode-only row"
         )
-        rows[name] = report(name, best, args.workers)
-    real = {}
-    for name, draft in [
-        ("vlhub data=wds source (WebDatasetPairs, default transform)", True),
-        ("vlhub data=wds source (WebDatasetPairs, exact pixels: augment.draft=false)", False),
-    ]:
-        best = max(
-            (run_vlhub_source(shards, args, draft) for _ in range(args.repeats)), key=lambda r: r["images_per_s"]
-        )
-        real[name] = report(name, best, args.workers)
-    for name, row in rows.items():
-        print(f"{name}: {row['images_per_s'] / theirs['images_per_s']:.2f}x open_clip")
-    decode_only = [
-        rows["vlhub uint8, draft on, min_fraction 0.75 (default)"],
-        rows["vlhub uint8, draft off (exact pixels)"],
-    ]
-    for (name, row), alone in zip(real.items(), decode_only, strict=True):  # the headline: what training reads
-        ratio, kept = row["images_per_s"] / theirs["images_per_s"], row["images_per_s"] / alone["images_per_s"]
-        print(f"HEADLINE {name}: {ratio:.2f}x open_clip, {kept:.0%} of the decode-only row")
 
 
 if __name__ == "__main__":
