@@ -24,8 +24,16 @@ from vlhub's venv, so both sides decode with the same Pillow and libjpeg:
         > /tmp/oc-venv/lib/python3.11/site-packages/zz_vlhub_venv.pth   # appended after its own
     python benchmarks/data_pipeline.py --workers 2 --open-clip-python /tmp/oc-venv/bin/python
 
-(``python`` is vlhub's venv; use the oc-venv's Python version in the .pth path.) Output: one
-JSON line per pipeline (images/s, per worker) and the ratio of vlhub's default to open_clip's.
+(``python`` is vlhub's venv; use the oc-venv's Python version in the .pth path.) ``--repeats``
+rounds (default 3), each one pass of every pipeline in turn (2000 images by default, in
+``/tmp/vlhub-bench-shards-2000``), so that a change in the machine's load hits every row alike.
+Output: one JSON line per pipeline (its median pass: images/s, per worker, and every pass's
+images/s), each decode-only row's ratio to open_clip, and the HEADLINE lines: the real source's
+ratio to open_clip and to its decode-only row, each the median of the rounds' ratios.
+
+``--profile`` prints instead where the real source's time goes, per sample and stage (CPU time,
+in-process with workers=0, so it holds on a loaded machine), beside the decode-only pipeline's
+total in-process (see ``profile_source``).
 """
 
 from __future__ import annotations
@@ -291,8 +299,8 @@ def report(name: str, result: dict, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, default=Path("/tmp/vlhub-bench-shards"))
-    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--shards", type=Path, help="shard folder (default: /tmp/vlhub-bench-shards-NUM_IMAGES)")
+    parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -307,7 +315,8 @@ def main() -> None:
     parser.add_argument("--side", choices=["all", "open_clip"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    shards = write_shards(args.shards, args.num_images, args.shard_size)
+    folder = args.shards or Path(f"/tmp/vlhub-bench-shards-{args.num_images}")  # a run never rewrites another's
+    shards = write_shards(folder, args.num_images, args.shard_size)
     if args.profile:
         print_profile(shards, args)
         return
