@@ -39,6 +39,7 @@ total in-process (see ``profile_source``).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -358,14 +359,18 @@ def run_open_clip_side(args) -> dict[str, float]:
 
 def run_rounds(shards: list[str], args) -> None:
     """``--repeats`` rounds, each one pass of every pipeline in turn, so that a change in the machine's load
-    hits every row alike; each row is its median pass, each ratio the median of the rounds' ratios."""
-    passes: dict[str, list[dict[str, float]]] = {OPEN_CLIP: [], **{name: [] for name in [*DECODE_ONLY, *REAL]}}
-    for _ in range(args.repeats):
-        passes[OPEN_CLIP].append(run_open_clip_side(args))
-        for name, (draft, fraction) in DECODE_ONLY.items():
-            passes[name].append(run_vlhub(shards, args, draft, fraction))
-        for name, (draft, _) in REAL.items():
-            passes[name].append(run_vlhub_source(shards, args, draft))
+    hits every row alike: each real source beside its decode-only row, every other round in reverse order
+    (a steady drift cancels); each row is its median pass, each ratio the median of the rounds' ratios."""
+    runs = {OPEN_CLIP: lambda: run_open_clip_side(args)}
+    for real, (draft, alone) in REAL.items():
+        runs[alone] = functools.partial(run_vlhub, shards, args, *DECODE_ONLY[alone])
+        runs[real] = functools.partial(run_vlhub_source, shards, args, draft)
+    for name, (draft, fraction) in DECODE_ONLY.items():
+        runs.setdefault(name, functools.partial(run_vlhub, shards, args, draft, fraction))
+    passes: dict[str, list[dict[str, float]]] = {name: [] for name in [OPEN_CLIP, *DECODE_ONLY, *REAL]}
+    for round_ in range(args.repeats):
+        for name in list(runs)[:: -1 if round_ % 2 else 1]:
+            passes[name].append(runs[name]())
     speeds = {name: [row["images_per_s"] for row in rows] for name, rows in passes.items()}
     for name, rows in passes.items():
         median = sorted(rows, key=lambda row: row["images_per_s"])[len(rows) // 2]
