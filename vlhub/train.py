@@ -26,9 +26,10 @@ import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.config_keys import build_at, naming_keys
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
-from vlhub.engine.trainer import Evaluation, Trainer
+from vlhub.engine.trainer import Trainer
 from vlhub.engine.trainer_config import TrainerConfig
 from vlhub.errors import ConfigError
+from vlhub.eval.during_training import Evaluation
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
