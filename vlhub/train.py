@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.config_keys import build_at, naming_keys
+from vlhub.data.device_decode import decoding_on
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
 from vlhub.engine.trainer import Evaluation, Trainer
@@ -205,6 +206,12 @@ def build_trainer(
         views = instantiate(cfg.augment_views)(model.image_stats)
     with naming_keys(cfg, "objective"):
         prepare_objective(objective, source, model, views, choices)
+    if transforms.device_decode and objective.image_views > 1:  # the strong views would decode on the CPU anyway
+        raise ConfigError(
+            f"augment.decode=cuda decodes the base view only: objective={choices.get('objective', '?')} also draws "
+            f"{objective.strong_views} view(s) with augment_views={choices.get('augment_views', '?')}, decoded on "
+            "the CPU; use augment.decode=cpu"
+        )
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(config.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None
@@ -233,6 +240,8 @@ def build_trainer(
         pin_memory=dist_info.device.type == "cuda",
         view_transform=views.train,
     )
+    if transforms.device_decode:  # augment.decode=cuda: the JPEGs of each batch decode here, on the device
+        make_loader = decoding_on(make_loader, dist_info.device)
     guard = StepGuard(
         source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches, config.max_nonfinite_steps
     )
