@@ -125,6 +125,11 @@ class RandomResizedCropUint8:
         )
 
 
+def cuda_available() -> bool:
+    """Whether ``decode="cuda"`` can run here; one function, so a test can run the device path on the CPU."""
+    return torch.cuda.is_available()
+
+
 def _checked_scale(scale: tuple[float, float]) -> tuple[float, float]:
     """``scale`` as (lo, hi), or ValueError naming it."""
     lo, hi = scale
@@ -155,7 +160,7 @@ def build_clip_transforms(
         raise ValueError(f"draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
     if decode not in DECODE_DEVICES:
         raise ValueError(f"decode={decode!r} must be one of {', '.join(DECODE_DEVICES)}")
-    if decode == "cuda" and not torch.cuda.is_available():
+    if decode == "cuda" and not cuda_available():
         raise ValueError("decode=cuda needs a CUDA device; torch.cuda.is_available() is False (use decode=cpu)")
     train = RandomResizedCropUint8(stats.size, scale, draft=draft, draft_min_fraction=draft_min_fraction, decode=decode)
     return Transforms(train=train, eval=_eval_transform(stats), device_decode=decode == "cuda")
