@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import webdataset
 
 import vlhub.augment.transforms
@@ -63,6 +64,9 @@ def test_a_run_on_jpeg_shards_decodes_on_the_device_and_counts_a_corrupt_jpeg_ex
     run_train([*data, "augment.decode=cuda", "data.max_bad_fraction=0.3"], tmp_path / "run")
     record = json.loads((tmp_path / "run/results.jsonl").read_text().splitlines()[-1])
     assert (record["step"], record["data/bad_samples"], record["data/samples_read"]) == (3, 2, 24)
+    # the wrapped loader kept the stream's layout: the checkpoint records it, so a resume can check it
+    checkpoint = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert checkpoint["data"]["layout"]["batches_per_epoch"] == 3
     # every good JPEG went through the device decode (each has its own size; the corrupt ones never decode)
     good = {(56 + 4 * s, 72 + 8 * i) for s in range(3) for i in range(8) if not (i == 3 and s < 2)}
     assert {(image.shape[1], image.shape[2]) for image in decoded} == good

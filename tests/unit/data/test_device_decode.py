@@ -101,3 +101,25 @@ def test_decode_cuda_without_cuda_or_unknown_fails_naming_decode(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what cuda_available() asks
     with pytest.raises(ValueError, match=r"^decode=cuda needs a CUDA device; torch.cuda.is_available\(\) is False"):
         build_clip_transforms(stats, decode="cuda")
+
+
+def test_a_jpeg_the_device_refuses_is_retried_alone_then_decoded_by_pil_as_on_the_cpu_path(monkeypatch):
+    import vlhub.data.device_decode as device_decode
+
+    files = [jpeg(96, 80, seed=i) for i in range(4)]
+    refused, calls, real = files[1], [], device_decode.decode_jpeg
+
+    def refusing(data, **kwargs):  # a decoder that cannot read one file (as nvJPEG refuses some JPEGs)
+        calls.append(len(data) if isinstance(data, list) else 1)
+        items = data if isinstance(data, list) else [data]
+        if any(item.numpy().tobytes() == refused for item in items):
+            raise RuntimeError("unsupported JPEG")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", refusing)
+    device = decode_loaded(loaded_batch(files, exact_path(decode="cuda")), CPU)
+    cpu = loaded_batch(files, exact_path())
+    assert calls == [4, 1, 1, 1, 1]  # the batch, then each file alone
+    assert (device.bad_samples, len(device.batch["image"])) == (0, 4)
+    assert torch.equal(device.batch["image"][1], cpu.batch["image"][1])  # PIL's pixels: the CPU path's exactly
+    assert (device.batch["image"].int() - cpu.batch["image"].int()).abs().max() <= 2
