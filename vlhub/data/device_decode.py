@@ -76,10 +76,6 @@ class EncodedImages:
     def __len__(self) -> int:
         return len(self.jpeg_rows) + len(self.finished_rows)
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:  # what batch_size_of reads, before and after decoding alike
-        return (len(self), 3, self.size, self.size)
-
     def pin_memory(self) -> EncodedImages:
         """Called through ``LoadedBatch.pin_memory``: the finished rows in page-locked memory."""
         return replace(self, finished=self.finished.pin_memory())
