@@ -26,6 +26,14 @@ from vlhub's venv, so both sides decode with the same Pillow and libjpeg:
 
 (``python`` is vlhub's venv; use the oc-venv's Python version in the .pth path.) Output: one
 JSON line per pipeline (images/s, per worker) and the ratio of vlhub's default to open_clip's.
+
+JPEG decoding on the GPU (``augment.decode=cuda``), only where CUDA is available (otherwise one line
+says the rows are skipped): the ``data=wds`` source at ``--workers`` and at all cores, each batch
+counted once its uint8 images are on the GPU, with CPU decode (default draft, and exact pixels) and
+with the JPEGs decoded on the GPU (``vlhub.data.device_decode``). ``--device-decode-only`` runs these
+rows alone (no open_clip venv needed):
+
+    python benchmarks/data_pipeline.py --device-decode-only --workers 2
 """
 
 from __future__ import annotations
@@ -138,6 +146,65 @@ def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, f
     return time_batches(((loaded.batch["image"], loaded.batch["text"]) for loaded in batches), args.num_images)
 
 
+def run_source_on_device(
+    shards: list[str], args, workers: int, decode: str, device: torch.device, draft: bool = True
+) -> dict[str, float]:
+    """The data=wds source's images/s up to uint8 batches on ``device``: decoded in the workers
+    (``decode="cpu"``, pinned and copied) or in this process on the device (``decode="cuda"``)."""
+    import itertools
+
+    import open_clip
+
+    from vlhub.augment import build_clip_transforms
+    from vlhub.data import WebDatasetPairs
+    from vlhub.data.device_decode import DeviceDecoding
+    from vlhub.models.vision_language import ImageStats
+
+    stats = ImageStats(args.size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    transforms = build_clip_transforms(stats, draft=draft, decode=decode)
+    source = WebDatasetPairs("::".join(shards), workers=workers)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    loader = source.build_loader(transforms.train, tokenizer, args.batch_size, seed=0, pin_memory=device.type == "cuda")
+    if transforms.device_decode:
+        loader = DeviceDecoding(loader, device)
+
+    def on_device():
+        for loaded in itertools.islice(loader, -(-args.num_images // args.batch_size)):  # the loader is endless
+            images = loaded.batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the batch is there, decoded
+            yield images, loaded.batch["text"]
+
+    return time_batches(on_device(), args.num_images)
+
+
+def device_decode_rows(shards: list[str], args) -> None:
+    """CPU decode vs GPU decode at ``--workers`` and at all cores (only with CUDA)."""
+    if not torch.cuda.is_available():
+        print("device decode rows (augment.decode=cuda) skipped: torch.cuda.is_available() is False", flush=True)
+        return
+    device = torch.device("cuda")
+    for workers in sorted({args.workers, os.cpu_count() or 1}):
+        rows = {}
+        for name, decode, draft in [
+            ("CPU decode, default draft", "cpu", True),
+            ("CPU decode, exact pixels (augment.draft=false)", "cpu", False),
+            ("GPU decode (augment.decode=cuda)", "cuda", True),
+        ]:
+            best = max(
+                (run_source_on_device(shards, args, workers, decode, device, draft) for _ in range(args.repeats)),
+                key=lambda r: r["images_per_s"],
+            )
+            rows[name] = report(f"vlhub data=wds to the GPU, {workers} workers, {name}", best, workers)
+        gpu = rows["GPU decode (augment.decode=cuda)"]["images_per_s"]
+        print(
+            f"GPU decode at {workers} workers: {gpu / rows['CPU decode, default draft']['images_per_s']:.2f}x "
+            f"CPU decode (draft), {gpu / rows['CPU decode, exact pixels (augment.draft=false)']['images_per_s']:.2f}x "
+            "CPU decode (exact)",
+            flush=True,
+        )
+
+
 def run_open_clip(shards: list[str], args) -> dict[str, float]:
     import open_clip
     from open_clip_train.data import get_wds_dataset
@@ -176,9 +243,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="passes per pipeline; the best is reported")
     parser.add_argument("--open-clip-python", default="/tmp/oc-venv/bin/python")
     parser.add_argument("--side", choices=["all", "open_clip"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--device-decode-only", action="store_true", help="only the augment.decode=cuda rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shards = write_shards(args.shards, args.num_images, args.shard_size)
+    if args.device_decode_only:
+        device_decode_rows(shards, args)
+        return
     if args.side == "open_clip":  # the subprocess, in the open_clip venv
         best = max((run_open_clip(shards, args) for _ in range(args.repeats)), key=lambda r: r["images_per_s"])
         print("RESULT " + json.dumps(best))
@@ -219,6 +290,7 @@ def main() -> None:
     for (name, row), alone in zip(real.items(), decode_only, strict=True):  # the headline: what training reads
         ratio, kept = row["images_per_s"] / theirs["images_per_s"], row["images_per_s"] / alone["images_per_s"]
         print(f"HEADLINE {name}: {ratio:.2f}x open_clip, {kept:.0%} of the decode-only row")
+    device_decode_rows(shards, args)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.config_keys import build_at, naming_keys
+from vlhub.config_resolvers import signature_defaults
+from vlhub.data.device_decode import decoding_on
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
 from vlhub.engine.trainer import Trainer
@@ -132,8 +134,10 @@ def train(
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
         parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
-        # A key this vlhub added to the trainer, at its default, is no change to a run that lacks it.
-        defaults = {"trainer": dataclasses.asdict(TrainerConfig())}
+        # A key this vlhub added to the trainer or the augment recipe (augment.decode), at its default, is no
+        # change to a run that lacks it.
+        augment = signature_defaults(get_object(cfg.augment._target_))
+        defaults = {"trainer": dataclasses.asdict(TrainerConfig()), "augment": augment}
         start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info, defaults)
         run_dir = run.run_dir  # rank 0's, on every rank
         if dist_info.is_main:
@@ -206,6 +210,12 @@ def build_trainer(
         views = instantiate(cfg.augment_views)(model.image_stats)
     with naming_keys(cfg, "objective"):
         prepare_objective(objective, source, model, views, choices)
+    if transforms.device_decode and objective.image_views > 1:  # the strong views would decode on the CPU anyway
+        raise ConfigError(
+            f"augment.decode=cuda decodes the base view only: objective={choices.get('objective', '?')} also draws "
+            f"{objective.strong_views} view(s) with augment_views={choices.get('augment_views', '?')}, decoded on "
+            "the CPU; use augment.decode=cpu"
+        )
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(config.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None
@@ -234,6 +244,8 @@ def build_trainer(
         pin_memory=dist_info.device.type == "cuda",
         view_transform=views.train,
     )
+    if transforms.device_decode:  # augment.decode=cuda: the JPEGs of each batch decode here, on the device
+        make_loader = decoding_on(make_loader, dist_info.device)
     guard = StepGuard(
         source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches, config.max_nonfinite_steps
     )

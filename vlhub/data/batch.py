@@ -122,8 +122,9 @@ class LoadedBatch:
     filtered: int = 0  # samples dropped by caption filtering (not bad, not in the batch)
 
     def pin_memory(self) -> LoadedBatch:
-        """Called by DataLoader(pin_memory=True): the batch's tensors in page-locked memory."""
-        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+        """Called by DataLoader(pin_memory=True): the batch's tensors (and encoded images' finished rows,
+        ``vlhub.data.device_decode``) in page-locked memory."""
+        batch = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in self.batch.items()}
         return replace(self, batch=batch)  # type: ignore[arg-type]
 
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlhub.data.batch import IMAGE_KEYS, BadSample, Batch, Filtered, LoadedBatch, RawSample
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.device_decode import collate_views
 from vlhub.data.images import DECODE_ERRORS
 
 if TYPE_CHECKING:
@@ -195,7 +196,8 @@ class Collate:
         batch: Batch = {}
         if good:
             for index, key in enumerate(IMAGE_KEYS[: self.image_views]):  # image, image_view2, image_view3
-                batch[key] = torch.stack([item["views"][index] for item in good])  # type: ignore[literal-required]
+                # stacked; views left encoded (augment.decode=cuda) become one EncodedImages, in sample order
+                batch[key] = collate_views([item["views"][index] for item in good])  # type: ignore[literal-required]
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
             # text_raw and text; with label_from_caption, label and labels from the captions
