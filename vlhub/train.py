@@ -18,13 +18,13 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.config_keys import build_at, naming_keys
-from vlhub.config_resolvers import signature_defaults
+from vlhub.config_resolvers import component_defaults
 from vlhub.data.device_decode import decoding_on
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
@@ -134,10 +134,9 @@ def train(
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
         parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
-        # A key this vlhub added to the trainer or the augment recipe (augment.decode), at its default, is no
-        # change to a run that lacks it.
-        augment = signature_defaults(get_object(cfg.augment._target_))
-        defaults = {"trainer": dataclasses.asdict(TrainerConfig()), "augment": augment}
+        # A key this vlhub added (to the trainer, or to a component's signature: augment.decode), at its
+        # default, is no change to a run whose stored config lacks it.
+        defaults = {**component_defaults(config), "trainer": dataclasses.asdict(TrainerConfig())}
         start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info, defaults)
         run_dir = run.run_dir  # rank 0's, on every rank
         if dist_info.is_main:
