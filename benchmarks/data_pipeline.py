@@ -33,7 +33,15 @@ ratio to open_clip and to its decode-only row, each the median of the rounds' ra
 
 ``--profile`` prints instead where the real source's time goes, per sample and stage (CPU time,
 in-process with workers=0, so it holds on a loaded machine), beside the decode-only pipeline's
-total in-process (see ``profile_source``).
+total in-process (``benchmarks/stage_profile.py``).
+
+JPEG decoding on the GPU (``augment.decode=cuda``), only where CUDA is available (otherwise one line
+says the rows are skipped): the ``data=wds`` source at ``--workers`` and at all cores, each batch
+counted once its uint8 images are on the GPU, with CPU decode (default draft, and exact pixels) and
+with the JPEGs decoded on the GPU (``vlhub.data.device_decode``). ``--device-decode-only`` runs these
+rows alone (no open_clip venv needed):
+
+    python benchmarks/data_pipeline.py --device-decode-only --workers 2
 """
 
 from __future__ import annotations
@@ -153,122 +161,63 @@ def run_vlhub_source(shards: list[str], args, draft: bool = True) -> dict[str, f
     return time_batches(((loaded.batch["image"], loaded.batch["text"]) for loaded in batches), args.num_images)
 
 
-# --profile: where a sample's time goes on the real path, in-process (workers=0, so every stage runs in this
-# thread): each stage's function is wrapped with a timer of this thread's CPU time (its own time, its timed
-# callees excluded: a loaded machine stretches wall time, not this), and each batch is pickled and unpickled
-# as a worker sends it to the main process. The timers' own cost (a ``thread_time`` call is a system call)
-# is measured on an empty function and shown apart; the median of ``--repeats`` passes is shown.
-STAGES = [  # (label, module, owner, attribute)
-    ("locate (layout + shuffle buffer)", "vlhub.data.layout", "StreamLayout", "locate"),
-    ("tar read (seek + read)", "vlhub.data.shard_reader", "LocalShards", "sample"),
-    ("open_image + caption bytes", "vlhub.data.stream", None, "decode_sample"),
-    ("caption pipeline (prepare)", "vlhub.data.captions", "CaptionPipeline", "prepare"),
-    ("seeding + per-sample glue (transform_sample)", "vlhub.data.stream", None, "transform_sample"),
-    ("image transform (decode + crop + resize)", "vlhub.data.loader", None, "draw_views"),
-    ("tokenisation", "vlhub.data.captions", "CaptionPipeline", "tokenize"),
-    ("collate (stack, labels, ids)", "vlhub.data.stream", "Collate", "__call__"),
-]
-
-
-class StageTimer:
-    """Own time per stage: a timed callee's time is charged to it, not to its caller."""
-
-    def __init__(self) -> None:
-        self.own: dict[str, float] = {}
-        self.calls = 0
-        self._stack: list[float] = []  # time spent in timed callees, per open frame
-
-    def wrap(self, label: str, function):
-        def timed(*args, **kwargs):
-            self.calls += 1
-            self._stack.append(0.0)
-            start = time.thread_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spent = time.thread_time() - start
-                children = self._stack.pop()
-                self.own[label] = self.own.get(label, 0.0) + spent - children
-                if self._stack:
-                    self._stack[-1] += spent
-
-        return timed
-
-    @staticmethod
-    def cost() -> float:
-        """Seconds a timed call adds (an empty function, wrapped, called from a wrapped one)."""
-        timer = StageTimer()
-        inner = timer.wrap("inner", lambda: None)
-        outer = timer.wrap("outer", lambda: [inner() for _ in range(10_000)])
-        start = time.thread_time()
-        outer()
-        return (time.thread_time() - start) / 10_000
-
-
-def _cpu_pass(loader, args, timer: StageTimer | None = None) -> tuple[float, float, int]:
-    """(CPU seconds reading the batches, CPU seconds sending them to a main process, samples) of one
-    in-process pass; the first batch (shards opened) is not counted, as in time_batches."""
+def run_source_on_device(
+    shards: list[str], args, workers: int, decode: str, device: torch.device, draft: bool = True
+) -> dict[str, float]:
+    """The data=wds source's images/s up to uint8 batches on ``device``: decoded in the workers
+    (``decode="cpu"``, pinned and copied) or in this process on the device (``decode="cuda"``)."""
     import itertools
-    import pickle
-    from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401 (registers the shared-memory tensor reductions)
+    import open_clip
 
-    batches, transfer = -(-args.num_images // args.batch_size), 0.0
-    iterator = iter(loader)
-    next(iterator)
-    if timer is not None:
-        timer.own.clear()
-        timer.calls = 0
-    spent = time.thread_time()
-    for batch in itertools.islice(iterator, batches - 1):
-        start = time.thread_time()
-        pickle.loads(bytes(ForkingPickler.dumps(batch)))  # what a worker's batch costs to send and receive
-        transfer += time.thread_time() - start
-    return time.thread_time() - spent - transfer, transfer, (batches - 1) * args.batch_size
+    from vlhub.augment import build_clip_transforms
+    from vlhub.data import WebDatasetPairs
+    from vlhub.data.device_decode import DeviceDecoding
+    from vlhub.models.vision_language import ImageStats
 
+    stats = ImageStats(args.size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    transforms = build_clip_transforms(stats, draft=draft, decode=decode)
+    source = WebDatasetPairs("::".join(shards), workers=workers)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    loader = source.build_loader(transforms.train, tokenizer, args.batch_size, seed=0, pin_memory=device.type == "cuda")
+    if transforms.device_decode:
+        loader = DeviceDecoding(loader, device)
 
-def profile_source(shards: list[str], args, draft: bool) -> dict[str, float]:
-    """CPU ms per sample in each stage of ``WebDatasetPairs.build_loader``'s stream (workers=0), one pass."""
-    import importlib
+    def on_device():
+        for loaded in itertools.islice(loader, -(-args.num_images // args.batch_size)):  # the loader is endless
+            images = loaded.batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the batch is there, decoded
+            yield images, loaded.batch["text"]
 
-    timer, patched = StageTimer(), []
-    for label, module_name, owner_name, attribute in STAGES:
-        module = importlib.import_module(module_name)
-        owner = getattr(module, owner_name) if owner_name else module
-        original = owner.__dict__[attribute] if owner_name else getattr(module, attribute)
-        patched.append((owner, attribute, original))
-        setattr(owner, attribute, timer.wrap(label, original))
-    try:
-        loader = _source_loader(shards, SimpleNamespace(**{**vars(args), "workers": 0}), draft)
-        spent, transfer, samples = _cpu_pass(loader, args, timer)
-    finally:
-        for owner, attribute, original in patched:
-            setattr(owner, attribute, original)
-    per_sample = {label: 1000 * seconds / samples for label, seconds in timer.own.items()}
-    per_sample["timers (measured apart)"] = 1000 * timer.calls * StageTimer.cost() / samples
-    per_sample["stream loop (the rest)"] = 1000 * spent / samples - sum(per_sample.values())
-    per_sample["worker -> main transfer (pickle + unpickle)"] = 1000 * transfer / samples
-    return per_sample
+    return time_batches(on_device(), args.num_images)
 
 
-def print_profile(shards: list[str], args) -> None:
-    """Per stage, then the totals beside the decode-only pipeline's (plain webdataset), both in-process."""
-    in_process = SimpleNamespace(**{**vars(args), "workers": 0})
-    for name, draft, fraction in [("default transform", True, 0.75), ("exact pixels: augment.draft=false", False, 1.0)]:
-        passes = [profile_source(shards, args, draft) for _ in range(args.repeats)]
-        print(f"vlhub data=wds source, {name}: CPU ms/sample by stage (workers=0, in-process; median of {len(passes)})")
-        for label in passes[0]:
-            print(f"  {label:<50} {np.median([stages[label] for stages in passes]):7.3f}")
-        real, alone = [], []
-        for _ in range(args.repeats):  # without timers, interleaved so that load drifts hit both alike
-            spent, transfer, samples = _cpu_pass(_source_loader(shards, in_process, draft), args)
-            real.append(1000 * (spent + transfer) / samples)
-            spent, transfer, samples = _cpu_pass(_decode_only_loader(shards, in_process, draft, fraction), args)
-            alone.append(1000 * (spent + transfer) / samples)
-        print(f"  {'total without timers':<50} {np.median(real):7.3f}")
-        print(f"  {'decode-only pipeline, same transform':<50} {np.median(alone):7.3f}")
-        print(f"  real source at {np.median(alone) / np.median(real):.0%} of the decode-only pipeline's speed (CPU)")
+def device_decode_rows(shards: list[str], args) -> None:
+    """CPU decode vs GPU decode at ``--workers`` and at all cores (only with CUDA)."""
+    if not torch.cuda.is_available():
+        print("device decode rows (augment.decode=cuda) skipped: torch.cuda.is_available() is False", flush=True)
+        return
+    device = torch.device("cuda")
+    for workers in sorted({args.workers, os.cpu_count() or 1}):
+        rows = {}
+        for name, decode, draft in [
+            ("CPU decode, default draft", "cpu", True),
+            ("CPU decode, exact pixels (augment.draft=false)", "cpu", False),
+            ("GPU decode (augment.decode=cuda)", "cuda", True),
+        ]:
+            best = max(
+                (run_source_on_device(shards, args, workers, decode, device, draft) for _ in range(args.repeats)),
+                key=lambda r: r["images_per_s"],
+            )
+            rows[name] = report(f"vlhub data=wds to the GPU, {workers} workers, {name}", best, workers)
+        gpu = rows["GPU decode (augment.decode=cuda)"]["images_per_s"]
+        print(
+            f"GPU decode at {workers} workers: {gpu / rows['CPU decode, default draft']['images_per_s']:.2f}x "
+            f"CPU decode (draft), {gpu / rows['CPU decode, exact pixels (augment.draft=false)']['images_per_s']:.2f}x "
+            "CPU decode (exact)",
+            flush=True,
+        )
 
 
 def run_open_clip(shards: list[str], args) -> dict[str, float]:
@@ -314,17 +263,24 @@ def main() -> None:
         "--profile", action="store_true", help="print the real source's CPU ms/sample per stage (in-process) and stop"
     )
     parser.add_argument("--side", choices=["all", "open_clip"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--device-decode-only", action="store_true", help="only the augment.decode=cuda rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = args.shards or Path(f"/tmp/vlhub-bench-shards-{args.num_images}")  # a run never rewrites another's
     shards = write_shards(folder, args.num_images, args.shard_size)
+    if args.device_decode_only:
+        device_decode_rows(shards, args)
+        return
     if args.profile:
-        print_profile(shards, args)
+        from stage_profile import print_profile  # beside this file (sys.path[0] when run as a script)
+
+        print_profile(shards, args, _source_loader, _decode_only_loader)
         return
     if args.side == "open_clip":  # the subprocess, in the open_clip venv: one pass a call
         print("RESULT " + json.dumps(run_open_clip(shards, args)))
         return
     run_rounds(shards, args)
+    device_decode_rows(shards, args)
 
 
 EXACT, DEFAULT = "vlhub uint8, draft off (exact pixels)", "vlhub uint8, draft on, min_fraction 0.75 (default)"

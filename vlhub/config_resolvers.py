@@ -35,6 +35,31 @@ def signature_defaults(target: Any) -> dict[str, Any]:
     return found
 
 
+def component_defaults(config: Any) -> dict[str, Any]:
+    """Every component's signature defaults, nested where it sits in ``config`` (a plain, resolved
+    config; a component is a mapping with a ``_target_``): what a key a later vlhub added to a component
+    holds when a run folder's stored config lacks it (``vlhub.run.config_changes``)."""
+    if not isinstance(config, dict):
+        return {}
+    found: dict[str, Any] = {}
+    target = config.get("_target_")
+    if isinstance(target, str):
+        try:
+            found = {name: _as_stored(value) for name, value in signature_defaults(get_object(target)).items()}
+        except (ImportError, ValueError, TypeError):  # no importable target or signature: building it says so
+            found = {}
+    for key, value in config.items():
+        inner = component_defaults(value)
+        if inner:
+            found[key] = inner
+    return found
+
+
+def _as_stored(value: Any) -> Any:
+    """A default as a stored config holds it (a tuple is a list)."""
+    return [_as_stored(item) for item in value] if isinstance(value, (tuple, list)) else value
+
+
 def _plain(value: Any) -> Any:
     """A default as YAML holds it: a tuple or list is a ListConfig (a plain list cannot be resolved
     in place, as ``--cfg job --resolve`` and ``OmegaConf.resolve`` do)."""

@@ -24,11 +24,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import vlhub.config_help  # noqa: F401  (--help's list of config groups)
 from vlhub.config_keys import build_at, naming_keys
+from vlhub.config_resolvers import component_defaults
+from vlhub.data.device_decode import decoding_on
 from vlhub.engine.guard import StepGuard
 from vlhub.engine.prepare import prepare
-from vlhub.engine.trainer import Evaluation, Trainer
+from vlhub.engine.trainer import Trainer
 from vlhub.engine.trainer_config import TrainerConfig
 from vlhub.errors import ConfigError
+from vlhub.eval.during_training import Evaluation
 from vlhub.eval.retrieval import PairValidationTask
 from vlhub.launch import PlainKeys, check_config, check_device, errors_reported, overrides_checked
 from vlhub.objectives import IncompatibleObjective, Objective
@@ -131,8 +134,9 @@ def train(
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
         parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
-        # A key this vlhub added to the trainer, at its default, is no change to a run that lacks it.
-        defaults = {"trainer": dataclasses.asdict(TrainerConfig())}
+        # A key this vlhub added (to the trainer, or to a component's signature: augment.decode), at its
+        # default, is no change to a run whose stored config lacks it.
+        defaults = {**component_defaults(config), "trainer": dataclasses.asdict(TrainerConfig())}
         start = run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info, defaults)
         run_dir = run.run_dir  # rank 0's, on every rank
         if dist_info.is_main:
@@ -205,6 +209,12 @@ def build_trainer(
         views = instantiate(cfg.augment_views)(model.image_stats)
     with naming_keys(cfg, "objective"):
         prepare_objective(objective, source, model, views, choices)
+    if transforms.device_decode and objective.image_views > 1:  # the strong views would decode on the CPU anyway
+        raise ConfigError(
+            f"augment.decode=cuda decodes the base view only: objective={choices.get('objective', '?')} also draws "
+            f"{objective.strong_views} view(s) with augment_views={choices.get('augment_views', '?')}, decoded on "
+            "the CPU; use augment.decode=cpu"
+        )
     objective_kwargs = {k: v for k, v in config_of(cfg.objective).items() if k != "_target_"}
     torch.manual_seed(config.seed + 1_000_003 * dist_info.rank)  # per-rank dropout streams
     metric_logger = None
@@ -233,6 +243,8 @@ def build_trainer(
         pin_memory=dist_info.device.type == "cuda",
         view_transform=views.train,
     )
+    if transforms.device_decode:  # augment.decode=cuda: the JPEGs of each batch decode here, on the device
+        make_loader = decoding_on(make_loader, dist_info.device)
     guard = StepGuard(
         source.max_bad_fraction, source.bad_fraction_min_samples, source.max_empty_batches, config.max_nonfinite_steps
     )

@@ -20,6 +20,21 @@ def png(colour: int) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A baseline RGB JPEG of smooth random colour (upsampled noise: edges and gradients, like a photo)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=torch.uint8, generator=generator)
+    image = Image.fromarray(noise.numpy()).resize((width, height), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def truncated_scan(data: bytes, keep: float = 0.6) -> bytes:
+    """``data`` (a JPEG) cut inside its scan: the header is whole, so opening it succeeds; decoding fails."""
+    return data[: int(len(data) * keep)]
+
+
 def tagged_shards(folder, name, shards, per_shard, sizes=True):
     """Shards written by a plain ``webdataset.TarWriter``; each caption names its source and shard."""
     folder.mkdir(parents=True, exist_ok=True)

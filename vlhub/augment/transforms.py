@@ -19,6 +19,11 @@ short side, 355-375 px, becomes 178-188 px, resized up to 224): 1.8x open_clip's
 pixels on the benchmark's images, and up to 1/4 fewer source rows or columns than output ones.
 ``draft_min_fraction=1.0`` drafts only sources at least twice the crop (no resolution lost);
 ``draft=false`` gives open_clip's pixels exactly.
+
+Device decoding (``decode="cuda"``): the crop is drawn the same way, but an undecoded RGB JPEG is
+returned as a :class:`~vlhub.data.device_decode.EncodedView` (its bytes and the crop box), decoded,
+cropped and resized on the training device (``vlhub.data.device_decode``); ``draft`` does not apply
+to it. Every other image is cropped and resized here, as with ``decode="cpu"``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from open_clip.transform import AugmentationCfg, image_transform
 from PIL import Image
@@ -44,11 +48,14 @@ from torchvision.transforms import (
 )
 from torchvision.transforms import RandomResizedCrop as TorchRandomResizedCrop
 
+from vlhub.data.device_decode import EncodedView
+from vlhub.data.images import crop_resized, is_undecoded_jpeg, to_uint8_tensor
 from vlhub.models.vision_language import ImageStats
 from vlhub.registry import TRANSFORMS
 
 ImageTransform = Callable[[object], torch.Tensor]
 DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers through PIL
+DECODE_DEVICES = ("cpu", "cuda")  # where a training view's JPEG is decoded
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,7 @@ class Transforms:
     train: ImageTransform  # -> uint8 [3, H, W]; normalised on the device
     eval: ImageTransform  # -> float [3, H, W], normalised
     random: bool = True  # whether two draws of ``train`` differ (objectives comparing augment_views need it)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as ``uint8 [3, H, W]`` (``ToTensor`` without the division)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    device_decode: bool = False  # whether ``train`` leaves JPEGs to the device (``vlhub.data.device_decode``)
 
 
 def draft_scale(image: Image.Image, crop: tuple[int, int], size: int, min_fraction: float) -> int:
@@ -83,7 +86,8 @@ class RandomResizedCropUint8:
     """open_clip's training crop (RandomResizedCrop, bicubic, then RGB) returning uint8.
 
     Draws the crop with torchvision's ``RandomResizedCrop.get_params`` (the same random numbers
-    as open_clip's transform), optionally decodes a JPEG at a reduced scale, and resizes.
+    as open_clip's transform), optionally decodes a JPEG at a reduced scale, and resizes; with
+    ``decode="cuda"`` an undecoded RGB JPEG comes back as an ``EncodedView`` for the device instead.
     """
 
     def __init__(
@@ -93,29 +97,37 @@ class RandomResizedCropUint8:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         draft: bool = False,
         draft_min_fraction: float = 1.0,
+        decode: str = "cpu",
     ) -> None:
         self.size, self.scale, self.ratio = size, scale, ratio
-        self.draft, self.draft_min_fraction = draft, draft_min_fraction
+        self.draft, self.draft_min_fraction, self.decode = draft, draft_min_fraction, decode
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> torch.Tensor | EncodedView:
         top, left, height, width = TorchRandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        if self.decode == "cuda" and is_undecoded_jpeg(image):  # the same draws; the pixels are the device's
+            data = torch.frombuffer(bytearray(image.fp.getvalue()), dtype=torch.uint8)  # type: ignore[union-attr]
+            return EncodedView(data, (top, left, height, width), self.size)
         reduction = 1
         if self.draft:
             reduction = draft_scale(image, (height, width), self.size, self.draft_min_fraction)
         if reduction == 1:  # exactly torchvision's resized_crop on PIL, then open_clip's RGB
-            cropped = image.crop((left, top, left + width, top + height))
-            resized = cropped.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        else:  # the same box, in the reduced image's coordinates
-            box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
-            box = (box[0], box[1], min(box[2], image.size[0]), min(box[3], image.size[1]))
-            resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+            return crop_resized(image, (top, left, height, width), self.size)
+        # the same box, in the reduced image's coordinates
+        box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+        box = (box[0], box[1], min(box[2], image.size[0]), min(box[3], image.size[1]))
+        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         return to_uint8_tensor(resized.convert("RGB"))
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, scale={self.scale}, draft={self.draft}, "
-            f"draft_min_fraction={self.draft_min_fraction})"
+            f"draft_min_fraction={self.draft_min_fraction}, decode={self.decode!r})"
         )
+
+
+def cuda_available() -> bool:
+    """Whether ``decode="cuda"`` can run here; one function, so a test can run the device path on the CPU."""
+    return torch.cuda.is_available()
 
 
 def _checked_scale(scale: tuple[float, float]) -> tuple[float, float]:
@@ -137,13 +149,21 @@ def build_clip_transforms(
     scale: tuple[float, float] = (0.9, 1.0),
     draft: bool = True,
     draft_min_fraction: float = 0.75,
+    decode: str = "cpu",
 ) -> Transforms:
-    """open_clip's recipe: RandomResizedCrop(scale) for training (uint8 out), resize + centre crop for eval."""
+    """open_clip's recipe: RandomResizedCrop(scale) for training (uint8 out), resize + centre crop for eval.
+
+    ``decode``: where the training crops' JPEGs are decoded, ``"cpu"`` (in the data workers) or ``"cuda"``
+    (batched on the training device, ``vlhub.data.device_decode``; the same crops, ``draft`` not applied)."""
     scale = _checked_scale(scale)
     if not 0 < draft_min_fraction <= 1:
         raise ValueError(f"draft_min_fraction must be in (0, 1], got {draft_min_fraction}")
-    train = RandomResizedCropUint8(stats.size, scale, draft=draft, draft_min_fraction=draft_min_fraction)
-    return Transforms(train=train, eval=_eval_transform(stats))
+    if decode not in DECODE_DEVICES:
+        raise ValueError(f"decode={decode!r} must be one of {', '.join(DECODE_DEVICES)}")
+    if decode == "cuda" and not cuda_available():
+        raise ValueError("decode=cuda needs a CUDA device; torch.cuda.is_available() is False (use decode=cpu)")
+    train = RandomResizedCropUint8(stats.size, scale, draft=draft, draft_min_fraction=draft_min_fraction, decode=decode)
+    return Transforms(train=train, eval=_eval_transform(stats), device_decode=decode == "cuda")
 
 
 def open_clip_train_transform(stats: ImageStats, scale: tuple[float, float] = (0.9, 1.0)) -> ImageTransform:

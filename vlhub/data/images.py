@@ -6,6 +6,7 @@ import io
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vlhub.data.batch import BadSample
@@ -51,3 +52,24 @@ def _wide_grey_to_rgb(image: Image.Image) -> Image.Image:
     else:
         values = np.clip(values, 0.0, 65535.0) / 257.0
     return Image.fromarray(np.rint(values).astype(np.uint8)).convert("RGB")
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as ``uint8 [3, H, W]`` (``ToTensor`` without the division)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def crop_resized(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """``box`` (top, left, height, width) of ``image`` resized to ``size`` x ``size``, bicubic, as RGB
+    uint8 ``[3, size, size]``: exactly torchvision's ``resized_crop`` on PIL, then open_clip's RGB."""
+    top, left, height, width = box
+    cropped = image.crop((left, top, left + width, top + height))
+    return to_uint8_tensor(cropped.resize((size, size), Image.Resampling.BICUBIC).convert("RGB"))
+
+
+def is_undecoded_jpeg(image: Image.Image) -> bool:
+    """Whether ``image`` is an RGB JPEG as :func:`open_image` returns it: opened from its bytes, not decoded
+    (PIL drops ``fp`` once it decodes), at its full size (no ``draft`` scale taken)."""
+    undecoded = isinstance(getattr(image, "fp", None), io.BytesIO) and bool(getattr(image, "tile", None))
+    drafted = bool(getattr(image, "decoderconfig", ())) and image.decoderconfig[0] != 1  # type: ignore[attr-defined]
+    return undecoded and image.format == "JPEG" and image.mode == "RGB" and not drafted

@@ -22,13 +22,13 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlhub.data.batch import IMAGE_KEYS, BadSample, Batch, Filtered, LoadedBatch, RawSample
 from vlhub.data.captions import CaptionPipeline
+from vlhub.data.device_decode import collate_views
 from vlhub.data.images import DECODE_ERRORS
 
 if TYPE_CHECKING:
@@ -180,18 +180,6 @@ def check_image_views(image_views: int) -> None:
         raise ValueError(f"image_views must be in [1, {len(IMAGE_KEYS)}] (one key each: {keys}), got {image_views}")
 
 
-def stack_images(views: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(views)``, the same values and layout; CPU uint8 views of one shape (the training
-    transforms' ``[3, H, W]``, permuted views of ``[H, W, 3]`` pixels) are copied by numpy, whose strided
-    uint8 copy is about twice torch's (benchmarks/data_pipeline.py --profile: collate)."""
-    first = views[0]
-    if not all(v.dtype == torch.uint8 and v.device.type == "cpu" and v.shape == first.shape for v in views):
-        return torch.stack(views)
-    out = torch.empty((len(views), *first.shape), dtype=torch.uint8)
-    np.stack([view.numpy() for view in views], out=out.numpy())
-    return out
-
-
 class Collate:
     """Stacks good samples into a :class:`Batch`; bad ones are counted with reasons, filtered ones counted."""
 
@@ -208,7 +196,8 @@ class Collate:
         batch: Batch = {}
         if good:
             for index, key in enumerate(IMAGE_KEYS[: self.image_views]):  # image, image_view2, image_view3
-                batch[key] = stack_images([item["views"][index] for item in good])  # type: ignore[literal-required]
+                # stacked; views left encoded (augment.decode=cuda) become one EncodedImages, in sample order
+                batch[key] = collate_views([item["views"][index] for item in good])  # type: ignore[literal-required]
             batch["label"] = torch.tensor([item["label"] for item in good], dtype=torch.long)
             batch["sample_id"] = torch.tensor([item["slot"] for item in good], dtype=torch.long)
             # text_raw and text; with label_from_caption, label and labels from the captions

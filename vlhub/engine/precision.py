@@ -42,9 +42,13 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The optimizer step; False when the fp16 loss scaler skipped it (an inf or NaN gradient): the
+        scaler then lowers its scale, which is how the skip is read (its own flag is private)."""
+        if self.scaler is None:
             optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale

@@ -101,8 +101,8 @@ def train_step(
     precision.unscale_(optimizer)  # clip and log true gradients, not scaled ones
     if grad_clip_norm is not None:
         parts["grad_norm"] = parallel.clip_gradients_(params, grad_clip_norm)
-    precision.step(optimizer)
-    objective.after_step()  # the step was applied: the objective's own state follows (a queue)
+    if precision.step(optimizer):  # applied (not skipped by the fp16 scaler): the objective's state follows (a queue)
+        objective.after_step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return parts

@@ -6,7 +6,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,16 @@ from vlhub.engine.prepare import Prepared, build_gradient_strategy, choose_chunk
 from vlhub.engine.state import TrainerState
 from vlhub.engine.step import train_step
 from vlhub.engine.trainer_config import TrainerConfig
+from vlhub.eval.during_training import Evaluation
+from vlhub.optim.schedules import load_scheduler_state
 from vlhub.parallel.collectives import all_gather_object, barrier
 from vlhub.parallel.sharded_checkpoint import MARKER as SHARDED
 from vlhub.parallel.sharded_checkpoint import load_sharded_, state_root
-from vlhub.run.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, weights_from
+from vlhub.run.checkpoint import Checkpointer, capture_rng_state, restore_rank_rng_state, weights_from
 from vlhub.run.loggers import MetricLogger
 from vlhub.run.preemption import Preemption, WaitInterrupted
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Evaluation:
-    """The tasks (``vlhub.eval.Evaluator``), the eval image transform, the folder for their outputs."""
-
-    evaluator: Any
-    transform: Callable[[Any], torch.Tensor]
-    folder: Path
 
 
 class Trainer:
@@ -158,7 +150,7 @@ class Trainer:
         return parts
 
     def eval_due(self) -> bool:
-        return self.evaluation is not None and self.evaluation.evaluator.due(self.state.step)
+        return self.evaluation is not None and self.evaluation.due(self.state.step)
 
     def stop_on_signal(self, start_step: int, run: Checkpointer) -> dict[str, float]:
         """Save this step (unless it was just saved) and return once it is written; no evaluation."""
@@ -200,19 +192,13 @@ class Trainer:
 
     # -- evaluation (every rank) and checkpoints (rank 0 writes) ----------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Run the evaluation tasks (if any) and write a record with the bad-sample count either way.
-
-        Every rank evaluates its share of each dataset (the metrics, gathered, are the same on
-        every rank); rank 0 alone writes the record."""
+        """Run the evaluation (if any; every rank takes part); rank 0 writes a record with the bad-sample
+        count either way."""
         metrics: dict[str, float] = {}
         described: dict[str, str] = {}  # which scoring produced each kind of metric
-        if self.evaluation is not None and self.evaluation.evaluator.tasks:
-            task = self.evaluation
-            # A sharding strategy hands every rank an unsharded copy (sharded forwards are collectives).
-            with self.prepared.parallel.evaluation_model(self.model) as model:
-                scoring = self.objective.scoring(model)  # the objective decides how images are scored
-                metrics = task.evaluator.run(model, task.transform, self.dist.device, task.folder, scoring)
-                described = {"scoring": scoring.record()} if metrics else {}
+        if self.evaluation is not None:
+            p = self.prepared
+            metrics, described = self.evaluation.run(self.model, self.objective, p.parallel, self.dist.device)
         if not self.dist.is_main:
             return metrics
         state = self.state
@@ -272,20 +258,10 @@ class Trainer:
                 p.parallel.load_model_state_dict(self.model, checkpoint["state_dict"])
                 self.objective.load_state_dict(checkpoint["objective"])
             p.parallel.load_optimizer_state_dict(self.optimizer, checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        # A resumed run may raise max_steps: recompute the lr from this run's schedule.
-        for group, base, factor in zip(
-            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * factor(self.scheduler.last_epoch)
+        load_scheduler_state(self.scheduler, checkpoint["scheduler"])  # the lr from this run's schedule
         if self.precision.scaler is not None and checkpoint["scaler"]:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
         self.state.load_state_dict(checkpoint)
-        per_rank, rank = checkpoint["rng_per_rank"], self.dist.rank
-        if len(per_rank) == self.dist.world_size:
-            restore_rng_state(per_rank[rank])
-        else:  # another number of ranks: rank 0 continues its stream, the others start their own
-            restore_rng_state(per_rank[0])
-            if rank > 0:
-                torch.manual_seed(self.config.seed + 1_000_003 * rank + self.state.step)
+        reseed = self.config.seed + self.state.step  # ranks the checkpoint did not have start from this
+        restore_rank_rng_state(checkpoint["rng_per_rank"], self.dist.rank, self.dist.world_size, reseed)
         log.info("resumed from step %d (%d samples into the data stream)", self.state.step, self.state.samples_consumed)

@@ -32,3 +32,12 @@ def cosine_factor(step: int, warmup_steps: int, max_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int) -> LambdaLR:
     factor = SCHEDULES.get(name)
     return LambdaLR(optimizer, partial(factor, warmup_steps=warmup_steps, max_steps=max_steps))
+
+
+def load_scheduler_state(scheduler: LambdaLR, state: dict) -> None:
+    """A checkpoint's schedule position, with each group's lr recomputed from this run's schedule:
+    a resumed run may change ``max_steps``, so the stored lr would be the old schedule's."""
+    scheduler.load_state_dict(state)
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)

@@ -57,10 +57,8 @@ class ParallelStrategy:
         """Called once, on the device, before the optimizer is built."""
 
     def compile_targets(self, model: VisionLanguageModel) -> list[nn.Module]:
-        """What ``trainer.compile`` compiles, before :meth:`setup`: each tower's module."""
-        from vlhub.engine.compile import tower_modules  # here: importing compile pulls in dynamo
-
-        return tower_modules(model)
+        """What ``trainer.compile`` compiles, before :meth:`setup`: what each tower says holds its compute."""
+        return [unit for tower in model.towers().values() for unit in tower.compile_units()]
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Backward passes under this context accumulate locally; the next one outside it syncs."""

@@ -90,6 +90,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached))
 
 
+def restore_rank_rng_state(per_rank: list[dict[str, Any]], rank: int, world_size: int, reseed: int) -> None:
+    """This rank's random streams from a checkpoint's ``rng_per_rank``. Written by another number of
+    ranks: rank 0 continues its stream, the others start their own (seeded by ``reseed`` and the rank)."""
+    if len(per_rank) == world_size:
+        restore_rng_state(per_rank[rank])
+        return
+    restore_rng_state(per_rank[0])
+    if rank > 0:
+        torch.manual_seed(reseed + 1_000_003 * rank)
+
+
 @contextlib.contextmanager
 def weights_from(where: str) -> Iterator[None]:
     """Loading the weights of ``where`` (``checkpoint.resume=PATH``): a tensor of another shape, or a

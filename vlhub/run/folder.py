@@ -90,7 +90,7 @@ def remove_failed_launch(
             lock = RunLock.acquire(run_dir / LOCK, stale_after_s)
         except (RunFolderError, OSError):
             return  # another launch holds the folder: its files are not ours
-    lock._stop.set()  # the folder and its lock go together
+    lock.stop_heartbeat()  # the folder and its lock go together
     try:
         launch_only = {".hydra", IDENTITY, RECORD, LOCK, "checkpoints", "tensorboard"}
         for path in run_dir.iterdir():

@@ -143,10 +143,15 @@ class RunLock:
         holder = self._read()
         return holder is not None and holder.get("token") == self.token
 
-    def release(self) -> None:
+    def stop_heartbeat(self) -> None:
+        """No refresh after this returns (a heartbeat mid-refresh would write the file again after an
+        unlink or a folder's removal); the lock file stays as it is."""
         self._stop.set()
-        if self._thread.is_alive():  # a heartbeat mid-refresh would write the file again after the unlink
+        if self._thread.is_alive():
             self._thread.join()
+
+    def release(self) -> None:
+        self.stop_heartbeat()
         holder = self._read()
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)

@@ -221,7 +221,7 @@ def test_collate_stacks_uint8_views_as_torch_stack_does():
     import numpy as np
 
     from vlhub.augment.transforms import to_uint8_tensor
-    from vlhub.data.loader import stack_images
+    from vlhub.data.batch import stack_images
 
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(3)]

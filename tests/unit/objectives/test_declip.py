@@ -248,3 +248,20 @@ def test_declip_simsiam_and_multiview_terms_match_x_clip():
     clips = [clip, tiny_xclip(dim, ids, text_view, scale)]
     pairs = [one(ids, view, return_loss=True) for view in (view2, view3) for one in clips]
     assert_close(parts["multiview_loss"], torch.stack(pairs).mean())
+
+
+def test_a_step_the_fp16_scaler_skips_enqueues_nothing():
+    model, objective = prepared_objective("declip", queue_size=40, **SMALL)
+    optimizer, scheduler = _optimizer(model, objective)
+    precision, queue = Precision("amp_fp16", CPU), objective.text_queue
+    batch = objective_batch(model, objective, size=8, seed=0)
+    weight = next(model.parameters())
+    # The loss stays finite; one gradient overflows, as fp16 gradients do: the scaler skips the step.
+    overflow = weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before, scale = weight.detach().clone(), precision.scaler.get_scale()
+    assert train_step(model, objective, batch, optimizer, scheduler, precision, PlainGradients(), None) is not None
+    assert torch.equal(weight.detach(), before) and precision.scaler.get_scale() == scale / 2  # skipped
+    assert int(queue.filled) == 0
+    overflow.remove()
+    train_step(model, objective, batch, optimizer, scheduler, precision, PlainGradients(), None)
+    assert not torch.equal(weight.detach(), before) and int(queue.filled) == 16  # applied: enqueued
