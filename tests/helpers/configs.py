@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -46,13 +48,20 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
+    return copy.deepcopy(_composed("train", tuple(overrides or [])))
 
 
 def compose_evaluate(overrides: list[str]) -> DictConfig:
+    return copy.deepcopy(_composed("evaluate", tuple(overrides)))
+
+
+@functools.cache
+def _composed(config_name: str, overrides: tuple[str, ...]) -> DictConfig:
+    """One Hydra compose per config and overrides for the session (a compose reads the YAML tree again:
+    about 0.1 s, hundreds of times a run); callers get a deep copy, so the cached one stays as composed.
+    The YAML does not change during a session; interpolations (``${oc.env:...}``, resolvers) stay unresolved."""
     with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides, return_hydra_config=False)
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
 
 
 def run_train(overrides: list[str], run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
