@@ -114,6 +114,7 @@ for module, args in json.loads(sys.argv[1]):
 def test_configs_are_found_from_a_built_wheel_and_its_commands_run(tmp_path, trained_checkpoint):
     import json
     import os
+    import shutil
     import subprocess
     import sys
     import sysconfig
@@ -121,11 +122,19 @@ def test_configs_are_found_from_a_built_wheel_and_its_commands_run(tmp_path, tra
     from pathlib import Path
 
     pytest.importorskip("setuptools")
-    repo = Path(__file__).resolve().parents[2]
+    repo, source = Path(__file__).resolve().parents[2], tmp_path / "source"
+    # Built from a copy of what the wheel is made of: a build/ folder left in the checkout by an earlier
+    # build would otherwise go into the wheel (a package dropped from pyproject.toml would still ship).
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(repo / name, source / name)
+    for name in ("vlhub", "configs", "experiments"):
+        shutil.copytree(repo / name, source / name, symlinks=True, ignore=skip)
     env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
         check=True,
         env=env,
         capture_output=True,
