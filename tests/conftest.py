@@ -13,10 +13,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers.configs import run_train  # noqa: E402
+from tests.helpers.configs import cache_config_files, run_train  # noqa: E402
 from tests.helpers.models import micro_model  # noqa: E402
 
 torch.set_num_threads(1)
+cache_config_files()  # each YAML file parsed once per session (Hydra parses it in every compose)
 
 
 @pytest.fixture(scope="session")

@@ -73,11 +73,14 @@ def test_every_objective_option_composes_and_sets_only_the_objective(objective):
 
 
 # Built on the meta device (the same modules and shapes, no memory, no init): options too large to
-# allocate in the default run (ViT-H/14: 986M parameters, 4 GB; a ViT-L/16 trunk), and the QuickGELU twins
-# of rn50 and vit_b32 (their towers are built for real above; seconds each). Weights that would be
-# downloaded are left out (the same architecture, initialised).
+# allocate in the default run (ViT-H/14: 986M parameters, 4 GB; a ViT-L/16 trunk; ViT-L/14, 428M, whose
+# open_clip ViT is built for real as vit_b32 and vit_b16, and eva02_b16, whose timm trunk kind is built
+# for real as timm), and the QuickGELU twins of rn50 and vit_b32 (their towers are built for real above;
+# seconds each). Weights that would be downloaded are left out (the same architecture, initialised).
 ON_META = {
     "vit_h14": [],
+    "vit_l14": [],
+    "eva02_b16": [],
     "timm_vit_l16_in21k": ["model.timm_pretrained=false"],
     "rn50_quickgelu": [],
     "vit_b32_quickgelu": [],

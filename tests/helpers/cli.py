@@ -9,12 +9,13 @@ import runpy
 import sys
 
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 
 def run_module(module: str, args: list[str]) -> int | str | None:
     """``python -m module *args`` here (its ``__main__``); returns the exit code it stopped with (None: it
     returned). Hydra's global state and the process's logging are put back afterwards."""
-    saved = sys.argv
+    saved, hydra_config = sys.argv, HydraConfig.instance().cfg
     sys.argv = [module, *args]
     try:
         with logging_restored():
@@ -24,6 +25,7 @@ def run_module(module: str, args: list[str]) -> int | str | None:
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = hydra_config  # the last job's hydra node (a sweep's too) is not left behind
     return None
 
 

@@ -65,11 +65,12 @@ def test_a_named_arch_checkpoint_loads_with_open_clip_create_model(tmp_path):
     from vlhub.run.checkpoint import save_atomic
 
     torch.manual_seed(0)
-    ours = build_open_clip_model(arch="ViT-B-32")
+    # A small named ViT: ViT-B-32's layout (patch embedding, blocks, projections) at a third of its size.
+    ours = build_open_clip_model(arch="ViT-S-32-alt")
     save_atomic({"state_dict": ours.open_clip_state_dict()}, tmp_path / "latest.pt")
-    theirs = open_clip.create_model("ViT-B-32", pretrained=str(tmp_path / "latest.pt"))
+    theirs = open_clip.create_model("ViT-S-32-alt", pretrained=str(tmp_path / "latest.pt"))
     image = torch.randn(1, 3, 224, 224)
-    tokens = open_clip.get_tokenizer("ViT-B-32")(["a dog"])
+    tokens = open_clip.get_tokenizer("ViT-S-32-alt")(["a dog"])
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(image), theirs.encode_image(image, normalize=True))
         torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens, normalize=True))

@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from tests.helpers.configs import compose_train, run_train
+from tests.helpers.configs import FAST_EVAL, compose_train, run_train
 from vlhub.models import build_open_clip_model
 
 
@@ -89,46 +89,81 @@ def test_experiment_presets_compose_and_the_smoke_preset_trains(tmp_path):
     assert set(metrics) >= {"synthetic-zeroshot-top1"}
 
 
+# The wheel's commands in one fresh process started from it (each process costs an import of torch and
+# open_clip): where vlhub.configs and vlhub.experiments come from, then each `python -m MODULE ARGS` (a JSON
+# list in argv[1]) as runpy runs it, evaluate first, while nothing of vlhub.train is imported yet.
+WHEEL_COMMANDS = """
+import json, runpy, sys
+import vlhub.configs, vlhub.experiments
+from hydra.core.global_hydra import GlobalHydra
+print("configs from", vlhub.configs.__file__, flush=True)
+print("presets from", vlhub.experiments.__file__, flush=True)
+for module, args in json.loads(sys.argv[1]):
+    print("=== python -m", module, *args, flush=True)
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            raise
+    GlobalHydra.instance().clear()
+"""
+
+
 @pytest.mark.slow
-def test_configs_are_found_from_a_built_wheel(tmp_path):
+def test_configs_are_found_from_a_built_wheel_and_its_commands_run(tmp_path, trained_checkpoint):
+    import json
     import os
+    import shutil
     import subprocess
     import sys
     import sysconfig
+    import zipfile
     from pathlib import Path
 
     pytest.importorskip("setuptools")
-    repo = Path(__file__).resolve().parents[2]
+    repo, source = Path(__file__).resolve().parents[2], tmp_path / "source"
+    # Built from a copy of what the wheel is made of: a build/ folder left in the checkout by an earlier
+    # build would otherwise go into the wheel (a package dropped from pyproject.toml would still ship).
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(repo / name, source / name)
+    for name in ("vlhub", "configs", "experiments"):
+        shutil.copytree(repo / name, source / name, symlinks=True, ignore=skip)
     env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", repo],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
         check=True,
         env=env,
         capture_output=True,
     )
     wheel = next((tmp_path / "dist").glob("vlhub-*.whl"))
     target = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, env=env, capture_output=True)
+    zipfile.ZipFile(wheel).extractall(target)  # what pip install --target puts there, without a pip process
     # The wheel's vlhub first on the path; its dependencies from this environment.
     env["PYTHONPATH"] = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]])
-    probe = "import vlhub.configs, sys; print(vlhub.configs.__file__)"
-    where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert where.stdout.strip().startswith(str(target)), where.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "vlhub.train", "--cfg", "job", "model=vit_b32", "eval=imagenet"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "ViT-B-32" in result.stdout and "ImageNetZeroShot" in result.stdout
+    evaluation = [f"checkpoint={trained_checkpoint}", *FAST_EVAL, f"hydra.run.dir={tmp_path / 'evaluation'}"]
+    commands = [
+        ("vlhub.evaluate", evaluation),
+        ("vlhub.train", ["--cfg", "job", "model=vit_b32", "eval=imagenet"]),
+        ("vlhub.train", ["--cfg", "job", "+experiment=openclip_vit_b32_laion400m"]),
+    ]
+    command = [sys.executable, "-c", WHEEL_COMMANDS, json.dumps(commands)]
+    ran = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    where, evaluated, job, preset = ran.stdout.split("=== python -m")
+    package = target / "vlhub"
+    expected = f"configs from {package / 'configs/__init__.py'}\npresets from {package / 'experiments/__init__.py'}"
+    assert where.strip() == expected, ran.stderr[-2000:]
+    # vlhub.evaluate from a fresh process (the numbers against a reference: tests/integration/test_evaluate.py).
+    record = json.loads((tmp_path / "evaluation/results.json").read_text())
+    assert record["step"] == 2 and 0.0 <= record["synthetic-zeroshot-top1"] <= 1.0
+    assert "## synthetic" in (tmp_path / "evaluation/report.md").read_text()
+    assert "ViT-B-32" in job and "ImageNetZeroShot" in job
     # The presets ship too (vlhub.experiments on configs/train.yaml's search path): +experiment=NAME.
-    preset = [sys.executable, "-m", "vlhub.train", "--cfg", "job", "+experiment=openclip_vit_b32_laion400m"]
-    result = subprocess.run(preset, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "batch_size: 32768" in result.stdout and "lr: 0.0005" in result.stdout
+    assert "batch_size: 32768" in preset and "lr: 0.0005" in preset
 
 
 def test_bad_data_or_eval_folders_fail_before_the_model_is_built(tmp_path, monkeypatch):

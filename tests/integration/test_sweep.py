@@ -1,32 +1,18 @@
 """Sweeps: each job of a multirun gets its own run folder and results."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import run_module
 from tests.helpers.configs import FAST
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _multirun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "vlhub.train",
-        "-m",
-        "optim.lr=1e-3,3e-4",
-        *FAST,
-        "trainer.max_steps=2",
-        f"hydra.sweep.dir={tmp_path}",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+def _multirun(*args: str) -> None:
+    """``python -m vlhub.train -m ARGS`` as runpy runs it, in this process (the test's cwd): a subprocess would
+    import torch and vlhub again. The launcher picks where the jobs run."""
+    assert run_module("vlhub.train", ["-m", *args, *FAST, "trainer.max_steps=2"]) in (0, None)
 
 
 def _check_jobs(tmp_path: Path) -> None:
@@ -39,22 +25,23 @@ def _check_jobs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path):
-    result = _multirun(tmp_path, "hydra/launcher=local")
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-runs vlhub.train as __main__
+def test_a_two_job_sweep_with_the_submitit_local_launcher(tmp_path, monkeypatch):
+    """Each job in a process of its own (submitit pickles the job and starts a fresh python for it)."""
+    monkeypatch.chdir(tmp_path)
+    _multirun("optim.lr=1e-3,3e-4", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=local")
     _check_jobs(tmp_path)
 
 
 @pytest.mark.slow
-def test_the_objective_comparison_is_a_two_job_sweep_with_the_basic_launcher_and_compares(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-runs vlhub.train as __main__
+def test_the_objective_comparison_is_a_two_job_sweep_with_the_basic_launcher_and_compares(tmp_path, monkeypatch):
     """+experiment=compare_objectives on two objectives and one seed (the command line narrows its sweep),
     through Hydra's basic launcher: each job its own folder, overrides, results and checkpoint; then
     vlhub.compare: each job headlined by its own metric, no confound between them."""
-    command = [sys.executable, "-m", "vlhub.train", "-m", "+experiment=compare_objectives", "objective=clip,ce"]
-    command += [*FAST, "trainer.max_steps=2", "trainer.seed=0", f"hydra.sweep.dir={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The basic launcher runs both jobs in this process, one after the other.
+    monkeypatch.chdir(tmp_path)
+    _multirun("+experiment=compare_objectives", "objective=clip,ce", "trainer.seed=0", f"hydra.sweep.dir={tmp_path}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
     for job, (objective, metric) in enumerate((("clip", "zeroshot"), ("ce", "classifier"))):
         record = json.loads((tmp_path / str(job) / "results.jsonl").read_text().splitlines()[-1])

@@ -9,6 +9,8 @@ remote copies: nothing here is resumed by a later launch).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +68,15 @@ class CheckSettings:
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """One compose per set of overrides for the check's process (a row builds its trainer and its
+    checkpointer from the same ones; a compose is about 0.1 s); callers get a deep copy."""
     with initialize_config_module(config_module="vlhub.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=list(overrides))
 
 
 def _choices(overrides: list[str]) -> dict[str, str]:
