@@ -81,9 +81,12 @@ def cache_config_files() -> None:
     from hydra.core.plugins import Plugins
 
     Plugins.instance()  # Hydra's plugin scan executes its config-source modules again: patch the class it keeps
-    from hydra._internal.core_plugins.importlib_resources_config_source import ImportlibResourcesConfigSource
+    try:  # a private method: should a later Hydra move it, the tests compose uncached (slower, still right)
+        from hydra._internal.core_plugins.importlib_resources_config_source import ImportlibResourcesConfigSource
 
-    read, parsed = ImportlibResourcesConfigSource._read_config, {}
+        read, parsed = ImportlibResourcesConfigSource._read_config, {}
+    except (ImportError, AttributeError):
+        return
 
     def read_once(self, res):
         if not isinstance(res, Path):  # a zipped package: read as Hydra does
