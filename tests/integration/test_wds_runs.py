@@ -1,16 +1,21 @@
-"""Training on streamed shards: the exact bad-sample count and its limit, a mid-epoch resume with other workers
-equal to a straight run, and shard settings that fail at launch naming the key."""
+"""Training on streamed shards: the exact bad-sample count and its limit, a run killed mid-epoch and resumed
+with other workers equal to a straight run, and shard settings that fail at launch naming the key."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import vlhub.train
 from tests.helpers.shards import shards_with_one_bad_sample_each, tagged_shards
+from vlhub.engine.trainer import Trainer
 
 
 def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(tmp_path):
@@ -26,15 +31,37 @@ def test_a_wds_run_records_its_exact_bad_sample_count_and_stops_past_the_limit(t
 
 
 @pytest.mark.slow
-def test_a_wds_run_resumed_mid_epoch_with_other_workers_equals_a_straight_run_bit_for_bit(tmp_path):
+def _killed_in_step_5(overrides: list[str], run_dir: str) -> None:
+    """Train, and be SIGKILLed in the middle of step 5 (after the step-3 checkpoint): no handler runs."""
+    from tests.helpers.configs import run_train
+
+    real_step, calls = Trainer.train_on_batch, []
+
+    def step_then_killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(*args, **kwargs)
+
+    Trainer.train_on_batch = step_then_killed  # this forked process only
+    run_train(overrides, Path(run_dir))
+
+
+def test_a_wds_run_killed_mid_epoch_and_resumed_with_other_workers_equals_a_straight_run_bit_for_bit(tmp_path):
     from tests.helpers.configs import RESUME, run_train
     from tests.helpers.tensors import saved_weights
 
     root = tagged_shards(tmp_path / "shards", "s", shards=4, per_shard=12)
     data = ["data=wds", f'data.root="{root}"', "data.workers=2", "data.shuffle_buffer=6"]  # 48 samples, 6 steps
     run_train([*RESUME, *data, "trainer.max_steps=6"], tmp_path / "straight")
-    run_train([*RESUME, *data, "trainer.max_steps=3"], tmp_path / "resumed")
-    # resumed with another data.workers: the stream does not depend on it (vlhub.data.layout)
+    killed = mp.get_context("fork").Process(
+        target=_killed_in_step_5, args=([*RESUME, *data, "trainer.max_steps=6"], str(tmp_path / "resumed"))
+    )
+    killed.start()
+    killed.join(120)
+    assert killed.exitcode == -signal.SIGKILL
+    assert torch.load(tmp_path / "resumed/checkpoints/latest.pt", weights_only=True)["step"] == 3
+    # checkpoint.resume=auto, with another data.workers: the stream does not depend on it (vlhub.data.layout)
     run_train([*RESUME, *data, "data.workers=0", "trainer.max_steps=6"], tmp_path / "resumed")
     straight, resumed = (saved_weights(tmp_path / f"{run}/checkpoints/latest.pt") for run in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
