@@ -6,13 +6,18 @@ import torch
 
 from tests.helpers.configs import compose_train
 
+# A one-layer text tower for models built from a config dict (timm trunks, token towers).
+TINY_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 
-def micro_model():
-    """The tiny default model, built directly (no Hydra)."""
+
+def micro_model(seed: int | None = None, **options):
+    """The tiny default model, built directly (no Hydra run); ``seed``: its weights from that seed;
+    ``options``: ``build_open_clip_model``'s (``patch_dropout``, ``grad_checkpointing``, ...)."""
     from vlhub.models import build_open_clip_model
 
-    cfg = compose_train()
-    return build_open_clip_model(config=dict(cfg.model.config))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_open_clip_model(config=dict(compose_train().model.config), **options)
 
 
 def timm_bn_model():
@@ -24,7 +29,7 @@ def timm_bn_model():
         config={
             "embed_dim": 32,
             "vision_cfg": {"image_size": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            "text_cfg": TINY_TEXT,
         },
         timm_backbone="test_resnet",
     )

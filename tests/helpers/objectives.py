@@ -36,6 +36,20 @@ def objective_batch(model, objective, size: int = 8, seed: int = 0):
     return move_batch(next(iter(loader)).batch, torch.device("cpu"), None, stats.mean, stats.std)
 
 
+def gradients(model, objective, batch, strategy, precision: str = "fp32"):
+    """(the model's gradients after one ``strategy`` pass on ``batch``, unscaled by the fp16 loss scaler; the
+    loss parts), from zeroed gradients."""
+    from vlhub.engine.precision import Precision
+
+    model.zero_grad(set_to_none=True)
+    objective.zero_grad(set_to_none=True)
+    prec = Precision(precision, torch.device("cpu"))
+    parts = strategy(model, objective, batch, prec)
+    scale = prec.scaler.get_scale() if prec.scaler is not None else 1.0
+    grads = {n: p.grad.detach().clone() / scale for n, p in model.named_parameters() if p.grad is not None}
+    return grads, parts
+
+
 def prepared_objective(name: str, **kwargs):
     """(micro model, objective ``name`` fitted to the synthetic data and that model), seeded."""
     from vlhub.data import SyntheticShapes

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.configs import compose_train, run_train
+from tests.helpers.configs import run_train
+from tests.helpers.models import micro_model
 from tests.helpers.objectives import (
     RecordingClip,  # records each chunk's first pass, then each replay
+    gradients,
     objective_batch,
 )
 from tests.helpers.tensors import relative_error
@@ -31,7 +33,6 @@ from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients, train_step
 from vlhub.launch import errors_reported
-from vlhub.models import build_open_clip_model
 from vlhub.objectives import ClipObjective
 from vlhub.optim import OptimRecipe
 
@@ -39,18 +40,6 @@ CPU = torch.device("cpu")
 FP32 = Precision("fp32", CPU)
 LONG = os.environ.get("VLHUB_LONG_TESTS") == "1"
 TEXT_CFG = "{context_length:16,vocab_size:49408,width:32,heads:2,layers:1}"
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-
-
-def tiny(**kwargs):
-    torch.manual_seed(0)
-    return build_open_clip_model(config=dict(compose_train().model.config), **kwargs)
-
-
-def _grads(model, objective, batch, strategy):
-    model.zero_grad(set_to_none=True)
-    parts = strategy(model, objective, batch, FP32)
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, parts
 
 
 def _trajectory(model, objective, batches):
@@ -72,7 +61,7 @@ def compiled_pair():
     batches (or chunks) of 8, so the towers compile twice in all (with gradients, and without).
     """
     objective = ClipObjective()
-    eager = tiny(patch_dropout=0.5)
+    eager = micro_model(seed=0, patch_dropout=0.5)
     compiled = copy.deepcopy(eager)
     compile_towers(compiled)
     batches = [objective_batch(eager, objective, 8, seed=s) for s in range(3)]
@@ -103,9 +92,9 @@ def test_gradient_cache_with_compile_equals_the_plain_compiled_step(compiled_pai
     _, compiled, _, _, batches = compiled_pair
     objective = ClipObjective()
     torch.manual_seed(7)
-    plain, plain_parts = _grads(compiled, objective, batches[0], PlainGradients())
+    plain, plain_parts = gradients(compiled, objective, batches[0], PlainGradients())
     torch.manual_seed(7)
-    cached, cached_parts = _grads(compiled, objective, batches[0], GradCache(8))
+    cached, cached_parts = gradients(compiled, objective, batches[0], GradCache(8))
     assert cached.keys() == plain.keys() and "logit_scale" in plain
     assert relative_error(cached, plain) <= 1e-5
     torch.testing.assert_close(cached_parts["loss"], plain_parts["loss"])
@@ -116,7 +105,7 @@ def test_compiled_replay_reproduces_the_first_pass_with_patch_dropout(compiled_p
     batch = {k: torch.cat([batches[1][k], batches[2][k]]) for k in ("image", "text")}  # 16 in chunks of 8
     objective = RecordingClip()
     torch.manual_seed(11)
-    cached, _ = _grads(compiled, objective, batch, GradCache(8))
+    cached, _ = gradients(compiled, objective, batch, GradCache(8))
     first, replay = objective.seen[:2], objective.seen[2:]
     for a, b in zip(first, replay, strict=True):  # the no-grad graph and the grad graph, same masks
         torch.testing.assert_close(b["image_features"], a["image_features"], rtol=1e-5, atol=1e-6)
@@ -126,10 +115,10 @@ def test_compiled_replay_reproduces_the_first_pass_with_patch_dropout(compiled_p
         other = ClipObjective().represent(compiled, {k: v[:8] for k, v in batch.items()})["image_features"]
     assert not torch.allclose(other, first[0]["image_features"], atol=1e-4)
     # And the cached gradient is the eager one: same weights, same random state, same masks.
-    eager = tiny(patch_dropout=0.5)
+    eager = micro_model(seed=0, patch_dropout=0.5)
     eager.load_state_dict(compiled.state_dict())
     torch.manual_seed(11)
-    expected, _ = _grads(eager, ClipObjective(), batch, GradCache(8))
+    expected, _ = gradients(eager, ClipObjective(), batch, GradCache(8))
     assert relative_error(cached, expected) <= 1e-5
 
 
@@ -154,26 +143,27 @@ def _failing_backend(graph, example_inputs):
 
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(caplog):
     objective = ClipObjective()
-    reference, model = tiny(), tiny()
+    reference, model = micro_model(seed=0), micro_model(seed=0)
     batch = objective_batch(model, objective, 8)
     compiled = CompiledTowers(model, strict=False, backend=_failing_backend)
     with caplog.at_level(logging.WARNING, logger="vlhub.engine.compile"):
         grads_after_fallback, _ = compiled.run(
-            lambda: _grads(model, objective, batch, PlainGradients()), reset=lambda: model.zero_grad(set_to_none=True)
+            lambda: gradients(model, objective, batch, PlainGradients()),
+            reset=lambda: model.zero_grad(set_to_none=True),
         )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no compiler on this platform" in warnings[0]
     assert not compiled.active
-    expected, _ = _grads(reference, objective, batch, PlainGradients())
+    expected, _ = gradients(reference, objective, batch, PlainGradients())
     assert relative_error(grads_after_fallback, expected) <= 1e-6
 
 
 def test_compile_strict_makes_a_failed_compile_an_error():
-    model, objective = tiny(), ClipObjective()
+    model, objective = micro_model(seed=0), ClipObjective()
     batch = objective_batch(model, objective, 8)
     compiled = CompiledTowers(model, strict=True, backend=_failing_backend)
     with pytest.raises(RuntimeError, match="trainer.compile_strict=true.*no compiler on this platform"):
-        compiled.run(lambda: _grads(model, objective, batch, PlainGradients()), reset=lambda: None)
+        compiled.run(lambda: gradients(model, objective, batch, PlainGradients()), reset=lambda: None)
 
 
 @pytest.mark.parametrize(
@@ -237,12 +227,12 @@ def test_compiled_towers_under_the_data_parallel_path(tmp_path, strategy):
 @pytest.mark.skipif(not LONG, reason="a compile per setting on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")
 def test_compiled_grad_checkpointing_gives_the_eager_gradients():
     objective = ClipObjective()
-    eager, checkpointed = tiny(), tiny(grad_checkpointing=True)
+    eager, checkpointed = micro_model(seed=0), micro_model(seed=0, grad_checkpointing=True)
     compile_towers(checkpointed)
     batch = objective_batch(eager, objective, 8)
-    expected, _ = _grads(eager, objective, batch, PlainGradients())
-    assert relative_error(_grads(checkpointed, objective, batch, PlainGradients())[0], expected) <= 1e-5
-    assert relative_error(_grads(checkpointed, objective, batch, GradCache(4))[0], expected) <= 1e-5
+    expected, _ = gradients(eager, objective, batch, PlainGradients())
+    assert relative_error(gradients(checkpointed, objective, batch, PlainGradients())[0], expected) <= 1e-5
+    assert relative_error(gradients(checkpointed, objective, batch, GradCache(4))[0], expected) <= 1e-5
 
 
 @pytest.mark.skipif(not LONG, reason="a compile per precision on CPU (tens of seconds each): VLHUB_LONG_TESTS=1")
@@ -250,7 +240,7 @@ def test_compiled_grad_checkpointing_gives_the_eager_gradients():
 def test_compiled_towers_train_under_every_precision(precision):
     prec = Precision(precision, CPU)
     objective = ClipObjective()
-    eager = tiny().to(dtype=prec.param_dtype)
+    eager = micro_model(seed=0).to(dtype=prec.param_dtype)
     compiled = copy.deepcopy(eager)
     compile_towers(compiled)
     batch = {k: v for k, v in objective_batch(eager, objective, 8).items() if k in ("image", "text")}

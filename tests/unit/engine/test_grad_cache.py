@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from tests.helpers.models import micro_model
-from tests.helpers.objectives import RecordingClip
+from tests.helpers.objectives import RecordingClip, gradients
 from tests.helpers.tensors import relative_error
 from vlhub.data import SyntheticShapes, build_train_loader
 from vlhub.data.batch import move_batch
 from vlhub.engine.grad_cache import GradCache
-from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients
 from vlhub.objectives import ClipObjective
 
@@ -31,23 +30,13 @@ def _batch(model, size=32, seed=0):
     return move_batch(_loader_batch(model, size, seed), CPU, None, stats.mean, stats.std)
 
 
-def _grads(model, objective, batch, strategy, precision="fp32"):
-    model.zero_grad(set_to_none=True)
-    objective.zero_grad(set_to_none=True)
-    prec = Precision(precision, CPU)
-    parts = strategy(model, objective, batch, prec)
-    scale = prec.scaler.get_scale() if prec.scaler is not None else 1.0
-    grads = {n: p.grad.detach().clone() / scale for n, p in model.named_parameters() if p.grad is not None}
-    return grads, parts
-
-
 @pytest.mark.parametrize("chunk_size", [4, 8, 16, 32])
 def test_cached_gradient_equals_the_full_batch_gradient(chunk_size):
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
     batch = _loader_batch(model)  # uint8: each strategy normalises on the device (chunks prefetched)
-    plain, plain_parts = _grads(model, objective, batch, PlainGradients())
-    cached, cached_parts = _grads(model, objective, batch, GradCache(chunk_size))
+    plain, plain_parts = gradients(model, objective, batch, PlainGradients())
+    cached, cached_parts = gradients(model, objective, batch, GradCache(chunk_size))
     assert cached.keys() == plain.keys() and "logit_scale" in plain
     assert relative_error(cached, plain) <= 1e-5
     # The temperature's gradient is counted once, not once per chunk.
@@ -66,8 +55,8 @@ def test_a_short_batch_is_cut_into_as_many_chunks_as_a_full_one(short_by):
     strategy = GradCache(4, chunks_per_step=8)
     assert len(strategy.chunks(batch)) == 8
     assert sum(len(chunk["image"]) for chunk in strategy.chunks(batch)) == 32 - short_by
-    plain, _ = _grads(model, objective, batch, PlainGradients())
-    cached, _ = _grads(model, objective, batch, strategy)
+    plain, _ = gradients(model, objective, batch, PlainGradients())
+    cached, _ = gradients(model, objective, batch, strategy)
     assert cached.keys() == plain.keys() and relative_error(cached, plain) <= 1e-5
     assert strategy.min_samples == 8 and PlainGradients.min_samples == 1
 
@@ -83,7 +72,7 @@ def test_with_stochastic_layers_each_replay_reproduces_its_first_pass():
     model.train()
     objective = RecordingClip()
     batch = _batch(model, size=24)
-    _grads(model, objective, batch, GradCache(8))
+    gradients(model, objective, batch, GradCache(8))
     first, replays = objective.seen[:3], objective.seen[3:]
     assert len(replays) == 3
     for a, b in zip(first, replays):
@@ -99,8 +88,8 @@ def test_amp_fp16_step_is_finite_and_close_to_fp32():
     torch.manual_seed(0)
     model, objective = micro_model(), ClipObjective()
     batch = _batch(model, size=16)
-    reference, _ = _grads(model, objective, batch, PlainGradients())
-    half, parts = _grads(model, objective, batch, GradCache(8), precision="amp_fp16")
+    reference, _ = gradients(model, objective, batch, PlainGradients())
+    half, parts = gradients(model, objective, batch, GradCache(8), precision="amp_fp16")
     assert torch.isfinite(parts["loss"]) and all(torch.isfinite(g).all() for g in half.values())
     assert relative_error(half, reference) < 2e-2
 
@@ -110,7 +99,7 @@ def test_batchnorm_running_stats_update_once_per_chunk():
 
     cached_model, reference = timm_bn_model(), timm_bn_model()
     batch = _batch(cached_model, size=16)
-    _grads(cached_model, ClipObjective(), batch, GradCache(8))
+    gradients(cached_model, ClipObjective(), batch, GradCache(8))
     with torch.no_grad():  # gradient accumulation's statistics: one forward per chunk
         for start in (0, 8):
             reference.encode_image(batch["image"][start : start + 8])

@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models import register_model
 
-from tests.helpers.models import timm_bn_model
+from tests.helpers.models import TINY_TEXT, timm_bn_model
 from tests.helpers.objectives import objective_batch
 from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
@@ -22,7 +22,6 @@ from vlhub.objectives import IncompatibleObjective
 from vlhub.registry import OBJECTIVES
 
 CPU = torch.device("cpu")
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}  # 16 patches
 # The prefix tokens each tiny trunk carries, written out: a class token (+ 2 registers for the ViT).
 PREFIX = {"vit": 3, "eva02": 1}
@@ -51,10 +50,10 @@ def _model(kind: str):
     (avg pool, open_clip's linear head), ``model=eva02_b16``'s for the EVA02 (token pool, timm's head)."""
     torch.manual_seed(0)
     if kind == "vit":
-        config = {"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TEXT}
+        config = {"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TINY_TEXT}
         return build_open_clip_model(config=config, timm_backbone="vlhub_test_tiny_vit")
     vision = {"image_size": 32, "timm_model_name": "vlhub_test_tiny_eva02", "timm_pool": "token", "timm_proj": None}
-    return build_open_clip_model(config={"embed_dim": 32, "vision_cfg": vision, "text_cfg": TEXT})
+    return build_open_clip_model(config={"embed_dim": 32, "vision_cfg": vision, "text_cfg": TINY_TEXT})
 
 
 @pytest.mark.parametrize("kind", ["vit", "eva02"])

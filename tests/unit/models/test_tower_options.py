@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.helpers.configs import compose_train
-from tests.helpers.objectives import objective_batch
+from tests.helpers.models import TINY_TEXT, micro_model
+from tests.helpers.objectives import gradients, objective_batch
 from tests.helpers.tensors import relative_error
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
@@ -16,36 +17,24 @@ from vlhub.models import build_open_clip_model
 from vlhub.objectives import ClipObjective
 
 FP32 = Precision("fp32", torch.device("cpu"))
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-
-
-def tiny(**kwargs):
-    torch.manual_seed(0)
-    return build_open_clip_model(config=dict(compose_train().model.config), **kwargs)
-
-
-def _grads(model, objective, batch, strategy):
-    model.zero_grad(set_to_none=True)
-    strategy(model, objective, batch, FP32)
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, None
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
     objective = ClipObjective()
-    plain, checkpointed = tiny(), tiny(grad_checkpointing=True)
+    plain, checkpointed = micro_model(seed=0), micro_model(seed=0, grad_checkpointing=True)
     assert checkpointed.image_tower.module.transformer.grad_checkpointing
     assert checkpointed.text_tower.module.transformer.grad_checkpointing
     batch = objective_batch(plain, objective, 8)
-    expected, _ = _grads(plain, objective, batch, PlainGradients())
-    got, _ = _grads(checkpointed, objective, batch, PlainGradients())
+    expected, _ = gradients(plain, objective, batch, PlainGradients())
+    got, _ = gradients(checkpointed, objective, batch, PlainGradients())
     assert relative_error(got, expected) <= 1e-6
-    cached, _ = _grads(checkpointed, objective, batch, GradCache(4))  # composes with the gradient cache
+    cached, _ = gradients(checkpointed, objective, batch, GradCache(4))  # composes with the gradient cache
     assert relative_error(cached, expected) <= 1e-5
 
 
 def test_grad_checkpointing_on_a_timm_trunk():
     model = build_open_clip_model(
-        config={"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TEXT},
+        config={"embed_dim": 32, "vision_cfg": {"image_size": 32}, "text_cfg": TINY_TEXT},
         timm_backbone="test_vit",
         grad_checkpointing=True,
     )
