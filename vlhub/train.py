@@ -125,14 +125,8 @@ def train(
     # The run session owns the run folder (lock, identity, resume, remote copies); a launch that fails
     # before a training step leaves no folder behind when Hydra made it for this launch.
     with RunSession(run_dir) as run:
-        check_config(cfg, PLAIN_KEYS)  # every value's type, and no ??? left: fails naming the key
-        trainer_config: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
-        check_device(trainer_config.device, "trainer.device")
-        dist_info = get_dist_info(trainer_config.device)
-        init_distributed(dist_info)
-        trainer_config = trainer_config.per_rank(dist_info.world_size).check()  # bad values fail before the run folder
+        trainer_config, dist_info, parallel = trainer_settings(cfg)  # bad values fail before the run folder
         config = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # stored and logged: no credentials
-        parallel = build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
         # The run folder first: locked, its run and resume checkpoint decided, before anything is built.
         # A key this vlhub added (to the trainer, or to a component's signature: augment.decode), at its
         # default, is no change to a run whose stored config lacks it.
@@ -165,6 +159,19 @@ def train(
                 log.info("final metrics (step %d):\n%s", trainer.state.step, format_metrics_table(metrics))
             log.info("run folder: %s", run_dir.resolve())
         return metrics
+
+
+def trainer_settings(cfg: DictConfig) -> tuple[TrainerConfig, DistInfo, ParallelStrategy]:
+    """What every trainer built from ``cfg`` starts from (``train``, ``vlhub.check``): the config checked
+    (each value's type, no ``???`` left; failing names the key), the trainer's keys for this number of
+    ranks, this process's rank and device (in its process group), and how ranks share gradients."""
+    check_config(cfg, PLAIN_KEYS)
+    trainer_config: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+    check_device(trainer_config.device, "trainer.device")
+    dist_info = get_dist_info(trainer_config.device)
+    init_distributed(dist_info)  # more than one rank: join the group (once)
+    trainer_config = trainer_config.per_rank(dist_info.world_size).check()
+    return trainer_config, dist_info, build_parallel(trainer_config.strategy, dist_info, trainer_config.precision)
 
 
 def build_trainer(

@@ -17,15 +17,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vlhub.engine.trainer import Trainer
-from vlhub.engine.trainer_config import TrainerConfig
-from vlhub.launch import check_config, check_device
-from vlhub.parallel.build import build_parallel
-from vlhub.parallel.environment import get_dist_info
 from vlhub.run.checkpoint import Checkpointer
-from vlhub.train import PLAIN_KEYS, build_trainer, config_of
+from vlhub.train import build_trainer, config_of, trainer_settings
 
 
 def default_precision(device: torch.device) -> str:
@@ -88,12 +84,7 @@ def _choices(overrides: list[str]) -> dict[str, str]:
 def build_check_trainer(overrides: list[str], run_dir: Path) -> Trainer:
     """A trainer as ``vlhub.train.train`` builds it from ``configs/train.yaml`` and ``overrides``."""
     cfg = compose_train(overrides)
-    check_config(cfg, PLAIN_KEYS)
-    config: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
-    check_device(config.device, "trainer.device")
-    dist_info = get_dist_info(config.device)
-    config = config.per_rank(dist_info.world_size).check()
-    parallel = build_parallel(config.strategy, dist_info, config.precision)
+    config, dist_info, parallel = trainer_settings(cfg)
     choices, stored = _choices(overrides), config_of(cfg)
     checkpointer = check_checkpointer(overrides, run_dir)
     return build_trainer(cfg, config, run_dir, choices, overrides, dist_info, parallel, checkpointer, stored)

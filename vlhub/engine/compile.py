@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from torch import nn
@@ -35,14 +35,10 @@ from torch import nn
 from vlhub.run.checkpoint import capture_rng_state, restore_rng_state
 
 
-class CompilableTower(Protocol):
+class Compilable(Protocol):
+    """What compiling needs of a model (``VisionLanguageModel`` is one): the modules holding its compute."""
+
     def compile_units(self, per_block: bool = False) -> list[nn.Module]: ...
-
-
-class WithTowers(Protocol):
-    """What compiling needs of a model (``VisionLanguageModel`` is one): its towers by name."""
-
-    def towers(self) -> Mapping[str, CompilableTower]: ...
 
 
 log = logging.getLogger(__name__)
@@ -50,15 +46,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def tower_modules(model: WithTowers) -> list[nn.Module]:
-    """The modules ``compile_towers`` compiles: what each tower says holds its compute."""
-    return [unit for tower in model.towers().values() for unit in tower.compile_units()]
-
-
-def compile_towers(model: WithTowers | list[nn.Module], backend: str | Callable = "inductor") -> list[nn.Module]:
+def compile_towers(model: Compilable | list[nn.Module], backend: str | Callable = "inductor") -> list[nn.Module]:
     """Compile the towers (or the given modules) in place (lazily: the first forward compiles);
     returns the compiled modules."""
-    modules = model if isinstance(model, list) else tower_modules(model)
+    modules = model if isinstance(model, list) else model.compile_units()
     options = {"fallback_random": True} if backend == "inductor" else None  # see the module docstring
     for module in modules:
         module.compile(backend=backend, options=options)
@@ -74,7 +65,7 @@ def uncompile(modules: list[nn.Module]) -> None:
 class CompiledTowers:
     """A model's towers compiled in place; runs training steps, falling back to eager on a compile error."""
 
-    def __init__(self, model: WithTowers | list[nn.Module], strict: bool, backend: str | Callable = "inductor") -> None:
+    def __init__(self, model: Compilable | list[nn.Module], strict: bool, backend: str | Callable = "inductor") -> None:
         self.strict = strict
         self.modules = compile_towers(model, backend)
         self.compile_seconds: float | None = None  # the first step's time, compiling included

@@ -148,6 +148,20 @@ class OpenClipTransformer(ModuleKind):
     def has_tokens(module: nn.Module) -> bool:
         return True
 
+    @staticmethod
+    def projection(module: nn.Module) -> torch.Tensor | None:
+        """The matrix into the shared embedding space (None: the tower's width is the embedding)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tokens(cls, module: nn.Module, inputs: torch.Tensor) -> Pair:
+        pooled, tokens = _switch_tokens_on(module, inputs)
+        return pooled, _project(tokens, cls.projection(module))
+
+    @classmethod
+    def token_dim(cls, module: nn.Module, output_dim: int) -> int:
+        return output_dim if cls.projection(module) is not None else int(module.transformer.width)
+
 
 class OpenClipViT(OpenClipTransformer):
     @staticmethod
@@ -155,13 +169,8 @@ class OpenClipViT(OpenClipTransformer):
         return _parameters([module.conv1, module.class_embedding, module.positional_embedding, module.ln_pre])
 
     @staticmethod
-    def tokens(module: nn.Module, inputs: torch.Tensor) -> Pair:
-        pooled, tokens = _switch_tokens_on(module, inputs)
-        return pooled, _project(tokens, module.proj)
-
-    @staticmethod
-    def token_dim(module: nn.Module, output_dim: int) -> int:
-        return output_dim if module.proj is not None else int(module.transformer.width)
+    def projection(module: nn.Module) -> torch.Tensor | None:
+        return module.proj
 
     @staticmethod
     def unprojected(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -272,13 +281,8 @@ class OpenClipText(OpenClipTransformer):
         return _parameters([module.token_embedding, module.positional_embedding, module.cls_emb])
 
     @staticmethod
-    def tokens(module: nn.Module, inputs: torch.Tensor) -> Pair:
-        pooled, tokens = _switch_tokens_on(module, inputs)
-        return pooled, _project(tokens, module.text_projection)
-
-    @staticmethod
-    def token_dim(module: nn.Module, output_dim: int) -> int:
-        return output_dim if module.text_projection is not None else int(module.width)
+    def projection(module: nn.Module) -> torch.Tensor | None:
+        return module.text_projection
 
     @staticmethod
     def token_mask(module: nn.Module, inputs: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -316,10 +320,6 @@ class HfText(ModuleKind):
             model.activation_checkpointing_enable() if renamed else model.gradient_checkpointing_enable()
         else:
             model.activation_checkpointing_disable() if renamed else model.gradient_checkpointing_disable()
-
-    @staticmethod
-    def grad_checkpointing(module: nn.Module) -> bool:
-        return _checkpointing_flag(module)
 
     @staticmethod
     def has_tokens(module: nn.Module) -> bool:

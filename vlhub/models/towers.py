@@ -87,7 +87,7 @@ class Tower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward instead of storing its activations; a ValueError when
-        the wrapped module cannot (open_clip's ModifiedResNet accepts the call and does nothing)."""
+        the wrapped module cannot (open_clip's ModifiedResNet, whose own call would do nothing)."""
         self.kind.set_grad_checkpointing(self.module, enable)
         if self.grad_checkpointing != enable:
             raise ValueError(f"{self.describe()} does not support activation checkpointing")

@@ -122,6 +122,11 @@ class VisionLanguageModel(nn.Module):
         found = {"image": self.image_tower, "text": self.text_tower}
         return {name: tower for name, tower in found.items() if tower is not None}
 
+    def compile_units(self, per_block: bool = False) -> list[nn.Module]:
+        """What ``trainer.compile`` compiles in place: each tower's units (its wrapped module, or each
+        block when ``per_block``, FSDP's pattern)."""
+        return [unit for tower in self.towers().values() for unit in tower.compile_units(per_block)]
+
     def route_tower(self, name: str, call: TowerCall) -> None:
         """``forward`` calls tower ``name`` ("image" or "text") as ``call(inputs, output_tokens=...)``
         from now on. A parallel strategy routes a tower through its wrapper this way; the model does not

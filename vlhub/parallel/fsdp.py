@@ -173,7 +173,7 @@ class FsdpStrategy(ParallelStrategy):
     def compile_targets(self, model: VisionLanguageModel) -> list[nn.Module]:
         """Each block, compiled before it is sharded (torch's pattern for FSDP2): a compiled tower
         would trace through every FSDP hook."""
-        return [unit for tower in model.towers().values() for unit in tower.compile_units(per_block=True)]
+        return model.compile_units(per_block=True)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

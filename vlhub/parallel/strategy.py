@@ -58,7 +58,7 @@ class ParallelStrategy:
 
     def compile_targets(self, model: VisionLanguageModel) -> list[nn.Module]:
         """What ``trainer.compile`` compiles, before :meth:`setup`: what each tower says holds its compute."""
-        return [unit for tower in model.towers().values() for unit in tower.compile_units()]
+        return model.compile_units()
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Backward passes under this context accumulate locally; the next one outside it syncs."""

@@ -28,7 +28,7 @@ from tests.helpers.objectives import (
     objective_batch,
 )
 from tests.helpers.tensors import relative_error
-from vlhub.engine.compile import CompiledTowers, compile_towers, tower_modules
+from vlhub.engine.compile import CompiledTowers, compile_towers
 from vlhub.engine.grad_cache import GradCache
 from vlhub.engine.precision import Precision
 from vlhub.engine.step import PlainGradients, train_step
@@ -74,7 +74,7 @@ def compiled_pair():
 
 def test_compiled_towers_train_like_eager_ones(compiled_pair):
     eager, compiled, eager_losses, compiled_losses, _ = compiled_pair
-    assert all(m._compiled_call_impl is not None for m in tower_modules(compiled))
+    assert all(m._compiled_call_impl is not None for m in compiled.compile_units())
     assert eager_losses[-1] != eager_losses[0]  # the steps did something
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
     # Weights over all parameters: Adam turns rounding noise in gradients that are zero in exact

@@ -173,6 +173,25 @@ def test_patch_dropout_is_reported_and_drops_patches_before_the_first_block(vit)
     assert 1 + 8 in lengths[0]  # the class token and half of the 16 patches of 32 px / patch 8
 
 
+@pytest.mark.parametrize(("kind", "final_norm"), [("open_clip_vit", "ln_post"), ("open_clip_text", "ln_final")])
+def test_open_clip_tokens_are_projected_like_the_pooled_token(towers, kind, final_norm):
+    tower, inputs, _ = towers[kind]
+    normed = []
+    hook = getattr(tower.module, final_norm).register_forward_hook(lambda *args: normed.append(args[-1]))
+    try:
+        out = tower(inputs, output_tokens=True)
+    finally:
+        hook.remove()
+    projection = tower.module.proj if kind == "open_clip_vit" else tower.module.text_projection
+    projected = normed[0] @ projection  # every position after the final norm, into the shared space
+    rows = torch.arange(len(inputs))
+    pooled_at = torch.zeros_like(rows) if kind == "open_clip_vit" else inputs.argmax(dim=-1)  # class / end token
+    torch.testing.assert_close(out.pooled, projected[rows, pooled_at])
+    expected = projected[:, 1:] if kind == "open_clip_vit" else projected  # the ViT's tokens leave the class one out
+    torch.testing.assert_close(out.tokens, expected)
+    assert tower.token_dim == out.tokens.shape[-1] == projection.shape[1]
+
+
 def test_hf_text_tokens_are_projected_like_the_pooled_path_one_per_input_position(towers):
     tower, inputs, _ = towers["hf_text"]
     out = tower(inputs, output_tokens=True)
