@@ -15,23 +15,31 @@ Hydra composes vlhub's configs.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, Node, OmegaConf
 
 
+def init_chain(target: Any) -> Iterator[tuple[Callable, inspect.Signature]]:
+    """Each callable whose parameters ``target`` takes, with its signature: a function itself; a class's
+    ``__init__`` and, while one passes ``**kwargs`` on, its bases' ``__init__`` (the MRO's order)."""
+    chain = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
+    for function in chain:
+        signature = inspect.signature(function)
+        yield function, signature
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return
+
+
 def signature_defaults(target: Any) -> dict[str, Any]:
     """Parameter name -> default of ``target`` (a class: its ``__init__`` chain through ``**kwargs``)."""
-    chain = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
     found: dict[str, Any] = {}
-    for function in chain:
-        parameters = inspect.signature(function).parameters
-        for name, parameter in parameters.items():
+    for _, signature in init_chain(target):
+        for name, parameter in signature.parameters.items():
             if parameter.default is not parameter.empty:
                 found.setdefault(name, parameter.default)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
     return found
 
 

@@ -39,6 +39,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
+from vlhub.config_resolvers import init_chain
 from vlhub.errors import ConfigError
 
 VLHUB_ROOT = Path(__file__).resolve().parent
@@ -94,17 +95,12 @@ def _check_node(node: dict, path: str, plain: PlainKeys) -> None:
 
 def _typed_params(function: Callable, prefix: str) -> dict[str, Any]:
     """Parameter name (less ``prefix``) -> annotation, following ``**kwargs`` into base classes."""
-    chain = (
-        [c.__init__ for c in function.__mro__ if "__init__" in vars(c)] if isinstance(function, type) else [function]
-    )
     found: dict[str, Any] = {}
-    for init in chain:
-        signature, hints = inspect.signature(init), _hints(init)
+    for init, signature in init_chain(function):
+        hints = _hints(init)
         for name, parameter in signature.parameters.items():
             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and name.startswith(prefix):
                 found.setdefault(name[len(prefix) :], hints.get(name, inspect.Parameter.empty))
-        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-            break
     return found
 
 
