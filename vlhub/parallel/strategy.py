@@ -70,12 +70,12 @@ class ParallelStrategy:
         return collectives.all_reduce_sum([int(flag) for flag in flags])  # one process: no collective
 
     def model_state_dict(self, model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-        """The weights in the checkpoint's layout (``model.checkpoint_layout()``: open_clip's names)."""
-        return model.checkpoint_layout().to_open_clip(model.state_dict())
+        """The weights in the checkpoint's layout (open_clip's names)."""
+        return model.open_clip_state_dict()
 
     def load_model_state_dict(self, model: VisionLanguageModel, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Weights in the checkpoint's layout into ``model``, every key."""
-        model.load_state_dict(model.checkpoint_layout().from_open_clip(state_dict, model.state_dict()))
+        model.load_open_clip_state_dict(state_dict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()

@@ -4,10 +4,10 @@
 
     with RunSession(run_dir) as run:                # on a failure: cleanup, uploads stopped, lock released
         ...                                         # config checks, process group
-        run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info)
+        run.open(CheckpointSettings(**cfg.checkpoint), config, dist_info, defaults)
         trainer = ...                               # saves and resumes through ``run``
-        run.track(lambda: trainer.step)
-        metrics = trainer.fit()
+        run.track(lambda: trainer.state.step)
+        metrics = trainer.fit(run)
         run.finish()                                # the final logs uploaded; the last checkpoint must be there
 
 Opening: the ``checkpoint.*`` values are checked; on rank 0, ``checkpoint.remote`` is probed, the
